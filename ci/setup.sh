@@ -1,0 +1,43 @@
+# Sourced by every script in ci/ (and by .ci/run): installs the system packages Haddock's build
+# and tests need on a Debian machine, and points cargo at the shared build directory.
+# Idempotent; takes a second when everything is already there.
+# shellcheck shell=bash
+
+haddock_need=()
+command -v cmake >/dev/null 2>&1 || haddock_need+=(cmake)            # pingora's zlib-ng
+command -v clang >/dev/null 2>&1 || haddock_need+=(clang)            # rocksdb's bindgen
+dpkg -s libclang-dev >/dev/null 2>&1 || haddock_need+=(libclang-dev)
+command -v pkg-config >/dev/null 2>&1 || haddock_need+=(pkg-config)
+command -v g++ >/dev/null 2>&1 || haddock_need+=(g++)                # rocksdb's C++
+if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
+  # The locator's PostgreSQL tests start their own server from Debian's binaries.
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || haddock_need+=(postgresql)
+fi
+if [ "${#haddock_need[@]}" -gt 0 ]; then
+  echo "ci/setup.sh: installing ${haddock_need[*]}" >&2
+  haddock_sudo=""
+  [ "$(id -u)" = 0 ] || haddock_sudo=sudo
+  $haddock_sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $haddock_sudo apt-get install -y -qq --no-install-recommends "${haddock_need[@]}" >/dev/null
+fi
+
+# One build directory outside the clone, one profile (release) for build, clippy, tests and
+# images: rocksdb's and pingora's C/C++ code compiles once per machine, not once per clone.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/haddock/target}"
+
+# The Docker Engine is a hard requirement of the tests and the demo: fail loudly, never skip.
+haddock_require_docker() {
+  if ! docker info >/dev/null 2>&1; then
+    echo "error: the Docker Engine is not reachable (is dockerd running, and may $(id -un) use /var/run/docker.sock?)." >&2
+    echo "       Haddock's tests and demo run real containers; they refuse to skip." >&2
+    exit 1
+  fi
+}
+
+# PostgreSQL server binaries are a hard requirement of the locator's store tests.
+haddock_require_postgres() {
+  if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+    echo "error: PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)." >&2
+    exit 1
+  fi
+}

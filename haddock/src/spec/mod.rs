@@ -1,0 +1,370 @@
+//! The deploy spec: how one service is released (`deploy-specs/<service>.toml`).
+//!
+//! [`Spec::load`] is the only way in: it parses with serde + toml (unknown keys rejected),
+//! then runs every semantic rule in [`validate`], and reports each problem as
+//! `file:line:col: key.path: what was expected`. Nothing is touched before a spec loads.
+//! Every key, its default and an example are in docs/spec-reference.md.
+
+mod source;
+mod validate;
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use source::SourceMap;
+
+/// A validated deploy spec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub service: ServiceSection,
+    #[serde(default)]
+    pub container: ContainerSection,
+    pub health: HealthSection,
+    pub rollout: RolloutSection,
+    pub sessions: SessionsSection,
+    /// Docker hosts to run instances on; one local instance when omitted.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub name: String,
+    /// Image repository without tag; the tag comes at release time.
+    pub image: String,
+    /// Port the service listens on inside the container.
+    pub port: u16,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Arguments passed to the image's entrypoint (`{port}` and `{instance}` are substituted).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSection {
+    /// Memory cap, e.g. "512MiB".
+    #[serde(default = "default_memory")]
+    pub memory: bytesize::ByteSize,
+    /// Relative CPU weight (Docker's `CpuShares`, 2..=262144).
+    #[serde(default = "default_cpu_shares")]
+    pub cpu_shares: u32,
+    /// `no`, `always`, `unless-stopped` or `on-failure:N`.
+    #[serde(default = "default_restart")]
+    pub restart: String,
+    /// Docker network the containers join (the proxy must reach them on it).
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
+    #[serde(default = "default_stop_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl Default for ContainerSection {
+    fn default() -> Self {
+        ContainerSection {
+            memory: default_memory(),
+            cpu_shares: default_cpu_shares(),
+            restart: default_restart(),
+            network: None,
+            volumes: Vec::new(),
+            stop_grace: default_stop_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// Named Docker volume (shared by the old and the new version).
+    pub name: String,
+    /// Absolute mount point inside the container.
+    pub mount: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// HTTP readiness path, e.g. "/readyz".
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes before an instance counts as healthy.
+    #[serde(default = "one")]
+    pub rise: u32,
+    /// Consecutive failures before an instance counts as unhealthy.
+    #[serde(default = "three")]
+    pub fall: u32,
+    /// An instance not healthy by then has failed to start.
+    #[serde(with = "humantime_serde")]
+    pub start_deadline: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub analysis: Analysis,
+    #[serde(default = "yes")]
+    pub auto_rollback: bool,
+    /// When true the release waits for `haddock promote` after the last canary step.
+    #[serde(default)]
+    pub manual: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Percentage of new sessions sent to the new version (u32 so that 150 gets a clear error).
+    pub weight: u32,
+    /// Bake time at this weight while the analysis watches.
+    #[serde(default, with = "humantime_serde")]
+    pub pause: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    /// Highest tolerated share of 5xx answers of the new version (0.0..=1.0).
+    #[serde(default = "default_max_5xx")]
+    pub max_5xx_ratio: f64,
+    /// Highest tolerated p99 latency of the new version.
+    #[serde(default = "default_max_p99", with = "humantime_serde")]
+    pub max_p99: Duration,
+    /// Requests the new version must have served before it is judged.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Analysis {
+            max_5xx_ratio: default_max_5xx(),
+            max_p99: default_max_p99(),
+            min_requests: default_min_requests(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsSection {
+    #[serde(default = "default_cookie")]
+    pub cookie: String,
+    /// A session idle for longer than this has expired.
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// Old instances are removed after this even if sessions remain.
+    #[serde(with = "humantime_serde")]
+    pub max_drain: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// `unix:///var/run/docker.sock` or `tcp://host:port`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Instances of the service on this host.
+    #[serde(default = "one")]
+    pub instances: u32,
+    /// TLS files for `tcp://` hosts.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A container restart policy, parsed from the spec's string form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    No,
+    Always,
+    UnlessStopped,
+    OnFailure(u32),
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "no" => Ok(RestartPolicy::No),
+            "always" => Ok(RestartPolicy::Always),
+            "unless-stopped" => Ok(RestartPolicy::UnlessStopped),
+            _ => match s.strip_prefix("on-failure:").map(str::parse::<u32>) {
+                Some(Ok(n)) if n >= 1 => Ok(RestartPolicy::OnFailure(n)),
+                _ => Err(format!(
+                    "{s:?} is not a restart policy (expected \"no\", \"always\", \"unless-stopped\" or \"on-failure:N\" with N >= 1)"
+                )),
+            },
+        }
+    }
+}
+
+impl ContainerSection {
+    /// The restart policy; always valid on a loaded spec.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.restart.parse().unwrap_or(RestartPolicy::No)
+    }
+}
+
+/// One problem in a spec, positioned in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecIssue {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    /// Dotted key path, e.g. `rollout.steps[1].weight` (empty for syntax errors).
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.col)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a spec could not be loaded: every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read spec {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<SpecIssue>),
+}
+
+impl Spec {
+    /// Reads, parses and validates a spec file.
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Spec::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates spec text; `file` is only used in messages.
+    pub fn parse(file: &str, text: &str) -> Result<Spec, SpecError> {
+        let map = SourceMap::new(text);
+        let issue = |span: Option<std::ops::Range<usize>>, path: String, message: String| {
+            let (line, col) = map.line_col(span.map_or(0, |s| s.start));
+            SpecIssue {
+                file: file.to_string(),
+                line,
+                col,
+                path,
+                message,
+            }
+        };
+        let spec: Spec = toml::from_str(text).map_err(|e| {
+            let mut span = e.span();
+            let mut path = span
+                .as_ref()
+                .and_then(|s| map.path_at(s.start))
+                .unwrap_or_default()
+                .to_string();
+            // serde reports an unknown key at its table; point at the key itself instead.
+            let unknown = e
+                .message()
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split('`').next());
+            if let Some(key) = unknown {
+                let key_path = if path.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if let Some(key_span) = map.span_of_exact(&key_path) {
+                    (span, path) = (Some(key_span), key_path);
+                }
+            }
+            SpecError::Invalid(vec![issue(span, path, e.message().trim().to_string())])
+        })?;
+        let problems = validate::check(&spec);
+        if problems.is_empty() {
+            return Ok(spec);
+        }
+        Err(SpecError::Invalid(
+            problems
+                .into_iter()
+                .map(|(path, message)| issue(map.span_of(&path), path, message))
+                .collect(),
+        ))
+    }
+
+    /// `repo:tag` for a release of `tag`.
+    pub fn image_ref(&self, tag: &str) -> String {
+        format!("{}:{}", self.service.image, tag)
+    }
+}
+
+fn default_targets() -> Vec<Target> {
+    vec![Target {
+        host: default_host(),
+        instances: 1,
+        tls: None,
+    }]
+}
+fn default_host() -> String {
+    "unix:///var/run/docker.sock".into()
+}
+fn default_memory() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(512)
+}
+fn default_cpu_shares() -> u32 {
+    1024
+}
+fn default_restart() -> String {
+    "unless-stopped".into()
+}
+fn default_stop_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_5xx() -> f64 {
+    0.01
+}
+fn default_max_p99() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_min_requests() -> u64 {
+    50
+}
+fn default_cookie() -> String {
+    "haddock_session".into()
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,588 @@
+//! The semantic rules a spec must satisfy after it has the right shape.
+//!
+//! Each rule yields `(key path, message)`; the caller turns the path into `file:line:col`.
+//! All rules run, so a user sees every problem at once.
+
+use super::{RestartPolicy, Spec};
+use std::time::Duration;
+
+const MIN_MEMORY: u64 = 16 * 1024 * 1024;
+
+pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut bad = |path: &str, msg: String| out.push((path.to_string(), msg));
+
+    // [service]
+    let s = &spec.service;
+    if !is_dns_label(&s.name) {
+        bad(
+            "service.name",
+            format!("{:?} is not a valid service name (lowercase letters, digits and '-', 1..=63 chars)", s.name),
+        );
+    }
+    if let Some(msg) = image_repository_problem(&s.image) {
+        bad("service.image", msg);
+    }
+    if s.port == 0 {
+        bad("service.port", "0 is not a port (1..=65535)".into());
+    }
+    for key in s.env.keys() {
+        if key.is_empty() || key.contains('=') {
+            bad(
+                &format!("service.env.{key}"),
+                format!("{key:?} is not an environment variable name"),
+            );
+        }
+    }
+
+    // [container]
+    let c = &spec.container;
+    if c.memory.as_u64() < MIN_MEMORY {
+        bad(
+            "container.memory",
+            format!("{} is below the minimum memory cap of 16MiB", c.memory),
+        );
+    }
+    if !(2..=262_144).contains(&c.cpu_shares) {
+        bad(
+            "container.cpu_shares",
+            format!("{} is not a CPU share (2..=262144)", c.cpu_shares),
+        );
+    }
+    if let Err(msg) = c.restart.parse::<RestartPolicy>() {
+        bad("container.restart", msg);
+    }
+    if let Some(net) = &c.network {
+        if net.is_empty() {
+            bad("container.network", "the network name is empty".into());
+        }
+    }
+    for (i, v) in c.volumes.iter().enumerate() {
+        if v.name.is_empty()
+            || !v
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+        {
+            bad(
+                &format!("container.volumes[{i}].name"),
+                format!("{:?} is not a Docker volume name", v.name),
+            );
+        }
+        if !v.mount.starts_with('/') {
+            bad(
+                &format!("container.volumes[{i}].mount"),
+                format!("{:?} is not an absolute path", v.mount),
+            );
+        }
+        if c.volumes[..i].iter().any(|o| o.mount == v.mount) {
+            bad(
+                &format!("container.volumes[{i}].mount"),
+                format!("{:?} is mounted twice", v.mount),
+            );
+        }
+    }
+
+    // [health]
+    let h = &spec.health;
+    if !h.path.starts_with('/') {
+        bad(
+            "health.path",
+            format!("{:?} is not an HTTP path (must start with '/')", h.path),
+        );
+    }
+    positive(&mut bad, "health.interval", h.interval);
+    positive(&mut bad, "health.timeout", h.timeout);
+    positive(&mut bad, "health.start_deadline", h.start_deadline);
+    if h.rise < 1 {
+        bad("health.rise", "must be at least 1".into());
+    }
+    if h.fall < 1 {
+        bad("health.fall", "must be at least 1".into());
+    }
+    if h.start_deadline < h.interval {
+        bad(
+            "health.start_deadline",
+            format!(
+                "{} is shorter than health.interval ({}): the instance could never be checked",
+                humantime::format_duration(h.start_deadline),
+                humantime::format_duration(h.interval)
+            ),
+        );
+    }
+
+    // [rollout]
+    let r = &spec.rollout;
+    if r.steps.is_empty() {
+        bad(
+            "rollout.steps",
+            "at least one step is required, the last with weight = 100".into(),
+        );
+    }
+    for (i, step) in r.steps.iter().enumerate() {
+        let path = format!("rollout.steps[{i}].weight");
+        if step.weight > 100 {
+            bad(
+                &path,
+                format!("{} is not a percentage (0..=100)", step.weight),
+            );
+        } else if i > 0 && step.weight <= r.steps[i - 1].weight {
+            bad(
+                &path,
+                format!(
+                    "{} does not increase on the previous step's {}",
+                    step.weight,
+                    r.steps[i - 1].weight
+                ),
+            );
+        }
+    }
+    if let Some(last) = r.steps.last() {
+        if last.weight != 100 {
+            bad(
+                &format!("rollout.steps[{}].weight", r.steps.len() - 1),
+                format!("the last step must reach 100, not {}", last.weight),
+            );
+        }
+    }
+    let a = &r.analysis;
+    if !(0.0..=1.0).contains(&a.max_5xx_ratio) {
+        bad(
+            "rollout.analysis.max_5xx_ratio",
+            format!("{} is not a ratio (0.0..=1.0)", a.max_5xx_ratio),
+        );
+    }
+    positive(&mut bad, "rollout.analysis.max_p99", a.max_p99);
+
+    // [sessions]
+    let se = &spec.sessions;
+    if se.cookie.is_empty()
+        || !se
+            .cookie
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "_-".contains(ch))
+    {
+        bad(
+            "sessions.cookie",
+            format!(
+                "{:?} is not a cookie name (letters, digits, '_' and '-')",
+                se.cookie
+            ),
+        );
+    }
+    positive(&mut bad, "sessions.idle_ttl", se.idle_ttl);
+    if se.max_drain < se.idle_ttl {
+        bad(
+            "sessions.max_drain",
+            format!(
+                "{} is shorter than sessions.idle_ttl ({}): sessions would be cut before they expire",
+                humantime::format_duration(se.max_drain),
+                humantime::format_duration(se.idle_ttl)
+            ),
+        );
+    }
+
+    // [[targets]]
+    if spec.targets.is_empty() {
+        bad("targets", "at least one Docker host is required".into());
+    }
+    for (i, t) in spec.targets.iter().enumerate() {
+        if let Some(msg) = docker_host_problem(&t.host, t.tls.is_some()) {
+            bad(&format!("targets[{i}].host"), msg);
+        }
+        if t.instances < 1 {
+            bad(
+                &format!("targets[{i}].instances"),
+                "must be at least 1".into(),
+            );
+        }
+        if let Some(tls) = &t.tls {
+            for (key, file) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+                if !file.is_file() {
+                    bad(
+                        &format!("targets[{i}].tls.{key}"),
+                        format!("{} is not a readable file", file.display()),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+fn positive(bad: &mut impl FnMut(&str, String), path: &str, d: Duration) {
+    if d.is_zero() {
+        bad(path, "must be longer than 0s".into());
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn image_repository_problem(image: &str) -> Option<String> {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.is_empty() {
+        Some("the image repository is empty".into())
+    } else if last.contains(':') || image.contains('@') {
+        Some(format!("{image:?} carries a tag or digest; give the repository only (the tag comes at release time)"))
+    } else if !image
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c))
+    {
+        Some(format!(
+            "{image:?} is not an image repository (lowercase letters, digits, '.', '_', '-', '/')"
+        ))
+    } else {
+        None
+    }
+}
+
+fn docker_host_problem(host: &str, has_tls: bool) -> Option<String> {
+    if let Some(path) = host.strip_prefix("unix://") {
+        if !path.starts_with('/') {
+            return Some(format!(
+                "{host:?}: a unix socket needs an absolute path (unix:///var/run/docker.sock)"
+            ));
+        }
+        if has_tls {
+            return Some("TLS files only apply to tcp:// hosts".into());
+        }
+        return None;
+    }
+    if let Some(addr) = host.strip_prefix("tcp://") {
+        let ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Some(format!("{host:?}: expected tcp://host:port"));
+        }
+        return None;
+    }
+    Some(format!(
+        "{host:?} is not a Docker host (expected unix:///path or tcp://host:port)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::{Spec, SpecError, SpecIssue};
+
+    /// The shipped example: every rule test below breaks exactly one thing in it.
+    const GOOD: &str = include_str!("../../../deploy-specs/optimizer.toml");
+
+    fn issues(text: &str) -> Vec<SpecIssue> {
+        match Spec::parse("t.toml", text) {
+            Ok(_) => panic!("spec was accepted:\n{text}"),
+            Err(SpecError::Invalid(v)) => v,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    /// Replaces `from` (which must occur) in the good spec and expects one issue at `path`
+    /// whose message contains `says`.
+    fn rejects(from: &str, to: &str, path: &str, says: &str) -> SpecIssue {
+        assert!(GOOD.contains(from), "test spec lacks {from:?}");
+        let found = issues(&GOOD.replacen(from, to, 1));
+        let hit = found
+            .iter()
+            .find(|i| i.path == path)
+            .unwrap_or_else(|| panic!("no issue at {path}; got {found:#?}"));
+        assert!(hit.message.contains(says), "{hit} does not say {says:?}");
+        hit.clone()
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let spec = Spec::parse("optimizer.toml", GOOD).unwrap();
+        assert_eq!(spec.service.name, "optimizer");
+        assert_eq!(spec.rollout.steps.last().unwrap().weight, 100);
+    }
+
+    #[test]
+    fn weight_over_100_names_file_line_col_and_range() {
+        let text = GOOD.replacen("weight = 50", "weight = 150", 1);
+        let hit = issues(&text)
+            .into_iter()
+            .find(|i| i.path == "rollout.steps[1].weight")
+            .unwrap();
+        let line = text
+            .lines()
+            .position(|l| l.contains("weight = 150"))
+            .unwrap()
+            + 1;
+        let col = text.lines().nth(line - 1).unwrap().find("150").unwrap() + 1;
+        assert_eq!((hit.line, hit.col), (line, col));
+        assert_eq!(
+            hit.to_string(),
+            format!(
+                "t.toml:{line}:{col}: rollout.steps[1].weight: 150 is not a percentage (0..=100)"
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_position() {
+        let hit = rejects(
+            "[health]\n",
+            "[health]\nretries = 3\n",
+            "health.retries",
+            "unknown field `retries`",
+        );
+        assert!(hit.line > 1);
+    }
+
+    #[test]
+    fn wrong_types_and_syntax_errors_have_positions() {
+        let hit = rejects(
+            "port = 8080",
+            "port = \"eighty\"",
+            "service.port",
+            "invalid type",
+        );
+        assert!(hit.line > 1 && hit.col > 1);
+        let found = issues(&GOOD.replacen("[health]", "[health", 1));
+        assert!(found[0].line > 1, "{found:?}");
+        rejects(
+            "interval = \"1s\"",
+            "interval = \"soon\"",
+            "health.interval",
+            "",
+        );
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let found = issues(&GOOD.replacen("path = \"/readyz\"\n", "", 1));
+        assert!(
+            found[0].message.contains("missing field `path`"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn weights_must_strictly_increase() {
+        rejects(
+            "weight = 50",
+            "weight = 10",
+            "rollout.steps[1].weight",
+            "does not increase",
+        );
+    }
+
+    #[test]
+    fn last_weight_must_be_100() {
+        rejects(
+            "weight = 100",
+            "weight = 90",
+            "rollout.steps[2].weight",
+            "must reach 100",
+        );
+    }
+
+    #[test]
+    fn steps_cannot_be_empty() {
+        let start = GOOD.find("steps = [").unwrap();
+        let end = start + GOOD[start..].find("]\n").unwrap() + 2;
+        let text = format!("{}steps = []\n{}", &GOOD[..start], &GOOD[end..]);
+        let found = issues(&text);
+        assert!(found
+            .iter()
+            .any(|i| i.path == "rollout.steps" && i.message.contains("at least one")));
+    }
+
+    #[test]
+    fn ratio_must_be_between_0_and_1() {
+        rejects(
+            "max_5xx_ratio = 0.05",
+            "max_5xx_ratio = 1.5",
+            "rollout.analysis.max_5xx_ratio",
+            "not a ratio",
+        );
+    }
+
+    #[test]
+    fn p99_threshold_must_be_positive() {
+        rejects(
+            "max_p99 = \"500ms\"",
+            "max_p99 = \"0s\"",
+            "rollout.analysis.max_p99",
+            "longer than 0s",
+        );
+    }
+
+    #[test]
+    fn rise_and_fall_at_least_one() {
+        rejects("rise = 1", "rise = 0", "health.rise", "at least 1");
+        rejects("fall = 3", "fall = 0", "health.fall", "at least 1");
+    }
+
+    #[test]
+    fn health_durations_must_be_positive_and_consistent() {
+        rejects(
+            "timeout = \"1s\"",
+            "timeout = \"0s\"",
+            "health.timeout",
+            "longer than 0s",
+        );
+        rejects(
+            "interval = \"1s\"",
+            "interval = \"0s\"",
+            "health.interval",
+            "longer than 0s",
+        );
+        rejects(
+            "start_deadline = \"60s\"",
+            "start_deadline = \"500ms\"",
+            "health.start_deadline",
+            "shorter than health.interval",
+        );
+        rejects(
+            "path = \"/readyz\"",
+            "path = \"readyz\"",
+            "health.path",
+            "must start with '/'",
+        );
+    }
+
+    #[test]
+    fn memory_cap_at_least_16mib() {
+        rejects(
+            "memory = \"256MiB\"",
+            "memory = \"8MiB\"",
+            "container.memory",
+            "16MiB",
+        );
+    }
+
+    #[test]
+    fn cpu_shares_in_range() {
+        rejects(
+            "cpu_shares = 512",
+            "cpu_shares = 1",
+            "container.cpu_shares",
+            "not a CPU share",
+        );
+    }
+
+    #[test]
+    fn restart_policy_is_known() {
+        rejects(
+            "restart = \"unless-stopped\"",
+            "restart = \"sometimes\"",
+            "container.restart",
+            "not a restart policy",
+        );
+        rejects(
+            "restart = \"unless-stopped\"",
+            "restart = \"on-failure:0\"",
+            "container.restart",
+            "N >= 1",
+        );
+    }
+
+    #[test]
+    fn volumes_are_named_and_absolute() {
+        rejects(
+            "mount = \"/cache\"",
+            "mount = \"cache\"",
+            "container.volumes[0].mount",
+            "absolute",
+        );
+        rejects(
+            "name = \"optimizer-cache\"",
+            "name = \"bad name\"",
+            "container.volumes[0].name",
+            "volume name",
+        );
+    }
+
+    #[test]
+    fn session_ttl_positive_and_drain_at_least_ttl() {
+        rejects(
+            "idle_ttl = \"20s\"",
+            "idle_ttl = \"0s\"",
+            "sessions.idle_ttl",
+            "longer than 0s",
+        );
+        rejects(
+            "max_drain = \"2m\"",
+            "max_drain = \"10s\"",
+            "sessions.max_drain",
+            "shorter than sessions.idle_ttl",
+        );
+        rejects(
+            "cookie = \"haddock_session\"",
+            "cookie = \"a b\"",
+            "sessions.cookie",
+            "cookie name",
+        );
+    }
+
+    #[test]
+    fn service_fields_are_checked() {
+        rejects(
+            "name = \"optimizer\"",
+            "name = \"Optimizer!\"",
+            "service.name",
+            "service name",
+        );
+        rejects(
+            "image = \"haddock/optimizer\"",
+            "image = \"haddock/optimizer:1.0\"",
+            "service.image",
+            "tag",
+        );
+        rejects("port = 8080", "port = 0", "service.port", "not a port");
+    }
+
+    #[test]
+    fn docker_hosts_are_parsed() {
+        rejects(
+            "host = \"unix:///var/run/docker.sock\"",
+            "host = \"ssh://box\"",
+            "targets[0].host",
+            "not a Docker host",
+        );
+        rejects(
+            "host = \"unix:///var/run/docker.sock\"",
+            "host = \"tcp://box\"",
+            "targets[0].host",
+            "tcp://host:port",
+        );
+        rejects(
+            "instances = 1",
+            "instances = 0",
+            "targets[0].instances",
+            "at least 1",
+        );
+    }
+
+    #[test]
+    fn tls_files_must_exist() {
+        rejects(
+            "host = \"unix:///var/run/docker.sock\"",
+            "host = \"tcp://10.0.0.2:2376\"\ntls = { ca = \"/nonexistent/ca.pem\", cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\" }",
+            "targets[0].tls.ca",
+            "not a readable file",
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = GOOD.replacen("rise = 1", "rise = 0", 1).replacen(
+            "memory = \"256MiB\"",
+            "memory = \"1MiB\"",
+            1,
+        );
+        let paths: Vec<_> = issues(&text).into_iter().map(|i| i.path).collect();
+        assert!(
+            paths.contains(&"health.rise".to_string())
+                && paths.contains(&"container.memory".to_string())
+        );
+    }
+}

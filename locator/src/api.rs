@@ -1,0 +1,566 @@
+//! The locator's wire types: what haddock writes, what proxies and dashboards read.
+//!
+//! These types are the contract between the three programs, so they live here and the other
+//! crates depend on `locator` for them (see docs/architecture.md). Everything is plain serde
+//! JSON; unknown fields are rejected on input so that a typo in a client fails loudly.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One monotonic counter bumped by every committed write; watchers resume from it.
+pub type Revision = u64;
+
+/// Milliseconds since the Unix epoch (what every timestamp on the wire is).
+pub type UnixMillis = u64;
+
+/// Session settings of a service (from the deploy spec's `[sessions]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Name of the sticky-session cookie the proxy sets.
+    pub cookie_name: String,
+    /// A session idle for longer than this has expired.
+    pub idle_ttl_ms: u64,
+    /// Upper bound on how long a draining instance is kept for its sessions.
+    pub max_drain_ms: u64,
+}
+
+/// Body of `PUT /v1/services/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub sessions: SessionSettings,
+}
+
+/// A service as the locator holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub sessions: SessionSettings,
+    /// Share of *new sessions* per version, summing to 100 (empty until a version is ready).
+    pub weights: BTreeMap<String, u8>,
+    /// The version that owns 100 % outside a release: where orphaned sessions go.
+    pub primary_version: Option<String>,
+    /// Revision of the last write to this service (what `If-Match` compares against).
+    pub revision: Revision,
+}
+
+/// Body of `PUT /v1/services/{name}/weights` (with `If-Match: <revision>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsUpdate {
+    pub weights: BTreeMap<String, u8>,
+    /// Set when this write also makes a version the primary (promotion, rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_version: Option<String>,
+}
+
+/// The lifecycle of one instance (one container of one version).
+///
+/// ```text
+/// starting ──► ready ──► draining ──► gone
+///    │  ▲        │ ▲         │
+///    ▼  │        ▼ │         │
+///  unhealthy ◄───┘ └─────────┘ (heartbeat resumes → ready)
+/// ```
+/// Legal moves are exactly those in [`InstanceState::can_become`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Starting,
+    Ready,
+    Unhealthy,
+    Draining,
+    Gone,
+}
+
+impl InstanceState {
+    /// Whether `self → next` is a legal transition. Staying in the same state is not a
+    /// transition (callers treat it as a no-op, which keeps retries idempotent).
+    pub fn can_become(self, next: InstanceState) -> bool {
+        use InstanceState::*;
+        matches!(
+            (self, next),
+            (Starting, Ready | Unhealthy | Gone)
+                | (Ready, Draining | Unhealthy | Gone)
+                | (Unhealthy, Ready | Draining | Gone)
+                | (Draining, Gone | Unhealthy)
+        )
+    }
+
+    /// Whether a proxy may send *new* sessions here.
+    pub fn accepts_new_sessions(self) -> bool {
+        self == InstanceState::Ready
+    }
+
+    /// Whether a proxy keeps existing sessions here.
+    pub fn keeps_sessions(self) -> bool {
+        matches!(self, InstanceState::Ready | InstanceState::Draining)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Ready => "ready",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Draining => "draining",
+            InstanceState::Gone => "gone",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Body of `POST /v1/instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterInstance {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    /// `host:port` the proxy connects to.
+    pub address: String,
+    #[serde(default)]
+    pub docker_host: String,
+    #[serde(default)]
+    pub container_id: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Initial state; `starting` unless the caller already checked health.
+    #[serde(default = "starting")]
+    pub state: InstanceState,
+}
+
+fn starting() -> InstanceState {
+    InstanceState::Starting
+}
+
+/// Body of `PUT /v1/instances/{id}/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub state: InstanceState,
+}
+
+/// Live load of one instance, summed over every proxy that reported recently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceLoad {
+    pub live_sessions: u64,
+    pub in_flight: u64,
+}
+
+/// An instance as the locator holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub service: String,
+    pub version: String,
+    pub address: String,
+    pub docker_host: String,
+    pub container_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: InstanceState,
+    pub registered_at: UnixMillis,
+    pub last_heartbeat: UnixMillis,
+    /// Sum of the proxies' reports (zero when no proxy reports).
+    pub load: InstanceLoad,
+}
+
+/// Cumulative traffic figures of one version as seen by one proxy since it started.
+/// Haddock's canary analysis works on the difference between two readings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionTraffic {
+    pub requests: u64,
+    pub responses_5xx: u64,
+    /// p99 latency over the proxy's recent window, in milliseconds.
+    pub p99_ms: f64,
+}
+
+/// Body of `POST /v1/sessions` (role `proxy`): one proxy's view, sent every second and on change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionReport {
+    pub proxy_id: String,
+    pub service: String,
+    /// Keyed by instance id.
+    pub instances: BTreeMap<String, InstanceLoad>,
+    /// Keyed by version.
+    #[serde(default)]
+    pub versions: BTreeMap<String, VersionTraffic>,
+}
+
+/// Traffic of one version summed over the proxies (p99 is the worst proxy's).
+pub type TrafficByVersion = BTreeMap<String, VersionTraffic>;
+
+/// The release lifecycle, in the order a release walks it.
+///
+/// ```text
+/// validating → starting → waiting_healthy → registered → shifting(step..) → promoted
+///            → draining → removing → done
+/// any non-terminal state ──(failure before any weight moved)──► failed
+/// shifting / promoted ──(breach, abort)──► rolling_back → rolled_back
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    Validating,
+    Starting,
+    WaitingHealthy,
+    Registered,
+    Shifting,
+    Promoted,
+    Draining,
+    Removing,
+    Done,
+    RollingBack,
+    RolledBack,
+    Failed,
+}
+
+impl ReleaseState {
+    /// A terminal release no longer holds the service's release lock.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            ReleaseState::Done | ReleaseState::RolledBack | ReleaseState::Failed
+        )
+    }
+
+    /// Whether `self → next` is a legal move of the release state machine.
+    pub fn can_become(self, next: ReleaseState) -> bool {
+        use ReleaseState::*;
+        if self.is_terminal() {
+            return false;
+        }
+        match next {
+            Failed => matches!(self, Validating | Starting | WaitingHealthy | Registered),
+            RollingBack => matches!(self, Registered | Shifting | Promoted),
+            RolledBack => self == RollingBack,
+            _ => {
+                let order = [
+                    Validating,
+                    Starting,
+                    WaitingHealthy,
+                    Registered,
+                    Shifting,
+                    Promoted,
+                    Draining,
+                    Removing,
+                    Done,
+                ];
+                let at = |s| order.iter().position(|x| *x == s);
+                matches!((at(self), at(next)), (Some(a), Some(b)) if b == a + 1)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ReleaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+/// An operator's request to a running release (dashboard buttons, `haddock promote` …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Promote,
+    Abort,
+    Pause,
+    Resume,
+}
+
+/// Body of `POST /v1/releases` (role `deploy`): takes the service's release lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRelease {
+    pub service: String,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    /// Full image reference, `repo:tag`.
+    pub image: String,
+    pub who: String,
+}
+
+/// Body of `PATCH /v1/releases/{id}` (role `deploy`): one step of the state machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ReleaseState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Containers this release created (so a resumed haddock finds them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<Vec<String>>,
+    /// Duration of a finished step, merged into [`Release::step_ms`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub step_ms: BTreeMap<String, u64>,
+    /// Free-form figures shown on the dashboard (bake deadline, analysis numbers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+    /// Set to acknowledge (clear) a pending operator control.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear_control: bool,
+}
+
+/// A durable release record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: String,
+    pub service: String,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    pub image: String,
+    pub who: String,
+    pub state: ReleaseState,
+    /// Index into the spec's rollout steps while shifting.
+    pub step: u32,
+    pub paused: bool,
+    /// Pending operator request, cleared by haddock when it acts on it.
+    pub control: Option<Control>,
+    pub containers: Vec<String>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    pub finished_at: Option<UnixMillis>,
+    pub reason: Option<String>,
+    pub step_ms: BTreeMap<String, u64>,
+    pub status: serde_json::Value,
+}
+
+/// Everything a watcher needs to start from (also the answer to `GET /v1/snapshot`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub revision: Revision,
+    pub services: Vec<Service>,
+    pub instances: Vec<Instance>,
+    /// Active (non-terminal) releases only; history has its own endpoint.
+    pub releases: Vec<Release>,
+    pub traffic: BTreeMap<String, TrafficByVersion>,
+}
+
+/// One line of `GET /v1/watch?since=REV` (newline-delimited JSON):
+/// `{"revision": 7, "kind": "service", ...the entity's fields}`.
+///
+/// Serde is written by hand because `Service` and `Snapshot` carry a `revision` of their own,
+/// which a derived `#[serde(flatten)]` would emit twice and then refuse to read back. On the
+/// wire the key appears once; for those two kinds it is the entity's revision too (a change to
+/// a service is a write to it; a snapshot is taken at the event's revision).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    pub revision: Revision,
+    pub change: Change,
+}
+
+impl Serialize for WatchEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut value = serde_json::to_value(&self.change).map_err(S::Error::custom)?;
+        let map = value
+            .as_object_mut()
+            .ok_or_else(|| S::Error::custom("a change serialises to an object"))?;
+        map.insert("revision".into(), self.revision.into());
+        value.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for WatchEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let revision = value
+            .get("revision")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| D::Error::missing_field("revision"))?;
+        let change = Change::deserialize(value).map_err(D::Error::custom)?;
+        Ok(WatchEvent { revision, change })
+    }
+}
+
+/// What changed. A watcher that fell behind (or passed no `since`) first gets a `snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    Snapshot(Snapshot),
+    Service(Service),
+    Instance(Instance),
+    Release(Release),
+    Traffic {
+        service: String,
+        traffic: TrafficByVersion,
+    },
+}
+
+impl Snapshot {
+    /// Applies one watch event, so that every watcher keeps the same view the locator has.
+    pub fn apply(&mut self, event: &WatchEvent) {
+        self.revision = self.revision.max(event.revision);
+        match &event.change {
+            Change::Snapshot(s) => {
+                *self = s.clone();
+                self.revision = event.revision;
+            }
+            Change::Service(s) => upsert(&mut self.services, s.clone(), |x| x.name == s.name),
+            Change::Instance(i) => {
+                if i.state == InstanceState::Gone {
+                    self.instances.retain(|x| x.id != i.id);
+                } else {
+                    upsert(&mut self.instances, i.clone(), |x| x.id == i.id);
+                }
+            }
+            Change::Release(r) => {
+                if r.state.is_terminal() {
+                    self.releases.retain(|x| x.id != r.id);
+                } else {
+                    upsert(&mut self.releases, r.clone(), |x| x.id == r.id);
+                }
+            }
+            Change::Traffic { service, traffic } => {
+                self.traffic.insert(service.clone(), traffic.clone());
+            }
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.instances.iter().filter(move |i| i.service == service)
+    }
+
+    pub fn active_release(&self, service: &str) -> Option<&Release> {
+        self.releases.iter().find(|r| r.service == service)
+    }
+}
+
+fn upsert<T>(items: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
+    match items.iter_mut().find(|x| same(x)) {
+        Some(slot) => *slot = item,
+        None => items.push(item),
+    }
+}
+
+/// The error body of every non-2xx answer: `{ "error": { "code", "message" } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `illegal_transition`, `release_active`.
+    pub code: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_transitions_follow_the_lifecycle() {
+        use InstanceState::*;
+        assert!(Starting.can_become(Ready));
+        assert!(Ready.can_become(Draining));
+        assert!(Draining.can_become(Gone));
+        assert!(!Gone.can_become(Ready));
+        assert!(!Draining.can_become(Ready));
+        assert!(!Starting.can_become(Draining));
+        assert!(!Ready.can_become(Ready));
+    }
+
+    #[test]
+    fn release_walks_forward_one_step_at_a_time() {
+        use ReleaseState::*;
+        assert!(Validating.can_become(Starting));
+        assert!(Shifting.can_become(Promoted));
+        assert!(!Validating.can_become(Done));
+        assert!(Shifting.can_become(RollingBack));
+        assert!(!Draining.can_become(RollingBack));
+        assert!(!Done.can_become(Failed));
+        assert_eq!(WaitingHealthy.to_string(), "waiting_healthy");
+    }
+
+    #[test]
+    fn snapshot_apply_drops_gone_instances_and_finished_releases() {
+        let mut snap = Snapshot::default();
+        let inst = Instance {
+            id: "a".into(),
+            service: "s".into(),
+            version: "1".into(),
+            address: "127.0.0.1:1".into(),
+            docker_host: String::new(),
+            container_id: String::new(),
+            labels: BTreeMap::new(),
+            state: InstanceState::Ready,
+            registered_at: 0,
+            last_heartbeat: 0,
+            load: InstanceLoad::default(),
+        };
+        snap.apply(&WatchEvent {
+            revision: 3,
+            change: Change::Instance(inst.clone()),
+        });
+        assert_eq!(snap.instances.len(), 1);
+        assert_eq!(snap.revision, 3);
+        let gone = Instance {
+            state: InstanceState::Gone,
+            ..inst
+        };
+        snap.apply(&WatchEvent {
+            revision: 4,
+            change: Change::Instance(gone),
+        });
+        assert!(snap.instances.is_empty());
+    }
+
+    #[test]
+    fn watch_events_round_trip_with_one_revision_key() {
+        let service = Service {
+            name: "s".into(),
+            sessions: SessionSettings {
+                cookie_name: "c".into(),
+                idle_ttl_ms: 1,
+                max_drain_ms: 1,
+            },
+            weights: BTreeMap::new(),
+            primary_version: None,
+            revision: 9,
+        };
+        let snap = Snapshot {
+            revision: 9,
+            services: vec![service.clone()],
+            ..Default::default()
+        };
+        for change in [Change::Service(service), Change::Snapshot(snap)] {
+            let event = WatchEvent {
+                revision: 9,
+                change,
+            };
+            let line = serde_json::to_string(&event).unwrap();
+            assert_eq!(
+                line.matches("\"revision\"").count(),
+                1 + line.matches("\"services\"").count(),
+                "{line}"
+            );
+            assert_eq!(serde_json::from_str::<WatchEvent>(&line).unwrap(), event);
+            let mut view = Snapshot::default();
+            view.apply(&event);
+            assert_eq!(view.revision, 9);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<StateChange>(r#"{"state":"ready","x":1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"));
+    }
+}

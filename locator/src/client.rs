@@ -1,0 +1,323 @@
+//! A typed HTTP client for the locator, used by haddock, the proxy and the tests.
+//!
+//! Every method maps one route of the API (docs/api.md). Non-2xx answers become
+//! [`ClientError::Api`] carrying the status and the server's error code, so callers can match
+//! on `code` (`release_active`, `revision_mismatch`, …) instead of parsing messages.
+
+use crate::api::*;
+use futures_util::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Why a call to the locator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The locator answered with an error body.
+    #[error("locator answered {status}: {code}: {message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    /// The locator could not be reached or the connection broke.
+    #[error("locator unreachable at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The answer was not the JSON this client expects (version skew or a proxy in between).
+    #[error("unexpected answer from the locator: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The server's error code, if the locator answered at all.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A cheap-to-clone handle on one locator.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `base_url` is e.g. `http://127.0.0.1:7070`; `token` is sent as `Authorization: Bearer`.
+    pub fn new(base_url: &str, token: Option<String>) -> Self {
+        Client {
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .expect("a client without TLS always builds"),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let req = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => ClientError::Api {
+                    status,
+                    code: e.error.code,
+                    message: e.error.message,
+                },
+                Err(_) => ClientError::Api {
+                    status,
+                    code: "http_error".into(),
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    // --- services ---
+
+    pub async fn put_service(&self, name: &str, spec: &ServiceSpec) -> Result<Service> {
+        self.call(Method::PUT, &format!("/v1/services/{name}"), Some(spec))
+            .await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<Service> {
+        self.get(&format!("/v1/services/{name}")).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<Service>> {
+        self.get("/v1/services").await
+    }
+
+    /// Sets the weights; with `if_match` the write fails with `412 revision_mismatch` when the
+    /// service changed since that revision.
+    pub async fn set_weights(
+        &self,
+        service: &str,
+        update: &WeightsUpdate,
+        if_match: Option<Revision>,
+    ) -> Result<Service> {
+        let mut req = self
+            .request(Method::PUT, &format!("/v1/services/{service}/weights"))
+            .json(update);
+        if let Some(rev) = if_match {
+            req = req.header("If-Match", rev.to_string());
+        }
+        self.send(req).await
+    }
+
+    // --- instances ---
+
+    pub async fn register(&self, instance: &RegisterInstance) -> Result<Instance> {
+        self.call(Method::POST, "/v1/instances", Some(instance))
+            .await
+    }
+
+    pub async fn instance(&self, id: &str) -> Result<Instance> {
+        self.get(&format!("/v1/instances/{id}")).await
+    }
+
+    pub async fn instances(&self, service: &str) -> Result<Vec<Instance>> {
+        self.get(&format!("/v1/instances?service={service}")).await
+    }
+
+    pub async fn set_state(&self, id: &str, state: InstanceState) -> Result<Instance> {
+        let body = StateChange { state };
+        self.call(
+            Method::PUT,
+            &format!("/v1/instances/{id}/state"),
+            Some(&body),
+        )
+        .await
+    }
+
+    pub async fn heartbeat(&self, id: &str) -> Result<Instance> {
+        self.call::<(), _>(Method::POST, &format!("/v1/instances/{id}/heartbeat"), None)
+            .await
+    }
+
+    // --- sessions (role `proxy`) ---
+
+    pub async fn report_sessions(&self, report: &SessionReport) -> Result<serde_json::Value> {
+        self.call(Method::POST, "/v1/sessions", Some(report)).await
+    }
+
+    // --- releases ---
+
+    /// Takes the service's release lock: `409 release_active` names the active release.
+    pub async fn create_release(&self, release: &NewRelease) -> Result<Release> {
+        self.call(Method::POST, "/v1/releases", Some(release)).await
+    }
+
+    pub async fn update_release(&self, id: &str, update: &ReleaseUpdate) -> Result<Release> {
+        self.call(Method::PATCH, &format!("/v1/releases/{id}"), Some(update))
+            .await
+    }
+
+    pub async fn release(&self, id: &str) -> Result<Release> {
+        self.get(&format!("/v1/releases/{id}")).await
+    }
+
+    /// Newest first; `service` narrows it down.
+    pub async fn history(&self, service: Option<&str>) -> Result<Vec<Release>> {
+        match service {
+            Some(s) => self.get(&format!("/v1/releases?service={s}")).await,
+            None => self.get("/v1/releases").await,
+        }
+    }
+
+    pub async fn active_release(&self, service: &str) -> Result<Option<Release>> {
+        let active: Vec<Release> = self
+            .get(&format!("/v1/releases?service={service}&active=true"))
+            .await?;
+        Ok(active.into_iter().next())
+    }
+
+    pub async fn control(&self, id: &str, control: Control) -> Result<Release> {
+        let body = serde_json::json!({ "control": control });
+        self.call(
+            Method::POST,
+            &format!("/v1/releases/{id}/control"),
+            Some(&body),
+        )
+        .await
+    }
+
+    // --- reading the whole state ---
+
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        self.get("/v1/snapshot").await
+    }
+
+    /// Streams every change after `since` (or a snapshot first when `since` is `None` or too
+    /// old). The stream ends when the connection does; callers reconnect from the last revision.
+    pub async fn watch(
+        &self,
+        since: Option<Revision>,
+    ) -> Result<impl Stream<Item = Result<WatchEvent>>> {
+        let path = match since {
+            Some(rev) => format!("/v1/watch?since={rev}"),
+            None => "/v1/watch".to_string(),
+        };
+        let url = self.base.clone();
+        let resp = self
+            .request(Method::GET, &path)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap_or_default();
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => (e.error.code, e.error.message),
+                Err(_) => (
+                    "http_error".into(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                ),
+            };
+            return Err(ClientError::Api {
+                status,
+                code,
+                message,
+            });
+        }
+        let bytes = resp.bytes_stream();
+        Ok(ndjson_lines(bytes, url))
+    }
+}
+
+/// Splits a byte stream into newline-delimited JSON events.
+fn ndjson_lines(
+    bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>>,
+    url: String,
+) -> impl Stream<Item = Result<WatchEvent>> {
+    let buf = Vec::<u8>::new();
+    futures_util::stream::unfold(
+        (Box::pin(bytes), buf, url),
+        |(mut bytes, mut buf, url)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let line = &line[..line.len() - 1];
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue; // keep-alive
+                    }
+                    let item = serde_json::from_slice::<WatchEvent>(line)
+                        .map_err(|e| ClientError::Decode(e.to_string()));
+                    return Some((item, (bytes, buf, url)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(source)) => {
+                        let err = ClientError::Transport {
+                            url: url.clone(),
+                            source,
+                        };
+                        return Some((Err(err), (bytes, Vec::new(), url)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,1 @@
+//! The WAN-optimization data plane (being built: issue 3).

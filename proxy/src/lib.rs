@@ -1,0 +1,1 @@
+//! The pingora sticky-session proxy (being built: issue 5).
