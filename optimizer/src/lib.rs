@@ -1,1 +1,19 @@
-//! The WAN-optimization data plane (being built: issue 3).
+//! The optimizer: Haddock's WAN-optimization data plane, the service Haddock releases. It
+//! stores byte streams deduplicated (FastCDC chunks, BLAKE3-addressed, lz4-compressed, in
+//! RocksDB) behind an HTTP API, syncs objects between sites by transferring only missing
+//! chunks, and lets several instances (old and new version during a release) share one cache
+//! volume. Start reading at `cli::serve`, then `server` (routes), `store` (the data and its
+//! invariants) and `volume` (how instances share the cache; also docs/optimizer.md).
+
+pub mod bench;
+pub mod chunker;
+pub mod cli;
+pub mod error;
+pub mod manifest;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod sync;
+pub mod volume;
+
+pub use error::{Error, Result};

@@ -1,0 +1,235 @@
+//! Command line: `serve`, `health` (for Docker's HEALTHCHECK in an image with no shell) and
+//! `bench`. `main.rs` only parses and calls `run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::bench::{self, BenchConfig};
+use crate::chunker::ChunkParams;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::server::{self, App, ServerConfig};
+use crate::store::StoreOptions;
+use crate::volume::{Volume, VolumeConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "optimizer",
+    version,
+    about = "Haddock's WAN optimizer: a deduplicating object store over HTTP"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API from a cache directory (shareable with other instances).
+    Serve(ServeArgs),
+    /// Exit 0 when the local instance is ready, 1 otherwise.
+    Health(HealthArgs),
+    /// Print throughput, dedup and memory figures on synthetic data.
+    Bench(BenchArgs),
+}
+
+fn duration(s: &str) -> std::result::Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "OPTIMIZER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Cache directory (the shared volume).
+    #[arg(long, env = "OPTIMIZER_CACHE", default_value = "/cache")]
+    pub cache: PathBuf,
+    /// Unique per running instance; default `<hostname>-<pid>`.
+    #[arg(long, env = "OPTIMIZER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// URL other instances reach this one at; default `http://<hostname>:<port>`.
+    #[arg(long, env = "OPTIMIZER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Version answered at /version (the image bakes its tag in here).
+    #[arg(long, env = "OPTIMIZER_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
+    pub version_label: String,
+    #[arg(long, env = "OPTIMIZER_MAX_BODY_BYTES", default_value_t = 1 << 30)]
+    pub max_body_bytes: u64,
+    #[arg(long, env = "OPTIMIZER_CHUNK_MIN", default_value_t = 4096)]
+    pub chunk_min: u32,
+    #[arg(long, env = "OPTIMIZER_CHUNK_AVG", default_value_t = 16384)]
+    pub chunk_avg: u32,
+    #[arg(long, env = "OPTIMIZER_CHUNK_MAX", default_value_t = 65536)]
+    pub chunk_max: u32,
+    #[arg(long, env = "OPTIMIZER_BLOCK_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub block_cache_bytes: usize,
+    /// Time given to in-flight requests after SIGTERM.
+    #[arg(long, env = "OPTIMIZER_GRACE", default_value = "30s", value_parser = duration)]
+    pub grace: Duration,
+    /// Background catch-up period of a reader (misses always catch up at once).
+    #[arg(long, env = "OPTIMIZER_CATCH_UP_INTERVAL", default_value = "100ms", value_parser = duration)]
+    pub catch_up_interval: Duration,
+    /// How often a reader tries to become the writer.
+    #[arg(long, env = "OPTIMIZER_TAKEOVER_INTERVAL", default_value = "250ms", value_parser = duration)]
+    pub takeover_interval: Duration,
+    /// How long a reader retries forwarding a mutation while no writer answers.
+    #[arg(long, env = "OPTIMIZER_FORWARD_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub forward_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Full URL to probe; default `http://127.0.0.1:<port of --listen>/readyz`.
+    #[arg(long, env = "OPTIMIZER_HEALTH_URL")]
+    pub url: Option<String>,
+    #[arg(long, env = "OPTIMIZER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Size of the synthetic dataset.
+    #[arg(long, default_value_t = 128)]
+    pub size_mib: usize,
+    #[arg(long, default_value_t = 64 << 20)]
+    pub block_cache_bytes: usize,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            // Reads FAILPOINTS; a no-op unless built with the `failpoints` feature.
+            let _scenario = fail::FailScenario::setup();
+            tokio::runtime::Runtime::new()?.block_on(serve(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health(args) => {
+            let url = args
+                .url
+                .unwrap_or_else(|| format!("http://127.0.0.1:{}/readyz", args.listen.port()));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let ok = rt.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(args.timeout)
+                    .build()
+                    .ok()?;
+                let resp = client.get(&url).send().await.ok()?;
+                Some(resp.status().is_success())
+            });
+            if ok == Some(true) {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("not healthy: {url}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Bench(args) => {
+            let report = bench::run(&BenchConfig {
+                size_mib: args.size_mib,
+                block_cache_bytes: args.block_cache_bytes,
+            })?;
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Serves until SIGTERM or SIGINT, then drains, flushes and returns.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let chunk_params = ChunkParams {
+        min: args.chunk_min,
+        avg: args.chunk_avg,
+        max: args.chunk_max,
+    };
+    chunk_params.validate()?;
+    std::fs::create_dir_all(&args.cache)?;
+    let listener = TcpListener::bind(args.listen).await?;
+    let local = listener.local_addr()?;
+    let instance_id = args
+        .instance_id
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    if instance_id.is_empty() || instance_id.contains(['/', '\\']) || instance_id.starts_with('.') {
+        return Err(Error::BadRequest(format!(
+            "instance id {instance_id:?} must be usable as a directory name"
+        )));
+    }
+    let advertise = args
+        .advertise
+        .unwrap_or_else(|| format!("http://{}:{}", hostname(), local.port()));
+    let volume = Volume::new(VolumeConfig {
+        cache_dir: args.cache.clone(),
+        instance_id: instance_id.clone(),
+        advertise: advertise.clone(),
+        store: StoreOptions {
+            block_cache_bytes: args.block_cache_bytes,
+            chunk_params,
+        },
+        catch_up_interval: args.catch_up_interval,
+        takeover_interval: args.takeover_interval,
+        forward_timeout: args.forward_timeout,
+    });
+    let app = App::new(
+        volume.clone(),
+        Arc::new(Metrics::new()),
+        ServerConfig {
+            max_body_bytes: args.max_body_bytes,
+            version: args.version_label.clone(),
+            instance_id: instance_id.clone(),
+        },
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let maintain = tokio::spawn(volume.clone().maintain(stop_rx));
+    // Machine-readable first line of stdout: tests and scripts read the bound address here.
+    println!("optimizer listening on http://{local}");
+    tracing::info!(%local, %advertise, instance = %instance_id, version = %args.version_label, cache = %args.cache.display(), "serving");
+    server::run(listener, app, shutdown_signal(), args.grace).await;
+    let _ = stop_tx.send(true);
+    let _ = maintain.await;
+    tokio::task::spawn_blocking(move || volume.close())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,243 @@
+//! Object manifests: the ordered list of chunks an object is made of, plus the names they are
+//! stored and addressed by (object keys, chunk hashes).
+//!
+//! A manifest is what `GET /v1/objects/{key}/manifest` returns and what a peer pulls; it is
+//! stored as the same JSON, so the wire form and the stored form cannot drift apart.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// The BLAKE3 hash of a chunk's uncompressed bytes: its identity in the store and on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// Hashes uncompressed chunk data.
+    pub fn of(data: &[u8]) -> Self {
+        ChunkHash(*blake3::hash(data).as_bytes())
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({self})")
+    }
+}
+
+impl FromStr for ChunkHash {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut out = [0u8; 32];
+        // Lowercase only, so that one hash has exactly one spelling in URLs and logs.
+        if s.len() != 64 || s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(Error::InvalidHash(s.to_owned()));
+        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| Error::InvalidHash(s.to_owned()))?;
+        Ok(ChunkHash(out))
+    }
+}
+
+impl Serialize for ChunkHash {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One chunk of an object, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: ChunkHash,
+    /// Uncompressed length in bytes.
+    pub len: u32,
+}
+
+/// What an object is made of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Total length of the object in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole object, hex; also the object's ETag.
+    pub digest: String,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl Manifest {
+    /// The quoted strong ETag of the object.
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.digest)
+    }
+
+    /// The pieces of chunks covering bytes `start..end` of the object, as
+    /// `(chunk index, offset within the chunk, length)`.
+    pub fn pieces(&self, start: u64, end: u64) -> Vec<(usize, usize, usize)> {
+        Self::pieces_of(&self.chunks, start, end)
+    }
+
+    /// `pieces` over a bare chunk list.
+    pub fn pieces_of(chunks: &[ChunkRef], start: u64, end: u64) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        for (i, c) in chunks.iter().enumerate() {
+            let c_end = pos + u64::from(c.len);
+            if c_end > start && pos < end {
+                let from = start.max(pos) - pos;
+                let to = end.min(c_end) - pos;
+                out.push((i, from as usize, (to - from) as usize));
+            }
+            if c_end >= end {
+                break;
+            }
+            pos = c_end;
+        }
+        out
+    }
+
+    /// Consistency check of a manifest received from a peer: lengths add up to the size.
+    pub fn validate(&self) -> Result<()> {
+        let sum: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if sum != self.size {
+            return Err(Error::BadRequest(format!(
+                "manifest chunk lengths add up to {sum}, not the size {}",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an object key. Keys are one path segment so that `/v1/objects/{key}/manifest` is
+/// never ambiguous, and restricted to characters that need no percent-encoding.
+pub fn validate_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && key.len() <= 256
+        && key != "."
+        && key != ".."
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidKey(key.to_owned()))
+    }
+}
+
+/// A single byte range resolved against an object size: `start..end` (end exclusive).
+/// Returns `Ok(None)` for headers we do not honour (multiple ranges, other units), which
+/// RFC 9110 allows to be answered with the whole object.
+pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>> {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or(Error::RangeNotSatisfiable { size })?;
+    let (a, b) = (a.trim(), b.trim());
+    let unsatisfiable = Error::RangeNotSatisfiable { size };
+    let range = if a.is_empty() {
+        // Suffix range: the last n bytes.
+        let n: u64 = b.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        if n == 0 {
+            return Err(unsatisfiable);
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let start: u64 = a.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        let end = if b.is_empty() {
+            size
+        } else {
+            let last: u64 = b.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+            if last < start {
+                return Err(unsatisfiable);
+            }
+            (last + 1).min(size)
+        };
+        (start, end)
+    };
+    if range.0 >= size {
+        return Err(unsatisfiable);
+    }
+    Ok(Some(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(lens: &[u32]) -> Manifest {
+        Manifest {
+            size: lens.iter().map(|&l| u64::from(l)).sum(),
+            digest: String::new(),
+            chunks: lens
+                .iter()
+                .map(|&len| ChunkRef {
+                    hash: ChunkHash::of(&len.to_le_bytes()),
+                    len,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hash_round_trips_and_rejects_garbage() {
+        let h = ChunkHash::of(b"hello");
+        assert_eq!(h.to_string().parse::<ChunkHash>().unwrap(), h);
+        assert!("abc".parse::<ChunkHash>().is_err());
+        assert!(h.to_string().to_uppercase().parse::<ChunkHash>().is_err());
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(serde_json::from_str::<ChunkHash>(&json).unwrap(), h);
+    }
+
+    #[test]
+    fn keys() {
+        for good in ["a", "release-1.2_x", &"k".repeat(256)] {
+            validate_key(good).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"k".repeat(257)] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pieces_cover_ranges() {
+        let m = manifest(&[10, 10, 10]);
+        assert_eq!(m.pieces(0, 30), vec![(0, 0, 10), (1, 0, 10), (2, 0, 10)]);
+        assert_eq!(m.pieces(5, 15), vec![(0, 5, 5), (1, 0, 5)]);
+        assert_eq!(m.pieces(10, 20), vec![(1, 0, 10)]);
+        assert_eq!(m.pieces(29, 30), vec![(2, 9, 1)]);
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=50-500", 100).unwrap(), Some((50, 100)));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
+        assert_eq!(parse_range("items=1-2", 100).unwrap(), None);
+        assert!(parse_range("bytes=100-", 100).is_err());
+        assert!(parse_range("bytes=5-1", 100).is_err());
+        assert!(parse_range("bytes=x-1", 100).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Prometheus metrics of one instance, served at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::StoreStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub method: String,
+    pub route: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s.
+    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+}
+
+/// All metrics of the instance.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    /// Logical object bytes ingested (PUT and pull).
+    pub ingested_bytes: Counter,
+    /// Chunk bytes actually added to the store for them.
+    pub stored_bytes: Counter,
+    pub dedup_ratio: Gauge<f64, AtomicU64>,
+    pub chunk_store_bytes: Gauge,
+    pub chunk_count: Gauge,
+    pub corrupt_chunks: Counter,
+    pub writer: Gauge,
+    pub pull_transferred_bytes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("optimizer");
+        let m = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            ingested_bytes: Counter::default(),
+            stored_bytes: Counter::default(),
+            dedup_ratio: Gauge::default(),
+            chunk_store_bytes: Gauge::default(),
+            chunk_count: Gauge::default(),
+            corrupt_chunks: Counter::default(),
+            writer: Gauge::default(),
+            pull_transferred_bytes: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests answered",
+            m.requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer (headers)",
+            m.latency.clone(),
+        );
+        registry.register(
+            "http_request_bytes",
+            "Request body bytes received",
+            m.bytes_in.clone(),
+        );
+        registry.register(
+            "http_response_bytes",
+            "Object and chunk bytes sent",
+            m.bytes_out.clone(),
+        );
+        registry.register(
+            "ingested_bytes",
+            "Logical object bytes ingested",
+            m.ingested_bytes.clone(),
+        );
+        registry.register(
+            "stored_bytes",
+            "Chunk bytes added to the store by ingests",
+            m.stored_bytes.clone(),
+        );
+        registry.register(
+            "dedup_ratio",
+            "Ingested bytes per stored byte since start (dedup and compression)",
+            m.dedup_ratio.clone(),
+        );
+        registry.register(
+            "chunk_store_bytes",
+            "Size of the chunk store",
+            m.chunk_store_bytes.clone(),
+        );
+        registry.register(
+            "chunks",
+            "Estimated number of stored chunks",
+            m.chunk_count.clone(),
+        );
+        registry.register(
+            "corrupt_chunks",
+            "Chunks that failed verification on read",
+            m.corrupt_chunks.clone(),
+        );
+        registry.register(
+            "writer",
+            "1 when this instance is the cache volume's writer",
+            m.writer.clone(),
+        );
+        registry.register(
+            "pull_transferred_bytes",
+            "Chunk bytes fetched from peers by pulls",
+            m.pull_transferred_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Accounts one ingest.
+    pub fn ingested(&self, logical: u64, stored: u64) {
+        self.ingested_bytes.inc_by(logical);
+        self.stored_bytes.inc_by(stored);
+        let stored = self.stored_bytes.get().max(1) as f64;
+        self.dedup_ratio
+            .set(self.ingested_bytes.get() as f64 / stored);
+    }
+
+    /// The text exposition, with the store gauges sampled now.
+    pub fn encode(&self, stats: Option<StoreStats>, writer: bool) -> String {
+        if let Some(s) = stats {
+            self.chunk_store_bytes.set(s.chunk_bytes as i64);
+            self.chunk_count.set(s.chunk_count_estimate as i64);
+        }
+        self.writer.set(i64::from(writer));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lists_the_metrics() {
+        let m = Metrics::new();
+        m.ingested(1000, 100);
+        m.requests
+            .get_or_create(&RequestLabels {
+                method: "GET".into(),
+                route: "object",
+                status: 200,
+            })
+            .inc();
+        let text = m.encode(
+            Some(StoreStats {
+                chunk_bytes: 42,
+                ..Default::default()
+            }),
+            true,
+        );
+        for needle in [
+            "optimizer_http_requests_total{method=\"GET\",route=\"object\",status=\"200\"} 1",
+            "optimizer_dedup_ratio 10",
+            "optimizer_chunk_store_bytes 42",
+            "optimizer_writer 1",
+        ] {
+            assert!(text.contains(needle), "{needle} not in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The HTTP/1.1 API on hyper: routing, handlers, and the accept loop with graceful shutdown.
+//!
+//! Reads (objects, manifests, chunks, missing) are answered from the local store, whatever the
+//! instance's role. Mutations (object PUT/DELETE, chunk PUT, pull) run where the writer is:
+//! locally if this instance is the writer, else buffered and forwarded to it (see `volume`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE,
+    RANGE,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::chunker::{self, Chunker};
+use crate::error::{Error, Result};
+use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::store::Store;
+use crate::sync;
+use crate::volume::{Forward, Routed, Volume, FORWARDED_HEADER};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body of every handler.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// Request body of a mutation: streamed when local, buffered when it went through forwarding.
+type InBody = Either<Incoming, Full<Bytes>>;
+
+/// Bytes of an object verified before its response headers are sent: a corrupt chunk in this
+/// window is answered as a clean 500 `corrupt_chunk`; past it, the connection is aborted (the
+/// status line is gone), and the client sees a truncated body, never wrong data.
+const VERIFY_AHEAD: usize = 4 << 20;
+/// Bytes read per blocking task while streaming an object.
+const READ_GROUP: usize = 1 << 20;
+/// Largest accepted stored chunk (lz4 worst case of FastCDC's largest chunk, plus headers).
+const MAX_STORED_CHUNK: u64 = (17 << 20) + 64;
+/// An oversized body is read and discarded up to this much before answering 413, so that the
+/// client sees the answer instead of a reset connection.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Per-instance HTTP settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub max_body_bytes: u64,
+    /// The image's version, answered at `/version`.
+    pub version: String,
+    pub instance_id: String,
+}
+
+/// Shared state of all connections.
+pub struct App {
+    pub volume: Arc<Volume>,
+    pub metrics: Arc<Metrics>,
+    pub cfg: ServerConfig,
+    client: reqwest::Client,
+}
+
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    Healthz,
+    Readyz,
+    Version,
+    Metrics,
+    Object(&'a str),
+    Manifest(&'a str),
+    Pull(&'a str),
+    Missing,
+    Chunk(&'a str),
+    Unknown,
+}
+
+impl<'a> Route<'a> {
+    fn parse(path: &'a str) -> Self {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match segs.as_slice() {
+            ["healthz"] => Route::Healthz,
+            ["readyz"] => Route::Readyz,
+            ["version"] => Route::Version,
+            ["metrics"] => Route::Metrics,
+            ["v1", "objects", k] => Route::Object(k),
+            ["v1", "objects", k, "manifest"] => Route::Manifest(k),
+            ["v1", "objects", k, "pull"] => Route::Pull(k),
+            ["v1", "chunks", "missing"] => Route::Missing,
+            ["v1", "chunks", h] => Route::Chunk(h),
+            _ => Route::Unknown,
+        }
+    }
+
+    /// Bounded label for metrics (never the key itself).
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Version => "version",
+            Route::Metrics => "metrics",
+            Route::Object(_) => "object",
+            Route::Manifest(_) => "manifest",
+            Route::Pull(_) => "pull",
+            Route::Missing => "chunks_missing",
+            Route::Chunk(_) => "chunk",
+            Route::Unknown => "unknown",
+        }
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("serialising our own types");
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error_response(e: &Error) -> Response<Body> {
+    json(e.status(), &e.body())
+}
+
+fn build(builder: http::response::Builder, body: Body) -> Result<Response<Body>> {
+    builder
+        .body(body)
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("task failed: {e}")))?
+}
+
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Reads and discards what is left of a body (bounded), see `DRAIN_LIMIT`.
+async fn drain<B: hyper::body::Body + Unpin>(mut body: B) {
+    let mut seen = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame
+            .data_ref()
+            .map_or(0, |d| hyper::body::Buf::remaining(d) as u64);
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+}
+
+/// Reads a whole (small) body, at most `limit` bytes.
+async fn read_body<B>(body: B, limit: u64) -> Result<Bytes>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::TooLarge { limit }),
+        Err(e) => Err(Error::BadRequest(format!("reading the body: {e}"))),
+    }
+}
+
+fn injected_request_fault() -> Result<()> {
+    fail::fail_point!("http::request", |_| Err(Error::Internal(
+        "injected fault (http::request)".into()
+    )));
+    Ok(())
+}
+
+fn injected_readyz_fault() -> Result<()> {
+    fail::fail_point!("http::readyz", |_| Err(Error::NotReady));
+    Ok(())
+}
+
+/// Either the mutation runs here (with its request) or the writer already answered it.
+enum Exec {
+    Local(Arc<Store>, Request<InBody>),
+    Remote(Response<Body>),
+}
+
+#[derive(Deserialize)]
+struct MissingRequest {
+    hashes: Vec<String>,
+}
+
+impl App {
+    pub fn new(volume: Arc<Volume>, metrics: Arc<Metrics>, cfg: ServerConfig) -> Arc<App> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client without TLS always builds");
+        Arc::new(App {
+            volume,
+            metrics,
+            cfg,
+            client,
+        })
+    }
+
+    /// Answers one request; never fails (errors become JSON error responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let route = Route::parse(&path);
+        let resp = match self.dispatch(route, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Error::CorruptChunk { .. } = e {
+                    self.metrics.corrupt_chunks.inc();
+                    tracing::error!(%path, error = %e, "corrupt chunk; not served");
+                } else if e.status().is_server_error() {
+                    tracing::warn!(%method, %path, error = %e, "request failed");
+                }
+                error_response(&e)
+            }
+        };
+        let name = route.name();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: name,
+                status: resp.status().as_u16(),
+            })
+            .inc();
+        self.metrics
+            .latency
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: name,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn dispatch(&self, route: Route<'_>, req: Request<Incoming>) -> Result<Response<Body>> {
+        injected_request_fault()?;
+        let method = req.method().clone();
+        match route {
+            Route::Healthz => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "status": "alive" }),
+            )),
+            Route::Readyz => {
+                injected_readyz_fault()?;
+                let store = self.volume.store()?;
+                let role = if store.is_writer() {
+                    "writer"
+                } else {
+                    "reader"
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "status": "ready", "role": role }),
+                ))
+            }
+            Route::Version => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "version": self.cfg.version, "instance_id": self.cfg.instance_id }),
+            )),
+            Route::Metrics => {
+                let store = self.volume.store().ok();
+                let writer = store.as_ref().is_some_and(|s| s.is_writer());
+                let text = self.metrics.encode(store.map(|s| s.stats()), writer);
+                build(
+                    Response::builder().header(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    full(text),
+                )
+            }
+            Route::Object(key) => {
+                validate_key(key)?;
+                match method {
+                    Method::GET | Method::HEAD => self.get_object(key, &req).await,
+                    Method::PUT => match self.on_writer(req, self.cfg.max_body_bytes).await? {
+                        Exec::Local(store, req) => self.put_object(store, key, req).await,
+                        Exec::Remote(resp) => Ok(resp),
+                    },
+                    Method::DELETE => match self.on_writer(req, 0).await? {
+                        Exec::Local(store, _) => {
+                            let k = key.to_owned();
+                            if blocking(move || store.delete(&k)).await? {
+                                Ok(json(StatusCode::OK, &serde_json::json!({ "deleted": key })))
+                            } else {
+                                Err(Error::NotFound(format!("object {key}")))
+                            }
+                        }
+                        Exec::Remote(resp) => Ok(resp),
+                    },
+                    _ => Err(Error::MethodNotAllowed),
+                }
+            }
+            Route::Manifest(key) if method == Method::GET => {
+                validate_key(key)?;
+                let store = self.volume.store()?;
+                let k = key.to_owned();
+                let manifest = blocking(move || store.manifest(&k))
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("object {key}")))?;
+                let mut resp = json(StatusCode::OK, &manifest);
+                if let Ok(v) = http::HeaderValue::from_str(&manifest.etag()) {
+                    resp.headers_mut().insert(ETAG, v);
+                }
+                Ok(resp)
+            }
+            Route::Pull(key) if method == Method::POST => {
+                validate_key(key)?;
+                let peer = req
+                    .uri()
+                    .query()
+                    .and_then(|q| {
+                        reqwest::Url::parse(&format!("http://q/?{q}"))
+                            .ok()?
+                            .query_pairs()
+                            .find(|(k, _)| k == "from")
+                            .map(|(_, v)| v.into_owned())
+                    })
+                    .ok_or_else(|| Error::BadRequest("pull needs ?from=<peer url>".into()))?;
+                let peer = sync::peer_base(&peer)?;
+                match self.on_writer(req, 0).await? {
+                    Exec::Local(store, _) => {
+                        let report = sync::pull(&self.client, &store, key, &peer).await?;
+                        self.metrics
+                            .ingested(report.ingest.size, report.ingest.stored_bytes);
+                        self.metrics
+                            .pull_transferred_bytes
+                            .inc_by(report.bytes_transferred);
+                        Ok(json(StatusCode::OK, &report))
+                    }
+                    Exec::Remote(resp) => Ok(resp),
+                }
+            }
+            Route::Missing if method == Method::POST => {
+                let store = self.volume.store()?;
+                let body =
+                    read_body(req.into_body(), self.cfg.max_body_bytes.min(64 << 20)).await?;
+                let parsed: MissingRequest = serde_json::from_slice(&body).map_err(|e| {
+                    Error::BadRequest(format!("expected {{\"hashes\": [...]}}: {e}"))
+                })?;
+                let hashes = parsed
+                    .hashes
+                    .iter()
+                    .map(|h| h.parse())
+                    .collect::<Result<Vec<ChunkHash>>>()?;
+                let missing = blocking(move || store.missing(&hashes)).await?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "missing": missing }),
+                ))
+            }
+            Route::Chunk(hash) => {
+                let hash: ChunkHash = hash.parse()?;
+                match method {
+                    Method::GET | Method::HEAD => {
+                        let store = self.volume.store()?;
+                        let stored = blocking(move || store.stored_chunk(&hash))
+                            .await?
+                            .ok_or_else(|| Error::NotFound(format!("chunk {hash}")))?;
+                        chunker::decode_verified(&hash, &stored)?;
+                        self.metrics.bytes_out.inc_by(stored.len() as u64);
+                        let builder = Response::builder()
+                            .header(CONTENT_TYPE, "application/x-optimizer-chunk")
+                            .header(CONTENT_LENGTH, stored.len());
+                        build(
+                            builder,
+                            if method == Method::HEAD {
+                                empty()
+                            } else {
+                                full(stored)
+                            },
+                        )
+                    }
+                    Method::PUT => match self.on_writer(req, MAX_STORED_CHUNK).await? {
+                        Exec::Local(store, req) => {
+                            let body = read_body(req.into_body(), MAX_STORED_CHUNK).await?;
+                            self.metrics.bytes_in.inc_by(body.len() as u64);
+                            let new =
+                                blocking(move || store.put_stored_chunk(&hash, &body)).await?;
+                            let status = if new {
+                                StatusCode::CREATED
+                            } else {
+                                StatusCode::OK
+                            };
+                            Ok(json(
+                                status,
+                                &serde_json::json!({ "hash": hash, "new": new }),
+                            ))
+                        }
+                        Exec::Remote(resp) => Ok(resp),
+                    },
+                    _ => Err(Error::MethodNotAllowed),
+                }
+            }
+            Route::Unknown => Err(Error::NotFound(format!("route {}", req.uri().path()))),
+            _ => Err(Error::MethodNotAllowed),
+        }
+    }
+
+    /// Routes a mutation to the writer. `limit` bounds the body that may have to be buffered.
+    async fn on_writer(&self, req: Request<Incoming>, limit: u64) -> Result<Exec> {
+        if let Some(store) = self.volume.writer() {
+            return Ok(Exec::Local(store, req.map(Either::Left)));
+        }
+        if req.headers().contains_key(FORWARDED_HEADER) {
+            return Err(Error::NotWriter);
+        }
+        if content_length(&req).is_some_and(|l| l > limit) {
+            drain(req.into_body()).await;
+            return Err(Error::TooLarge { limit });
+        }
+        let (parts, body) = req.into_parts();
+        let body = read_body(body, limit).await?;
+        let forward = Forward {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            content_type: parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: body.clone(),
+        };
+        match self.volume.route(&forward).await? {
+            Routed::Local(store) => Ok(Exec::Local(
+                store,
+                Request::from_parts(parts, Either::Right(Full::new(body))),
+            )),
+            Routed::Remote(answer) => {
+                let mut builder = Response::builder().status(answer.status);
+                if let Some(ct) = answer.content_type {
+                    builder = builder.header(CONTENT_TYPE, ct);
+                }
+                Ok(Exec::Remote(build(builder, full(answer.body))?))
+            }
+        }
+    }
+
+    async fn put_object(
+        &self,
+        store: Arc<Store>,
+        key: &str,
+        req: Request<InBody>,
+    ) -> Result<Response<Body>> {
+        let limit = self.cfg.max_body_bytes;
+        if content_length(&req).is_some_and(|l| l > limit) {
+            drain(req.into_body()).await;
+            return Err(Error::TooLarge { limit });
+        }
+        let mut body = req.into_body();
+        let mut ingest = store.begin_ingest()?;
+        let mut chunker = Chunker::new(store.chunk_params());
+        let mut hasher = blake3::Hasher::new();
+        let mut received = 0u64;
+        let mut ready = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received += data.len() as u64;
+            if received > limit {
+                drain(body).await;
+                return Err(Error::TooLarge { limit });
+            }
+            self.metrics.bytes_in.inc_by(data.len() as u64);
+            hasher.update(&data);
+            chunker.push(&data, &mut ready);
+            for c in ready.drain(..) {
+                ingest.add(&c)?;
+            }
+        }
+        chunker.finish(&mut ready);
+        for c in ready.drain(..) {
+            ingest.add(&c)?;
+        }
+        let digest = hasher.finalize().to_hex().to_string();
+        let k = key.to_owned();
+        let report = blocking(move || {
+            fail::fail_point!("ingest::before_commit");
+            ingest.commit(&k, digest)
+        })
+        .await?;
+        self.metrics.ingested(report.size, report.stored_bytes);
+        Ok(json(StatusCode::OK, &report))
+    }
+
+    async fn get_object(&self, key: &str, req: &Request<Incoming>) -> Result<Response<Body>> {
+        let store = self.volume.store()?;
+        let (s, k) = (store.clone(), key.to_owned());
+        let manifest = blocking(move || s.manifest(&k))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("object {key}")))?;
+        let etag = manifest.etag();
+        let header = |name: http::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
+        if header(IF_NONE_MATCH)
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        {
+            return build(
+                Response::builder()
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header(ETAG, &etag),
+                empty(),
+            );
+        }
+        let size = manifest.size;
+        let range = match header(RANGE) {
+            Some(r) if header(IF_RANGE).is_none_or(|v| v == etag) => parse_range(r, size)?,
+            _ => None,
+        };
+        let (start, end) = range.unwrap_or((0, size));
+        let mut builder = Response::builder()
+            .header(ETAG, &etag)
+            .header(ACCEPT_RANGES, "bytes")
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, end - start);
+        if range.is_some() {
+            builder = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(CONTENT_RANGE, format!("bytes {start}-{}/{size}", end - 1));
+        }
+        if req.method() == Method::HEAD {
+            return build(builder, empty());
+        }
+
+        // Group the pieces into reads of about READ_GROUP bytes.
+        let chunks = Arc::new(manifest.chunks);
+        let mut groups: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
+        let mut group_bytes = 0;
+        for piece in Manifest::pieces_of(&chunks, start, end) {
+            if group_bytes >= READ_GROUP {
+                groups.push(Vec::new());
+                group_bytes = 0;
+            }
+            group_bytes += piece.2;
+            groups.last_mut().expect("never empty").push(piece);
+        }
+        let read_group = move |store: Arc<Store>,
+                               chunks: Arc<Vec<ChunkRef>>,
+                               group: Vec<(usize, usize, usize)>| {
+            blocking(move || {
+                group
+                    .into_iter()
+                    .map(|(i, off, len)| Ok(store.chunk(&chunks[i].hash)?.slice(off..off + len)))
+                    .collect::<Result<Vec<Bytes>>>()
+            })
+        };
+        // Verify the first window before the status line goes out.
+        let mut groups = groups.into_iter();
+        let mut first = Vec::new();
+        let mut verified = 0;
+        while verified < VERIFY_AHEAD {
+            let Some(group) = groups.next() else { break };
+            let pieces = read_group(store.clone(), chunks.clone(), group).await?;
+            verified += pieces.iter().map(Bytes::len).sum::<usize>();
+            first.extend(pieces);
+        }
+        let metrics = self.metrics.clone();
+        let path = req.uri().path().to_owned();
+        let rest = futures_util::stream::iter(groups)
+            .then(move |group| read_group(store.clone(), chunks.clone(), group))
+            .map_ok(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok::<Bytes, Error>)))
+            .try_flatten()
+            .map_err(move |e: Error| {
+                if let Error::CorruptChunk { .. } = e {
+                    metrics.corrupt_chunks.inc();
+                }
+                tracing::error!(%path, error = %e, "aborting an object response mid-stream");
+                BoxError::from(e)
+            });
+        let out = self.metrics.clone();
+        let stream = futures_util::stream::iter(first.into_iter().map(Ok))
+            .chain(rest)
+            .map_ok(move |b| {
+                out.bytes_out.inc_by(b.len() as u64);
+                Frame::data(b)
+            });
+        build(builder, StreamBody::new(stream).boxed_unsync())
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and waits up to
+/// `grace` for in-flight requests.
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer): (_, SocketAddr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        connections = graceful.count(),
+        "stopped accepting; draining in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?grace, "grace period over with requests still in flight");
+    }
+}

@@ -1,0 +1,710 @@
+//! The chunk store: RocksDB with three column families, reference counts, and the rules that
+//! keep them consistent.
+//!
+//! - `chunks`: chunk hash → stored form (codec flag byte, then raw or lz4 bytes);
+//! - `manifests`: object key → manifest JSON;
+//! - `refs`: chunk hash → number of objects referencing it (u64 LE).
+//!
+//! A manifest and the reference-count changes it implies are written in one synced
+//! `WriteBatch`, so an object is either wholly visible with durable chunks or not at all.
+//! Chunks are written ahead of that batch (unsynced; the final synced write makes the WAL
+//! durable up to and including them). A chunk with no `refs` entry is an orphan left by an
+//! aborted or killed ingest, or uploaded by `PUT /v1/chunks/{hash}`; `sweep_orphans` reclaims them
+//! when an instance becomes the writer.
+//!
+//! Only the writer mutates. Every reference-count read-modify-write and every chunk deletion
+//! happens under one mutex that also guards the *pins*: hashes an in-flight ingest relies on.
+//! An ingest pins a hash before checking whether the chunk exists, and deletion skips pinned
+//! chunks, so a chunk an ingest decided not to upload is never reclaimed under it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
+};
+use serde::Serialize;
+
+use crate::chunker::{self, ChunkParams};
+use crate::error::{Error, Result};
+use crate::manifest::{ChunkHash, ChunkRef, Manifest};
+
+const CF_CHUNKS: &str = "chunks";
+const CF_MANIFESTS: &str = "manifests";
+const CF_REFS: &str = "refs";
+const CFS: [&str; 3] = [CF_CHUNKS, CF_MANIFESTS, CF_REFS];
+/// Chunks of an ingest are written in batches of about this many bytes.
+const CHUNK_BATCH_BYTES: usize = 4 << 20;
+
+/// Tuning of the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// RocksDB block cache shared by all column families, in bytes.
+    pub block_cache_bytes: usize,
+    pub chunk_params: ChunkParams,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            block_cache_bytes: 64 << 20,
+            chunk_params: ChunkParams::default(),
+        }
+    }
+}
+
+/// What an ingest (PUT or pull) did, as answered to the client.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IngestReport {
+    pub key: String,
+    pub size: u64,
+    pub digest: String,
+    pub chunks: usize,
+    pub new_chunks: usize,
+    /// Bytes of chunk data actually added to the store (compressed form).
+    pub stored_bytes: u64,
+}
+
+/// Size figures of the store, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStats {
+    /// Bytes of the chunk column family on disk and in memtables.
+    pub chunk_bytes: u64,
+    pub chunk_count_estimate: u64,
+    pub object_count_estimate: u64,
+}
+
+/// An open chunk store, as the writer (primary) or as a reader (secondary).
+pub struct Store {
+    db: DB,
+    writer: bool,
+    params: ChunkParams,
+    /// Pin counts of in-flight ingests; the mutex also serialises all ref-count changes.
+    pins: Mutex<HashMap<ChunkHash, u32>>,
+    // Kept alive for as long as the DB uses it.
+    _cache: Cache,
+}
+
+fn options(opts: &StoreOptions, writer: bool) -> (Options, Vec<ColumnFamilyDescriptor>, Cache) {
+    let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+    let mut db = Options::default();
+    db.create_if_missing(writer);
+    db.create_missing_column_families(writer);
+    // Secondaries must keep every table file open: the primary deletes compacted files and an
+    // open descriptor is what keeps them readable until the next catch-up.
+    db.set_max_open_files(-1);
+    db.set_keep_log_file_num(4);
+    db.set_db_write_buffer_size(64 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    let cfs = CFS
+        .iter()
+        .map(|name| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            // Chunks are already lz4-compressed (or incompressible); don't compress twice.
+            o.set_compression_type(if *name == CF_CHUNKS {
+                rocksdb::DBCompressionType::None
+            } else {
+                rocksdb::DBCompressionType::Lz4
+            });
+            ColumnFamilyDescriptor::new(*name, o)
+        })
+        .collect();
+    (db, cfs, cache)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database as its single writer. Fails with a lock error
+    /// while another process holds it.
+    pub fn open_writer(path: &Path, opts: &StoreOptions) -> Result<Store> {
+        let (db_opts, cfs, cache) = options(opts, true);
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        Ok(Store::new(db, true, opts, cache))
+    }
+
+    /// Opens an existing database as a secondary (read-only, catches up with the writer).
+    pub fn open_reader(path: &Path, secondary: &Path, opts: &StoreOptions) -> Result<Store> {
+        let (db_opts, cfs, cache) = options(opts, false);
+        let db = DB::open_cf_descriptors_as_secondary(&db_opts, path, secondary, cfs)?;
+        Ok(Store::new(db, false, opts, cache))
+    }
+
+    fn new(db: DB, writer: bool, opts: &StoreOptions, cache: Cache) -> Store {
+        Store {
+            db,
+            writer,
+            params: opts.chunk_params,
+            pins: Mutex::default(),
+            _cache: cache,
+        }
+    }
+
+    pub fn is_writer(&self) -> bool {
+        self.writer
+    }
+
+    pub fn chunk_params(&self) -> ChunkParams {
+        self.params
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    fn lock_pins(&self) -> MutexGuard<'_, HashMap<ChunkHash, u32>> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that
+        // matters more than losing the process, so poisoning is ignored.
+        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replays what the writer has written since the last catch-up (no-op on the writer).
+    pub fn catch_up(&self) -> Result<()> {
+        if !self.writer {
+            self.db.try_catch_up_with_primary()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `read`; on a reader, when it finds nothing, catches up with the writer and runs it
+    /// again, so that anything the writer acknowledged before this call is found.
+    fn read_fresh<T>(&self, read: impl Fn(&Self) -> Result<Option<T>>) -> Result<Option<T>> {
+        match read(self)? {
+            Some(v) => Ok(Some(v)),
+            None if !self.writer => {
+                self.catch_up()?;
+                read(self)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The manifest of `key`, if stored.
+    pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
+        self.read_fresh(|s| s.manifest_local(key))
+    }
+
+    fn manifest_local(&self, key: &str) -> Result<Option<Manifest>> {
+        match self.db.get_pinned_cf(self.cf(CF_MANIFESTS), key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("manifest of {key} unreadable: {e}"))),
+        }
+    }
+
+    /// The stored form of a chunk (codec flag + data), unverified.
+    pub fn stored_chunk(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>> {
+        self.read_fresh(|s| Ok(s.db.get_cf(s.cf(CF_CHUNKS), hash.0)?))
+    }
+
+    /// The uncompressed data of a chunk, verified against its hash.
+    pub fn chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
+        let stored = self
+            .stored_chunk(hash)?
+            .ok_or_else(|| Error::MissingChunk(hash.to_string()))?;
+        chunker::decode_verified(hash, &stored)
+    }
+
+    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool> {
+        let cf = self.cf(CF_CHUNKS);
+        Ok(self.db.key_may_exist_cf(cf, hash.0) && self.db.get_pinned_cf(cf, hash.0)?.is_some())
+    }
+
+    /// The hashes among `hashes` this store does not hold.
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+        let scan = |s: &Self| -> Result<Vec<ChunkHash>> {
+            let mut out = Vec::new();
+            for h in hashes {
+                if !s.has_chunk(h)? {
+                    out.push(*h);
+                }
+            }
+            Ok(out)
+        };
+        let missing = scan(self)?;
+        if missing.is_empty() || self.writer {
+            return Ok(missing);
+        }
+        self.catch_up()?;
+        scan(self)
+    }
+
+    fn refcount(&self, hash: &ChunkHash) -> Result<u64> {
+        Ok(match self.db.get_pinned_cf(self.cf(CF_REFS), hash.0)? {
+            Some(v) => u64::from_le_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Internal(format!("bad refcount of {hash}")))?,
+            ),
+            None => 0,
+        })
+    }
+
+    fn require_writer(&self) -> Result<()> {
+        if self.writer {
+            Ok(())
+        } else {
+            Err(Error::NotWriter)
+        }
+    }
+
+    /// Starts ingesting one object (writer only).
+    pub fn begin_ingest(self: &Arc<Self>) -> Result<Ingest> {
+        self.require_writer()?;
+        Ok(Ingest {
+            store: self.clone(),
+            seen: HashSet::new(),
+            written: Vec::new(),
+            batch: WriteBatch::default(),
+            batch_bytes: 0,
+            chunks: Vec::new(),
+            size: 0,
+            new_chunks: 0,
+            stored_bytes: 0,
+            committed: false,
+        })
+    }
+
+    /// Stores a chunk uploaded in stored form (`PUT /v1/chunks/{hash}`) after checking that it
+    /// decodes to data hashing to `hash`. Returns whether it was new.
+    pub fn put_stored_chunk(&self, hash: &ChunkHash, stored: &[u8]) -> Result<bool> {
+        self.require_writer()?;
+        check_upload(hash, stored)?;
+        let _guard = self.lock_pins();
+        if self.has_chunk(hash)? {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), hash.0, stored);
+        self.db.write_opt(batch, &synced())?;
+        Ok(true)
+    }
+
+    /// Deletes an object and reclaims the chunks nothing references any more.
+    /// Returns false when there was no such object.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.require_writer()?;
+        let pins = self.lock_pins();
+        let Some(old) = self.manifest_local(key)? else {
+            return Ok(false);
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_MANIFESTS), key);
+        let deltas = unique(&old.chunks).map(|h| (h, -1)).collect();
+        self.apply_refcounts(&mut batch, deltas, &pins)?;
+        self.db.write_opt(batch, &synced())?;
+        Ok(true)
+    }
+
+    /// Adds the reference-count changes `deltas` to `batch`, reclaiming chunks that drop to
+    /// zero unless an in-flight ingest pinned them. Caller holds the pins lock.
+    fn apply_refcounts(
+        &self,
+        batch: &mut WriteBatch,
+        deltas: HashMap<ChunkHash, i64>,
+        pins: &HashMap<ChunkHash, u32>,
+    ) -> Result<()> {
+        for (hash, delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let count = self.refcount(&hash)? as i64 + delta;
+            if count > 0 {
+                batch.put_cf(self.cf(CF_REFS), hash.0, (count as u64).to_le_bytes());
+            } else {
+                batch.delete_cf(self.cf(CF_REFS), hash.0);
+                if !pins.contains_key(&hash) {
+                    batch.delete_cf(self.cf(CF_CHUNKS), hash.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reclaims chunks that no object references and no ingest has pinned: leftovers of
+    /// ingests killed before their commit. Run when this instance becomes the writer.
+    pub fn sweep_orphans(&self) -> Result<usize> {
+        self.require_writer()?;
+        let mut candidates = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, _) = item?;
+            let hash = ChunkHash(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Internal("bad chunk key".into()))?,
+            );
+            candidates.push(hash);
+        }
+        let mut reclaimed = 0;
+        for group in candidates.chunks(1024) {
+            let pins = self.lock_pins();
+            let mut batch = WriteBatch::default();
+            for h in group {
+                if !pins.contains_key(h) && self.refcount(h)? == 0 {
+                    batch.delete_cf(self.cf(CF_CHUNKS), h.0);
+                    reclaimed += 1;
+                }
+            }
+            self.db.write(batch)?;
+        }
+        Ok(reclaimed)
+    }
+
+    /// Size figures from RocksDB's own properties.
+    pub fn stats(&self) -> StoreStats {
+        let prop = |cf: &str, name: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        StoreStats {
+            chunk_bytes: prop(CF_CHUNKS, "rocksdb.total-sst-files-size")
+                + prop(CF_CHUNKS, "rocksdb.cur-size-all-mem-tables"),
+            chunk_count_estimate: prop(CF_CHUNKS, "rocksdb.estimate-num-keys"),
+            object_count_estimate: prop(CF_MANIFESTS, "rocksdb.estimate-num-keys"),
+        }
+    }
+
+    /// Makes everything durable in table files (clean shutdown of the writer).
+    pub fn flush(&self) -> Result<()> {
+        if self.writer {
+            self.db.flush_wal(true)?;
+            for cf in CFS {
+                self.db.flush_cf(self.cf(cf))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Test support: overwrites a stored chunk with other bytes, bypassing every check.
+    #[doc(hidden)]
+    pub fn corrupt_chunk_for_tests(&self, hash: &ChunkHash, stored: &[u8]) -> Result<()> {
+        self.db.put_cf(self.cf(CF_CHUNKS), hash.0, stored)?;
+        Ok(())
+    }
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+fn unique(chunks: &[ChunkRef]) -> impl Iterator<Item = ChunkHash> + '_ {
+    let mut seen = HashSet::new();
+    chunks
+        .iter()
+        .map(|c| c.hash)
+        .filter(move |h| seen.insert(*h))
+}
+
+/// Checks a chunk received in stored form: it must decode, and hash to `hash`.
+pub fn check_upload(hash: &ChunkHash, stored: &[u8]) -> Result<Bytes> {
+    chunker::decode_verified(hash, stored).map_err(|e| match e {
+        Error::CorruptChunk { reason, .. } if reason.contains("does not match") => {
+            let actual = chunker::decode_unverified(stored)
+                .map(|d| ChunkHash::of(&d).to_string())
+                .unwrap_or_default();
+            Error::HashMismatch {
+                expected: hash.to_string(),
+                actual,
+            }
+        }
+        Error::CorruptChunk { reason, .. } => {
+            Error::BadRequest(format!("undecodable chunk: {reason}"))
+        }
+        other => other,
+    })
+}
+
+/// One object being ingested. Dropping it without `commit` releases its pins and reclaims the
+/// chunks it wrote that nothing else uses.
+pub struct Ingest {
+    store: Arc<Store>,
+    /// Hashes pinned by this ingest (each once).
+    seen: HashSet<ChunkHash>,
+    /// Hashes this ingest wrote (to reclaim if it is abandoned).
+    written: Vec<ChunkHash>,
+    batch: WriteBatch,
+    batch_bytes: usize,
+    chunks: Vec<ChunkRef>,
+    size: u64,
+    new_chunks: usize,
+    stored_bytes: u64,
+    committed: bool,
+}
+
+impl Ingest {
+    /// Adds the next chunk of the object from its uncompressed data.
+    pub fn add(&mut self, data: &[u8]) -> Result<()> {
+        let hash = ChunkHash::of(data);
+        if self.reference(ChunkRef {
+            hash,
+            len: data.len() as u32,
+        })? {
+            self.supply(hash, chunker::encode(data))?;
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk reference. Returns true when the store lacks the chunk and the caller
+    /// must `supply` it (once per distinct hash).
+    pub fn reference(&mut self, chunk: ChunkRef) -> Result<bool> {
+        self.size += u64::from(chunk.len);
+        let hash = chunk.hash;
+        self.chunks.push(chunk);
+        if !self.seen.insert(hash) {
+            return Ok(false);
+        }
+        // Pin first, then look: once pinned, the chunk cannot be reclaimed under us.
+        let mut pins = self.store.lock_pins();
+        *pins.entry(hash).or_insert(0) += 1;
+        let exists = self.store.has_chunk(&hash)?;
+        Ok(!exists)
+    }
+
+    /// Supplies the stored form of a chunk that `reference` reported missing.
+    pub fn supply(&mut self, hash: ChunkHash, stored: Vec<u8>) -> Result<()> {
+        self.batch_bytes += stored.len();
+        self.stored_bytes += stored.len() as u64;
+        self.new_chunks += 1;
+        self.batch.put_cf(self.store.cf(CF_CHUNKS), hash.0, stored);
+        self.written.push(hash);
+        if self.batch_bytes >= CHUNK_BATCH_BYTES {
+            // Unsynced: the commit's synced write makes these durable too.
+            let batch = std::mem::take(&mut self.batch);
+            self.store.db.write(batch)?;
+            self.batch_bytes = 0;
+        }
+        Ok(())
+    }
+
+    /// Number of bytes referenced so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes the manifest and reference counts (replacing any previous object under `key`)
+    /// together with the remaining chunks in one synced batch. Once this returns, the object
+    /// survives a crash; before, none of it is visible.
+    pub fn commit(mut self, key: &str, digest: String) -> Result<IngestReport> {
+        let manifest = Manifest {
+            size: self.size,
+            digest,
+            chunks: std::mem::take(&mut self.chunks),
+        };
+        let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        let store = self.store.clone();
+        let mut batch = std::mem::take(&mut self.batch);
+        {
+            let pins = store.lock_pins();
+            let mut deltas: HashMap<ChunkHash, i64> =
+                unique(&manifest.chunks).map(|h| (h, 1)).collect();
+            if let Some(old) = store.manifest_local(key)? {
+                for h in unique(&old.chunks) {
+                    *deltas.entry(h).or_insert(0) -= 1;
+                }
+            }
+            store.apply_refcounts(&mut batch, deltas, &pins)?;
+            batch.put_cf(store.cf(CF_MANIFESTS), key, json);
+            fail::fail_point!("store::before_commit", |_| Err(Error::Internal(
+                "injected fault before commit".into()
+            )));
+            store.db.write_opt(batch, &synced())?;
+        }
+        self.committed = true;
+        Ok(IngestReport {
+            key: key.to_owned(),
+            size: manifest.size,
+            digest: manifest.digest,
+            chunks: manifest.chunks.len(),
+            new_chunks: self.new_chunks,
+            stored_bytes: self.stored_bytes,
+        })
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        let mut pins = self.store.lock_pins();
+        for h in &self.seen {
+            if let Some(n) = pins.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(h);
+                }
+            }
+        }
+        if self.committed || self.written.is_empty() {
+            return;
+        }
+        // Abandoned: reclaim what we wrote unless someone else now references or pins it.
+        let mut batch = WriteBatch::default();
+        for h in &self.written {
+            if !pins.contains_key(h) && matches!(self.store.refcount(h), Ok(0)) {
+                batch.delete_cf(self.store.cf(CF_CHUNKS), h.0);
+            }
+        }
+        if let Err(e) = self.store.db.write(batch) {
+            tracing::warn!(error = %e, "could not reclaim the chunks of an abandoned ingest");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::{tests::noise, Chunker};
+
+    fn writer(dir: &Path) -> Arc<Store> {
+        Arc::new(Store::open_writer(&dir.join("db"), &StoreOptions::default()).unwrap())
+    }
+
+    fn put(store: &Arc<Store>, key: &str, data: &[u8]) -> IngestReport {
+        let mut ingest = store.begin_ingest().unwrap();
+        let mut chunks = Vec::new();
+        let mut chunker = Chunker::new(store.chunk_params());
+        chunker.push(data, &mut chunks);
+        chunker.finish(&mut chunks);
+        for c in &chunks {
+            ingest.add(c).unwrap();
+        }
+        ingest
+            .commit(key, blake3::hash(data).to_hex().to_string())
+            .unwrap()
+    }
+
+    fn get(store: &Store, key: &str) -> Option<Vec<u8>> {
+        let m = store.manifest(key).unwrap()?;
+        Some(
+            m.chunks
+                .iter()
+                .flat_map(|c| store.chunk(&c.hash).unwrap().to_vec())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn dedup_and_reclaim() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let a = noise(1 << 20, 1);
+        let r1 = put(&store, "a", &a);
+        assert_eq!(r1.new_chunks, r1.chunks);
+        let r2 = put(&store, "b", &a);
+        assert_eq!((r2.new_chunks, r2.stored_bytes), (0, 0));
+        assert_eq!(get(&store, "b").unwrap(), a);
+        let hash = store.manifest("a").unwrap().unwrap().chunks[0].hash;
+        assert!(store.delete("a").unwrap());
+        // Still referenced by b.
+        assert!(store.missing(&[hash]).unwrap().is_empty());
+        assert!(store.delete("b").unwrap());
+        assert_eq!(store.missing(&[hash]).unwrap(), vec![hash]);
+        assert!(!store.delete("b").unwrap());
+        assert_eq!(store.stats().chunk_count_estimate, 0);
+    }
+
+    #[test]
+    fn overwrite_moves_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let (a, b) = (noise(300_000, 2), noise(300_000, 3));
+        put(&store, "k", &a);
+        let old = store.manifest("k").unwrap().unwrap();
+        put(&store, "k", &b);
+        assert_eq!(get(&store, "k").unwrap(), b);
+        let old_hashes: Vec<_> = old.chunks.iter().map(|c| c.hash).collect();
+        assert_eq!(store.missing(&old_hashes).unwrap().len(), old_hashes.len());
+    }
+
+    #[test]
+    fn pinned_chunks_survive_deletion_and_abandoned_ingests_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let a = noise(100_000, 4);
+        put(&store, "a", &a);
+        let m = store.manifest("a").unwrap().unwrap();
+        // An ingest relies on a's first chunk existing...
+        let mut ingest = store.begin_ingest().unwrap();
+        assert!(!ingest.reference(m.chunks[0].clone()).unwrap());
+        // ...so deleting a must not reclaim it.
+        store.delete("a").unwrap();
+        let report = ingest.commit("b", "x".into()).unwrap();
+        assert_eq!(report.new_chunks, 0);
+        assert!(store.chunk(&m.chunks[0].hash).is_ok());
+
+        let mut abandoned = store.begin_ingest().unwrap();
+        let fresh = noise(50_000, 5);
+        abandoned.add(&fresh).unwrap();
+        drop(abandoned);
+        assert_eq!(store.missing(&[ChunkHash::of(&fresh)]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn orphans_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let data = noise(10_000, 6);
+        let hash = ChunkHash::of(&data);
+        assert!(store
+            .put_stored_chunk(&hash, &chunker::encode(&data))
+            .unwrap());
+        put(&store, "kept", &noise(10_000, 7));
+        assert_eq!(store.sweep_orphans().unwrap(), 1);
+        assert_eq!(store.missing(&[hash]).unwrap(), vec![hash]);
+        assert!(get(&store, "kept").is_some());
+    }
+
+    #[test]
+    fn uploads_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let data = noise(10_000, 8);
+        let wrong = ChunkHash::of(b"other");
+        let err = store
+            .put_stored_chunk(&wrong, &chunker::encode(&data))
+            .unwrap_err();
+        assert_eq!(err.code(), "hash_mismatch");
+        assert_eq!(store.missing(&[wrong]).unwrap(), vec![wrong]);
+        let err = store.put_stored_chunk(&wrong, &[7, 1, 2]).unwrap_err();
+        assert_eq!(err.code(), "bad_request");
+    }
+
+    #[test]
+    fn corrupt_chunks_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        put(&store, "a", &noise(20_000, 9));
+        let hash = store.manifest("a").unwrap().unwrap().chunks[0].hash;
+        store.corrupt_chunk_for_tests(&hash, &[0, 1, 2, 3]).unwrap();
+        assert_eq!(store.chunk(&hash).unwrap_err().code(), "corrupt_chunk");
+    }
+
+    #[test]
+    fn reader_sees_writes_after_ack_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        put(&store, "before", &noise(50_000, 10));
+        let reader = Store::open_reader(
+            &dir.path().join("db"),
+            &dir.path().join("sec"),
+            &StoreOptions::default(),
+        )
+        .unwrap();
+        assert!(get(&reader, "before").is_some());
+        let data = noise(70_000, 11);
+        put(&store, "after", &data);
+        // No explicit catch-up: the miss path catches up by itself.
+        assert_eq!(get(&reader, "after").unwrap(), data);
+        assert_eq!(reader.delete("after").unwrap_err().code(), "not_writer");
+    }
+}

@@ -1,0 +1,354 @@
+//! Sharing one cache volume between instances: who writes, how the others read and forward,
+//! and how a reader takes over when the writer goes away. See docs/optimizer.md.
+//!
+//! Layout of the cache directory:
+//! - `db/`: the RocksDB database (one primary process at a time: RocksDB's `LOCK`);
+//! - `leader.lock`: flock(2)-ed by the writer for its whole life. The kernel drops it when the
+//!   process dies, even by kill -9, which is what lets a reader notice and take over. Probing
+//!   it is free of side effects, unlike a failed `DB::open` (which rotates RocksDB's info log);
+//! - `writer.json`: the advertised URL of the current writer, where readers forward mutations;
+//! - `secondary/<instance-id>/`: each reader's RocksDB secondary directory.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::store::{Store, StoreOptions};
+
+/// Header marking a request forwarded by a reader, so that a stale writer.json can never make
+/// two readers bounce a request between them.
+pub const FORWARDED_HEADER: &str = "x-optimizer-forwarded-by";
+
+/// How an instance uses the volume.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    pub cache_dir: PathBuf,
+    pub instance_id: String,
+    /// URL under which the other instances reach this one.
+    pub advertise: String,
+    pub store: StoreOptions,
+    /// Period of a reader's background catch-up with the writer.
+    pub catch_up_interval: Duration,
+    /// Period of a reader's attempts to become the writer.
+    pub takeover_interval: Duration,
+    /// How long a forwarded request keeps retrying while no writer answers (failover).
+    pub forward_timeout: Duration,
+}
+
+/// Contents of `writer.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WriterInfo {
+    pub instance_id: String,
+    pub url: String,
+    pub pid: u32,
+}
+
+/// A mutating request to be executed by the writer.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// The writer's answer to a forwarded request.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub status: http::StatusCode,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// Either the request is ours to execute (we are, or just became, the writer) or it was
+/// executed by the writer.
+pub enum Routed {
+    Local(Arc<Store>),
+    Remote(Forwarded),
+}
+
+/// This instance's view of the shared cache volume.
+pub struct Volume {
+    cfg: VolumeConfig,
+    store: RwLock<Option<Arc<Store>>>,
+    leader: Mutex<Option<Flock<File>>>,
+    client: reqwest::Client,
+}
+
+impl Volume {
+    pub fn new(cfg: VolumeConfig) -> Arc<Volume> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .expect("a client without TLS always builds");
+        Arc::new(Volume {
+            cfg,
+            store: RwLock::new(None),
+            leader: Mutex::new(None),
+            client,
+        })
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.cfg.cache_dir.join("db")
+    }
+
+    fn writer_json(&self) -> PathBuf {
+        self.cfg.cache_dir.join("writer.json")
+    }
+
+    /// The open store, whatever our role.
+    pub fn store(&self) -> Result<Arc<Store>> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::NotReady)
+    }
+
+    /// The store if this instance is the writer.
+    pub fn writer(&self) -> Option<Arc<Store>> {
+        self.store().ok().filter(|s| s.is_writer())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.store().is_ok()
+    }
+
+    /// Tries to become the writer: takes `leader.lock` without waiting.
+    fn try_lead(&self) -> Result<bool> {
+        let mut leader = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        if leader.is_some() {
+            return Ok(true);
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.cfg.cache_dir.join("leader.lock"))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                *leader = Some(lock);
+                Ok(true)
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(false),
+            Err((_, e)) => Err(Error::Io(e.into())),
+        }
+    }
+
+    /// Opens the database as the writer. RocksDB's own LOCK may still be held for a moment by
+    /// a writer that is closing (it releases the flock only after closing the DB, but a killed
+    /// one releases both at once), so lock errors are retried for a while.
+    fn open_writer(&self) -> Result<Store> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Store::open_writer(&self.db_path(), &self.cfg.store) {
+                Ok(s) => return Ok(s),
+                Err(Error::Storage(e))
+                    if e.to_string().contains("lock") && Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "rocksdb LOCK still held, retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn open_reader(&self) -> Result<Store> {
+        let secondary = self
+            .cfg
+            .cache_dir
+            .join("secondary")
+            .join(&self.cfg.instance_id);
+        // Stale state of an earlier process with the same id is of no use to a new secondary.
+        let _ = std::fs::remove_dir_all(&secondary);
+        std::fs::create_dir_all(&secondary)?;
+        Store::open_reader(&self.db_path(), &secondary, &self.cfg.store)
+    }
+
+    fn publish_writer(&self) -> Result<()> {
+        let info = WriterInfo {
+            instance_id: self.cfg.instance_id.clone(),
+            url: self.cfg.advertise.clone(),
+            pid: std::process::id(),
+        };
+        let tmp = self
+            .cfg
+            .cache_dir
+            .join(format!(".writer.json.{}", self.cfg.instance_id));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&info).map_err(|e| Error::Internal(e.to_string()))?,
+        )?;
+        std::fs::rename(&tmp, self.writer_json())?;
+        Ok(())
+    }
+
+    /// The current writer as published in writer.json.
+    pub fn writer_info(&self) -> Option<WriterInfo> {
+        let bytes = std::fs::read(self.writer_json()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// One step of the life cycle: open if not open, take over if the writer is gone.
+    /// Blocking (RocksDB opens and recovery); run on a blocking thread.
+    fn step(&self) -> Result<()> {
+        let current = self.store().ok();
+        if current.as_ref().is_some_and(|s| s.is_writer()) {
+            return Ok(());
+        }
+        if self.try_lead()? {
+            let store = Arc::new(self.open_writer()?);
+            *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store.clone());
+            self.publish_writer()?;
+            tracing::info!(instance = %self.cfg.instance_id, url = %self.cfg.advertise, "became the writer of the cache volume");
+            match store.sweep_orphans() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(reclaimed = n, "reclaimed chunks of interrupted ingests"),
+                Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
+            }
+            return Ok(());
+        }
+        match current {
+            Some(reader) => reader.catch_up(),
+            None => {
+                let store = self.open_reader()?;
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+                tracing::info!(instance = %self.cfg.instance_id, "opened the cache volume as a reader");
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps the volume open and this instance's role current until `stop` turns true.
+    pub async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut last_takeover_try = Instant::now()
+            .checked_sub(self.cfg.takeover_interval)
+            .unwrap_or_else(Instant::now);
+        loop {
+            let is_writer = self.writer().is_some();
+            if !is_writer {
+                let this = self.clone();
+                let try_lead =
+                    last_takeover_try.elapsed() >= self.cfg.takeover_interval || !self.is_open();
+                if try_lead {
+                    last_takeover_try = Instant::now();
+                }
+                let res = tokio::task::spawn_blocking(move || {
+                    if try_lead {
+                        this.step()
+                    } else {
+                        this.store()?.catch_up()
+                    }
+                })
+                .await;
+                match res {
+                    Ok(Ok(())) => {}
+                    // Normal while the writer has not created the database yet.
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cache volume step failed; retrying"),
+                    Err(e) => tracing::warn!(error = %e, "cache volume task panicked"),
+                }
+            }
+            let wait = if is_writer {
+                Duration::from_secs(3600)
+            } else {
+                self.cfg.catch_up_interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Executes a mutating request on the writer: locally if that is us, else forwarded to the
+    /// URL in writer.json, retrying through a failover until `forward_timeout`.
+    pub async fn route(&self, req: &Forward) -> Result<Routed> {
+        let deadline = Instant::now() + self.cfg.forward_timeout;
+        let mut last_problem = String::from("no writer has published its URL");
+        loop {
+            if let Some(store) = self.writer() {
+                return Ok(Routed::Local(store));
+            }
+            if let Some(info) = self
+                .writer_info()
+                .filter(|i| i.instance_id != self.cfg.instance_id)
+            {
+                match self.send(&info.url, req).await {
+                    Ok(answer) if !is_not_writer(&answer) => return Ok(Routed::Remote(answer)),
+                    Ok(_) => last_problem = format!("{} is no longer the writer", info.url),
+                    Err(e) => last_problem = format!("{}: {e}", info.url),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::WriterUnavailable(last_problem));
+            }
+            tracing::debug!(problem = %last_problem, "writer not reachable; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn send(
+        &self,
+        base: &str,
+        req: &Forward,
+    ) -> std::result::Result<Forwarded, reqwest::Error> {
+        let url = format!("{}{}", base.trim_end_matches('/'), req.path_and_query);
+        let mut builder = self
+            .client
+            .request(req.method.clone(), url)
+            .header(FORWARDED_HEADER, &self.cfg.instance_id)
+            .body(req.body.clone());
+        if let Some(ct) = &req.content_type {
+            builder = builder.header(http::header::CONTENT_TYPE, ct);
+        }
+        let resp = builder.send().await?;
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp.bytes().await?;
+        Ok(Forwarded {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    /// Closes the store (flushing it if we are the writer), then gives up the leadership.
+    pub fn close(&self) {
+        let store = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(store) = store {
+            if let Err(e) = store.flush() {
+                tracing::warn!(error = %e, "flush on shutdown failed");
+            }
+            match Arc::try_unwrap(store) {
+                Ok(store) => drop(store),
+                Err(_) => {
+                    tracing::warn!("store still in use at shutdown; closing with the process")
+                }
+            }
+        }
+        self.leader.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cfg.cache_dir
+    }
+}
+
+fn is_not_writer(answer: &Forwarded) -> bool {
+    answer.status == http::StatusCode::SERVICE_UNAVAILABLE
+        && serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .is_ok_and(|v| v["error"]["code"] == "not_writer")
+}
