@@ -5,7 +5,7 @@
 #   ci/build-images.sh [--failpoints] VERSION...
 #
 # --failpoints builds the binary with the `failpoints` cargo feature, for failure tests: such an
-# image reads FAILPOINTS, e.g. FAILPOINTS='http::request=return' (every request answers 500)
+# image reads FAILPOINTS, e.g. FAILPOINTS='http::request=return' (every request but the health probes answers 500)
 # or FAILPOINTS='http::readyz=return' (never turns healthy). Images get the label
 # haddock.failpoints=true|false. Uses the legacy builder (no buildx, nothing is pulled).
 set -euo pipefail

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The README's main command. Until the end-to-end demo lands (issue "end-to-end"), it builds
-# haddock and validates the example deploy spec.
+# The README's main command: builds everything and the optimizer images 1.0.0 and 1.1.0 locally,
+# then runs the demo — a canary release of 1.1.0 under the load of many users, on the embedded
+# defaults — and cleans up. Options go to the demo (`bash ci/demo.sh --help`), e.g.
+#   bash ci/demo.sh --users 100 --step-pause 60s --session-ttl 30s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/setup.sh
-cargo build --release -p haddock
-"$CARGO_TARGET_DIR/release/haddock" check deploy-specs/optimizer.toml
+haddock_require_docker
+cargo build --release -p haddock -p locator -p proxy -p e2e
+bash ci/build-images.sh 1.0.0 1.1.0
+exec "$CARGO_TARGET_DIR/release/haddock-demo" "$@"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds once (release profile), builds the
-# test images, runs every test of the workspace. Fails (never skips) without Docker or PostgreSQL.
+# images the end-to-end tests release, runs every test of the workspace.
+# Fails (never skips) without Docker or PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HADDOCK_NEED_POSTGRES=1 source ci/setup.sh
@@ -8,7 +9,8 @@ haddock_require_docker
 haddock_require_postgres
 
 cargo build --release --workspace --all-targets
-if [ -f ci/build-images.sh ]; then
-  bash ci/build-images.sh --test
-fi
+# Test images: a build with failpoints (the failure cases pick theirs with FAILPOINTS), then the
+# two good versions — built last, so the binary left in the target dir is the default build.
+bash ci/build-images.sh --failpoints 9.9.9-faulty
+bash ci/build-images.sh 1.0.0 1.1.0
 cargo test --release --workspace --no-fail-fast "$@"

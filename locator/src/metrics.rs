@@ -1,0 +1,124 @@
+//! Prometheus metrics, all named `haddock_locator_…`, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    /// The route template (`/v1/services/{name}`), never the raw path: bounded cardinality.
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms .. ~1.6 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+/// Every metric the locator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Latest committed revision seen by this process.
+    pub revision: Gauge,
+    /// Events published to watchers (committed here or received from another replica).
+    pub events: Counter,
+    /// Durable commits (one fsync or one database transaction, possibly several writes).
+    pub commits: Counter,
+    pub commit_seconds: Histogram,
+    /// Open watch streams.
+    pub watchers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("haddock_locator");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let revision = Gauge::default();
+        let events = Counter::default();
+        let commits = Counter::default();
+        let commit_seconds = latency_histogram();
+        let watchers = Gauge::default();
+        registry.register("http_requests", "HTTP requests answered", requests.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request (watch streams: time to the first byte)",
+            request_seconds.clone(),
+        );
+        registry.register("revision", "Latest committed revision", revision.clone());
+        registry.register(
+            "watch_events",
+            "Events published to watchers",
+            events.clone(),
+        );
+        registry.register("commits", "Durable commits", commits.clone());
+        registry.register(
+            "commit_duration_seconds",
+            "Time to make one batch of writes durable",
+            commit_seconds.clone(),
+        );
+        registry.register("watchers", "Open watch streams", watchers.clone());
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            revision,
+            events,
+            commits,
+            commit_seconds,
+            watchers,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                method: "GET".into(),
+                route: "/healthz",
+                status: 200,
+            })
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("haddock_locator_http_requests_total{"),
+            "{text}"
+        );
+        assert!(text.contains("haddock_locator_revision"), "{text}");
+    }
+}

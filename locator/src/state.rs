@@ -1,0 +1,1169 @@
+//! The rules: a pure in-memory model of everything the locator holds.
+//!
+//! Both stores share this one model so that every validation rule is written once. A write is
+//! two steps: [`State::execute`] checks a [`Command`] against the current state and returns the
+//! [`WatchEvent`]s it would commit (nothing is mutated, so a refused command changes nothing);
+//! the store makes those events durable and then feeds them to [`State::apply`]. Replaying the
+//! same events therefore rebuilds the same state, which is how the embedded store recovers and
+//! how PostgreSQL replicas follow each other.
+
+use crate::api::*;
+use crate::error::Error;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A proxy that has not reported for this long no longer counts in the sums.
+pub const SESSION_REPORT_TTL_MS: u64 = 5_000;
+
+/// What a command may depend on besides the state: the clock and the configured TTL.
+/// Passed in (never read inside) so that the rules stay deterministic and testable.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub now: UnixMillis,
+    pub heartbeat_ttl_ms: u64,
+}
+
+/// One write request, already parsed and authorised.
+#[derive(Debug, Clone)]
+pub enum Command {
+    PutService {
+        name: String,
+        spec: ServiceSpec,
+    },
+    SetWeights {
+        service: String,
+        update: WeightsUpdate,
+        if_match: Option<Revision>,
+    },
+    Register(RegisterInstance),
+    SetState {
+        id: String,
+        state: InstanceState,
+    },
+    Heartbeat {
+        id: String,
+    },
+    Sessions(SessionReport),
+    CreateRelease(NewRelease),
+    UpdateRelease {
+        id: String,
+        update: ReleaseUpdate,
+    },
+    Control {
+        id: String,
+        control: Control,
+    },
+    /// The background sweep: heartbeat TTL and ageing of proxies' reports.
+    Sweep,
+}
+
+/// What a successful command answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Service(Service),
+    Instance(Instance),
+    Release(Release),
+    Accepted,
+}
+
+/// The result of [`State::execute`]: events to commit (possibly none) and the answer.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub events: Vec<WatchEvent>,
+    pub reply: Reply,
+}
+
+/// Everything the locator knows. Serialised whole as the embedded store's snapshot file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub revision: Revision,
+    services: BTreeMap<String, Service>,
+    /// Gone instances are kept so that a retried `gone` or a late lookup still finds them.
+    instances: BTreeMap<String, Instance>,
+    /// All releases, finished ones included (the history).
+    releases: BTreeMap<String, Release>,
+    traffic: BTreeMap<String, TrafficByVersion>,
+    /// Latest report per (proxy, service) with the time it arrived. Ephemeral: reports are
+    /// re-sent every second, so they are never written to disk.
+    #[serde(skip)]
+    reports: BTreeMap<(String, String), (UnixMillis, SessionReport)>,
+    /// When this process started counting reports: sums are not aged before every live proxy
+    /// had a chance to report, or a restart would briefly show draining instances as empty.
+    #[serde(skip)]
+    reports_since: UnixMillis,
+}
+
+/// Allocates consecutive revisions to the events of one command.
+struct Batch {
+    next: Revision,
+    events: Vec<WatchEvent>,
+}
+
+impl Batch {
+    fn peek(&self) -> Revision {
+        self.next
+    }
+    fn push(&mut self, change: Change) -> Revision {
+        let revision = self.next;
+        self.next += 1;
+        self.events.push(WatchEvent { revision, change });
+        revision
+    }
+}
+
+impl State {
+    /// Starts counting proxies' reports from `now` (see `reports_since`).
+    pub fn start_reports(&mut self, now: UnixMillis) {
+        self.reports_since = now;
+    }
+
+    // ----- reads -----
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            revision: self.revision,
+            services: self.services.values().cloned().collect(),
+            instances: self
+                .instances
+                .values()
+                .filter(|i| i.state != InstanceState::Gone)
+                .cloned()
+                .collect(),
+            releases: self
+                .releases
+                .values()
+                .filter(|r| !r.state.is_terminal())
+                .cloned()
+                .collect(),
+            traffic: self.traffic.clone(),
+        }
+    }
+
+    pub fn services(&self) -> Vec<Service> {
+        self.services.values().cloned().collect()
+    }
+
+    pub fn service(&self, name: &str) -> Result<Service, Error> {
+        self.services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownService(name.to_string()))
+    }
+
+    /// Live (not gone) instances, of one service or of all.
+    pub fn instances(&self, service: Option<&str>) -> Result<Vec<Instance>, Error> {
+        if let Some(s) = service {
+            self.service(s)?;
+        }
+        Ok(self
+            .instances
+            .values()
+            .filter(|i| i.state != InstanceState::Gone)
+            .filter(|i| service.is_none_or(|s| i.service == s))
+            .cloned()
+            .collect())
+    }
+
+    /// One instance, gone ones included.
+    pub fn instance(&self, id: &str) -> Result<Instance, Error> {
+        self.instances
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownInstance(id.to_string()))
+    }
+
+    /// Releases newest first, optionally of one service and only unfinished ones.
+    pub fn releases(&self, service: Option<&str>, active_only: bool) -> Vec<Release> {
+        let mut out: Vec<Release> = self
+            .releases
+            .values()
+            .filter(|r| service.is_none_or(|s| r.service == s))
+            .filter(|r| !active_only || !r.state.is_terminal())
+            .cloned()
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse((r.created_at, release_seq(&r.id))));
+        out
+    }
+
+    pub fn release(&self, id: &str) -> Result<Release, Error> {
+        self.releases
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownRelease(id.to_string()))
+    }
+
+    // ----- writes -----
+
+    /// Applies one committed event. Events must come in revision order; the stores ensure it.
+    pub fn apply(&mut self, event: &WatchEvent) {
+        self.revision = self.revision.max(event.revision);
+        match &event.change {
+            Change::Snapshot(s) => {
+                self.services = s
+                    .services
+                    .iter()
+                    .map(|x| (x.name.clone(), x.clone()))
+                    .collect();
+                self.instances = s
+                    .instances
+                    .iter()
+                    .map(|x| (x.id.clone(), x.clone()))
+                    .collect();
+                self.releases = s
+                    .releases
+                    .iter()
+                    .map(|x| (x.id.clone(), x.clone()))
+                    .collect();
+                self.traffic = s.traffic.clone();
+            }
+            Change::Service(s) => {
+                self.services.insert(s.name.clone(), s.clone());
+            }
+            Change::Instance(i) => {
+                self.instances.insert(i.id.clone(), i.clone());
+            }
+            Change::Release(r) => {
+                self.releases.insert(r.id.clone(), r.clone());
+            }
+            Change::Traffic { service, traffic } => {
+                self.traffic.insert(service.clone(), traffic.clone());
+            }
+        }
+    }
+
+    /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]).
+    pub fn record_report(&mut self, report: SessionReport, now: UnixMillis) {
+        let key = (report.proxy_id.clone(), report.service.clone());
+        self.reports.insert(key, (now, report));
+    }
+
+    /// Replaces every report (the PostgreSQL store shares reports between replicas in a table).
+    pub fn set_reports(&mut self, reports: Vec<(UnixMillis, SessionReport)>) {
+        self.reports = reports
+            .into_iter()
+            .map(|(at, r)| ((r.proxy_id.clone(), r.service.clone()), (at, r)))
+            .collect();
+    }
+
+    /// Keeps `other`'s reports (local knowledge) when the rest of the state is reloaded.
+    pub fn take_reports_from(&mut self, other: State) {
+        self.reports = other.reports;
+        self.reports_since = other.reports_since;
+    }
+
+    /// Forgets reports that aged out.
+    pub fn prune_reports(&mut self, now: UnixMillis) {
+        self.reports
+            .retain(|_, (at, _)| at.saturating_add(SESSION_REPORT_TTL_MS) > now);
+    }
+
+    /// Checks `command` against the rules and returns the events that carry it out, numbered
+    /// from `self.revision + 1`. Refused commands return the error and no events.
+    pub fn execute(&self, command: &Command, ctx: Ctx) -> Result<Outcome, Error> {
+        let mut batch = Batch {
+            next: self.revision + 1,
+            events: Vec::new(),
+        };
+        let reply = match command {
+            Command::PutService { name, spec } => self.put_service(name, spec, &mut batch)?,
+            Command::SetWeights {
+                service,
+                update,
+                if_match,
+            } => self.set_weights(service, update, *if_match, &mut batch)?,
+            Command::Register(r) => self.register(r, ctx, &mut batch)?,
+            Command::SetState { id, state } => self.set_state(id, *state, ctx, &mut batch)?,
+            Command::Heartbeat { id } => self.heartbeat(id, ctx, &mut batch)?,
+            Command::Sessions(report) => self.sessions(report, ctx, &mut batch)?,
+            Command::CreateRelease(n) => self.create_release(n, ctx, &mut batch)?,
+            Command::UpdateRelease { id, update } => {
+                self.update_release(id, update, ctx, &mut batch)?
+            }
+            Command::Control { id, control } => self.control(id, *control, ctx, &mut batch)?,
+            Command::Sweep => self.sweep(ctx, &mut batch),
+        };
+        Ok(Outcome {
+            events: batch.events,
+            reply,
+        })
+    }
+
+    fn put_service(&self, name: &str, spec: &ServiceSpec, b: &mut Batch) -> Result<Reply, Error> {
+        check_name("service name", name, 63)?;
+        let s = &spec.sessions;
+        if s.cookie_name.is_empty()
+            || !s
+                .cookie_name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
+            return Err(Error::InvalidInput(format!(
+                "sessions.cookie_name `{}` must be a non-empty cookie token (letters, digits, -_.)",
+                s.cookie_name
+            )));
+        }
+        if s.idle_ttl_ms == 0 || s.max_drain_ms == 0 {
+            return Err(Error::InvalidInput(
+                "sessions.idle_ttl_ms and sessions.max_drain_ms must be > 0".into(),
+            ));
+        }
+        let service = match self.services.get(name) {
+            // Same settings: a no-op, so that re-applying a spec does not wake every watcher.
+            Some(cur) if cur.sessions == *s => return Ok(Reply::Service(cur.clone())),
+            Some(cur) => Service {
+                sessions: s.clone(),
+                revision: b.peek(),
+                ..cur.clone()
+            },
+            None => Service {
+                name: name.to_string(),
+                sessions: s.clone(),
+                weights: BTreeMap::new(),
+                primary_version: None,
+                revision: b.peek(),
+            },
+        };
+        b.push(Change::Service(service.clone()));
+        Ok(Reply::Service(service))
+    }
+
+    fn ready_versions(&self, service: &str) -> std::collections::BTreeSet<&str> {
+        self.instances
+            .values()
+            .filter(|i| i.service == service && i.state == InstanceState::Ready)
+            .map(|i| i.version.as_str())
+            .collect()
+    }
+
+    fn set_weights(
+        &self,
+        name: &str,
+        update: &WeightsUpdate,
+        if_match: Option<Revision>,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
+        let cur = self.service(name)?;
+        if let Some(expected) = if_match {
+            if expected != cur.revision {
+                return Err(Error::RevisionMismatch {
+                    service: name.to_string(),
+                    expected,
+                    actual: cur.revision,
+                });
+            }
+        }
+        let ready = self.ready_versions(name);
+        let mut sum = 0u32;
+        for (version, weight) in &update.weights {
+            if *weight > 100 {
+                return Err(Error::InvalidWeights(format!(
+                    "weight {weight} of version `{version}` is not a percentage (0..=100)"
+                )));
+            }
+            // Weight 0 on a version without ready instances is refused too: it would let a
+            // proxy believe a version exists that it cannot route to.
+            if !ready.contains(version.as_str()) {
+                return Err(Error::InvalidWeights(format!(
+                    "version `{version}` of `{name}` has no ready instance"
+                )));
+            }
+            sum += u32::from(*weight);
+        }
+        if sum != 100 {
+            return Err(Error::InvalidWeights(format!(
+                "weights sum to {sum}, not 100"
+            )));
+        }
+        let mut primary = cur.primary_version.clone();
+        if let Some(p) = &update.primary_version {
+            if !ready.contains(p.as_str()) {
+                return Err(Error::InvalidWeights(format!(
+                    "primary version `{p}` of `{name}` has no ready instance"
+                )));
+            }
+            primary = Some(p.clone());
+        } else if primary.is_none() {
+            // The first version to own all traffic becomes the primary without being named.
+            primary = update
+                .weights
+                .iter()
+                .find(|(_, w)| **w == 100)
+                .map(|(v, _)| v.clone());
+        }
+        if cur.weights == update.weights && cur.primary_version == primary {
+            return Ok(Reply::Service(cur));
+        }
+        let service = Service {
+            weights: update.weights.clone(),
+            primary_version: primary,
+            revision: b.peek(),
+            ..cur
+        };
+        b.push(Change::Service(service.clone()));
+        Ok(Reply::Service(service))
+    }
+
+    fn register(&self, r: &RegisterInstance, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        self.service(&r.service)?;
+        check_name("instance id", &r.id, 128)?;
+        check_name("version", &r.version, 128)?;
+        check_address(&r.address)?;
+        if !matches!(r.state, InstanceState::Starting | InstanceState::Ready) {
+            return Err(Error::InvalidInput(format!(
+                "an instance registers as starting or ready, not {}",
+                r.state
+            )));
+        }
+        if let Some(cur) = self.instances.get(&r.id) {
+            if cur.state != InstanceState::Gone {
+                let same = cur.service == r.service
+                    && cur.version == r.version
+                    && cur.address == r.address
+                    && cur.docker_host == r.docker_host
+                    && cur.container_id == r.container_id
+                    && cur.labels == r.labels;
+                // A retried registration (haddock resuming) answers what is there.
+                return if same {
+                    Ok(Reply::Instance(cur.clone()))
+                } else {
+                    Err(Error::InstanceExists(r.id.clone()))
+                };
+            }
+        }
+        let instance = Instance {
+            id: r.id.clone(),
+            service: r.service.clone(),
+            version: r.version.clone(),
+            address: r.address.clone(),
+            docker_host: r.docker_host.clone(),
+            container_id: r.container_id.clone(),
+            labels: r.labels.clone(),
+            state: r.state,
+            registered_at: ctx.now,
+            last_heartbeat: ctx.now,
+            load: InstanceLoad::default(),
+        };
+        b.push(Change::Instance(instance.clone()));
+        Ok(Reply::Instance(instance))
+    }
+
+    fn set_state(
+        &self,
+        id: &str,
+        state: InstanceState,
+        ctx: Ctx,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
+        let cur = self.instance(id)?;
+        if cur.state == state {
+            return Ok(Reply::Instance(cur));
+        }
+        if !cur.state.can_become(state) {
+            return Err(Error::IllegalTransition {
+                what: "instance",
+                id: id.to_string(),
+                from: cur.state.to_string(),
+                to: state.to_string(),
+            });
+        }
+        let mut next = Instance { state, ..cur };
+        if state == InstanceState::Ready {
+            // Haddock declaring it ready is proof of life; without this the sweeper could
+            // demote it again at once if heartbeats were paused.
+            next.last_heartbeat = ctx.now;
+        }
+        b.push(Change::Instance(next.clone()));
+        Ok(Reply::Instance(next))
+    }
+
+    fn heartbeat(&self, id: &str, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        let cur = self.instance(id)?;
+        let age = ctx.now.saturating_sub(cur.last_heartbeat);
+        let next = match cur.state {
+            InstanceState::Gone => return Ok(Reply::Instance(cur)),
+            // Only an instance that went unhealthy by *silence* is revived by a heartbeat; one
+            // that haddock marked unhealthy while it kept heartbeating stays so.
+            InstanceState::Unhealthy if age > ctx.heartbeat_ttl_ms => Instance {
+                state: InstanceState::Ready,
+                last_heartbeat: ctx.now,
+                ..cur
+            },
+            // Heartbeats are persisted at most every TTL/4: enough for the sweeper (on any
+            // replica) to see the instance alive, without a disk write per heartbeat.
+            _ if age >= ctx.heartbeat_ttl_ms / 4 => Instance {
+                last_heartbeat: ctx.now,
+                ..cur
+            },
+            _ => return Ok(Reply::Instance(cur)),
+        };
+        b.push(Change::Instance(next.clone()));
+        Ok(Reply::Instance(next))
+    }
+
+    /// Sums over proxies: a new report replaces that proxy's previous one. Only changed sums
+    /// become events, so proxies re-sending the same figures every second cost nothing.
+    fn sessions(&self, report: &SessionReport, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        if report.proxy_id.trim().is_empty() {
+            return Err(Error::InvalidInput("proxy_id must not be empty".into()));
+        }
+        self.service(&report.service)?;
+        let key = (report.proxy_id.clone(), report.service.clone());
+        let live: Vec<&SessionReport> = self
+            .live_reports(&report.service, ctx.now)
+            .filter(|r| {
+                (r.proxy_id.as_str(), r.service.as_str()) != (key.0.as_str(), key.1.as_str())
+            })
+            .chain(std::iter::once(report))
+            .collect();
+        let mut changed = BTreeMap::new();
+        self.recompute(&report.service, &live, &mut changed, b);
+        for inst in changed.into_values() {
+            b.push(Change::Instance(inst));
+        }
+        Ok(Reply::Accepted)
+    }
+
+    fn live_reports<'a>(
+        &'a self,
+        service: &'a str,
+        now: UnixMillis,
+    ) -> impl Iterator<Item = &'a SessionReport> + 'a {
+        self.reports
+            .values()
+            .filter(move |(at, r)| {
+                r.service == service && at.saturating_add(SESSION_REPORT_TTL_MS) > now
+            })
+            .map(|(_, r)| r)
+    }
+
+    /// Recomputes one service's sums from `reports`; changed instances land in `changed`
+    /// (merged with changes the caller already made), a changed traffic sum is pushed.
+    fn recompute(
+        &self,
+        service: &str,
+        reports: &[&SessionReport],
+        changed: &mut BTreeMap<String, Instance>,
+        b: &mut Batch,
+    ) {
+        for inst in self.instances.values() {
+            if inst.service != service || inst.state == InstanceState::Gone {
+                continue;
+            }
+            let mut load = InstanceLoad::default();
+            for r in reports {
+                if let Some(l) = r.instances.get(&inst.id) {
+                    load.live_sessions += l.live_sessions;
+                    load.in_flight += l.in_flight;
+                }
+            }
+            let current = changed.get(&inst.id).unwrap_or(inst);
+            if current.load != load {
+                let next = Instance {
+                    load,
+                    ..current.clone()
+                };
+                changed.insert(inst.id.clone(), next);
+            }
+        }
+        let mut traffic = TrafficByVersion::new();
+        for r in reports {
+            for (version, t) in &r.versions {
+                let sum = traffic.entry(version.clone()).or_default();
+                sum.requests += t.requests;
+                sum.responses_5xx += t.responses_5xx;
+                sum.p99_ms = sum.p99_ms.max(t.p99_ms);
+            }
+        }
+        let empty = TrafficByVersion::new();
+        if *self.traffic.get(service).unwrap_or(&empty) != traffic {
+            b.push(Change::Traffic {
+                service: service.to_string(),
+                traffic,
+            });
+        }
+    }
+
+    fn sweep(&self, ctx: Ctx, b: &mut Batch) -> Reply {
+        let mut changed = BTreeMap::new();
+        for inst in self.instances.values() {
+            // Only `ready` is demoted: a starting instance is haddock's to judge, and a draining
+            // one keeps its sessions until haddock removes it.
+            if inst.state == InstanceState::Ready
+                && ctx.now.saturating_sub(inst.last_heartbeat) > ctx.heartbeat_ttl_ms
+            {
+                let next = Instance {
+                    state: InstanceState::Unhealthy,
+                    ..inst.clone()
+                };
+                changed.insert(inst.id.clone(), next);
+            }
+        }
+        if ctx.now >= self.reports_since.saturating_add(SESSION_REPORT_TTL_MS) {
+            for service in self.services.keys() {
+                let live: Vec<&SessionReport> = self.live_reports(service, ctx.now).collect();
+                self.recompute(service, &live, &mut changed, b);
+            }
+        }
+        for inst in changed.into_values() {
+            b.push(Change::Instance(inst));
+        }
+        Reply::Accepted
+    }
+
+    fn create_release(&self, n: &NewRelease, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        self.service(&n.service)?;
+        check_name("to_version", &n.to_version, 128)?;
+        if let Some(from) = &n.from_version {
+            check_name("from_version", from, 128)?;
+        }
+        if n.image.trim().is_empty() {
+            return Err(Error::InvalidInput("image must not be empty".into()));
+        }
+        if let Some(active) = self
+            .releases
+            .values()
+            .find(|r| r.service == n.service && !r.state.is_terminal())
+        {
+            return Err(Error::ReleaseActive {
+                service: n.service.clone(),
+                id: active.id.clone(),
+                state: active.state.to_string(),
+            });
+        }
+        let release = Release {
+            id: format!("rel-{}", b.peek()),
+            service: n.service.clone(),
+            from_version: n.from_version.clone(),
+            to_version: n.to_version.clone(),
+            image: n.image.clone(),
+            who: n.who.clone(),
+            state: ReleaseState::Validating,
+            step: 0,
+            paused: false,
+            control: None,
+            containers: Vec::new(),
+            created_at: ctx.now,
+            updated_at: ctx.now,
+            finished_at: None,
+            reason: None,
+            step_ms: BTreeMap::new(),
+            status: serde_json::Value::Null,
+        };
+        b.push(Change::Release(release.clone()));
+        Ok(Reply::Release(release))
+    }
+
+    fn update_release(
+        &self,
+        id: &str,
+        u: &ReleaseUpdate,
+        ctx: Ctx,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
+        let cur = self.release(id)?;
+        let mut next = cur.clone();
+        if let Some(state) = u.state {
+            if state != cur.state {
+                if cur.state.is_terminal() {
+                    return Err(Error::ReleaseFinished(id.to_string()));
+                }
+                if !cur.state.can_become(state) {
+                    return Err(Error::IllegalTransition {
+                        what: "release",
+                        id: id.to_string(),
+                        from: cur.state.to_string(),
+                        to: state.to_string(),
+                    });
+                }
+                next.state = state;
+                if state.is_terminal() {
+                    next.finished_at = Some(ctx.now);
+                }
+            }
+        }
+        if let Some(step) = u.step {
+            next.step = step;
+        }
+        if let Some(reason) = &u.reason {
+            next.reason = Some(reason.clone());
+        }
+        if let Some(containers) = &u.containers {
+            next.containers = containers.clone();
+        }
+        next.step_ms
+            .extend(u.step_ms.iter().map(|(k, v)| (k.clone(), *v)));
+        if let Some(status) = &u.status {
+            next.status = status.clone();
+        }
+        if u.clear_control {
+            next.control = None;
+        }
+        // Identical update: a retry of something already committed, answered as a success.
+        if next == cur {
+            return Ok(Reply::Release(cur));
+        }
+        if cur.state.is_terminal() {
+            return Err(Error::ReleaseFinished(id.to_string()));
+        }
+        next.updated_at = ctx.now;
+        b.push(Change::Release(next.clone()));
+        Ok(Reply::Release(next))
+    }
+
+    fn control(&self, id: &str, control: Control, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        let cur = self.release(id)?;
+        if cur.state.is_terminal() {
+            return Err(Error::ReleaseFinished(id.to_string()));
+        }
+        let mut next = cur.clone();
+        match control {
+            Control::Pause => next.paused = true,
+            Control::Resume => next.paused = false,
+            Control::Promote | Control::Abort => next.control = Some(control),
+        }
+        if next == cur {
+            return Ok(Reply::Release(cur));
+        }
+        next.updated_at = ctx.now;
+        b.push(Change::Release(next.clone()));
+        Ok(Reply::Release(next))
+    }
+}
+
+/// The numeric part of `rel-<revision>`, so that history sorts correctly within a millisecond.
+fn release_seq(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn check_name(what: &str, value: &str, max: usize) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:+".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "{what} `{value}` must be 1..={max} characters of letters, digits and -_.:+"
+        )))
+    }
+}
+
+/// `host:port` with a DNS name, an IPv4 address or a bracketed IPv6 address, and a port > 0.
+pub fn check_address(address: &str) -> Result<(), Error> {
+    let bad = |why: &str| Err(Error::InvalidAddress(format!("address `{address}`: {why}")));
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return bad("expected host:port");
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return bad("port must be 1..=65535"),
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match inner.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => bad("bad IPv6 address"),
+        };
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        });
+    if name_ok {
+        Ok(())
+    } else {
+        bad("host must be a DNS name, an IPv4 address or [IPv6]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Ctx = Ctx {
+        now: 1_000_000,
+        heartbeat_ttl_ms: 10_000,
+    };
+
+    fn run(state: &mut State, cmd: Command, ctx: Ctx) -> Result<Reply, Error> {
+        let out = state.execute(&cmd, ctx)?;
+        for e in &out.events {
+            assert_eq!(e.revision, state.revision + 1, "events are consecutive");
+            state.apply(e);
+        }
+        if let Command::Sessions(r) = cmd {
+            state.record_report(r, ctx.now);
+        }
+        Ok(out.reply)
+    }
+
+    fn spec() -> ServiceSpec {
+        ServiceSpec {
+            sessions: SessionSettings {
+                cookie_name: "hd".into(),
+                idle_ttl_ms: 1000,
+                max_drain_ms: 5000,
+            },
+        }
+    }
+
+    fn inst(id: &str, version: &str, state: InstanceState) -> Command {
+        Command::Register(RegisterInstance {
+            id: id.into(),
+            service: "svc".into(),
+            version: version.into(),
+            address: "127.0.0.1:8080".into(),
+            docker_host: String::new(),
+            container_id: String::new(),
+            labels: BTreeMap::new(),
+            state,
+        })
+    }
+
+    fn with_service() -> State {
+        let mut s = State::default();
+        run(
+            &mut s,
+            Command::PutService {
+                name: "svc".into(),
+                spec: spec(),
+            },
+            T,
+        )
+        .unwrap();
+        s
+    }
+
+    fn weights(pairs: &[(&str, u8)]) -> WeightsUpdate {
+        WeightsUpdate {
+            weights: pairs.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
+            primary_version: None,
+        }
+    }
+
+    #[test]
+    fn weights_need_ready_versions_and_sum_100() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        run(&mut s, inst("b", "2", InstanceState::Starting), T).unwrap();
+        let set = |w| Command::SetWeights {
+            service: "svc".into(),
+            update: w,
+            if_match: None,
+        };
+        let e = run(&mut s, set(weights(&[("1", 90), ("2", 10)])), T).unwrap_err();
+        assert_eq!(e.code(), "invalid_weights");
+        let e = run(&mut s, set(weights(&[("1", 90)])), T).unwrap_err();
+        assert!(e.to_string().contains("sum to 90"), "{e}");
+        let e = run(&mut s, set(weights(&[("1", 101)])), T).unwrap_err();
+        assert_eq!(e.code(), "invalid_weights");
+        let rev = s.revision;
+        let e = run(&mut s, set(weights(&[("1", 100), ("2", 0)])), T).unwrap_err();
+        assert_eq!(e.code(), "invalid_weights");
+        assert_eq!(s.revision, rev, "nothing changed");
+        let Reply::Service(svc) = run(&mut s, set(weights(&[("1", 100)])), T).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            svc.primary_version.as_deref(),
+            Some("1"),
+            "first 100 % becomes primary"
+        );
+        assert_eq!(svc.revision, s.revision);
+    }
+
+    #[test]
+    fn if_match_compares_the_service_revision() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let rev = s.service("svc").unwrap().revision;
+        let cmd = |m| Command::SetWeights {
+            service: "svc".into(),
+            update: weights(&[("1", 100)]),
+            if_match: Some(m),
+        };
+        let e = run(&mut s, cmd(rev + 7), T).unwrap_err();
+        assert_eq!(e.code(), "revision_mismatch");
+        run(&mut s, cmd(rev), T).unwrap();
+    }
+
+    #[test]
+    fn instance_lifecycle_and_heartbeat_ttl() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let later = Ctx {
+            now: T.now + 10_001,
+            ..T
+        };
+        run(&mut s, Command::Sweep, later).unwrap();
+        assert_eq!(s.instance("a").unwrap().state, InstanceState::Unhealthy);
+        run(&mut s, Command::Heartbeat { id: "a".into() }, later).unwrap();
+        assert_eq!(
+            s.instance("a").unwrap().state,
+            InstanceState::Ready,
+            "revived"
+        );
+        run(
+            &mut s,
+            Command::SetState {
+                id: "a".into(),
+                state: InstanceState::Draining,
+            },
+            later,
+        )
+        .unwrap();
+        let e = run(
+            &mut s,
+            Command::SetState {
+                id: "a".into(),
+                state: InstanceState::Ready,
+            },
+            later,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot move instance `a` from draining to ready"
+        );
+        // Explicitly unhealthy while heartbeating: a heartbeat does not revive it.
+        run(&mut s, inst("b", "1", InstanceState::Ready), later).unwrap();
+        run(
+            &mut s,
+            Command::SetState {
+                id: "b".into(),
+                state: InstanceState::Unhealthy,
+            },
+            later,
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::Heartbeat { id: "b".into() },
+            Ctx {
+                now: later.now + 3000,
+                ..T
+            },
+        )
+        .unwrap();
+        assert_eq!(s.instance("b").unwrap().state, InstanceState::Unhealthy);
+    }
+
+    #[test]
+    fn frequent_heartbeats_are_not_written() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let out = s.execute(
+            &Command::Heartbeat { id: "a".into() },
+            Ctx {
+                now: T.now + 100,
+                ..T
+            },
+        );
+        assert!(out.unwrap().events.is_empty());
+        let out = s.execute(
+            &Command::Heartbeat { id: "a".into() },
+            Ctx {
+                now: T.now + 2500,
+                ..T
+            },
+        );
+        assert_eq!(out.unwrap().events.len(), 1);
+    }
+
+    #[test]
+    fn session_reports_sum_over_proxies_and_age_out() {
+        let mut s = with_service();
+        s.start_reports(T.now);
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let report = |proxy: &str, n: u64| {
+            Command::Sessions(SessionReport {
+                proxy_id: proxy.into(),
+                service: "svc".into(),
+                instances: [(
+                    "a".to_string(),
+                    InstanceLoad {
+                        live_sessions: n,
+                        in_flight: 1,
+                    },
+                )]
+                .into(),
+                versions: [(
+                    "1".to_string(),
+                    VersionTraffic {
+                        requests: 10 * n,
+                        responses_5xx: n,
+                        p99_ms: n as f64,
+                    },
+                )]
+                .into(),
+            })
+        };
+        run(&mut s, report("p1", 3), T).unwrap();
+        run(
+            &mut s,
+            report("p2", 4),
+            Ctx {
+                now: T.now + 2000,
+                ..T
+            },
+        )
+        .unwrap();
+        let a = s.instance("a").unwrap();
+        assert_eq!(
+            a.load,
+            InstanceLoad {
+                live_sessions: 7,
+                in_flight: 2
+            }
+        );
+        let t = s.snapshot().traffic["svc"]["1"];
+        assert_eq!((t.requests, t.responses_5xx, t.p99_ms), (70, 7, 4.0));
+        // Same figures again: no event.
+        let again = s
+            .execute(
+                &report("p2", 4),
+                Ctx {
+                    now: T.now + 2100,
+                    ..T
+                },
+            )
+            .unwrap();
+        assert!(again.events.is_empty());
+        // p1 ages out.
+        run(
+            &mut s,
+            Command::Sweep,
+            Ctx {
+                now: T.now + 5500,
+                ..T
+            },
+        )
+        .unwrap();
+        assert_eq!(s.instance("a").unwrap().load.live_sessions, 4);
+    }
+
+    #[test]
+    fn one_active_release_per_service() {
+        let mut s = with_service();
+        let new = Command::CreateRelease(NewRelease {
+            service: "svc".into(),
+            from_version: None,
+            to_version: "2".into(),
+            image: "img:2".into(),
+            who: "ci".into(),
+        });
+        let Reply::Release(r) = run(&mut s, new.clone(), T).unwrap() else {
+            panic!()
+        };
+        let e = run(&mut s, new.clone(), T).unwrap_err();
+        assert_eq!(e.code(), "release_active");
+        assert!(e.to_string().contains(&r.id));
+        let upd = |state| Command::UpdateRelease {
+            id: r.id.clone(),
+            update: ReleaseUpdate {
+                state: Some(state),
+                ..Default::default()
+            },
+        };
+        let e = run(&mut s, upd(ReleaseState::Done), T).unwrap_err();
+        assert_eq!(e.code(), "illegal_transition");
+        run(&mut s, upd(ReleaseState::Failed), T).unwrap();
+        let done = s.release(&r.id).unwrap();
+        assert_eq!(done.finished_at, Some(T.now));
+        run(&mut s, upd(ReleaseState::Failed), T).unwrap(); // idempotent retry
+        let e = run(&mut s, upd(ReleaseState::Starting), T).unwrap_err();
+        assert_eq!(e.code(), "release_finished");
+        let Reply::Release(r2) = run(
+            &mut s,
+            new,
+            Ctx {
+                now: T.now + 1,
+                ..T
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let history = s.releases(Some("svc"), false);
+        assert_eq!(history[0].id, r2.id, "newest first");
+        assert_eq!(s.releases(None, true).len(), 1);
+        run(
+            &mut s,
+            Command::Control {
+                id: r2.id.clone(),
+                control: Control::Pause,
+            },
+            T,
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::Control {
+                id: r2.id.clone(),
+                control: Control::Abort,
+            },
+            T,
+        )
+        .unwrap();
+        let r2 = s.release(&r2.id).unwrap();
+        assert!(r2.paused);
+        assert_eq!(r2.control, Some(Control::Abort));
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        for ok in ["127.0.0.1:80", "optimizer-1:8080", "[::1]:9000", "a.b.c:1"] {
+            check_address(ok).unwrap();
+        }
+        for bad in [
+            "127.0.0.1",
+            ":80",
+            "host:0",
+            "host:99999",
+            "a b:80",
+            "[zz]:80",
+            "http://x:80",
+        ] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replaying_events_rebuilds_the_same_state() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let mut log = Vec::new();
+        let mut replica = State::default();
+        let mut live = State::default();
+        for cmd in [
+            Command::PutService {
+                name: "svc".into(),
+                spec: spec(),
+            },
+            inst("a", "1", InstanceState::Ready),
+            Command::SetWeights {
+                service: "svc".into(),
+                update: weights(&[("1", 100)]),
+                if_match: None,
+            },
+        ] {
+            let out = live.execute(&cmd, T).unwrap();
+            for e in out.events {
+                live.apply(&e);
+                log.push(e);
+            }
+        }
+        for e in &log {
+            replica.apply(e);
+        }
+        assert_eq!(replica.snapshot(), live.snapshot());
+    }
+}

@@ -1,0 +1,228 @@
+//! Where committed state lives: one [`Store`] trait, two implementations.
+//!
+//! Both stores run every write through the same rules ([`State::execute`]) and differ only in
+//! how they make the resulting events durable and how they number them:
+//! - [`embedded`]: one process, an fsynced append-only log on local disk (the default);
+//! - [`postgres`]: several replicas on one database, ordered by one revision row, following
+//!   each other through `LISTEN/NOTIFY`.
+//!
+//! What readers and watchers see is the [`Committed`] view every store keeps: only events that
+//! are durable are applied to it, so nothing a client reads can be lost by a crash.
+
+pub mod embedded;
+pub mod postgres;
+
+use crate::api::{Change, Revision, UnixMillis, WatchEvent};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::state::{Command, Reply, State};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// A durable home for the locator's state.
+pub trait Store: Send + Sync + 'static {
+    /// Runs `command` through the rules and, if it produced changes, commits them durably
+    /// before answering. A refused command changes nothing.
+    fn execute(&self, command: Command) -> impl Future<Output = Result<Reply, Error>> + Send;
+
+    /// The committed view readers and watchers use.
+    fn committed(&self) -> &Arc<Committed>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One committed event with its wire form (one NDJSON line, newline included), serialised
+/// once and shared by the log file, the replication table and every watcher.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub event: WatchEvent,
+    pub line: Bytes,
+}
+
+impl Encoded {
+    pub fn new(event: WatchEvent) -> Result<Self, Error> {
+        let mut line = serde_json::to_vec(&event)
+            .map_err(|e| Error::Internal(format!("cannot serialise an event: {e}")))?;
+        line.push(b'\n');
+        Ok(Encoded {
+            event,
+            line: line.into(),
+        })
+    }
+}
+
+/// What watchers receive from the committed view.
+#[derive(Debug, Clone)]
+pub enum Feed {
+    Event {
+        revision: Revision,
+        line: Bytes,
+    },
+    /// The view was replaced wholesale (a replica that fell too far behind reloaded):
+    /// every watcher must start again from a snapshot.
+    Reset,
+}
+
+/// Events were not contiguous with the view: the caller must reload the whole state.
+#[derive(Debug)]
+pub struct Gap {
+    pub have: Revision,
+    pub got: Revision,
+}
+
+pub(crate) struct View {
+    pub(crate) state: State,
+    /// The most recent events, so that a watcher reconnecting with `since` gets exactly what
+    /// it missed instead of a full snapshot.
+    pub(crate) recent: VecDeque<(Revision, Bytes)>,
+}
+
+/// The committed state as readers and watchers see it.
+pub struct Committed {
+    view: RwLock<View>,
+    feed: broadcast::Sender<Feed>,
+    retain: usize,
+    /// `GET /v1/snapshot` is the proxies' hot read: serialise it once per revision.
+    snapshot_cache: Mutex<Option<(Revision, Bytes)>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Committed {
+    pub fn new(state: State, metrics: Arc<Metrics>) -> Self {
+        metrics.revision.set(state.revision as i64);
+        let (feed, _) = broadcast::channel(4096);
+        Committed {
+            view: RwLock::new(View {
+                state,
+                recent: VecDeque::new(),
+            }),
+            feed,
+            retain: 10_000,
+            snapshot_cache: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    pub(crate) fn view(&self) -> RwLockReadGuard<'_, View> {
+        // A panic while holding the lock cannot leave the view half-applied in a way readers
+        // could misuse (apply is infallible), so a poisoned lock is still usable.
+        self.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn view_mut(&self) -> RwLockWriteGuard<'_, View> {
+        self.view.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the committed state.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.view().state)
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.view().state.revision
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Feed> {
+        self.feed.subscribe()
+    }
+
+    /// Applies durable events and hands them to watchers. Events at or below the current
+    /// revision are skipped (a replica may learn of the same change twice: from its own
+    /// commit and from the notification).
+    pub fn publish(&self, events: &[Encoded]) -> Result<(), Gap> {
+        let mut view = self.view_mut();
+        for e in events {
+            let have = view.state.revision;
+            if e.event.revision <= have {
+                continue;
+            }
+            if e.event.revision != have + 1 {
+                return Err(Gap {
+                    have,
+                    got: e.event.revision,
+                });
+            }
+            view.state.apply(&e.event);
+            view.recent.push_back((e.event.revision, e.line.clone()));
+            if view.recent.len() > self.retain {
+                view.recent.pop_front();
+            }
+            // No receivers is fine: nobody is watching.
+            let _ = self.feed.send(Feed::Event {
+                revision: e.event.revision,
+                line: e.line.clone(),
+            });
+            self.metrics.events.inc();
+        }
+        self.metrics.revision.set(view.state.revision as i64);
+        Ok(())
+    }
+
+    /// Replaces the whole view (after a reload) and tells every watcher to start over.
+    pub fn reset(&self, mut state: State) {
+        let mut view = self.view_mut();
+        // Reports are local knowledge the reload did not carry.
+        std::mem::swap(&mut state, &mut view.state);
+        let reports_state = state;
+        view.state.take_reports_from(reports_state);
+        view.recent.clear();
+        self.metrics.revision.set(view.state.revision as i64);
+        let _ = self.feed.send(Feed::Reset);
+    }
+
+    /// The body of `GET /v1/snapshot`, cached per revision.
+    pub fn snapshot_json(&self) -> Result<Bytes, Error> {
+        let view = self.view();
+        let rev = view.state.revision;
+        let mut cache = self
+            .snapshot_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((r, body)) = cache.as_ref() {
+            if *r == rev {
+                return Ok(body.clone());
+            }
+        }
+        let body: Bytes = serde_json::to_vec(&view.state.snapshot())
+            .map_err(|e| Error::Internal(format!("cannot serialise the snapshot: {e}")))?
+            .into();
+        *cache = Some((rev, body.clone()));
+        Ok(body)
+    }
+
+    /// A `snapshot` watch line at the current revision.
+    pub(crate) fn snapshot_line(view: &View) -> Result<(Revision, Bytes), Error> {
+        let rev = view.state.revision;
+        let e = Encoded::new(WatchEvent {
+            revision: rev,
+            change: Change::Snapshot(view.state.snapshot()),
+        })?;
+        Ok((rev, e.line))
+    }
+}
+
+/// Runs [`Command::Sweep`] every `every` until the store is dropped everywhere else.
+pub fn spawn_sweeper<S: Store>(store: &Arc<S>, every: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade() else { return };
+            if let Err(e) = store.execute(Command::Sweep).await {
+                tracing::warn!(error = %e, "sweep failed");
+            }
+        }
+    })
+}

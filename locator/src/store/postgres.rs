@@ -1,0 +1,450 @@
+//! The PostgreSQL store: several locator replicas on one database.
+//!
+//! Tables (created by the migrations at start, recorded in `schema_migrations`):
+//! - `locator_revision`: one row holding the latest revision. Every write transaction locks it
+//!   first (`SELECT … FOR UPDATE`), which orders all writes of all replicas: the release lock,
+//!   `If-Match` and every other rule are checked against a state no one else can change
+//!   before the commit;
+//! - `locator_changes (revision, body)`: every event, the replication log (old rows pruned);
+//! - `locator_entities (kind, key, body)`: the latest version of every entity, what a replica
+//!   loads at start;
+//! - `locator_reports`: the proxies' latest session reports, shared so that every replica sums
+//!   over every proxy whichever replica it reports to.
+//!
+//! A write: lock the revision row, catch up on changes other replicas made, run the rules on
+//! the caught-up state, insert the events, bump the revision, `NOTIFY locator_changes`, commit,
+//! then publish. Each replica also `LISTEN`s on a dedicated connection and, on a notification
+//! (or every second, in case one was missed), reads the changes after its revision and
+//! publishes them to its own watchers.
+
+use super::{now_ms, Committed, Encoded, Store};
+use crate::api::{Change, SessionReport, UnixMillis, WatchEvent};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::state::{Command, Ctx, Reply, State, SESSION_REPORT_TTL_MS};
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Mutex};
+use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls};
+
+/// Tunables of the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub heartbeat_ttl: Duration,
+    /// Changes kept in `locator_changes`; a replica further behind reloads everything.
+    pub retain_changes: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            heartbeat_ttl: Duration::from_secs(10),
+            retain_changes: 10_000,
+        }
+    }
+}
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE locator_revision (id int PRIMARY KEY, value bigint NOT NULL);
+     INSERT INTO locator_revision VALUES (1, 0);
+     CREATE TABLE locator_changes (revision bigint PRIMARY KEY, body text NOT NULL);
+     CREATE TABLE locator_entities (kind text NOT NULL, key text NOT NULL, body text NOT NULL,
+                                    PRIMARY KEY (kind, key));
+     CREATE TABLE locator_reports (proxy_id text NOT NULL, service text NOT NULL,
+                                   at bigint NOT NULL, body text NOT NULL,
+                                   PRIMARY KEY (proxy_id, service));",
+)];
+
+/// An arbitrary constant: the advisory lock that serialises migrations of several replicas.
+const MIGRATION_LOCK: i64 = 0x6c6f_6361_746f;
+
+/// See the module documentation.
+pub struct PostgresStore {
+    url: String,
+    committed: Arc<Committed>,
+    /// The write connection; `None` after it broke (reconnected on the next write).
+    writer: Mutex<Option<Client>>,
+    options: Options,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn db(e: tokio_postgres::Error) -> Error {
+    let detail = match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    };
+    Error::Unavailable(format!("PostgreSQL: {detail}"))
+}
+
+fn corrupt(e: serde_json::Error) -> Error {
+    Error::Internal(format!("unreadable row in the locator tables: {e}"))
+}
+
+async fn open_client(url: &str) -> Result<Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl Store for PostgresStore {
+    async fn execute(&self, command: Command) -> Result<Reply, Error> {
+        let mut guard = self.writer.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(open_client(&self.url).await?);
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(Error::Internal("no write connection".into()));
+        };
+        let result = self.write(client, &command).await;
+        if let Err(e @ (Error::Unavailable(_) | Error::Internal(_))) = &result {
+            tracing::error!(error = %e, "PostgreSQL write failed");
+            if client.is_closed() {
+                *guard = None;
+            }
+        }
+        result
+    }
+
+    fn committed(&self) -> &Arc<Committed> {
+        &self.committed
+    }
+}
+
+impl PostgresStore {
+    /// Connects, migrates, loads the state and starts following other replicas.
+    pub async fn connect(
+        url: &str,
+        options: Options,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        let mut client = open_client(url).await?;
+        migrate(&mut client).await?;
+        let mut state = load_consistent(&client).await?;
+        state.start_reports(now_ms());
+        tracing::info!(revision = state.revision, "PostgreSQL store opened");
+        let committed = Arc::new(Committed::new(state, metrics));
+        let listener = tokio::spawn(follow(url.to_string(), committed.clone()));
+        Ok(PostgresStore {
+            url: url.to_string(),
+            committed,
+            writer: Mutex::new(Some(client)),
+            options,
+            listener,
+        })
+    }
+
+    async fn write(&self, client: &mut Client, command: &Command) -> Result<Reply, Error> {
+        let now = now_ms();
+        let tx = client.transaction().await.map_err(db)?;
+        let row = tx
+            .query_one(
+                "SELECT value FROM locator_revision WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let db_revision = row.get::<_, i64>(0) as u64;
+        if db_revision > self.committed.revision() {
+            catch_up(&tx, &self.committed).await?;
+        }
+        if self.committed.revision() != db_revision {
+            return Err(Error::Internal(format!(
+                "replica at revision {} while the database is at {db_revision}",
+                self.committed.revision()
+            )));
+        }
+        if matches!(command, Command::Sessions(_) | Command::Sweep) {
+            let reports = load_reports(&tx, now).await?;
+            self.committed.view_mut().state.set_reports(reports);
+        }
+        let ctx = Ctx {
+            now,
+            heartbeat_ttl_ms: self.options.heartbeat_ttl.as_millis() as u64,
+        };
+        // A refused command returns here; dropping `tx` rolls it back.
+        let outcome = self.committed.read(|s| s.execute(command, ctx))?;
+        match command {
+            Command::Sessions(report) => {
+                let body = serde_json::to_string(report).map_err(corrupt)?;
+                tx.execute(
+                    "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
+                    &[&report.proxy_id, &report.service, &(now as i64), &body],
+                )
+                .await
+                .map_err(db)?;
+            }
+            Command::Sweep => {
+                let old = now.saturating_sub(60_000) as i64;
+                tx.execute("DELETE FROM locator_reports WHERE at < $1", &[&old])
+                    .await
+                    .map_err(db)?;
+                let keep_after = db_revision as i64 - self.options.retain_changes;
+                tx.execute(
+                    "DELETE FROM locator_changes WHERE revision <= $1",
+                    &[&keep_after],
+                )
+                .await
+                .map_err(db)?;
+            }
+            _ => {}
+        }
+        if outcome.events.is_empty() {
+            tx.commit().await.map_err(db)?;
+            return Ok(outcome.reply);
+        }
+        let started = Instant::now();
+        let mut encoded = Vec::with_capacity(outcome.events.len());
+        for event in outcome.events {
+            let e = Encoded::new(event)?;
+            let line = std::str::from_utf8(&e.line[..e.line.len() - 1])
+                .map_err(|err| Error::Internal(err.to_string()))?;
+            tx.execute(
+                "INSERT INTO locator_changes (revision, body) VALUES ($1, $2)",
+                &[&(e.event.revision as i64), &line],
+            )
+            .await
+            .map_err(db)?;
+            let (kind, key) = entity_key(&e.event.change);
+            let body = serde_json::to_string(&e.event.change).map_err(corrupt)?;
+            tx.execute(
+                "INSERT INTO locator_entities (kind, key, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, key) DO UPDATE SET body = EXCLUDED.body",
+                &[&kind, &key, &body],
+            )
+            .await
+            .map_err(db)?;
+            encoded.push(e);
+        }
+        let last = encoded
+            .last()
+            .map(|e| e.event.revision)
+            .unwrap_or(db_revision);
+        tx.execute(
+            "UPDATE locator_revision SET value = $1 WHERE id = 1",
+            &[&(last as i64)],
+        )
+        .await
+        .map_err(db)?;
+        tx.execute(
+            "SELECT pg_notify('locator_changes', $1)",
+            &[&last.to_string()],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let m = &self.committed.metrics;
+        m.commits.inc();
+        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(gap) = self.committed.publish(&encoded) {
+            tracing::error!(?gap, "published out of order; reloading");
+            let client = open_client(&self.url).await?;
+            self.committed.reset(load_consistent(&client).await?);
+        }
+        Ok(outcome.reply)
+    }
+}
+
+fn entity_key(change: &Change) -> (&'static str, String) {
+    match change {
+        Change::Service(s) => ("service", s.name.clone()),
+        Change::Instance(i) => ("instance", i.id.clone()),
+        Change::Release(r) => ("release", r.id.clone()),
+        Change::Traffic { service, .. } => ("traffic", service.clone()),
+        Change::Snapshot(_) => ("snapshot", String::new()),
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<(), Error> {
+    let tx = client.transaction().await.map_err(db)?;
+    // Two replicas starting together must not both create the tables.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(db)?;
+    let applied: Vec<i64> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await
+        .map_err(db)?;
+        tracing::info!(version, "applied migration");
+    }
+    tx.commit().await.map_err(db)
+}
+
+/// Loads the whole state in one repeatable-read snapshot.
+async fn load_consistent(client: &Client) -> Result<State, Error> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(db)?;
+    let state = load_state(client).await;
+    client.batch_execute("COMMIT").await.map_err(db)?;
+    state
+}
+
+async fn load_state<C: GenericClient>(client: &C) -> Result<State, Error> {
+    let revision = client
+        .query_one("SELECT value FROM locator_revision WHERE id = 1", &[])
+        .await
+        .map_err(db)?
+        .get::<_, i64>(0) as u64;
+    let mut state = State::default();
+    for row in client
+        .query("SELECT body FROM locator_entities", &[])
+        .await
+        .map_err(db)?
+    {
+        let change: Change = serde_json::from_str(row.get::<_, &str>(0)).map_err(corrupt)?;
+        state.apply(&WatchEvent { revision, change });
+    }
+    state.revision = revision;
+    Ok(state)
+}
+
+async fn load_reports<C: GenericClient>(
+    client: &C,
+    now: UnixMillis,
+) -> Result<Vec<(UnixMillis, SessionReport)>, Error> {
+    let since = now.saturating_sub(SESSION_REPORT_TTL_MS) as i64;
+    let rows = client
+        .query(
+            "SELECT at, body FROM locator_reports WHERE at > $1",
+            &[&since],
+        )
+        .await
+        .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let report = serde_json::from_str(r.get::<_, &str>(1)).map_err(corrupt)?;
+            Ok((r.get::<_, i64>(0) as u64, report))
+        })
+        .collect()
+}
+
+/// Publishes the changes after this replica's revision; reloads everything if they are no
+/// longer retained.
+async fn catch_up<C: GenericClient>(client: &C, committed: &Committed) -> Result<(), Error> {
+    let from = committed.revision();
+    let rows = client
+        .query(
+            "SELECT revision, body FROM locator_changes WHERE revision > $1 ORDER BY revision",
+            &[&(from as i64)],
+        )
+        .await
+        .map_err(db)?;
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    if first.get::<_, i64>(0) as u64 > from + 1 {
+        tracing::warn!(
+            from,
+            "changes no longer retained; reloading the whole state"
+        );
+        committed.reset(load_state(client).await?);
+        return Ok(());
+    }
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let body: &str = row.get(1);
+        let event: WatchEvent = serde_json::from_str(body).map_err(corrupt)?;
+        let mut line = Vec::with_capacity(body.len() + 1);
+        line.extend_from_slice(body.as_bytes());
+        line.push(b'\n');
+        events.push(Encoded {
+            event,
+            line: line.into(),
+        });
+    }
+    if let Err(gap) = committed.publish(&events) {
+        tracing::warn!(?gap, "gap in the changes; reloading the whole state");
+        committed.reset(load_state(client).await?);
+    }
+    Ok(())
+}
+
+/// Follows other replicas forever: LISTEN on a dedicated connection, reconnecting on failure.
+async fn follow(url: String, committed: Arc<Committed>) {
+    loop {
+        if let Err(e) = follow_once(&url, &committed).await {
+            tracing::warn!(error = %e, "following PostgreSQL changes failed; reconnecting");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn follow_once(url: &str, committed: &Committed) -> Result<(), Error> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+    let (notify, mut notified) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if notify.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed");
+                    return;
+                }
+            }
+        }
+    });
+    let result = async {
+        client
+            .batch_execute("LISTEN locator_changes")
+            .await
+            .map_err(db)?;
+        catch_up(&client, committed).await?;
+        // Safety net: a notification lost with a broken connection is picked up here.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                n = notified.recv() => {
+                    if n.is_none() {
+                        return Err(Error::Unavailable("LISTEN connection closed".into()));
+                    }
+                    while notified.try_recv().is_ok() {} // one read covers them all
+                }
+                _ = tick.tick() => {}
+            }
+            catch_up(&client, committed).await?;
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}

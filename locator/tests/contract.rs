@@ -1,0 +1,394 @@
+//! The store contract: one suite of behaviour, run over HTTP against both stores.
+
+use futures_util::StreamExt;
+use locator::api::*;
+use locator::client::{Client, ClientError};
+use locator::store::Store;
+use locator::testing::{self, eventually, TestLocator, PROXY_TOKEN};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const TTL: Duration = Duration::from_millis(1500);
+const WAIT: Duration = Duration::from_secs(15);
+
+fn spec(idle_ttl_ms: u64) -> ServiceSpec {
+    ServiceSpec {
+        sessions: SessionSettings {
+            cookie_name: "haddock".into(),
+            idle_ttl_ms,
+            max_drain_ms: 60_000,
+        },
+    }
+}
+
+fn instance(id: &str, version: &str, state: InstanceState) -> RegisterInstance {
+    RegisterInstance {
+        id: id.into(),
+        service: "svc".into(),
+        version: version.into(),
+        address: "127.0.0.1:8080".into(),
+        docker_host: "unix:///var/run/docker.sock".into(),
+        container_id: format!("c-{id}"),
+        labels: BTreeMap::from([("release".to_string(), "r1".to_string())]),
+        state,
+    }
+}
+
+fn weights(pairs: &[(&str, u8)]) -> WeightsUpdate {
+    WeightsUpdate {
+        weights: pairs.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
+        primary_version: None,
+    }
+}
+
+#[track_caller]
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String, String) {
+    match r {
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+        }) => (status.as_u16(), code, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Sorts a snapshot's lists so that two views can be compared.
+fn normal(mut s: Snapshot) -> Snapshot {
+    s.services.sort_by(|a, b| a.name.cmp(&b.name));
+    s.instances.sort_by(|a, b| a.id.cmp(&b.id));
+    s.releases.sort_by(|a, b| a.id.cmp(&b.id));
+    s
+}
+
+/// A watcher that applies every event to its own snapshot, as proxies do.
+fn follow(client: Client) -> tokio::sync::watch::Receiver<Snapshot> {
+    let (tx, rx) = tokio::sync::watch::channel(Snapshot::default());
+    tokio::spawn(async move {
+        let mut events = Box::pin(client.watch(None).await.expect("watch"));
+        let mut view = Snapshot::default();
+        while let Some(Ok(event)) = events.next().await {
+            view.apply(&event);
+            if tx.send(view.clone()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn suite<S: Store>(loc: &TestLocator<S>) {
+    let c = loc.deploy();
+    let proxy = loc.client(PROXY_TOKEN);
+    let watcher = follow(loc.client(testing::READ_TOKEN));
+
+    // Services.
+    let svc = c.put_service("svc", &spec(1000)).await.unwrap();
+    assert_eq!(svc.name, "svc");
+    assert!(svc.weights.is_empty());
+    let same = c.put_service("svc", &spec(1000)).await.unwrap();
+    assert_eq!(
+        same.revision, svc.revision,
+        "re-putting the same spec is a no-op"
+    );
+    assert_eq!(c.services().await.unwrap().len(), 1);
+    assert_eq!(
+        code(c.service("nope").await),
+        (
+            404,
+            "unknown_service".into(),
+            "unknown service `nope`".into()
+        )
+    );
+
+    // Weights need ready versions; nothing changes on refusal.
+    let (status, err, _) = code(c.set_weights("svc", &weights(&[("1", 100)]), None).await);
+    assert_eq!((status, err.as_str()), (400, "invalid_weights"));
+    assert_eq!(c.service("svc").await.unwrap().revision, svc.revision);
+
+    // Instances.
+    let a = c
+        .register(&instance("a", "1", InstanceState::Ready))
+        .await
+        .unwrap();
+    assert_eq!(a.state, InstanceState::Ready);
+    assert_eq!(
+        c.register(&instance("a", "1", InstanceState::Ready))
+            .await
+            .unwrap(),
+        a,
+        "retry"
+    );
+    let mut other = instance("a", "1", InstanceState::Ready);
+    other.address = "127.0.0.1:9".into();
+    assert_eq!(code(c.register(&other).await).1, "instance_exists");
+    let mut bad = instance("x", "1", InstanceState::Ready);
+    bad.address = "not an address".into();
+    assert_eq!(code(c.register(&bad).await).1, "invalid_address");
+    let mut orphan = instance("y", "1", InstanceState::Ready);
+    orphan.service = "nope".into();
+    assert_eq!(code(c.register(&orphan).await).1, "unknown_service");
+    c.register(&instance("b", "2", InstanceState::Starting))
+        .await
+        .unwrap();
+    assert_eq!(code(c.instance("zz").await).1, "unknown_instance");
+    assert_eq!(code(c.instances("nope").await).1, "unknown_service");
+
+    // Keep a and b alive while the suite runs; `c` is left silent later.
+    let beat = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = c.heartbeat("a").await;
+                let _ = c.heartbeat("b").await;
+                tokio::time::sleep(TTL / 6).await;
+            }
+        })
+    };
+
+    let svc = c
+        .set_weights("svc", &weights(&[("1", 100)]), None)
+        .await
+        .unwrap();
+    assert_eq!(svc.primary_version.as_deref(), Some("1"));
+    let (_, err, _) = code(
+        c.set_weights("svc", &weights(&[("1", 90), ("2", 10)]), None)
+            .await,
+    );
+    assert_eq!(
+        err, "invalid_weights",
+        "version 2 has no ready instance yet"
+    );
+    let (_, err, _) = code(
+        c.set_weights("svc", &weights(&[("1", 50), ("2", 40)]), None)
+            .await,
+    );
+    assert_eq!(err, "invalid_weights");
+
+    c.set_state("b", InstanceState::Ready).await.unwrap();
+    let (status, err, msg) = code(
+        c.set_weights(
+            "svc",
+            &weights(&[("1", 90), ("2", 10)]),
+            Some(svc.revision + 100),
+        )
+        .await,
+    );
+    assert_eq!((status, err.as_str()), (412, "revision_mismatch"), "{msg}");
+    let svc2 = c
+        .set_weights("svc", &weights(&[("1", 90), ("2", 10)]), Some(svc.revision))
+        .await
+        .unwrap();
+    assert_eq!(svc2.weights["2"], 10);
+    assert!(svc2.revision > svc.revision);
+    let (status, err, msg) = code(c.set_state("b", InstanceState::Starting).await);
+    assert_eq!((status, err.as_str()), (409, "illegal_transition"));
+    assert!(msg.contains("ready") && msg.contains("starting"), "{msg}");
+    assert_eq!(
+        c.set_state("b", InstanceState::Ready).await.unwrap().state,
+        InstanceState::Ready,
+        "same state: no-op"
+    );
+    assert_eq!(c.instances("svc").await.unwrap().len(), 2);
+
+    // Heartbeat TTL: a silent ready instance becomes unhealthy, a heartbeat revives it.
+    c.register(&instance("c", "1", InstanceState::Ready))
+        .await
+        .unwrap();
+    eventually("c to become unhealthy", WAIT, || async {
+        (c.instance("c").await.ok()?.state == InstanceState::Unhealthy).then_some(())
+    })
+    .await;
+    assert_eq!(
+        c.instance("a").await.unwrap().state,
+        InstanceState::Ready,
+        "heartbeats keep a ready"
+    );
+    assert_eq!(c.heartbeat("c").await.unwrap().state, InstanceState::Ready);
+    c.set_state("c", InstanceState::Draining).await.unwrap();
+    c.set_state("c", InstanceState::Gone).await.unwrap();
+    assert_eq!(
+        c.instances("svc").await.unwrap().len(),
+        2,
+        "gone instances are not listed"
+    );
+    assert_eq!(c.instance("c").await.unwrap().state, InstanceState::Gone);
+    assert_eq!(
+        c.set_state("c", InstanceState::Gone).await.unwrap().state,
+        InstanceState::Gone,
+        "retry"
+    );
+
+    // Sessions: summed over proxies.
+    let report = |proxy: &str, sessions: u64| SessionReport {
+        proxy_id: proxy.into(),
+        service: "svc".into(),
+        instances: BTreeMap::from([(
+            "a".to_string(),
+            InstanceLoad {
+                live_sessions: sessions,
+                in_flight: 1,
+            },
+        )]),
+        versions: BTreeMap::from([(
+            "1".to_string(),
+            VersionTraffic {
+                requests: 100,
+                responses_5xx: 1,
+                p99_ms: sessions as f64,
+            },
+        )]),
+    };
+    proxy.report_sessions(&report("p1", 3)).await.unwrap();
+    proxy.report_sessions(&report("p2", 4)).await.unwrap();
+    let a = c.instance("a").await.unwrap();
+    assert_eq!(
+        a.load,
+        InstanceLoad {
+            live_sessions: 7,
+            in_flight: 2
+        }
+    );
+    let t = c.snapshot().await.unwrap().traffic["svc"]["1"];
+    assert_eq!((t.requests, t.responses_5xx, t.p99_ms), (200, 2, 4.0));
+    let mut unknown = report("p1", 1);
+    unknown.service = "nope".into();
+    assert_eq!(
+        code(proxy.report_sessions(&unknown).await).1,
+        "unknown_service"
+    );
+    // Reports age out when proxies stop sending them.
+    eventually("reports to age out", WAIT, || async {
+        (c.instance("a").await.ok()?.load == InstanceLoad::default()).then_some(())
+    })
+    .await;
+
+    // Releases.
+    let new = NewRelease {
+        service: "svc".into(),
+        from_version: Some("1".into()),
+        to_version: "2".into(),
+        image: "optimizer:2".into(),
+        who: "ci".into(),
+    };
+    let r = c.create_release(&new).await.unwrap();
+    assert_eq!(r.state, ReleaseState::Validating);
+    let (status, err, msg) = code(c.create_release(&new).await);
+    assert_eq!((status, err.as_str()), (409, "release_active"));
+    assert!(msg.contains(&r.id), "{msg}");
+    assert_eq!(c.active_release("svc").await.unwrap().unwrap().id, r.id);
+    let step = |state| ReleaseUpdate {
+        state: Some(state),
+        ..Default::default()
+    };
+    c.update_release(&r.id, &step(ReleaseState::Starting))
+        .await
+        .unwrap();
+    let (status, err, msg) = code(c.update_release(&r.id, &step(ReleaseState::Done)).await);
+    assert_eq!((status, err.as_str()), (409, "illegal_transition"));
+    assert!(msg.contains("starting") && msg.contains("done"), "{msg}");
+    assert!(c.control(&r.id, Control::Pause).await.unwrap().paused);
+    assert!(!c.control(&r.id, Control::Resume).await.unwrap().paused);
+    assert_eq!(
+        c.control(&r.id, Control::Promote).await.unwrap().control,
+        Some(Control::Promote)
+    );
+    let cleared = c
+        .update_release(
+            &r.id,
+            &ReleaseUpdate {
+                clear_control: true,
+                containers: Some(vec!["c-b".into()]),
+                step_ms: BTreeMap::from([("starting".to_string(), 12)]),
+                status: Some(serde_json::json!({ "bake_until": 5 })),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(cleared.control, None);
+    assert_eq!(cleared.containers, vec!["c-b".to_string()]);
+    let failed = c
+        .update_release(
+            &r.id,
+            &ReleaseUpdate {
+                state: Some(ReleaseState::Failed),
+                reason: Some("never healthy".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(failed.finished_at.is_some());
+    assert_eq!(
+        code(c.control(&r.id, Control::Abort).await).1,
+        "release_finished"
+    );
+    assert_eq!(
+        c.active_release("svc").await.unwrap(),
+        None,
+        "the lock is released"
+    );
+    let r2 = c.create_release(&new).await.unwrap();
+    let history = c.history(Some("svc")).await.unwrap();
+    assert_eq!(
+        history.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        vec![r2.id.clone(), r.id.clone()]
+    );
+    assert_eq!(code(c.release("rel-0").await).1, "unknown_release");
+
+    // The watcher saw everything, in order: its view equals the locator's snapshot.
+    beat.abort();
+    let mut watcher = watcher;
+    eventually("the watcher to catch up", WAIT, || {
+        let view = normal(watcher.borrow_and_update().clone());
+        let c = c.clone();
+        async move { (view == normal(c.snapshot().await.ok()?)).then_some(()) }
+    })
+    .await;
+    assert_eq!(c.snapshot().await.unwrap().releases.len(), 1);
+
+    // Resuming from a revision gets exactly what came after it.
+    let rev = c.snapshot().await.unwrap().revision;
+    let mut from = Box::pin(c.watch(Some(rev)).await.unwrap());
+    c.control(&r2.id, Control::Pause).await.unwrap();
+    let mut expect = rev + 1;
+    loop {
+        let event = tokio::time::timeout(WAIT, from.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.revision, expect, "no gap, no repeat");
+        expect += 1;
+        if matches!(event.change, Change::Release(ref r) if r.paused) {
+            break;
+        }
+    }
+    // A revision from the future (a restored backup) gets a snapshot first.
+    let mut future = Box::pin(c.watch(Some(expect + 1000)).await.unwrap());
+    let first = tokio::time::timeout(WAIT, future.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.change, Change::Snapshot(_)));
+    assert!(first.revision >= expect - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_passes_the_contract() {
+    let loc = testing::embedded(TTL).await;
+    suite(&loc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_passes_the_contract() {
+    let pg = tokio::task::spawn_blocking(testing::Postgres::start)
+        .await
+        .unwrap();
+    let loc = testing::postgres(&pg.url(), TTL).await;
+    suite(&loc).await;
+    drop(loc);
+    drop(pg);
+}

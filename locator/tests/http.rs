@@ -1,0 +1,214 @@
+//! The HTTP layer: auth on every route, bad input, error bodies, limits.
+
+use locator::api::ErrorBody;
+use locator::auth::Role;
+use locator::server::{Access, ROUTES};
+use locator::testing::{self, DEPLOY_TOKEN, PROXY_TOKEN, READ_TOKEN};
+use reqwest::Method;
+use std::time::Duration;
+
+async fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> (u16, String) {
+    let http = reqwest::Client::new();
+    let mut req = http.request(
+        Method::from_bytes(method.as_bytes()).unwrap(),
+        format!("{url}{path}"),
+    );
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_vec());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    // A watch stream never ends: only look at its status.
+    if path.starts_with("/v1/watch") && status == 200 {
+        return (status, String::new());
+    }
+    (status, resp.text().await.unwrap())
+}
+
+fn error_code(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body)
+        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+        .error
+        .code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_checks_its_role() {
+    let loc = testing::embedded(Duration::from_secs(10)).await;
+    for (method, template, access) in ROUTES {
+        let path = template.replace("{name}", "svc").replace("{id}", "x");
+        let Access::Needs(role) = access else {
+            let (status, _) = call(&loc.url, method, &path, None, None).await;
+            assert_eq!(status, 200, "{method} {path} is open");
+            continue;
+        };
+        for token in [None, Some("wrong-token")] {
+            let (status, body) = call(&loc.url, method, &path, token, Some(b"{}")).await;
+            assert_eq!(
+                (status, error_code(&body).as_str()),
+                (401, "unauthorized"),
+                "{method} {path} {token:?}"
+            );
+        }
+        let wrong: &[&str] = match role {
+            Role::Read => &[],
+            Role::Deploy => &[READ_TOKEN, PROXY_TOKEN],
+            Role::Proxy => &[READ_TOKEN, DEPLOY_TOKEN],
+        };
+        for token in wrong {
+            let (status, body) = call(&loc.url, method, &path, Some(token), Some(b"{}")).await;
+            assert_eq!(
+                (status, error_code(&body).as_str()),
+                (403, "forbidden"),
+                "{method} {path} {token}"
+            );
+        }
+        let right = match role {
+            Role::Read => [READ_TOKEN, DEPLOY_TOKEN, PROXY_TOKEN].as_slice(),
+            Role::Deploy => &[DEPLOY_TOKEN],
+            Role::Proxy => &[PROXY_TOKEN],
+        };
+        for token in right {
+            let (status, _) = call(&loc.url, method, &path, Some(token), Some(b"{}")).await;
+            assert!(
+                status != 401 && status != 403,
+                "{method} {path} with {token}: {status}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let loc = testing::embedded(Duration::from_secs(10)).await;
+    let url = &loc.url;
+    let t = Some(DEPLOY_TOKEN);
+    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000}}"#;
+    assert_eq!(
+        call(url, "PUT", "/v1/services/svc", t, Some(spec)).await.0,
+        200
+    );
+    let before = loc.deploy().snapshot().await.unwrap().revision;
+
+    let cases: &[(&str, &str, &[u8], u16, &str)] = &[
+        ("PUT", "/v1/services/svc2", b"{not json", 400, "invalid_json"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"extra":1}"#, 400, "invalid_json"),
+        ("PUT", "/v1/services/bad%20name", spec, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":0,"max_drain_ms":1}}"#, 400, "invalid_input"),
+        ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"nowhere"}"#, 400, "invalid_address"),
+        ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"10.0.0.1:0"}"#, 400, "invalid_address"),
+        ("POST", "/v1/instances", br#"{"id":"a","service":"nope","version":"1","address":"10.0.0.1:80"}"#, 404, "unknown_service"),
+        ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"10.0.0.1:80","state":"draining"}"#, 400, "invalid_input"),
+        ("PUT", "/v1/instances/nope/state", br#"{"state":"ready"}"#, 404, "unknown_instance"),
+        ("PUT", "/v1/instances/nope/state", br#"{"state":"sideways"}"#, 400, "invalid_json"),
+        ("POST", "/v1/instances/nope/heartbeat", b"", 404, "unknown_instance"),
+        ("PUT", "/v1/services/svc/weights", br#"{"weights":{"1":100}}"#, 400, "invalid_weights"),
+        ("PUT", "/v1/services/svc/weights", br#"{"weights":{"1":300}}"#, 400, "invalid_json"),
+        ("PUT", "/v1/services/nope/weights", br#"{"weights":{"1":100}}"#, 404, "unknown_service"),
+        ("POST", "/v1/releases", br#"{"service":"nope","from_version":null,"to_version":"2","image":"i:2","who":"me"}"#, 404, "unknown_service"),
+        ("POST", "/v1/releases", br#"{"service":"svc","to_version":"2","who":"me"}"#, 400, "invalid_json"),
+        ("PATCH", "/v1/releases/rel-1", br#"{"state":"starting"}"#, 404, "unknown_release"),
+        ("POST", "/v1/releases/rel-1/control", br#"{"control":"explode"}"#, 400, "invalid_json"),
+        ("GET", "/v1/nothing", b"", 404, "not_found"),
+        ("DELETE", "/v1/services/svc", b"", 405, "method_not_allowed"),
+        ("GET", "/v1/watch?since=yesterday", b"", 400, "invalid_input"),
+        ("GET", "/v1/releases?active=maybe", b"", 400, "invalid_input"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (got, text) = call(url, method, path, t, Some(body)).await;
+        assert_eq!(
+            (got, error_code(&text).as_str()),
+            (*status, *code),
+            "{method} {path}: {text}"
+        );
+    }
+
+    // If-Match that is not a revision.
+    let resp = reqwest::Client::new()
+        .put(format!("{url}/v1/services/svc/weights"))
+        .bearer_auth(DEPLOY_TOKEN)
+        .header("If-Match", "banana")
+        .body(r#"{"weights":{"1":100}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+
+    // Body limit: 413, with or without a declared length. Raw sockets, because the server
+    // answers without reading the rest and an ordinary client fails on the broken pipe first.
+    let addr = loc.server.addr;
+    let declared = format!(
+        "PUT /v1/services/svc2 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {DEPLOY_TOKEN}\r\ncontent-length: {}\r\n\r\n   ",
+        2 * 1024 * 1024
+    );
+    assert!(raw(addr, declared.into_bytes(), 0)
+        .await
+        .starts_with("HTTP/1.1 413"));
+    let chunked = format!(
+        "PUT /v1/services/svc2 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {DEPLOY_TOKEN}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    assert!(raw(addr, chunked.into_bytes(), 24)
+        .await
+        .starts_with("HTTP/1.1 413"));
+
+    assert_eq!(
+        loc.deploy().snapshot().await.unwrap().revision,
+        before,
+        "nothing changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_openapi_are_served() {
+    let loc = testing::embedded(Duration::from_secs(10)).await;
+    let (_, _) = call(&loc.url, "GET", "/v1/services", Some(READ_TOKEN), None).await;
+    let (status, text) = call(&loc.url, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("haddock_locator_http_requests_total"),
+        "{text}"
+    );
+    let (status, text) = call(&loc.url, "GET", "/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+}
+
+/// Sends `head` then `chunks` chunks of 64 KiB (chunked encoding) and returns what the server
+/// answered, ignoring write errors once it stopped reading.
+async fn raw(addr: std::net::SocketAddr, head: Vec<u8>, chunks: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&head).await?;
+        let chunk = [
+            format!("{:x}\r\n", 64 * 1024).into_bytes(),
+            vec![b' '; 64 * 1024],
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        for _ in 0..chunks {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), rd.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.abort();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
