@@ -13,6 +13,11 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's PostgreSQL tests start their own server from Debian's binaries.
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || haddock_need+=(postgresql)
 fi
+if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
+  # The locator's dashboard test drives Debian's chromium through chromedriver (every test run
+  # needs it, so HADDOCK_NEED_POSTGRES implies it too).
+  command -v chromedriver >/dev/null 2>&1 || haddock_need+=(chromium chromium-driver)
+fi
 if [ "${#haddock_need[@]}" -gt 0 ]; then
   echo "ci/setup.sh: installing ${haddock_need[*]}" >&2
   haddock_sudo=""

@@ -1,1 +1,26 @@
-//! The pingora sticky-session proxy (being built: issue 5).
+//! Haddock's reverse proxy: users reach a service only through it. Built on pingora, it pins
+//! each user session to one instance with an HMAC-signed cookie, sends new sessions to versions
+//! by the canary weights, lets draining instances finish their sessions, retries failed
+//! connections on healthy instances, and reports live sessions to the locator.
+//!
+//! Start reading at [`service`] (the request path, a pingora `ProxyHttp`), which uses
+//! [`routing_table`] (built from the locator's snapshot and swapped atomically in [`router`]),
+//! [`session`] (the signed token) and [`balancer`] (the weighted choice). [`watcher`] feeds the
+//! router from the locator's watch stream and persists it; [`tracker`] and [`reporter`] count
+//! and report sessions; [`metrics`] and [`admin`] expose figures; [`server`] wires it together.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod reporter;
+pub mod router;
+pub mod routing_table;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod tracker;
+pub mod watcher;
+
+pub use error::ProxyError;

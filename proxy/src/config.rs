@@ -1,0 +1,151 @@
+//! Command-line interface (`proxy serve …`). The flags named in the issue are stable:
+//! `--listen --admin --locator --service --token --state-dir`, plus the cookie keys.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::ProxyError;
+use crate::router::Options;
+use crate::session::CookieKeys;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy",
+    version,
+    about = "Haddock's sticky-session reverse proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Proxy one service's traffic, following the locator.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address users connect to.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Address of the admin port (/metrics, /healthz, /routing).
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    pub admin: String,
+    /// Base URL of the locator.
+    #[arg(long, env = "HADDOCK_LOCATOR_URL")]
+    pub locator: String,
+    /// The service whose traffic this proxy carries.
+    #[arg(long)]
+    pub service: String,
+    /// Locator token with the `proxy` role (reads the watch stream, posts session reports).
+    #[arg(long, env = "HADDOCK_PROXY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory for the persisted routing snapshot and the upgrade socket.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// HMAC key signing session cookies (at least 16 bytes). Without one a random key is used
+    /// and sessions do not survive a proxy restart.
+    #[arg(long, env = "HADDOCK_COOKIE_KEY", hide_env_values = true)]
+    pub cookie_key: Option<String>,
+    /// The key being rotated out: cookies signed with it are still accepted.
+    #[arg(long, env = "HADDOCK_COOKIE_KEY_PREVIOUS", hide_env_values = true)]
+    pub cookie_key_previous: Option<String>,
+    /// Name this proxy reports under (default: host name and process id).
+    #[arg(long)]
+    pub proxy_id: Option<String>,
+    /// Worker threads of the proxy service.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Largest request body kept so that an idempotent request can be replayed (≤ 64 KiB).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_replay_body: usize,
+    /// Connect timeout to an instance, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_timeout_ms: u64,
+    /// Cap on the number of sessions tracked (bounds memory).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_sessions: usize,
+    /// Take the listening sockets over from a running proxy (pingora graceful upgrade: start
+    /// this one, then send SIGQUIT to the old one).
+    #[arg(long)]
+    pub upgrade: bool,
+    /// Seconds an exiting proxy keeps serving the connections it has.
+    #[arg(long, default_value_t = 5)]
+    pub grace_period_s: u64,
+}
+
+impl ServeArgs {
+    pub fn keys(&self) -> Result<CookieKeys, ProxyError> {
+        match &self.cookie_key {
+            Some(k) => CookieKeys::new(
+                k.as_bytes(),
+                self.cookie_key_previous.as_deref().map(str::as_bytes),
+            ),
+            None => {
+                tracing::warn!(
+                    "no --cookie-key: using a random one, sessions will not survive a restart"
+                );
+                Ok(CookieKeys::random())
+            }
+        }
+    }
+
+    pub fn options(&self) -> Result<Options, ProxyError> {
+        if self.threads == 0 {
+            return Err(ProxyError::Config("--threads must be at least 1".into()));
+        }
+        Ok(Options {
+            max_replay_body: self.max_replay_body,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            max_tracked_sessions: self.max_sessions,
+            ..Options::default()
+        })
+    }
+
+    pub fn proxy_id(&self) -> String {
+        self.proxy_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "proxy".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "proxy",
+            "serve",
+            "--listen",
+            "127.0.0.1:1",
+            "--admin",
+            "127.0.0.1:2",
+            "--locator",
+            "http://l",
+            "--service",
+            "svc",
+            "--token",
+            "t",
+            "--state-dir",
+            "/tmp/x",
+            "--cookie-key",
+            "0123456789abcdef",
+            "--cookie-key-previous",
+            "fedcba9876543210",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command;
+        assert_eq!(a.service, "svc");
+        assert!(a.keys().is_ok());
+        assert!(a.options().is_ok());
+    }
+}

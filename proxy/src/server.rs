@@ -1,0 +1,100 @@
+//! Assembles the pingora server: the proxy service, the admin port and the two background
+//! tasks (watcher, reporter), all sharing one [`Router`].
+
+use std::sync::Arc;
+
+use locator::api::Snapshot;
+use locator::client::Client;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::config::ServeArgs;
+use crate::error::ProxyError;
+use crate::reporter::Reporter;
+use crate::router::Router;
+use crate::service::HaddockProxy;
+use crate::watcher::{load_state, Watcher, STATE_FILE};
+
+/// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
+/// sockets to a proxy started with `--upgrade`, then exit gracefully).
+pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
+    let router = Router::new(&args.service, args.keys()?, args.options()?);
+
+    let state_file = match &args.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| ProxyError::State {
+                path: dir.clone(),
+                source,
+            })?;
+            Some(dir.join(STATE_FILE))
+        }
+        None => None,
+    };
+    // Serve from the last known table straight away: the locator may be down right now.
+    let initial = match &state_file {
+        Some(path) => match load_state(path) {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring the persisted routing snapshot");
+                Snapshot::default()
+            }
+        },
+        None => Snapshot::default(),
+    };
+    if initial.revision > 0 {
+        router.install(&initial);
+    }
+
+    let run_dir = args.state_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let conf = ServerConf {
+        threads: args.threads,
+        grace_period_seconds: Some(args.grace_period_s),
+        graceful_shutdown_timeout_seconds: Some(args.grace_period_s),
+        upgrade_sock: run_dir.join("upgrade.sock").display().to_string(),
+        pid_file: run_dir.join("proxy.pid").display().to_string(),
+        // One more than our own attempt budget: the budget is enforced in the service.
+        max_retries: router.options.max_attempts + 1,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: args.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let client = Client::new(&args.locator, args.token.clone());
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        HaddockProxy::new(router.clone()),
+        "haddock proxy",
+    );
+    proxy.add_tcp(&args.listen);
+
+    let mut admin = Service::new(
+        "haddock proxy admin".to_string(),
+        Admin::new(router.clone()),
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&args.admin);
+
+    let watcher = background_service(
+        "watcher",
+        Watcher::new(router.clone(), client.clone(), state_file, initial),
+    );
+    let reporter = background_service(
+        "reporter",
+        Reporter::new(Arc::clone(&router), client, args.proxy_id()),
+    );
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(watcher);
+    server.add_service(reporter);
+    tracing::info!(listen = %args.listen, admin = %args.admin, service = %args.service, "proxy serving");
+    server.run_forever()
+}

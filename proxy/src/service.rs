@@ -1,0 +1,345 @@
+//! The pingora [`ProxyHttp`] implementation: sticky placement, retries and accounting.
+//!
+//! Request walk: `request_filter` reads the session token (header, then cookie), verifies it
+//! and places the request with the routing table (503 JSON when nothing can take it);
+//! `upstream_peer` turns the placement into a peer; `fail_to_connect` / `error_while_proxy`
+//! pick another instance and ask pingora to retry; `response_filter` writes the token when the
+//! session is new, moved or due for a refresh; `logging` records metrics and the session.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{ProxyHttp, Session};
+
+use crate::router::Router;
+use crate::routing_table::{Placement, RoutingTable};
+use crate::session::{now_ms, Rejected, SessionId, SessionToken};
+use crate::tracker::InFlight;
+
+/// Header API clients that keep no cookies use to carry the session token both ways.
+pub const SESSION_HEADER: &str = "x-haddock-session";
+
+/// Pingora's replay buffer size: bodies beyond it cannot be replayed whatever we configure.
+const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The proxy service.
+#[derive(Debug, Clone)]
+pub struct HaddockProxy {
+    pub router: Arc<Router>,
+}
+
+/// Per-request state.
+#[derive(Debug)]
+pub struct RequestCtx {
+    table: Option<Arc<RoutingTable>>,
+    idx: usize,
+    routed: bool,
+    session: SessionId,
+    hash: u64,
+    issued_ms: u64,
+    /// Write the token back (new session, moved session or refresh due).
+    write_token: bool,
+    /// The client sent the token in the header, so it gets it back there (no cookie).
+    via_header: bool,
+    /// Whether the request may be sent again after the upstream reset before answering.
+    replayable: bool,
+    tried: Vec<usize>,
+    in_flight: Option<InFlight>,
+    started: Instant,
+}
+
+fn idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+    )
+}
+
+impl HaddockProxy {
+    pub fn new(router: Arc<Router>) -> Self {
+        HaddockProxy { router }
+    }
+
+    /// The raw token from the header or the cookie, and whether it came from the header.
+    fn raw_token<'a>(session: &'a Session, cookie_name: &str) -> Option<(&'a str, bool)> {
+        let headers = &session.req_header().headers;
+        if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+            return Some((v.trim(), true));
+        }
+        for h in headers.get_all(http::header::COOKIE) {
+            let Ok(h) = h.to_str() else { continue };
+            for pair in h.split(';') {
+                if let Some((k, v)) = pair.trim().split_once('=') {
+                    if k == cookie_name {
+                        return Some((v.trim_matches('"'), false));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Moves the request to another instance after instance `ctx.idx` failed it; false when
+    /// there is none left or the attempt budget is spent.
+    fn fail_over(&self, ctx: &mut RequestCtx) -> bool {
+        let Some(table) = ctx.table.clone() else {
+            return false;
+        };
+        ctx.tried.push(ctx.idx);
+        if ctx.tried.len() >= self.router.options.max_attempts {
+            return false;
+        }
+        let version = table.route(ctx.idx).version.clone();
+        match table.relocate(&version, ctx.hash, &ctx.tried) {
+            Some(next) => {
+                ctx.idx = next;
+                // The session follows: the failed instance is likely on its way out.
+                ctx.write_token = true;
+                self.router.metrics.retries.inc();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn respond_json(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        if status == 503 {
+            resp.insert_header("retry-after", "1")?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for HaddockProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            table: None,
+            idx: 0,
+            routed: false,
+            session: SessionId([0; 16]),
+            hash: 0,
+            issued_ms: 0,
+            write_token: false,
+            via_header: false,
+            replayable: false,
+            tried: Vec::new(),
+            in_flight: None,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let router = &self.router;
+        let table = router.table.load_full();
+        let now = now_ms();
+        let ttl = table.settings.idle_ttl_ms;
+
+        let mut token = None;
+        if let Some((raw, via_header)) = Self::raw_token(session, &table.settings.cookie_name) {
+            ctx.via_header = via_header;
+            match router.keys.decode(&table.service, raw, now, ttl) {
+                Ok(t) => token = Some(t),
+                Err(r) => router.metrics.token_rejected(match r {
+                    Rejected::Malformed => "malformed",
+                    Rejected::BadSignature => "bad_signature",
+                    Rejected::Expired => "expired",
+                }),
+            }
+        }
+
+        let placement = match &token {
+            Some(t) => {
+                ctx.session = t.id;
+                ctx.issued_ms = t.issued_ms;
+                ctx.hash = t.id.hash64();
+                // Refresh the token's last-seen time a few times per TTL, not on every response:
+                // a Set-Cookie per request would cost more than it buys.
+                ctx.write_token = now.saturating_sub(t.last_seen_ms) > ttl / 4;
+                table.place(Some((t.instance.as_str(), t.version.as_str())), ctx.hash)
+            }
+            None => {
+                ctx.session = SessionId::random();
+                ctx.issued_ms = now;
+                ctx.hash = ctx.session.hash64();
+                table.place(None, ctx.hash)
+            }
+        };
+        match placement {
+            None => {
+                router.metrics.no_instance.inc();
+                Self::respond_json(
+                    session,
+                    503,
+                    r#"{"error":{"code":"no_ready_instance","message":"no instance of this service can take the request"}}"#,
+                )
+                .await?;
+                return Ok(true);
+            }
+            Some(p) => {
+                match p {
+                    Placement::Kept(_) => {}
+                    Placement::Moved(_) => {
+                        router.metrics.sessions_moved.inc();
+                        ctx.write_token = true;
+                    }
+                    Placement::New(_) => {
+                        router.metrics.sessions_created.inc();
+                        ctx.write_token = true;
+                    }
+                }
+                ctx.idx = p.index();
+            }
+        }
+
+        let req = session.req_header();
+        let body_len = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let limit = router.options.max_replay_body.min(PINGORA_REPLAY_LIMIT);
+        ctx.replayable = idempotent(&req.method) && body_len.is_none_or(|l| l <= limit);
+        ctx.table = Some(table);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(table) = ctx.table.as_ref() else {
+            return Error::e_explain(pingora_error::ErrorType::InternalError, "no placement");
+        };
+        let route = table.route(ctx.idx);
+        // Replacing the guard releases the slot of a previous attempt.
+        ctx.in_flight = Some(InFlight::enter(&route.in_flight));
+        ctx.routed = true;
+        let mut peer = HttpPeer::new(route.addr, false, String::new());
+        peer.options.connection_timeout = Some(self.router.options.connect_timeout);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the instance, so any method can go elsewhere.
+        if self.fail_over(ctx) {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replay_intact = !session.as_ref().retry_buffer_truncated();
+        let nothing_sent = session.response_written().is_none();
+        let retry = if !(replay_intact && nothing_sent) {
+            false
+        } else if client_reused {
+            // A pooled connection the instance had closed: pingora's own rule, same instance.
+            true
+        } else {
+            ctx.replayable && self.fail_over(ctx)
+        };
+        e.set_retry(retry);
+        e
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !ctx.write_token {
+            return Ok(());
+        }
+        let Some(table) = ctx.table.as_ref() else {
+            return Ok(());
+        };
+        let route = table.route(ctx.idx);
+        let token = SessionToken {
+            id: ctx.session,
+            instance: route.id.to_string(),
+            version: route.version.to_string(),
+            issued_ms: ctx.issued_ms,
+            last_seen_ms: now_ms(),
+        };
+        let value = self.router.keys.encode(&table.service, &token);
+        if !ctx.via_header {
+            resp.append_header(
+                http::header::SET_COOKIE,
+                format!(
+                    "{}={value}; Path=/; HttpOnly; SameSite=Lax",
+                    table.settings.cookie_name
+                ),
+            )?;
+        }
+        resp.insert_header(SESSION_HEADER, value)?;
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.in_flight = None;
+        if !ctx.routed {
+            return;
+        }
+        let Some(table) = ctx.table.as_ref() else {
+            return;
+        };
+        let status = match session.response_written() {
+            Some(r) => r.status.as_u16(),
+            None if e.is_some() => 502,
+            None => 0,
+        };
+        let route = table.route(ctx.idx);
+        route.metrics.record(status, ctx.started.elapsed());
+        self.router
+            .tracker
+            .touch(ctx.hash, &route.id, now_ms(), table.settings.idle_ttl_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_safe_methods_are_replayed() {
+        assert!(idempotent(&http::Method::GET));
+        assert!(idempotent(&http::Method::PUT));
+        assert!(idempotent(&http::Method::DELETE));
+        assert!(!idempotent(&http::Method::POST));
+        assert!(!idempotent(&http::Method::PATCH));
+    }
+}

@@ -1,0 +1,215 @@
+//! Feeds the router from the locator's watch stream and keeps a copy on disk.
+//!
+//! The watcher applies each event to its own [`Snapshot`] (the same `apply` the locator's other
+//! clients use), installs a new routing table when the event concerns our service, and writes
+//! the snapshot to `<state-dir>/routing.json` (temp file + rename, so a crash never leaves half
+//! a file). When the locator is down the proxy keeps serving on its last table and reconnects
+//! with exponential backoff, resuming from the last revision it saw.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use locator::api::{Change, Snapshot, WatchEvent};
+use locator::client::Client;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::error::ProxyError;
+use crate::router::Router;
+
+/// File name of the persisted snapshot inside the state directory.
+pub const STATE_FILE: &str = "routing.json";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Reads a persisted snapshot; `Ok(None)` when there is none yet.
+pub fn load_state(path: &Path) -> Result<Option<Snapshot>, ProxyError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ProxyError::State {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ProxyError::CorruptState {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes a snapshot atomically (temp file in the same directory, fsync, rename).
+pub fn save_state(path: &Path, snapshot: &Snapshot) -> Result<(), ProxyError> {
+    use std::io::Write;
+    let io = |source| ProxyError::State {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(snapshot).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Whether an event changes what the routing table of `service` is built from.
+fn concerns(event: &WatchEvent, service: &str) -> bool {
+    match &event.change {
+        Change::Snapshot(_) => true,
+        Change::Service(s) => s.name == service,
+        Change::Instance(i) => i.service == service,
+        Change::Release(_) | Change::Traffic { .. } => false,
+    }
+}
+
+/// The background task following the locator.
+#[derive(Debug)]
+pub struct Watcher {
+    router: Arc<Router>,
+    client: Client,
+    state_file: Option<PathBuf>,
+    initial: Snapshot,
+}
+
+impl Watcher {
+    /// `initial` is what was loaded from the state file (or empty); the watch resumes after
+    /// its revision.
+    pub fn new(
+        router: Arc<Router>,
+        client: Client,
+        state_file: Option<PathBuf>,
+        initial: Snapshot,
+    ) -> Self {
+        Watcher {
+            router,
+            client,
+            state_file,
+            initial,
+        }
+    }
+
+    fn persist(&self, snapshot: &Snapshot) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = save_state(path, snapshot) {
+                tracing::warn!(error = %e, "could not persist the routing snapshot");
+            }
+        }
+    }
+
+    /// Follows the watch stream until shutdown.
+    pub async fn run(&self, mut shutdown: ShutdownWatch) {
+        let mut snapshot = self.initial.clone();
+        let mut backoff = MIN_BACKOFF;
+        let mut reported_down = false;
+        loop {
+            let since = (snapshot.revision > 0).then_some(snapshot.revision);
+            match self.client.watch(since).await {
+                Ok(stream) => {
+                    let mut stream = Box::pin(stream);
+                    loop {
+                        let next = tokio::select! {
+                            next = stream.next() => next,
+                            _ = shutdown.changed() => return,
+                        };
+                        match next {
+                            Some(Ok(event)) => {
+                                if reported_down {
+                                    tracing::info!("locator reachable again");
+                                    reported_down = false;
+                                }
+                                backoff = MIN_BACKOFF;
+                                let relevant = concerns(&event, &self.router.service);
+                                snapshot.apply(&event);
+                                if relevant {
+                                    self.router.install(&snapshot);
+                                    self.persist(&snapshot);
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "watch stream broke");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !reported_down {
+                        tracing::warn!(error = %e, "locator unreachable; serving on the last routing table");
+                        reported_down = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.run(shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing_table::tests::{instance, snapshot};
+    use locator::api::InstanceState;
+
+    #[test]
+    fn state_round_trips_and_missing_state_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        assert!(load_state(&path).unwrap().is_none());
+        let s = snapshot(
+            &[("1", 100)],
+            vec![instance("a", "1", 1, InstanceState::Ready)],
+        );
+        save_state(&path, &s).unwrap();
+        assert_eq!(load_state(&path).unwrap(), Some(s));
+        assert!(!path.with_extension("json.tmp").exists());
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(
+            load_state(&path),
+            Err(ProxyError::CorruptState { .. })
+        ));
+    }
+
+    #[test]
+    fn only_events_about_our_service_rebuild_the_table() {
+        let s = snapshot(&[("1", 100)], vec![]);
+        let mut other = instance("x", "1", 1, InstanceState::Ready);
+        other.service = "other".into();
+        let ev = |change| WatchEvent {
+            revision: 9,
+            change,
+        };
+        assert!(concerns(&ev(Change::Snapshot(s.clone())), "svc"));
+        assert!(concerns(&ev(Change::Service(s.services[0].clone())), "svc"));
+        assert!(!concerns(&ev(Change::Instance(other)), "svc"));
+        assert!(concerns(
+            &ev(Change::Instance(instance(
+                "a",
+                "1",
+                1,
+                InstanceState::Draining
+            ))),
+            "svc"
+        ));
+    }
+}

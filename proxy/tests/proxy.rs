@@ -1,0 +1,400 @@
+//! End-to-end tests of the proxy binary with real sockets and real upstream processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use locator::api::InstanceState::*;
+
+/// Not a test: the body of the upstream processes the other tests start (see `common`).
+#[test]
+fn upstream_process() {
+    if let Ok(id) = std::env::var("HADDOCK_TEST_UPSTREAM") {
+        upstream_main(id);
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_split_and_stickiness_across_weight_changes() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 90), ("2", 10)], "1", 60_000),
+        vec![a.instance("1", Ready), b.instance("2", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let http = http();
+
+    // 1 000 new users: about 10 % land on the canary.
+    let mut users = Vec::new();
+    let mut on_b = 0;
+    for _ in 0..1_000 {
+        let mut u = User::new();
+        let ans = u.get(&http, &proxy.url("/")).await.unwrap();
+        assert_eq!(ans.status, 200);
+        assert!(ans.set_cookie.is_some(), "a new session gets its cookie");
+        if ans.body == "b" {
+            on_b += 1;
+        }
+        users.push((u, ans.body));
+    }
+    assert!((70..=130).contains(&on_b), "{on_b} of 1000 on the canary");
+
+    // Move the canary to 50 %: existing users keep their instance, new ones split evenly.
+    stub.set_service(service(&[("1", 50), ("2", 50)], "1", 60_000));
+    proxy.wait_revision(stub.revision()).await;
+    for (u, first) in users.iter_mut().take(300) {
+        let ans = u.get(&http, &proxy.url("/")).await.unwrap();
+        assert_eq!(&ans.body, first, "a session stays on its instance");
+    }
+    let mut on_b = 0;
+    for _ in 0..600 {
+        if User::new().get(&http, &proxy.url("/")).await.unwrap().body == "b" {
+            on_b += 1;
+        }
+    }
+    assert!(
+        (240..=360).contains(&on_b),
+        "{on_b} of 600 on the canary at 50 %"
+    );
+    let metrics = proxy.metrics().await;
+    assert!(metrics
+        .contains("haddock_proxy_requests_total{version=\"2\",instance=\"b\",class=\"2xx\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_traffic_costs_no_request() {
+    let mut a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready), b.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+
+    let url = proxy.url("/slow");
+    let fast = proxy.url("/");
+    let mut workers = Vec::new();
+    for i in 0..16 {
+        let (url, fast) = (url.clone(), fast.clone());
+        workers.push(tokio::spawn(async move {
+            let http = http();
+            let mut u = User::new();
+            let mut seen = HashMap::<String, u32>::new();
+            let mut errors = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_millis(2_500);
+            while std::time::Instant::now() < until {
+                // Half the users sit in slow requests when the kill lands (reset mid-request).
+                let target = if i % 2 == 0 { &url } else { &fast };
+                match u.get(&http, target).await {
+                    Ok(ans) if ans.status == 200 => *seen.entry(ans.body).or_default() += 1,
+                    Ok(ans) => errors.push(format!("status {}", ans.status)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (seen, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The locator is not told: the proxy finds out by failing to reach it.
+    a.kill();
+    let mut total = 0;
+    for w in workers {
+        let (seen, errors) = w.await.unwrap();
+        assert!(errors.is_empty(), "client errors: {errors:?}");
+        total += seen.values().sum::<u32>();
+    }
+    assert!(total > 50, "only {total} requests");
+    let metrics = proxy.metrics().await;
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("haddock_proxy_retries_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(retries >= 1.0, "{metrics}");
+    // Sessions that lived on `a` now carry a cookie for `b`.
+    let mut u = User::new();
+    for _ in 0..20 {
+        assert_eq!(u.get(&http(), &proxy.url("/")).await.unwrap().body, "b");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ready_instance_is_a_503_with_a_json_body() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Starting)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let resp = http().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_ready_instance");
+
+    // Becoming ready is picked up from the watch stream.
+    stub.set_instance(a.instance("1", Ready));
+    proxy.wait_revision(stub.revision()).await;
+    assert_eq!(
+        http()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_or_foreign_cookies_start_a_new_session() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready), b.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let http = http();
+    let mut u = User::new();
+    let first = u.get(&http, &proxy.url("/")).await.unwrap();
+    let cookie = u.cookie.clone().unwrap();
+    // Re-point the cookie at the other instance without the key.
+    let other = if first.body == "a" { "b" } else { "a" };
+    let forged = cookie.replacen(&hex(&first.body), &hex(other), 1);
+    assert_ne!(forged, cookie);
+    for bad in [forged, "garbage".to_string(), format!("{cookie}00")] {
+        let mut attacker = User {
+            cookie: Some(bad.clone()),
+        };
+        let ans = attacker.get(&http, &proxy.url("/")).await.unwrap();
+        assert_eq!(ans.status, 200);
+        let new = ans.set_cookie.expect("a new session is issued");
+        assert_ne!(new, bad);
+    }
+    // The header works like the cookie for clients without a cookie jar.
+    let resp = http
+        .get(proxy.url("/"))
+        .header("x-haddock-session", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("set-cookie").is_none());
+    assert_eq!(resp.text().await.unwrap(), first.body);
+    assert!(proxy
+        .metrics()
+        .await
+        .contains("haddock_proxy_rejected_tokens_total{reason=\"bad_signature\"}"));
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_keeps_sessions_until_idle_then_reports_zero() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let ttl = 1_500;
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", ttl),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let http = http();
+    let mut old = User::new();
+    assert_eq!(old.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+
+    // A new instance arrives and `a` starts draining.
+    stub.set_instance(b.instance("1", Ready));
+    stub.set_instance(a.instance("1", Draining));
+    proxy.wait_revision(stub.revision()).await;
+    for _ in 0..50 {
+        assert_eq!(
+            User::new().get(&http, &proxy.url("/")).await.unwrap().body,
+            "b"
+        );
+    }
+    // The old session keeps its instance while it stays active …
+    for _ in 0..5 {
+        assert_eq!(old.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eventually(
+        Duration::from_secs(5),
+        "a report with a's session",
+        || async {
+            stub.last_report()
+                .is_some_and(|r| r.instances.get("a").is_some_and(|l| l.live_sessions == 1))
+        },
+    )
+    .await;
+    // … and once idle past the TTL, the proxy reports `a` empty: haddock may remove it.
+    eventually(
+        Duration::from_secs(10),
+        "a drained in the reports",
+        || async {
+            stub.last_report().is_some_and(|r| {
+                r.instances
+                    .get("a")
+                    .is_some_and(|l| l.live_sessions == 0 && l.in_flight == 0)
+            })
+        },
+    )
+    .await;
+    // The expired cookie starts a new session, which goes to the ready instance.
+    let ans = old.get(&http, &proxy.url("/")).await.unwrap();
+    assert_eq!(ans.body, "b");
+    assert!(ans.set_cookie.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locator_down_keeps_serving_and_a_restart_uses_the_persisted_table() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let port = free_port();
+    let stub = LocatorStub::start_on(
+        port,
+        snapshot(
+            service(&[("1", 100)], "1", 60_000),
+            vec![a.instance("1", Ready)],
+        ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let http = http();
+    let mut u = User::new();
+    assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+
+    stub.stop();
+    for _ in 0..20 {
+        assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+    }
+    // Restart the proxy while the locator is still down: the persisted table serves.
+    let (p, admin) = (proxy.port, proxy.admin);
+    proxy.kill();
+    let proxy = Proxy::spawn_on(p, admin, &stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+
+    // The locator comes back with a new instance and weights: the proxy reconnects.
+    let mut snap = snapshot(
+        service(&[("2", 100)], "2", 60_000),
+        vec![a.instance("1", Draining), b.instance("2", Ready)],
+    );
+    snap.revision = 5;
+    let _stub = LocatorStub::start_on(port, snap).await;
+    proxy.wait_revision(5).await;
+    assert_eq!(
+        User::new().get(&http, &proxy.url("/")).await.unwrap().body,
+        "b"
+    );
+    assert_eq!(
+        u.get(&http, &proxy.url("/")).await.unwrap().body,
+        "a",
+        "draining keeps it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready), b.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = Proxy::spawn(&stub.url, dir.path(), &[]);
+    old.wait_revision(1).await;
+
+    let url = old.url("/");
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        workers.push(tokio::spawn(async move {
+            let http = http();
+            let mut u = User::new();
+            let mut first = None;
+            let (mut ok, mut errors, mut moved) = (0u32, Vec::new(), 0u32);
+            let until = std::time::Instant::now() + Duration::from_secs(9);
+            while std::time::Instant::now() < until {
+                match u.get(&http, &url).await {
+                    Ok(ans) if ans.status == 200 => {
+                        ok += 1;
+                        if *first.get_or_insert(ans.body.clone()) != ans.body {
+                            moved += 1;
+                        }
+                    }
+                    Ok(ans) => errors.push(format!("status {}", ans.status)),
+                    Err(e) => errors.push(format!("{e:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, errors, moved)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = Proxy::spawn_on(old.port, old.admin, &stub.url, dir.path(), &["--upgrade"]);
+    let sock = dir.path().join("upgrade.sock");
+    eventually(
+        Duration::from_secs(10),
+        "the new proxy's upgrade socket",
+        || {
+            let exists = sock.exists();
+            async move { exists }
+        },
+    )
+    .await;
+    old.signal("QUIT");
+    for w in workers {
+        let (ok, errors, moved) = w.await.unwrap();
+        assert!(errors.is_empty(), "client errors: {errors:?}");
+        assert!(ok > 50, "{ok} requests");
+        assert_eq!(
+            moved, 0,
+            "sessions survive the restart (the cookie carries them)"
+        );
+    }
+    old.wait();
+    // The new process serves alone now.
+    assert_eq!(
+        User::new()
+            .get(&http(), &new.url("/"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
