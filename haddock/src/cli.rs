@@ -1,8 +1,15 @@
 //! The command line: verbs, their arguments and the exit codes CI pipelines rely on.
+//!
+//! Every verb documented in docs/operations.md; flags are a stable interface.
 
+use crate::error::Error;
+use crate::output::Output;
+use crate::release::{self, Deployer, Outcome};
 use crate::spec::{Spec, SpecError};
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::{Args, Parser, Subcommand};
+use locator::api::{Control, Release};
+use locator::client::Client;
+use std::path::{Path, PathBuf};
 
 /// Exit codes of every verb (documented in docs/operations.md).
 pub mod exit {
@@ -27,6 +34,26 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the locator is.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Locator base URL.
+    #[arg(long, env = "HADDOCK_LOCATOR", default_value = "http://127.0.0.1:7070")]
+    pub locator: String,
+    /// Bearer token (role `deploy` for changes, `read` is enough for status and history).
+    #[arg(long, env = "HADDOCK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print one JSON object (the result) on stdout; progress goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Conn {
+    fn client(&self) -> Client {
+        Client::new(&self.locator, self.token.clone())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate a deploy spec: prints "ok" or every problem as file:line:col.
@@ -34,16 +61,94 @@ pub enum Command {
         /// Path to the spec, e.g. deploy-specs/optimizer.toml.
         spec: PathBuf,
     },
+    /// Release SERVICE at image tag TAG (continues the active release if it is to TAG).
+    Release {
+        service: String,
+        tag: String,
+        /// Deploy spec [default: deploy-specs/SERVICE.toml].
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Continue SERVICE's active release from its recorded state (after haddock was killed),
+    /// or un-pause it when another haddock is still driving it.
+    Resume {
+        service: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Release the version before the current one (same steps and safety as a release).
+    Rollback {
+        service: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Skip the remaining canary bake of the active release (or of release id) and go to 100 %.
+    Promote {
+        /// Service name or release id.
+        target: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Roll the active release back now.
+    Abort {
+        target: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Freeze the active release's bake timer (weights stay as they are).
+    Pause {
+        target: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Instances, versions, weights, live sessions and the active release.
+    Status {
+        service: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Past releases, newest first.
+    History {
+        service: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Keep heartbeating SERVICE's running instances (between releases; runs until killed).
+    Heartbeat {
+        service: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
-    match cli.command {
-        Command::Check { spec } => check(&spec),
+    if let Command::Check { spec } = &cli.command {
+        return check(spec);
     }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return exit::INFRA;
+        }
+    };
+    rt.block_on(run_async(cli.command))
 }
 
-fn check(path: &std::path::Path) -> u8 {
+fn check(path: &Path) -> u8 {
     match Spec::load(path) {
         Ok(_) => {
             println!("ok");
@@ -54,4 +159,300 @@ fn check(path: &std::path::Path) -> u8 {
             exit::BAD_INPUT
         }
     }
+}
+
+fn spec_path(service: &str, spec: Option<PathBuf>) -> PathBuf {
+    spec.unwrap_or_else(|| PathBuf::from(format!("deploy-specs/{service}.toml")))
+}
+
+fn load_spec(service: &str, spec: Option<PathBuf>) -> Result<Spec, Error> {
+    let spec = Spec::load(&spec_path(service, spec))?;
+    if spec.service.name != service {
+        return Err(Error::BadInput(format!(
+            "the spec describes service {:?}, not {service:?}",
+            spec.service.name
+        )));
+    }
+    Ok(spec)
+}
+
+/// Prints an error for a human (stderr) and returns its exit code.
+fn fail(e: &Error) -> u8 {
+    eprintln!("error: {e}");
+    e.exit_code()
+}
+
+async fn run_async(command: Command) -> u8 {
+    match command {
+        Command::Check { spec } => check(&spec),
+        Command::Release {
+            service,
+            tag,
+            spec,
+            conn,
+        } => {
+            let out = Output::new(conn.json);
+            let result = async {
+                let d =
+                    Deployer::new(conn.client(), load_spec(&service, spec)?, out.clone()).await?;
+                d.release(&tag).await
+            }
+            .await;
+            finish(&service, &tag, result, &out)
+        }
+        Command::Rollback {
+            service,
+            spec,
+            conn,
+        } => {
+            let out = Output::new(conn.json);
+            let mut tag = String::new();
+            let result = async {
+                let d =
+                    Deployer::new(conn.client(), load_spec(&service, spec)?, out.clone()).await?;
+                tag = d.previous_version().await?;
+                out.step(&format!("rolling {service} back to {tag}"), None);
+                d.release(&tag).await
+            }
+            .await;
+            finish(&service, &tag, result, &out)
+        }
+        Command::Resume {
+            service,
+            spec,
+            conn,
+        } => {
+            let out = Output::new(conn.json);
+            let client = conn.client();
+            let active = match client.active_release(&service).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return fail(&Error::BadInput(format!(
+                        "service {service} has no active release"
+                    )))
+                }
+                Err(e) => return fail(&e.into()),
+            };
+            if active.paused {
+                if let Err(e) = client.control(&active.id, Control::Resume).await {
+                    return fail(&e.into());
+                }
+                out.step(&format!("release {} resumed", active.id), None);
+            }
+            if release::is_driven(&active) {
+                out.step(
+                    &format!(
+                        "release {} is being driven by {}",
+                        active.id, active.status["driver"]["who"]
+                    ),
+                    None,
+                );
+                return exit::OK;
+            }
+            let tag = active.to_version.clone();
+            let result = async {
+                let d = Deployer::new(client, load_spec(&service, spec)?, out.clone()).await?;
+                d.resume().await.map(|r| (Outcome::Released, Some(r)))
+            }
+            .await;
+            finish(&service, &tag, result, &out)
+        }
+        Command::Promote { target, conn } => control(&conn, &target, Control::Promote).await,
+        Command::Abort { target, conn } => control(&conn, &target, Control::Abort).await,
+        Command::Pause { target, conn } => control(&conn, &target, Control::Pause).await,
+        Command::Status { service, conn } => status(&conn, service.as_deref()).await,
+        Command::History { service, conn } => history(&conn, service.as_deref()).await,
+        Command::Heartbeat {
+            service,
+            spec,
+            conn,
+        } => {
+            let spec = match load_spec(&service, spec) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let hosts = match crate::docker::Host::connect_all(&spec).await {
+                Ok(h) => h,
+                Err(e) => return fail(&e),
+            };
+            let client = conn.client();
+            let mut tick = tokio::time::interval(release::HEARTBEAT);
+            loop {
+                tick.tick().await;
+                release::heartbeat_once(&client, &hosts, &service).await;
+            }
+        }
+    }
+}
+
+/// Prints the result of a release verb and returns its exit code.
+fn finish(
+    service: &str,
+    tag: &str,
+    result: crate::error::Result<(Outcome, Option<Release>)>,
+    out: &Output,
+) -> u8 {
+    let report = release::report(service, tag, &result, out);
+    if out.json() {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        if let Err(e) = &result {
+            eprintln!("error: {e}");
+        }
+        return report.exit_code;
+    }
+    match &result {
+        Ok((Outcome::AlreadyCurrent, _)) => println!("{service} already runs {tag}"),
+        Ok((Outcome::Released, _)) => println!(
+            "released {service} {tag} (release {}, {:.2}s)",
+            report.release.as_deref().unwrap_or("?"),
+            out.elapsed().as_secs_f64()
+        ),
+        Err(e) => eprintln!("error: {e}"),
+    }
+    report.exit_code
+}
+
+/// Finds the release a control verb means: the service's active release, or a release id.
+async fn resolve(client: &Client, target: &str) -> Result<Release, Error> {
+    if let Some(r) = client.active_release(target).await? {
+        return Ok(r);
+    }
+    match client.release(target).await {
+        Ok(r) => Ok(r),
+        Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => Err(Error::BadInput(format!(
+            "{target} is neither a service with an active release nor a release id"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn control(conn: &Conn, target: &str, c: Control) -> u8 {
+    let client = conn.client();
+    let result = async {
+        let r = resolve(&client, target).await?;
+        if r.state.is_terminal() {
+            return Err(Error::BadInput(format!(
+                "release {} is already {}",
+                r.id, r.state
+            )));
+        }
+        Ok(client.control(&r.id, c).await?)
+    }
+    .await;
+    match result {
+        Ok(r) => {
+            if conn.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{c:?} sent to release {} ({} → {}, state {})",
+                    r.id,
+                    r.from_version.as_deref().unwrap_or("-"),
+                    r.to_version,
+                    r.state
+                );
+            }
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn status(conn: &Conn, service: Option<&str>) -> u8 {
+    let snap = match conn.client().snapshot().await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.into()),
+    };
+    let services: Vec<_> = snap
+        .services
+        .iter()
+        .filter(|s| service.is_none_or(|n| n == s.name))
+        .collect();
+    if let Some(name) = service {
+        if services.is_empty() {
+            return fail(&Error::BadInput(format!(
+                "the locator knows no service {name}"
+            )));
+        }
+    }
+    if conn.json {
+        let v: Vec<_> = services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "service": s,
+                    "instances": snap.instances_of(&s.name).collect::<Vec<_>>(),
+                    "active_release": snap.active_release(&s.name),
+                    "traffic": snap.traffic.get(&s.name),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+        return exit::OK;
+    }
+    for s in services {
+        let weights: Vec<String> = s.weights.iter().map(|(v, w)| format!("{v}={w}%")).collect();
+        println!(
+            "{}  primary {}  weights {}",
+            s.name,
+            s.primary_version.as_deref().unwrap_or("-"),
+            if weights.is_empty() {
+                "-".to_string()
+            } else {
+                weights.join(" ")
+            }
+        );
+        for i in snap.instances_of(&s.name) {
+            println!(
+                "  {:<40} {:<10} {:<9} {:<21} sessions {:<5} in-flight {}",
+                i.id,
+                i.version,
+                i.state.to_string(),
+                i.address,
+                i.load.live_sessions,
+                i.load.in_flight
+            );
+        }
+        if let Some(r) = snap.active_release(&s.name) {
+            println!(
+                "  release {} {} → {}: {} step {}{}",
+                r.id,
+                r.from_version.as_deref().unwrap_or("-"),
+                r.to_version,
+                r.state,
+                r.step,
+                if r.paused { " (paused)" } else { "" }
+            );
+        }
+    }
+    exit::OK
+}
+
+async fn history(conn: &Conn, service: Option<&str>) -> u8 {
+    let list = match conn.client().history(service).await {
+        Ok(l) => l,
+        Err(e) => return fail(&e.into()),
+    };
+    if conn.json {
+        println!("{}", serde_json::to_string(&list).unwrap_or_default());
+        return exit::OK;
+    }
+    for r in list {
+        let took = r.finished_at.map(|f| f.saturating_sub(r.created_at));
+        println!(
+            "{:<10} {:<12} {:>8} → {:<8} {:<12} {:>8}  {}{}",
+            r.id,
+            r.service,
+            r.from_version.as_deref().unwrap_or("-"),
+            r.to_version,
+            r.state.to_string(),
+            took.map(|t| format!("{:.1}s", t as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            r.who,
+            r.reason
+                .map(|x| format!("  {}", x.lines().next().unwrap_or("")))
+                .unwrap_or_default()
+        );
+    }
+    exit::OK
 }

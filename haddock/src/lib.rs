@@ -2,6 +2,15 @@
 //! to the next without dropping a user.
 //!
 //! Start reading at [`spec`] (what a release is told to do, and every rule a spec must meet),
-//! then [`cli`] (the verbs and their exit codes).
+//! then [`release`] (the state machine recorded in the locator), which uses [`docker`] (the
+//! Docker Engine through bollard), [`health`], [`analysis`] and [`drain`]. [`cli`] maps verbs
+//! to it and [`error`] every failure to an exit code; [`output`] is what users and CI see.
+pub mod analysis;
 pub mod cli;
+pub mod docker;
+pub mod drain;
+pub mod error;
+pub mod health;
+pub mod output;
+pub mod release;
 pub mod spec;

@@ -1,7 +1,14 @@
 //! The end-to-end harness: helpers shared by the tests in `tests/tests/`, which run the real
 //! Docker Engine, locator, proxy and optimizer containers.
 //!
-//! Start with [`eventually`], the one way tests wait for something (never a bare sleep).
+//! Start with [`stack`] (a locator, a proxy, a Docker network and volume for one test),
+//! then [`load`] (many users with their own cookie jars) and [`scenario`] (the canary release
+//! under load that the demo prints and the tests assert). Tests wait with [`eventually`],
+//! never a bare sleep.
+
+pub mod load;
+pub mod scenario;
+pub mod stack;
 
 use std::time::{Duration, Instant};
 

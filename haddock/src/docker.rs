@@ -1,0 +1,758 @@
+//! The Docker Engine, through bollard only (never the `docker` CLI).
+//!
+//! One [`Host`] per spec target. Every container haddock creates carries the labels in
+//! [`labels`], so that a resumed or repeated run finds what an earlier (perhaps killed) run
+//! created: nothing is ever orphaned, and nothing haddock did not create is ever touched.
+//!
+//! Instance address: the container's IP on the spec's network (from container inspect) plus the
+//! spec's port. No host port is published: the proxy reaches containers over that network (it runs
+//! on the Docker host, or in a container on the same network), which leaves any number of
+//! versions side by side without port juggling.
+
+use crate::error::{Error, Result};
+use crate::spec::{RestartPolicy, Spec, Target};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
+    HealthConfig, HealthStatusEnum, HostConfig, Mount, MountTypeEnum, NetworkCreateRequest,
+    NetworkingConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+};
+use bollard::Docker;
+use futures_util::{Stream, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// The labels haddock puts on every container it creates.
+pub mod labels {
+    /// Always `haddock`: what makes a container ours.
+    pub const MANAGED_BY: &str = "org.haddock.managed-by";
+    pub const SERVICE: &str = "org.haddock.service";
+    pub const VERSION: &str = "org.haddock.version";
+    /// The release that created the container.
+    pub const RELEASE: &str = "org.haddock.release";
+    /// The instance id registered in the locator (also the container name).
+    pub const INSTANCE: &str = "org.haddock.instance";
+}
+
+/// Seconds bollard waits for one Docker API call.
+const API_TIMEOUT_SECS: u64 = 60;
+
+/// One Docker host of a spec's targets.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// As written in the spec (`unix:///var/run/docker.sock`, `tcp://10.0.0.5:2376`).
+    pub name: String,
+    /// Position in the spec's `targets` (part of container names).
+    pub index: usize,
+    /// Instances of the service on this host.
+    pub instances: u32,
+    docker: Docker,
+}
+
+/// A container of ours, as found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Managed {
+    pub id: String,
+    /// Without Docker's leading `/`.
+    pub name: String,
+    pub version: String,
+    pub release: String,
+    pub instance: String,
+    pub running: bool,
+}
+
+/// What happened to a watched container (from the Docker event stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// `die`, `oom` or `health_status: unhealthy` (others are filtered out by the daemon).
+    pub action: String,
+    pub container: String,
+    pub instance: String,
+    /// The exit code for `die`.
+    pub exit_code: Option<String>,
+}
+
+/// Everything needed to create one instance's container; built from the spec by
+/// [`ContainerPlan::new`] so that the translation is unit-tested without Docker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerPlan {
+    /// Unique, deterministic container name; also the locator instance id.
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    pub env: Vec<String>,
+    pub cmd: Vec<String>,
+    pub memory: u64,
+    pub cpu_shares: u32,
+    pub restart: RestartPolicy,
+    pub network: Option<String>,
+    /// `(volume name, mount point)`.
+    pub volumes: Vec<(String, String)>,
+    /// Docker HEALTHCHECK timing from the spec: `(interval, timeout, retries, start period)`.
+    pub health: (Duration, Duration, u32, Duration),
+    pub stop_grace: Duration,
+}
+
+impl ContainerPlan {
+    /// The container of instance `n` (0-based) on target `host_index` for `release` of `tag`.
+    pub fn new(spec: &Spec, tag: &str, release: &str, host_index: usize, n: u32) -> ContainerPlan {
+        let name = instance_name(&spec.service.name, tag, release, host_index, n);
+        let substitute = |s: &str| {
+            s.replace("{port}", &spec.service.port.to_string())
+                .replace("{instance}", &name)
+        };
+        let mut labels: BTreeMap<String, String> = spec.service.labels.clone();
+        labels.insert(labels::MANAGED_BY.into(), "haddock".into());
+        labels.insert(labels::SERVICE.into(), spec.service.name.clone());
+        labels.insert(labels::VERSION.into(), tag.into());
+        labels.insert(labels::RELEASE.into(), release.into());
+        labels.insert(labels::INSTANCE.into(), name.clone());
+        let mut env: Vec<String> = spec
+            .service
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={}", substitute(v)))
+            .collect();
+        env.push(format!("HADDOCK_SERVICE={}", spec.service.name));
+        env.push(format!("HADDOCK_VERSION={tag}"));
+        env.push(format!("HADDOCK_INSTANCE={name}"));
+        let h = &spec.health;
+        ContainerPlan {
+            image: spec.image_ref(tag),
+            labels,
+            env,
+            cmd: spec.service.args.iter().map(|a| substitute(a)).collect(),
+            memory: spec.container.memory.as_u64(),
+            cpu_shares: spec.container.cpu_shares,
+            restart: spec.container.restart_policy(),
+            network: spec.container.network.clone(),
+            volumes: spec
+                .container
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.mount.clone()))
+                .collect(),
+            health: (h.interval, h.timeout, h.fall, h.start_deadline),
+            stop_grace: spec.container.stop_grace,
+            name,
+        }
+    }
+
+    /// The create body. `image_has_healthcheck`: the image's HEALTHCHECK command is kept and only
+    /// its timing comes from the spec (an image without one gets none: Docker would need a command).
+    pub fn create_body(&self, image_has_healthcheck: bool) -> ContainerCreateBody {
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let (interval, timeout, retries, start) = self.health;
+        let restart = match self.restart {
+            RestartPolicy::No => DockerRestart {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::Always => DockerRestart {
+                name: Some(RestartPolicyNameEnum::ALWAYS),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::UnlessStopped => DockerRestart {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::OnFailure(n) => DockerRestart {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: Some(i64::from(n)),
+            },
+        };
+        let mounts = self
+            .volumes
+            .iter()
+            .map(|(name, target)| Mount {
+                typ: Some(MountTypeEnum::VOLUME),
+                source: Some(name.clone()),
+                target: Some(target.clone()),
+                ..Default::default()
+            })
+            .collect();
+        ContainerCreateBody {
+            image: Some(self.image.clone()),
+            cmd: if self.cmd.is_empty() {
+                None
+            } else {
+                Some(self.cmd.clone())
+            },
+            env: Some(self.env.clone()),
+            labels: Some(self.labels.clone().into_iter().collect()),
+            stop_timeout: Some(i64::try_from(self.stop_grace.as_secs()).unwrap_or(i64::MAX)),
+            healthcheck: image_has_healthcheck.then(|| HealthConfig {
+                test: None,
+                interval: Some(ns(interval)),
+                timeout: Some(ns(timeout)),
+                retries: Some(i64::from(retries)),
+                start_period: Some(ns(start)),
+                start_interval: None,
+            }),
+            host_config: Some(HostConfig {
+                memory: Some(i64::try_from(self.memory).unwrap_or(i64::MAX)),
+                cpu_shares: Some(i64::from(self.cpu_shares)),
+                restart_policy: Some(restart),
+                mounts: Some(mounts),
+                network_mode: self.network.clone(),
+                ..Default::default()
+            }),
+            networking_config: self.network.as_ref().map(|n| NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(n.clone(), EndpointSettings::default())])),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// `optimizer-1.4.2-<release>-h0-i1`: unique per release, host and instance; only characters
+/// Docker accepts in names (anything else becomes `-`).
+pub fn instance_name(service: &str, tag: &str, release: &str, host_index: usize, n: u32) -> String {
+    let raw = format!("{service}-{tag}-{release}-h{host_index}-i{n}");
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn is_conflict(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+fn is_not_modified(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 304,
+            ..
+        }
+    )
+}
+
+impl Host {
+    /// Connects to a target (`unix://…` or `tcp://…`, with TLS when the target names its files)
+    /// and negotiates the API version down to what the daemon speaks (20.10 speaks 1.41).
+    pub async fn connect(target: &Target, index: usize) -> Result<Host> {
+        let name = target.host.clone();
+        let docker = if let Some(path) = name.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        } else if let Some(tls) = &target.tls {
+            Docker::connect_with_ssl(
+                &name,
+                &tls.key,
+                &tls.cert,
+                &tls.ca,
+                API_TIMEOUT_SECS,
+                bollard::API_DEFAULT_VERSION,
+            )
+        } else {
+            Docker::connect_with_http(&name, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        }
+        .map_err(|e| Error::docker(&name, "connect", e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| Error::docker(&name, "negotiate the API version", e))?;
+        Ok(Host {
+            name,
+            index,
+            instances: target.instances,
+            docker,
+        })
+    }
+
+    /// Connects to every target of a spec, in order.
+    pub async fn connect_all(spec: &Spec) -> Result<Vec<Host>> {
+        let mut hosts = Vec::with_capacity(spec.targets.len());
+        for (i, t) in spec.targets.iter().enumerate() {
+            hosts.push(Host::connect(t, i).await?);
+        }
+        Ok(hosts)
+    }
+
+    /// Whether `image` (`repo:tag`) is present; `Some(has_healthcheck)` when it is.
+    pub async fn image(&self, image: &str) -> Result<Option<bool>> {
+        match self.docker.inspect_image(image).await {
+            Ok(img) => Ok(Some(
+                img.config
+                    .and_then(|c| c.healthcheck)
+                    .and_then(|h| h.test)
+                    .is_some_and(|t| !t.is_empty() && t[0] != "NONE"),
+            )),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::docker(
+                &self.name,
+                format!("inspect image {image}"),
+                e,
+            )),
+        }
+    }
+
+    /// Creates the network if it does not exist (a bridge, labelled as ours). Idempotent.
+    pub async fn ensure_network(&self, network: &str) -> Result<()> {
+        match self
+            .docker
+            .inspect_network(
+                network,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                return Err(Error::docker(
+                    &self.name,
+                    format!("inspect network {network}"),
+                    e,
+                ))
+            }
+        }
+        let req = NetworkCreateRequest {
+            name: network.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(HashMap::from([(
+                labels::MANAGED_BY.to_string(),
+                "haddock".to_string(),
+            )])),
+            ..Default::default()
+        };
+        match self.docker.create_network(req).await {
+            Ok(_) => Ok(()),
+            // Created concurrently by someone else: fine.
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(Error::docker(
+                &self.name,
+                format!("create network {network}"),
+                e,
+            )),
+        }
+    }
+
+    /// Creates (unless a container of that name exists: a resumed run) and starts the container.
+    /// Returns its id. Idempotent.
+    pub async fn create_and_start(
+        &self,
+        plan: &ContainerPlan,
+        image_has_healthcheck: bool,
+    ) -> Result<String> {
+        let opts = CreateContainerOptions {
+            name: Some(plan.name.clone()),
+            ..Default::default()
+        };
+        let id = match self
+            .docker
+            .create_container(Some(opts), plan.create_body(image_has_healthcheck))
+            .await
+        {
+            Ok(r) => r.id,
+            Err(e) if is_conflict(&e) => match self.inspect(&plan.name).await? {
+                Some(c) => c.id.unwrap_or_else(|| plan.name.clone()),
+                None => {
+                    return Err(Error::docker(
+                        &self.name,
+                        format!("create container {}", plan.name),
+                        e,
+                    ))
+                }
+            },
+            Err(e) => {
+                return Err(Error::docker(
+                    &self.name,
+                    format!("create container {}", plan.name),
+                    e,
+                ))
+            }
+        };
+        match self
+            .docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+        {
+            Ok(()) => Ok(id),
+            Err(e) if is_not_modified(&e) => Ok(id), // already running
+            Err(e) => Err(Error::docker(
+                &self.name,
+                format!("start container {}", plan.name),
+                e,
+            )),
+        }
+    }
+
+    /// Container inspect; `None` when it does not exist.
+    pub async fn inspect(&self, id: &str) -> Result<Option<ContainerInspectResponse>> {
+        match self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::docker(
+                &self.name,
+                format!("inspect container {id}"),
+                e,
+            )),
+        }
+    }
+
+    /// The address the proxy connects to: the container's IP on `network` (or the default
+    /// bridge) and the service port.
+    pub async fn address(&self, id: &str, network: Option<&str>, port: u16) -> Result<SocketAddr> {
+        let c = self.inspect(id).await?.ok_or_else(|| {
+            Error::Inconsistent(format!("container {id} vanished on {}", self.name))
+        })?;
+        container_ip(&c, network)
+            .map(|ip| SocketAddr::new(ip, port))
+            .ok_or_else(|| {
+                Error::Inconsistent(format!(
+                    "container {id} has no IP address on network {network:?}"
+                ))
+            })
+    }
+
+    /// The last `lines` lines of stdout and stderr (best effort: an error becomes the text).
+    pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        let opts = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let mut stream = self.docker.logs(id, Some(opts));
+        let mut out = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => out.push_str(&chunk.to_string()),
+                Err(e) => {
+                    out.push_str(&format!("(logs unavailable: {e})"));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// SIGTERM, up to `grace` for the process to exit, SIGKILL; then remove the container (and
+    /// its anonymous volumes; named volumes stay). A container that is already gone is fine.
+    pub async fn stop_and_remove(&self, id: &str, grace: Duration) -> Result<()> {
+        let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+        match self
+            .docker
+            .stop_container(
+                id,
+                Some(StopContainerOptions {
+                    t: Some(t),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) || is_not_modified(&e) => {}
+            Err(e) => return Err(Error::docker(&self.name, format!("stop container {id}"), e)),
+        }
+        self.remove(id).await
+    }
+
+    /// Force-removes a container (kills it if running). Gone already is fine.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            // 404: gone; 409: removal already in progress.
+            Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(()),
+            Err(e) => Err(Error::docker(
+                &self.name,
+                format!("remove container {id}"),
+                e,
+            )),
+        }
+    }
+
+    /// Our containers of `service` (running or not), optionally only those of one release.
+    pub async fn find(&self, service: &str, release: Option<&str>) -> Result<Vec<Managed>> {
+        let mut label = vec![
+            format!("{}=haddock", labels::MANAGED_BY),
+            format!("{}={service}", labels::SERVICE),
+        ];
+        if let Some(r) = release {
+            label.push(format!("{}={r}", labels::RELEASE));
+        }
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_string(), label)])),
+            ..Default::default()
+        };
+        let list =
+            self.docker.list_containers(Some(opts)).await.map_err(|e| {
+                Error::docker(&self.name, format!("list containers of {service}"), e)
+            })?;
+        Ok(list
+            .into_iter()
+            .map(|c| {
+                let l = c.labels.unwrap_or_default();
+                let get = |k: &str| l.get(k).cloned().unwrap_or_default();
+                Managed {
+                    id: c.id.unwrap_or_default(),
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_string())
+                        .unwrap_or_default(),
+                    version: get(labels::VERSION),
+                    release: get(labels::RELEASE),
+                    instance: get(labels::INSTANCE),
+                    running: c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
+                }
+            })
+            .collect())
+    }
+
+    /// Streams `die`, `oom` and `health_status: unhealthy` events of one release's containers.
+    /// The stream ends when the connection to the daemon does.
+    pub fn events(&self, release: &str) -> impl Stream<Item = ContainerEvent> + Send + 'static {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "label".to_string(),
+                vec![format!("{}={release}", labels::RELEASE)],
+            ),
+            (
+                "event".to_string(),
+                vec![
+                    "die".to_string(),
+                    "oom".to_string(),
+                    "health_status".to_string(),
+                ],
+            ),
+        ]);
+        // `since` now: the request is only sent when the stream is first polled, and events
+        // between this call and then must not be lost.
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let opts = EventsOptions {
+            filters: Some(filters),
+            since: Some(since.to_string()),
+            ..Default::default()
+        };
+        self.docker
+            .events(Some(opts))
+            .take_while(|e| std::future::ready(e.is_ok()))
+            .filter_map(|e| {
+                std::future::ready(e.ok().and_then(|ev| {
+                    let action = ev.action.unwrap_or_default();
+                    if action.starts_with("health_status") && !action.ends_with("unhealthy") {
+                        return None;
+                    }
+                    let actor = ev.actor.unwrap_or_default();
+                    let attrs = actor.attributes.unwrap_or_default();
+                    Some(ContainerEvent {
+                        action,
+                        container: actor.id.unwrap_or_default(),
+                        instance: attrs.get(labels::INSTANCE).cloned().unwrap_or_default(),
+                        exit_code: attrs.get("exitCode").cloned(),
+                    })
+                }))
+            })
+    }
+}
+
+/// The container's IP on `network` (or on whatever network it has when `None`).
+pub fn container_ip(c: &ContainerInspectResponse, network: Option<&str>) -> Option<IpAddr> {
+    let settings = c.network_settings.as_ref()?;
+    let from_endpoint =
+        |e: &EndpointSettings| e.ip_address.as_deref().and_then(|ip| ip.parse().ok());
+    let networks = settings.networks.as_ref();
+    match network {
+        Some(n) => networks?.get(n).and_then(from_endpoint),
+        None => settings
+            .ip_address
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .or_else(|| networks?.values().find_map(from_endpoint)),
+    }
+}
+
+/// What a container's state says about it, for the health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// Running; Docker health (when the image has a HEALTHCHECK) is not `unhealthy`.
+    Running {
+        docker_health: Option<HealthStatusEnum>,
+    },
+    /// Exited, dead, restarting after a crash, or OOM-killed: the reason.
+    Dead(String),
+    /// Running but Docker's HEALTHCHECK says unhealthy (after `fall` failed checks).
+    Unhealthy(String),
+}
+
+fn code(c: Option<i64>) -> String {
+    c.map_or_else(|| "?".into(), |c| c.to_string())
+}
+
+/// Judges an inspected container.
+pub fn liveness(c: &ContainerInspectResponse) -> Liveness {
+    let Some(state) = c.state.as_ref() else {
+        return Liveness::Dead("no state reported".into());
+    };
+    if state.oom_killed == Some(true) {
+        return Liveness::Dead(format!(
+            "killed by the OOM killer (memory cap {:?})",
+            c.host_config.as_ref().and_then(|h| h.memory)
+        ));
+    }
+    let restarts = c.restart_count.unwrap_or(0);
+    match state.status {
+        Some(ContainerStateStatusEnum::RUNNING) if restarts == 0 => {}
+        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => {
+            return Liveness::Dead(format!(
+                "crashed and was restarted {restarts} time(s) (last exit code {})",
+                code(state.exit_code)
+            ));
+        }
+        other => {
+            return Liveness::Dead(format!(
+                "not running ({}; exit code {}{})",
+                other
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                code(state.exit_code),
+                state
+                    .error
+                    .as_deref()
+                    .filter(|e| !e.is_empty())
+                    .map(|e| format!("; {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let health = state.health.as_ref().and_then(|h| h.status);
+    if health == Some(HealthStatusEnum::UNHEALTHY) {
+        let last = state
+            .health
+            .as_ref()
+            .and_then(|h| h.log.as_ref())
+            .and_then(|l| l.last())
+            .and_then(|r| r.output.clone())
+            .unwrap_or_default();
+        return Liveness::Unhealthy(format!(
+            "Docker HEALTHCHECK reports unhealthy: {}",
+            last.trim()
+        ));
+    }
+    Liveness::Running {
+        docker_health: health,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy-specs/optimizer.toml"
+        ))
+        .unwrap();
+        Spec::parse("optimizer.toml", &text).unwrap()
+    }
+
+    #[test]
+    fn a_plan_carries_labels_limits_volumes_and_substituted_args() {
+        let plan = ContainerPlan::new(&spec(), "1.4.2", "r42", 0, 1);
+        assert_eq!(plan.name, "optimizer-1.4.2-r42-h0-i1");
+        assert_eq!(plan.image, "haddock/optimizer:1.4.2");
+        assert_eq!(plan.labels[labels::MANAGED_BY], "haddock");
+        assert_eq!(plan.labels[labels::SERVICE], "optimizer");
+        assert_eq!(plan.labels[labels::VERSION], "1.4.2");
+        assert_eq!(plan.labels[labels::RELEASE], "r42");
+        assert_eq!(plan.labels["org.haddock.team"], "wan");
+        assert_eq!(
+            plan.cmd,
+            [
+                "serve",
+                "--listen",
+                "0.0.0.0:8080",
+                "--cache",
+                "/cache",
+                "--instance-id",
+                "optimizer-1.4.2-r42-h0-i1"
+            ]
+        );
+        assert!(plan.env.contains(&"RUST_LOG=info".to_string()));
+        assert!(plan.env.contains(&"HADDOCK_VERSION=1.4.2".to_string()));
+
+        let body = plan.create_body(true);
+        let hc = body.host_config.as_ref().unwrap();
+        assert_eq!(hc.memory, Some(256 * 1024 * 1024));
+        assert_eq!(hc.cpu_shares, Some(512));
+        assert_eq!(
+            hc.restart_policy.as_ref().unwrap().name,
+            Some(RestartPolicyNameEnum::UNLESS_STOPPED)
+        );
+        assert_eq!(hc.network_mode.as_deref(), Some("haddock"));
+        let m = &hc.mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (m.source.as_deref(), m.target.as_deref()),
+            (Some("optimizer-cache"), Some("/cache"))
+        );
+        assert_eq!(m.typ, Some(MountTypeEnum::VOLUME));
+        let health = body.healthcheck.as_ref().unwrap();
+        assert_eq!(health.test, None, "the image's HEALTHCHECK command is kept");
+        assert_eq!(health.interval, Some(1_000_000_000));
+        assert_eq!(health.retries, Some(3));
+        assert_eq!(body.stop_timeout, Some(10));
+        assert!(plan.create_body(false).healthcheck.is_none());
+    }
+
+    #[test]
+    fn on_failure_restart_keeps_its_retry_count() {
+        let mut s = spec();
+        s.container.restart = "on-failure:4".into();
+        let body = ContainerPlan::new(&s, "1", "r", 0, 0).create_body(false);
+        let rp = body.host_config.unwrap().restart_policy.unwrap();
+        assert_eq!(rp.name, Some(RestartPolicyNameEnum::ON_FAILURE));
+        assert_eq!(rp.maximum_retry_count, Some(4));
+    }
+
+    #[test]
+    fn instance_names_are_docker_safe() {
+        assert_eq!(
+            instance_name("svc", "1.0+b/1", "r:1", 2, 0),
+            "svc-1.0-b-1-r-1-h2-i0"
+        );
+    }
+}

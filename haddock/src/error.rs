@@ -1,0 +1,146 @@
+//! Every way a haddock verb can fail, and the exit code each one maps to.
+//!
+//! The exit codes are the contract with CI pipelines (docs/operations.md):
+//! 2 = bad input, nothing changed; 3 = infrastructure (Docker or the locator) failed;
+//! 1 = the release failed or was rolled back (users are all on the old version again).
+
+use crate::cli::exit;
+use crate::spec::SpecError;
+use locator::client::ClientError;
+
+/// Why a verb failed. [`Error::exit_code`] says which exit code it ends the process with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The deploy spec could not be read or is invalid (every problem, positioned). Exit 2.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+
+    /// `repo:tag` is not present on one of the target Docker hosts. Exit 2, nothing changed.
+    #[error("image {image} not found on Docker host {host}: build or load it there first (nothing was changed)")]
+    UnknownImage { image: String, host: String },
+
+    /// Another release holds the service's release lock. Exit 2, nothing changed.
+    #[error(
+        "service {service} already has an active release {id} (to {to_version}, state {state}); \
+             run `haddock resume {service}` to continue it or `haddock abort {id}` to roll it back"
+    )]
+    ReleaseActive {
+        service: String,
+        id: String,
+        to_version: String,
+        state: String,
+    },
+
+    /// A request that cannot be honoured as asked (no such release, nothing to roll back to …).
+    /// Exit 2, nothing changed.
+    #[error("{0}")]
+    BadInput(String),
+
+    /// A Docker host could not be reached or refused an operation. Exit 3.
+    #[error("Docker host {host}: {what}: {source}")]
+    Docker {
+        host: String,
+        what: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+
+    /// The locator could not be reached or refused a write. Exit 3.
+    #[error(transparent)]
+    Locator(#[from] ClientError),
+
+    /// The recorded state and the world disagree in a way haddock will not guess about
+    /// (e.g. a container of the release vanished). Exit 3; the release stays resumable.
+    #[error("{0}")]
+    Inconsistent(String),
+
+    /// A new container never became healthy: the release was recorded `failed`, the container
+    /// removed, and no user ever reached it. Exit 1.
+    #[error(
+        "release {release} failed: container {container} did not become healthy: {reason}\n\
+             --- last log lines of {container} ---\n{logs}"
+    )]
+    Unhealthy {
+        release: String,
+        container: String,
+        reason: String,
+        logs: String,
+    },
+
+    /// The release was rolled back (analysis breach, a container died, or an operator abort):
+    /// every user is on the old version again and the new containers are gone. Exit 1.
+    #[error("release {release} rolled back: {reason}")]
+    RolledBack { release: String, reason: String },
+}
+
+impl Error {
+    /// The process exit code this error ends a verb with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Spec(_)
+            | Error::UnknownImage { .. }
+            | Error::ReleaseActive { .. }
+            | Error::BadInput(_) => exit::BAD_INPUT,
+            Error::Docker { .. } | Error::Locator(_) | Error::Inconsistent(_) => exit::INFRA,
+            Error::Unhealthy { .. } | Error::RolledBack { .. } => exit::ROLLED_BACK,
+        }
+    }
+
+    /// A short machine-readable name for `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Spec(_) => "bad_spec",
+            Error::UnknownImage { .. } => "unknown_image",
+            Error::ReleaseActive { .. } => "release_active",
+            Error::BadInput(_) => "bad_input",
+            Error::Docker { .. } => "docker",
+            Error::Locator(_) => "locator",
+            Error::Inconsistent(_) => "inconsistent",
+            Error::Unhealthy { .. } => "unhealthy",
+            Error::RolledBack { .. } => "rolled_back",
+        }
+    }
+
+    /// Wraps a bollard error with the host and what haddock was doing.
+    pub fn docker(host: &str, what: impl Into<String>, source: bollard::errors::Error) -> Error {
+        Error::Docker {
+            host: host.to_string(),
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_documented_exit_code() {
+        let unknown = Error::UnknownImage {
+            image: "a:b".into(),
+            host: "local".into(),
+        };
+        assert_eq!(unknown.exit_code(), 2);
+        assert!(unknown.to_string().contains("nothing was changed"));
+        assert_eq!(Error::BadInput("x".into()).exit_code(), 2);
+        let docker = Error::docker("local", "ping", bollard::errors::Error::RequestTimeoutError);
+        assert_eq!(docker.exit_code(), 3);
+        assert_eq!(Error::Inconsistent("x".into()).exit_code(), 3);
+        let rolled = Error::RolledBack {
+            release: "r1".into(),
+            reason: "5xx".into(),
+        };
+        assert_eq!(rolled.exit_code(), 1);
+        let unhealthy = Error::Unhealthy {
+            release: "r1".into(),
+            container: "c".into(),
+            reason: "deadline".into(),
+            logs: "boom".into(),
+        };
+        assert_eq!(unhealthy.exit_code(), 1);
+        assert!(unhealthy.to_string().contains("boom"));
+    }
+}

@@ -1,0 +1,134 @@
+//! What a person or a CI pipeline sees.
+//!
+//! Human mode prints one line per step as it happens, with the time since the verb started and
+//! the step's own duration. `--json` prints exactly one JSON object on stdout at the end (the
+//! [`ReleaseReport`]); the step lines then go to stderr, so that a pipeline can both parse
+//! stdout and keep a readable log.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Where progress lines go.
+#[derive(Debug, Clone)]
+pub struct Output {
+    json: bool,
+    quiet: bool,
+    start: Instant,
+}
+
+impl Output {
+    pub fn new(json: bool) -> Output {
+        Output {
+            json,
+            quiet: false,
+            start: Instant::now(),
+        }
+    }
+
+    /// No progress lines at all (benchmarks, tests).
+    pub fn quiet() -> Output {
+        Output {
+            json: true,
+            quiet: true,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// One progress line: `[  1.23s] started 1 container (0.21s)`.
+    pub fn step(&self, what: &str, took: Option<Duration>) {
+        if self.quiet {
+            return;
+        }
+        let line = match took {
+            Some(d) => format!(
+                "[{:>7.2}s] {what} ({})",
+                self.elapsed().as_secs_f64(),
+                fmt_duration(d)
+            ),
+            None => format!("[{:>7.2}s] {what}", self.elapsed().as_secs_f64()),
+        };
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+}
+
+/// `0.21s`, `1m 3s`.
+pub fn fmt_duration(d: Duration) -> String {
+    if d < Duration::from_secs(60) {
+        format!("{:.2}s", d.as_secs_f64())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
+/// The one JSON object `haddock release --json` (and `resume`, `rollback`) prints.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReleaseReport {
+    /// `released`, `already_current`, `failed`, `rolled_back`, or `error`.
+    pub outcome: String,
+    pub exit_code: u8,
+    pub service: String,
+    pub release: Option<String>,
+    pub from_version: Option<String>,
+    pub to_version: String,
+    /// Final recorded state.
+    pub state: Option<String>,
+    pub reason: Option<String>,
+    /// Machine-readable error kind (see `Error::kind`).
+    pub error: Option<String>,
+    /// Duration of each state of the release, as recorded in the locator.
+    pub step_ms: BTreeMap<String, u64>,
+    /// From the start of this haddock run to all new sessions on the new version.
+    pub tag_to_full_ms: Option<u64>,
+    pub total_ms: u64,
+    pub containers: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_millis(1234)), "1.23s");
+        assert_eq!(fmt_duration(Duration::from_secs(63)), "1m 3s");
+    }
+
+    #[test]
+    fn the_report_is_one_json_object_with_the_documented_keys() {
+        let r = ReleaseReport {
+            outcome: "released".into(),
+            to_version: "2".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "outcome",
+            "exit_code",
+            "service",
+            "release",
+            "from_version",
+            "to_version",
+            "reason",
+            "step_ms",
+            "tag_to_full_ms",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Whole releases as CI runs them: the haddock binary against a real locator process and the
+//! real Docker Engine, with locally built test images. Containers are removed by drop guards.
+
+mod support;
+
+use locator::api::{InstanceState, ReleaseState};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn release(spec: &std::path::Path, service: &str, tag: &str, l: &Locator) -> std::process::Output {
+    haddock(
+        &[
+            "release",
+            service,
+            tag,
+            "--spec",
+            spec.to_str().unwrap(),
+            "--json",
+        ],
+        Some(l),
+    )
+}
+
+fn report(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_release_replaces_the_old_version_and_removes_its_container() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("full");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 10 }, { weight = 50 }, { weight = 100 }]"#,
+            ..Default::default()
+        },
+    );
+
+    let first = release(&spec, &service, "good-1", &l);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let r1 = report(&first);
+    assert_eq!(r1["outcome"], "released");
+    assert_eq!(r1["state"], "done");
+
+    let second = release(&spec, &service, "good-2", &l);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    let r2 = report(&second);
+    assert_eq!(r2["from_version"], "good-1");
+    assert_eq!(r2["to_version"], "good-2");
+    for key in [
+        "starting",
+        "waiting_healthy",
+        "registered",
+        "shifting",
+        "tag_to_full",
+    ] {
+        assert!(r2["step_ms"][key].is_u64(), "step_ms.{key} missing: {r2}");
+    }
+    eprintln!(
+        "tag_to_full_ms = {}, steps = {}",
+        r2["tag_to_full_ms"], r2["step_ms"]
+    );
+
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-2");
+    assert!(containers[0].2, "the new container runs");
+
+    let client = l.client();
+    rt().block_on(async {
+        let svc = client.service(&service).await.unwrap();
+        assert_eq!(svc.primary_version.as_deref(), Some("good-2"));
+        assert_eq!(svc.weights.get("good-2"), Some(&100));
+        let instances = client.instances(&service).await.unwrap();
+        let live: Vec<_> = instances
+            .iter()
+            .filter(|i| i.state != InstanceState::Gone)
+            .collect();
+        assert_eq!(live.len(), 1, "{instances:?}");
+        assert_eq!(live[0].state, InstanceState::Ready);
+        let history = client.history(Some(&service)).await.unwrap();
+        assert!(
+            history.iter().all(|r| r.state == ReleaseState::Done),
+            "{history:?}"
+        );
+    });
+
+    // Same tag again: nothing to do.
+    let again = release(&spec, &service, "good-2", &l);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(report(&again)["outcome"], "already_current");
+
+    // Rollback: back to good-1 with the same steps.
+    let back = haddock(
+        &["rollback", &service, "--spec", spec.to_str().unwrap()],
+        Some(&l),
+    );
+    assert_eq!(back.status.code(), Some(0), "{}", text(&back));
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1");
+}
+
+#[test]
+fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("unhealthy");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            start_deadline: "2s",
+            ..Default::default()
+        },
+    );
+    let first = release(&spec, &service, "good-1", &l);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let client = l.client();
+    let before = rt().block_on(client.service(&service)).unwrap();
+
+    let bad = haddock(
+        &[
+            "release",
+            &service,
+            "never-ready",
+            "--spec",
+            spec.to_str().unwrap(),
+        ],
+        Some(&l),
+    );
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("did not become healthy"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to become ready"),
+        "the last log lines are in the error: {stderr}"
+    );
+
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1");
+    rt().block_on(async {
+        let after = client.service(&service).await.unwrap();
+        assert_eq!(after.weights, before.weights);
+        assert_eq!(after.primary_version.as_deref(), Some("good-1"));
+        let history = client.history(Some(&service)).await.unwrap();
+        assert_eq!(history[0].state, ReleaseState::Failed);
+        assert!(
+            client.active_release(&service).await.unwrap().is_none(),
+            "the lock is free again"
+        );
+    });
+}
+
+#[test]
+fn a_new_container_dying_mid_canary_rolls_back() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("dies");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 50, pause = "6s" }, { weight = 100 }]"#,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        release(&spec, &service, "good-1", &l).status.code(),
+        Some(0)
+    );
+    // The `crash` image is ready at once and exits 1.5 s after start: mid-bake.
+    let out = release(&spec, &service, "crash", &l);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let r = report(&out);
+    assert_eq!(r["outcome"], "rolled_back");
+    assert!(
+        r["reason"].as_str().unwrap().contains("exited with code 3"),
+        "{r}"
+    );
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1");
+    let client = l.client();
+    rt().block_on(async {
+        let svc = client.service(&service).await.unwrap();
+        assert_eq!(svc.weights.get("good-1"), Some(&100));
+        assert_eq!(svc.weights.len(), 1);
+        assert_eq!(
+            client.history(Some(&service)).await.unwrap()[0].state,
+            ReleaseState::RolledBack
+        );
+    });
+}
+
+#[test]
+fn a_killed_haddock_is_resumed_by_running_the_release_again() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("resume");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 50, pause = "30s" }, { weight = 100 }]"#,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        release(&spec, &service, "good-1", &l).status.code(),
+        Some(0)
+    );
+    let client = l.client();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_haddock"))
+        .args([
+            "release",
+            &service,
+            "good-2",
+            "--spec",
+            spec.to_str().unwrap(),
+        ])
+        .env("HADDOCK_LOCATOR", &l.url)
+        .env("HADDOCK_TOKEN", DEPLOY_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rt = rt();
+    loop {
+        let active = rt.block_on(client.active_release(&service)).unwrap();
+        if active.is_some_and(|r| r.state == ReleaseState::Shifting) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the release never reached shifting"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL mid-bake
+    child.wait().unwrap();
+
+    // Another tag is refused while the release is active (exit 2, names the release).
+    let other = release(&spec, &service, "good-1", &l);
+    assert_eq!(other.status.code(), Some(2), "{}", text(&other));
+    assert_eq!(report(&other)["error"], "release_active");
+
+    // `haddock promote` is recorded for whoever drives the release next.
+    let promote = haddock(&["promote", &service], Some(&l));
+    assert_eq!(promote.status.code(), Some(0), "{}", text(&promote));
+
+    // Running the same release again continues it from `shifting`.
+    std::thread::sleep(haddock::release::LEASE);
+    let t = Instant::now();
+    let again = release(&spec, &service, "good-2", &l);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "promote skipped the 30 s bake"
+    );
+    let containers = guard.containers();
+    assert_eq!(
+        containers.len(),
+        1,
+        "exactly one container, no orphans: {containers:?}"
+    );
+    assert_eq!(containers[0].1, "good-2");
+    let svc = rt.block_on(client.service(&service)).unwrap();
+    assert_eq!(svc.primary_version.as_deref(), Some("good-2"));
+}

@@ -1,0 +1,339 @@
+//! Shared set-up of haddock's Docker tests: test images built locally (no registry), a real
+//! locator process, deploy specs, and drop guards that remove every container, volume and
+//! network a test created, even when it fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Repository of the test images; tags are `good-1`, `good-2`, `never-ready`, `crash`, `5xx`.
+pub const IMAGE_REPO: &str = "haddock-test/svc";
+pub const DEPLOY_TOKEN: &str = "test-deploy-token";
+
+/// `$CARGO_TARGET_DIR/release`, found from the running test binary (`…/release/deps/x`).
+pub fn target_release_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds the static test service and the test images once per test binary.
+pub fn test_images() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = target_release_dir().join("haddock-testsvc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("testsvc");
+        run(Command::new("rustc").args(["-O", "-C", "target-feature=+crt-static", "-C", "strip=symbols"]).arg(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/testsvc.rs"),
+        )
+        .arg("-o")
+        .arg(&bin));
+        for (tag, mode) in [("good-1", "good"), ("good-2", "good"), ("never-ready", "never-ready"), ("crash", "crash"), ("5xx", "5xx")] {
+            let dockerfile = format!(
+                "FROM scratch\nCOPY testsvc /testsvc\nENV SVC_MODE={mode}\nLABEL org.haddock.test=1\nENTRYPOINT [\"/testsvc\"]\n"
+            );
+            std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+            run(Command::new("docker").args(["build", "-q", "-t", &format!("{IMAGE_REPO}:{tag}")]).arg(&dir));
+        }
+    });
+}
+
+/// A service name unique to this test (a DNS label).
+pub fn unique_service(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes every container of a service (by haddock's labels), and the volumes and networks
+/// registered with it, when dropped.
+pub struct DockerGuard {
+    pub service: String,
+    pub volumes: Vec<String>,
+    pub networks: Vec<String>,
+}
+
+impl DockerGuard {
+    pub fn new(service: &str) -> DockerGuard {
+        DockerGuard {
+            service: service.to_string(),
+            volumes: Vec::new(),
+            networks: Vec::new(),
+        }
+    }
+
+    /// Our containers of the service: `(name, version label, running)`.
+    pub fn containers(&self) -> Vec<(String, String, bool)> {
+        let out = run(Command::new("docker").args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=org.haddock.service={}", self.service),
+            "--format",
+            "{{.Names}} {{.Label \"org.haddock.version\"}} {{.State}}",
+        ]));
+        out.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((
+                    it.next()?.to_string(),
+                    it.next()?.to_string(),
+                    it.next()? == "running",
+                ))
+            })
+            .collect()
+    }
+
+    /// A named volume labelled as a test volume, removed on drop.
+    pub fn volume(&mut self, name: &str) {
+        run(Command::new("docker").args([
+            "volume",
+            "create",
+            "--label",
+            "org.haddock.test=1",
+            name,
+        ]));
+        self.volumes.push(name.to_string());
+    }
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=org.haddock.service={}", self.service),
+            ])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v"])
+                .args(&ids)
+                .stdout(Stdio::null())
+                .status();
+        }
+        for v in &self.volumes {
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f", v])
+                .stdout(Stdio::null())
+                .status();
+        }
+        for n in &self.networks {
+            let _ = Command::new("docker")
+                .args(["network", "rm", n])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A real locator process on a free port with an embedded store in a temp dir; killed on drop.
+pub struct Locator {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Locator {
+    pub fn start() -> Locator {
+        let bin = target_release_dir().join("locator");
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it first (cargo build --release -p locator)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            format!(
+                "deploy = [\"{DEPLOY_TOKEN}\"]\nread = [\"test-read\"]\nproxy = [\"test-proxy\"]\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .arg("--tokens")
+            .arg(&tokens)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let l = Locator {
+            child,
+            url,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the locator did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        l
+    }
+
+    pub fn client(&self) -> locator::client::Client {
+        locator::client::Client::new(&self.url, Some(DEPLOY_TOKEN.into()))
+    }
+}
+
+impl Drop for Locator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Knobs of a test spec.
+pub struct SpecOpts {
+    pub steps: &'static str,
+    pub start_deadline: &'static str,
+    pub network: Option<String>,
+    pub volume: Option<String>,
+    pub instances: u32,
+    pub min_requests: u64,
+}
+
+impl Default for SpecOpts {
+    fn default() -> Self {
+        SpecOpts {
+            steps: "[{ weight = 100 }]",
+            start_deadline: "10s",
+            network: None,
+            volume: None,
+            instances: 1,
+            min_requests: 20,
+        }
+    }
+}
+
+/// Writes a deploy spec for `service` running the test images into `dir`.
+pub fn write_spec(dir: &Path, service: &str, o: &SpecOpts) -> PathBuf {
+    let network = o
+        .network
+        .as_ref()
+        .map(|n| format!("network = \"{n}\"\n"))
+        .unwrap_or_default();
+    let volumes = o
+        .volume
+        .as_ref()
+        .map(|v| format!("volumes = [{{ name = \"{v}\", mount = \"/cache\" }}]\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"[service]
+name = "{service}"
+image = "{IMAGE_REPO}"
+port = 8080
+args = ["--listen", "0.0.0.0:{{port}}", "--id", "{{instance}}"]
+env = {{ RUST_LOG = "info" }}
+labels = {{ "org.haddock.test" = "1" }}
+
+[container]
+memory = "64MiB"
+cpu_shares = 256
+restart = "no"
+stop_grace = "1s"
+{network}{volumes}
+[health]
+path = "/readyz"
+interval = "200ms"
+timeout = "500ms"
+rise = 1
+fall = 2
+start_deadline = "{deadline}"
+
+[rollout]
+steps = {steps}
+auto_rollback = true
+
+[rollout.analysis]
+max_5xx_ratio = 0.05
+max_p99 = "500ms"
+min_requests = {min}
+
+[sessions]
+idle_ttl = "1s"
+max_drain = "3s"
+
+[[targets]]
+host = "unix:///var/run/docker.sock"
+instances = {instances}
+"#,
+        deadline = o.start_deadline,
+        steps = o.steps,
+        min = o.min_requests,
+        instances = o.instances,
+    );
+    let path = dir.join(format!("{service}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the haddock binary.
+pub fn haddock(args: &[&str], locator: Option<&Locator>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_haddock"));
+    cmd.args(args)
+        .current_dir(repo_root())
+        .env_remove("HADDOCK_LOCATOR")
+        .env_remove("HADDOCK_TOKEN");
+    if let Some(l) = locator {
+        cmd.env("HADDOCK_LOCATOR", &l.url)
+            .env("HADDOCK_TOKEN", DEPLOY_TOKEN);
+    }
+    cmd.output().expect("haddock runs")
+}
+
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -1,0 +1,112 @@
+//! `haddock-demo`: the README's main job. Starts a locator and a proxy, releases optimizer
+//! v1, puts many users on it, releases v2 with canary steps under that load, waits for the old
+//! version to drain on session expiry, prints a report and, last, one JSON line.
+
+use clap::Parser;
+use e2e::scenario::{canary_under_load, ScenarioOptions};
+use e2e::stack::StackOptions;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(about = "A zero-downtime canary release of the optimizer under load")]
+struct Args {
+    /// Concurrent users.
+    #[arg(long, default_value_t = 24)]
+    users: usize,
+    /// Bake time of each canary step.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    step_pause: Duration,
+    /// Session idle TTL: the old version is removed once its sessions expired.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    session_ttl: Duration,
+    /// Load on v1 before the release starts.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// New sessions started at each canary step to measure the split.
+    #[arg(long, default_value_t = 4000)]
+    probes: usize,
+    #[arg(long, default_value = "1.0.0")]
+    from: String,
+    #[arg(long, default_value = "1.1.0")]
+    to: String,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> std::process::ExitCode {
+    let a = Args::parse();
+    let opts = ScenarioOptions {
+        stack: StackOptions {
+            step_pause: a.step_pause,
+            session_ttl: a.session_ttl,
+            ..StackOptions::default()
+        },
+        from: a.from.clone(),
+        to: a.to.clone(),
+        users: a.users,
+        warmup: a.warmup,
+        probes_per_step: a.probes,
+    };
+    println!(
+        "demo: {} users, canary steps {:?} with {} bake, session TTL {}",
+        a.users,
+        opts.stack.steps,
+        humantime::format_duration(a.step_pause),
+        humantime::format_duration(a.session_ttl)
+    );
+    let o = canary_under_load("demo", opts).await;
+    println!("release {} → exit {:?}", a.from, o.first_release.0);
+    println!("release {} → exit {:?}", a.to, o.release.0);
+    if o.release.0 != Some(0) || o.first_release.0 != Some(0) {
+        println!("--- haddock output\n{}\n{}", o.first_release.1, o.release.2);
+        println!("{}", o.logs);
+    }
+    println!("weights over time (since `haddock release {}`):", a.to);
+    for (t, w) in &o.weight_timeline {
+        println!("  {:>7.1}s  {:?}", t.as_secs_f64(), w);
+    }
+    println!(
+        "requests {}  failed {}  p50 {:.2} ms  p99 {:.2} ms",
+        o.load.requests,
+        o.load.failed,
+        o.load.percentile_ms(0.5),
+        o.load.percentile_ms(0.99)
+    );
+    for f in &o.load.failures {
+        println!("  failure: {f}");
+    }
+    println!(
+        "new sessions on {} per canary step (a burst of new sessions at each step):",
+        a.to
+    );
+    for (w, (share, n)) in o.split() {
+        println!(
+            "  step {w:>3} %: measured {:>5.1} % of {n} new sessions",
+            share * 100.0
+        );
+    }
+    println!("the demo's users' own sessions, by the step they started in:");
+    for (w, (share, n)) in o.load.canary_split(&a.to) {
+        println!(
+            "  step {w:>3} %: {:>5.1} % of {n} sessions on {}",
+            share * 100.0,
+            a.to
+        );
+    }
+    println!(
+        "sessions {}  switched version {}  objects stored via {} read back via {}: {}/{}",
+        o.load.sessions.len(),
+        o.load.sessions_switched(),
+        a.from,
+        a.to,
+        o.objects_readable,
+        o.objects_checked
+    );
+    let summary = o.summary();
+    println!("{summary}");
+    let ok = o.release.0 == Some(0)
+        && o.load.failed == 0
+        && o.load.sessions_switched() == 0
+        && o.objects_readable == o.objects_checked
+        && o.old_containers_left == 0;
+    std::process::ExitCode::from(if ok { 0 } else { 1 })
+}

@@ -1,0 +1,399 @@
+//! A whole Haddock stack for one test or one demo run: a locator (embedded store), a proxy, a
+//! private Docker network and cache volume, and a deploy spec pointing at them.
+//!
+//! The locator and the proxy run as host processes (the real release binaries); the optimizer
+//! runs in containers that `haddock release` starts. Everything a stack creates carries the
+//! label [`crate::TEST_LABEL`] or its own service name, and is removed when the stack drops —
+//! also when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::eventually;
+
+/// Knobs of a stack's deploy spec (derived from `deploy-specs/optimizer.toml`).
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Bake time of each canary step.
+    pub step_pause: Duration,
+    /// Session idle TTL (also the drain wait).
+    pub session_ttl: Duration,
+    /// Canary weights, ending at 100.
+    pub steps: Vec<u32>,
+    /// Extra environment for the optimizer containers (e.g. FAILPOINTS).
+    pub env: Vec<(String, String)>,
+    /// An instance not healthy by then has failed to start.
+    pub start_deadline: Duration,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            step_pause: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(5),
+            steps: vec![10, 50, 100],
+            env: Vec::new(),
+            start_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running stack; dropping it stops the processes and removes containers, network, volume.
+#[derive(Debug)]
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    /// Unique per stack, so that stacks of parallel tests never touch each other's containers.
+    pub service: String,
+    pub locator_url: String,
+    pub deploy_token: String,
+    pub read_token: String,
+    pub proxy_url: String,
+    pub proxy_admin: String,
+    pub spec_path: PathBuf,
+    pub network: String,
+    pub volume: String,
+    pub cookie: String,
+    locator: Option<Child>,
+    proxy: Option<Child>,
+    heartbeat: Option<Child>,
+    locator_port: u16,
+}
+
+/// The directory holding the release binaries (next to the running test or demo binary).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    // Test binaries live in target/release/deps, the demo binary in target/release.
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --release --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// The repository root (for the shipped deploy spec).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI runs")
+}
+
+impl Stack {
+    /// Starts locator and proxy and writes the spec; waits until both answer.
+    pub async fn start(name: &str, opts: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let suffix: u32 = rand::random::<u32>() % 100_000;
+        let service = format!("{name}-{suffix}");
+        let network = format!("haddock-{service}");
+        let volume = format!("cache-{service}");
+        let (deploy_token, read_token, proxy_token) = (
+            format!("deploy-{}", rand::random::<u64>()),
+            format!("read-{}", rand::random::<u64>()),
+            format!("proxy-{}", rand::random::<u64>()),
+        );
+        let tokens = dir.path().join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            format!("deploy = [\"{deploy_token}\"]\nread = [\"{read_token}\"]\nproxy = [\"{proxy_token}\"]\n"),
+        )
+        .unwrap();
+
+        let out = docker(&["network", "create", "--label", crate::TEST_LABEL, &network]);
+        assert!(
+            out.status.success(),
+            "docker network create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = docker(&["volume", "create", "--label", crate::TEST_LABEL, &volume]);
+        assert!(
+            out.status.success(),
+            "docker volume create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let cookie = "haddock_session".to_string();
+        let spec_path = dir.path().join(format!("{service}.toml"));
+        std::fs::write(&spec_path, spec_text(&service, &network, &volume, &opts)).unwrap();
+
+        let locator_port = free_port();
+        let mut stack = Stack {
+            locator_url: format!("http://127.0.0.1:{locator_port}"),
+            proxy_url: String::new(),
+            proxy_admin: String::new(),
+            deploy_token,
+            read_token,
+            spec_path,
+            network,
+            volume,
+            cookie,
+            locator: None,
+            proxy: None,
+            heartbeat: None,
+            locator_port,
+            service,
+            dir,
+        };
+        stack.start_locator().await;
+
+        let (port, admin) = (free_port(), free_port());
+        stack.proxy_url = format!("http://127.0.0.1:{port}");
+        stack.proxy_admin = format!("http://127.0.0.1:{admin}");
+        let log = std::fs::File::create(stack.dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(bin("proxy"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--locator", &stack.locator_url, "--service", &stack.service])
+            .args(["--token", &proxy_token])
+            .arg("--state-dir")
+            .arg(stack.dir.path().join("proxy"))
+            .env(
+                "HADDOCK_COOKIE_KEY",
+                format!("demo-key-{}", rand::random::<u64>()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("proxy starts");
+        stack.proxy = Some(child);
+        // The host agent: keeps the running instances' heartbeats going between releases
+        // (the locator marks a silent instance unhealthy after its TTL).
+        let log = std::fs::File::create(stack.dir.path().join("heartbeat.log")).unwrap();
+        let child = stack
+            .haddock()
+            .args(["heartbeat", &stack.service, "--spec"])
+            .arg(&stack.spec_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("haddock heartbeat starts");
+        stack.heartbeat = Some(child);
+        let metrics = format!("{}/metrics", stack.proxy_admin);
+        eventually(
+            "the proxy's admin port",
+            Duration::from_secs(20),
+            || async {
+                reqwest::get(&metrics)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            },
+        )
+        .await;
+        stack
+    }
+
+    /// (Re)starts the locator on its port and data dir, and waits until it answers.
+    pub async fn start_locator(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("locator.log"))
+            .unwrap();
+        let child = Command::new(bin("locator"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.locator_port),
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("locator"))
+            .arg("--tokens")
+            .arg(self.dir.path().join("tokens.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("locator starts");
+        self.locator = Some(child);
+        let health = format!("{}/healthz", self.locator_url);
+        eventually(
+            "the locator's /healthz",
+            Duration::from_secs(20),
+            || async {
+                reqwest::get(&health)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+
+    /// `haddock` with the locator URL and deploy token in its environment.
+    pub fn haddock(&self) -> Command {
+        let mut c = Command::new(bin("haddock"));
+        c.env("HADDOCK_LOCATOR", &self.locator_url)
+            .env("HADDOCK_TOKEN", &self.deploy_token);
+        c
+    }
+
+    /// Runs `haddock release <service> <tag> --spec <spec> --json`, returning the exit code
+    /// and the JSON result line.
+    pub fn release(&self, tag: &str) -> (Option<i32>, serde_json::Value, String) {
+        let out = self
+            .haddock()
+            .args(["release", &self.service, tag, "--json", "--spec"])
+            .arg(&self.spec_path)
+            .output()
+            .expect("haddock runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let json = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), json, format!("{stdout}\n{stderr}"))
+    }
+
+    /// Container ids of this stack's service, optionally of one version.
+    pub fn containers(&self, version: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            "ps".to_string(),
+            "-aq".into(),
+            "--filter".into(),
+            format!("label=org.haddock.service={}", self.service),
+        ];
+        if let Some(v) = version {
+            args.push("--filter".into());
+            args.push(format!("label=org.haddock.version={v}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = docker(&args);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Current weights of the service, as the locator holds them.
+    pub async fn weights(&self) -> Option<std::collections::BTreeMap<String, u8>> {
+        let client = locator::client::Client::new(&self.locator_url, Some(self.read_token.clone()));
+        client.service(&self.service).await.ok().map(|s| s.weights)
+    }
+
+    /// Kills the locator process (as a crash would).
+    pub fn kill_locator(&mut self) {
+        if let Some(mut c) = self.locator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The logs of the host processes, for failure messages.
+    pub fn logs(&self) -> String {
+        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        let tail = |s: String| {
+            s.lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- locator.log\n{}\n--- proxy.log\n{}",
+            tail(read("locator.log")),
+            tail(read("proxy.log"))
+        )
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in [self.proxy.take(), self.locator.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ids = self.containers(None);
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(ids.iter().map(String::as_str));
+            docker(&args);
+        }
+        docker(&["network", "rm", &self.network]);
+        docker(&["volume", "rm", "-f", &self.volume]);
+    }
+}
+
+/// The shipped spec with this stack's service name, network, volume, timings and env.
+fn spec_text(service: &str, network: &str, volume: &str, o: &StackOptions) -> String {
+    let shipped = std::fs::read_to_string(repo_root().join("deploy-specs/optimizer.toml"))
+        .expect("deploy-specs/optimizer.toml");
+    let fmt = |d: Duration| format!("\"{}ms\"", d.as_millis());
+    let steps = o
+        .steps
+        .iter()
+        .map(|w| format!("  {{ weight = {w}, pause = {} }},\n", fmt(o.step_pause)))
+        .collect::<String>();
+    let mut env = String::from("env = { RUST_LOG = \"info\"");
+    for (k, v) in &o.env {
+        env.push_str(&format!(", {k} = \"{v}\""));
+    }
+    env.push_str(" }");
+    let mut out = String::new();
+    let mut in_steps = false;
+    for line in shipped.lines() {
+        let t = line.trim_start();
+        if in_steps {
+            if t.starts_with(']') {
+                in_steps = false;
+                out.push_str(&steps);
+                out.push_str("]\n");
+            }
+            continue;
+        }
+        let replaced = if t.starts_with("name = \"optimizer\"") {
+            format!("name = \"{service}\"")
+        } else if t.starts_with("network =") {
+            format!("network = \"{network}\"")
+        } else if t.starts_with("{ name = \"optimizer-cache\"") {
+            format!("  {{ name = \"{volume}\", mount = \"/cache\" }},")
+        } else if t.starts_with("env =") {
+            env.clone()
+        } else if t.starts_with("start_deadline =") {
+            format!("start_deadline = {}", fmt(o.start_deadline))
+        } else if t.starts_with("idle_ttl =") {
+            format!("idle_ttl = {}", fmt(o.session_ttl))
+        } else if t.starts_with("max_drain =") {
+            format!("max_drain = {}", fmt(o.session_ttl * 4))
+        } else if t.starts_with("steps = [") {
+            in_steps = true;
+            "steps = [".to_string()
+        } else {
+            line.to_string()
+        };
+        out.push_str(&replaced);
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! End to end: real Docker Engine, real locator and proxy processes, optimizer containers on a
+//! shared volume, many users with their own cookie jars.
+//!
+//! Needs the images `haddock/optimizer:{1.0.0,1.1.0,9.9.9-faulty}` (`ci/test.sh` builds them).
+//! The scenarios share two cores, so they run one at a time (the `SERIAL` lock).
+
+use std::time::Duration;
+
+use e2e::eventually;
+use e2e::scenario::{run_on, ScenarioOptions};
+use e2e::stack::{Stack, StackOptions};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn quick() -> StackOptions {
+    StackOptions {
+        step_pause: Duration::from_secs(4),
+        session_ttl: Duration::from_secs(3),
+        start_deadline: Duration::from_secs(15),
+        ..StackOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_release_under_load_loses_nothing() {
+    let _one = SERIAL.lock().await;
+    let opts = ScenarioOptions {
+        stack: quick(),
+        ..ScenarioOptions::default()
+    };
+    let stack = Stack::start("canary", opts.stack.clone()).await;
+    let o = run_on(&stack, &opts).await;
+    let why = format!("{}\n{}\n{}", o.first_release.1, o.release.2, o.logs);
+
+    assert_eq!(o.first_release.0, Some(0), "first release failed: {why}");
+    assert_eq!(o.release.0, Some(0), "release failed: {why}");
+    assert_eq!(
+        o.load.failed, 0,
+        "user requests failed: {:?}\n{why}",
+        o.load.failures
+    );
+    assert!(
+        o.load.requests > 500,
+        "too little load to judge: {}",
+        o.load.requests
+    );
+    assert_eq!(
+        o.load.sessions_switched(),
+        0,
+        "a sticky session switched version before expiry"
+    );
+    for weight in [10u32, 50] {
+        let (share, n) = o.split().get(&weight).copied().unwrap_or_else(|| {
+            panic!(
+                "step {weight} % was never measured: {:?}",
+                o.weight_timeline
+            )
+        });
+        assert!(n >= 4000, "only {n} sessions probed at {weight} %");
+        assert!(
+            (share * 100.0 - weight as f64).abs() <= 2.0,
+            "step {weight} %: measured {:.2} % of new sessions on the new version",
+            share * 100.0
+        );
+    }
+    assert_eq!(
+        o.objects_readable, o.objects_checked,
+        "objects stored via 1.0.0 lost"
+    );
+    assert!(o.objects_checked > 0, "no object was stored through 1.0.0");
+    assert_eq!(o.old_containers_left, 0, "old containers not removed");
+    // The old version was removed only after its sessions expired: the release's drain step
+    // took at least one session TTL after promotion.
+    let drain_ms = o.release.1["step_ms"]["draining"].as_u64().unwrap_or(0);
+    assert!(
+        drain_ms >= quick().session_ttl.as_millis() as u64,
+        "drain took {drain_ms} ms, shorter than the session TTL: {}",
+        o.release.1
+    );
+    assert_eq!(stack.weights().await.unwrap().get("1.1.0"), Some(&100));
+}
+
+/// Releases `tag` of the faulty image with FAILPOINTS under load and expects a rollback/failure
+/// that leaves users on 1.0.0.
+async fn release_fails_back_to_v1(
+    name: &str,
+    failpoints: &str,
+    expect_user_errors: bool,
+) -> serde_json::Value {
+    let mut stack_opts = quick();
+    stack_opts
+        .env
+        .push(("FAILPOINTS".into(), failpoints.into()));
+    let stack = Stack::start(name, stack_opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
+
+    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
+    let cfg = e2e::load::LoadConfig {
+        target: stack.proxy_url.clone(),
+        users: 8,
+        cookie: stack.cookie.clone(),
+        requests_per_session: 10,
+        object_size: 8 * 1024,
+        think: Duration::from_millis(20),
+    };
+    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
+    let (code, json, out) = tokio::task::block_in_place(|| stack.release("9.9.9-faulty"));
+    control.stop();
+    let report = load.await.unwrap();
+
+    assert_eq!(
+        code,
+        Some(1),
+        "a bad version must end in exit 1: {out}\n{}",
+        stack.logs()
+    );
+    let weights = stack.weights().await.unwrap();
+    assert_eq!(
+        weights.get("1.0.0"),
+        Some(&100),
+        "users not back on 1.0.0: {weights:?}"
+    );
+    assert!(
+        stack.containers(Some("9.9.9-faulty")).is_empty(),
+        "faulty containers left behind"
+    );
+    assert_eq!(
+        stack.containers(Some("1.0.0")).len(),
+        1,
+        "1.0.0 must be untouched"
+    );
+    if !expect_user_errors {
+        assert_eq!(report.failed, 0, "users saw errors: {:?}", report.failures);
+    }
+    assert!(report.requests > 0);
+    json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_that_never_turns_healthy_fails_and_users_never_notice() {
+    let _one = SERIAL.lock().await;
+    let json = release_fails_back_to_v1("unhealthy", "http::readyz=return", false).await;
+    assert_eq!(json["state"], "failed", "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_answering_5xx_is_rolled_back_before_100_percent() {
+    let _one = SERIAL.lock().await;
+    let json = release_fails_back_to_v1("errors", "http::request=return", true).await;
+    assert_eq!(json["state"], "rolled_back", "{json}");
+    assert!(
+        json["reason"].as_str().unwrap_or("").contains("5xx"),
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_new_container_mid_canary_rolls_back_with_no_user_error() {
+    let _one = SERIAL.lock().await;
+    let mut opts = quick();
+    opts.step_pause = Duration::from_secs(20);
+    let stack = Stack::start("killed", opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "{out}");
+
+    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
+    let cfg = e2e::load::LoadConfig {
+        target: stack.proxy_url.clone(),
+        users: 8,
+        cookie: stack.cookie.clone(),
+        requests_per_session: 10,
+        object_size: 8 * 1024,
+        think: Duration::from_millis(20),
+    };
+    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
+    let release = {
+        let mut cmd = stack.haddock();
+        cmd.args(["release", &stack.service, "1.1.0", "--json", "--spec"])
+            .arg(&stack.spec_path);
+        tokio::task::spawn_blocking(move || cmd.output())
+    };
+    // Mid-canary: 1.1.0 has its first step's weight.
+    eventually(
+        "1.1.0 at its first canary step",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .weights()
+                .await
+                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
+        },
+    )
+    .await;
+    for id in stack.containers(Some("1.1.0")) {
+        let out = std::process::Command::new("docker")
+            .args(["kill", "-s", "KILL", &id])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let out = release.await.unwrap().unwrap();
+    control.stop();
+    let report = load.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rolled_back"), "{stdout}");
+    assert_eq!(stack.weights().await.unwrap().get("1.0.0"), Some(&100));
+    assert!(
+        stack.containers(Some("1.1.0")).is_empty(),
+        "killed version's containers left"
+    );
+    assert_eq!(report.failed, 0, "users saw errors: {:?}", report.failures);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn haddock_killed_mid_release_then_resumed_completes_cleanly() {
+    let _one = SERIAL.lock().await;
+    let mut opts = quick();
+    opts.step_pause = Duration::from_secs(6);
+    let stack = Stack::start("resumed", opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "{out}");
+
+    let mut child = stack
+        .haddock()
+        .args(["release", &stack.service, "1.1.0", "--json", "--spec"])
+        .arg(&stack.spec_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "1.1.0 at a canary step",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .weights()
+                .await
+                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0))
+        },
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+
+    // Running the same release again continues from the recorded state.
+    let (code, json, out) = tokio::task::block_in_place(|| stack.release("1.1.0"));
+    assert_eq!(code, Some(0), "resume failed: {out}\n{}", stack.logs());
+    assert_eq!(json["state"], "done", "{json}");
+    assert_eq!(stack.weights().await.unwrap().get("1.1.0"), Some(&100));
+    assert!(
+        stack.containers(Some("1.0.0")).is_empty(),
+        "old containers left behind"
+    );
+    assert_eq!(
+        stack.containers(Some("1.1.0")).len(),
+        1,
+        "exactly one 1.1.0 instance, no orphan"
+    );
+}
