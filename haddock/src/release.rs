@@ -164,6 +164,10 @@ impl Deployer {
         // Nothing is changed before these checks pass.
         self.check_images(tag).await?;
         if let Some(active) = self.client.active_release(self.service()).await? {
+            // A release to the same tag whose driver was killed a moment ago still shows a
+            // fresh lease: wait for it to lapse rather than refuse, so that "run it again"
+            // always continues a crashed release.
+            let active = self.await_lease(active, tag).await?;
             if active.to_version == tag && !is_driven(&active) {
                 self.out.step(
                     &format!(
@@ -285,6 +289,30 @@ impl Deployer {
                     self.service()
                 ))
             })
+    }
+}
+
+impl Deployer {
+    /// Waits (at most two lease periods) until nobody drives `active`, when it is a release
+    /// to `tag`; returns the fresh record. A release to another tag is returned at once.
+    async fn await_lease(&self, mut active: Release, tag: &str) -> Result<Release> {
+        if active.to_version != tag || !is_driven(&active) {
+            return Ok(active);
+        }
+        self.out.step(
+            &format!(
+                "release {} is leased by another haddock; waiting up to {}s for the lease to lapse",
+                active.id,
+                (LEASE * 2).as_secs()
+            ),
+            None,
+        );
+        let deadline = Instant::now() + LEASE * 2;
+        while is_driven(&active) && !active.state.is_terminal() && Instant::now() < deadline {
+            tokio::time::sleep(HEARTBEAT).await;
+            active = self.client.release(&active.id).await?;
+        }
+        Ok(active)
     }
 }
 

@@ -141,14 +141,14 @@ async fn release_fails_back_to_v1(
 async fn a_version_that_never_turns_healthy_fails_and_users_never_notice() {
     let _one = SERIAL.lock().await;
     let json = release_fails_back_to_v1("unhealthy", "http::readyz=return", false).await;
-    assert_eq!(json["state"], "failed", "{json}");
+    assert_eq!(json["outcome"], "failed", "{json}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_answering_5xx_is_rolled_back_before_100_percent() {
     let _one = SERIAL.lock().await;
     let json = release_fails_back_to_v1("errors", "http::request=return", true).await;
-    assert_eq!(json["state"], "rolled_back", "{json}");
+    assert_eq!(json["outcome"], "rolled_back", "{json}");
     assert!(
         json["reason"].as_str().unwrap_or("").contains("5xx"),
         "{json}"
