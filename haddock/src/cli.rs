@@ -50,7 +50,9 @@ pub struct Conn {
 
 impl Conn {
     fn client(&self) -> Client {
+        // A release outlives a locator restart: refused connections are retried this long.
         Client::new(&self.locator, self.token.clone())
+            .with_connect_retry(std::time::Duration::from_secs(30))
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// How long a request keeps retrying while the locator refuses connections.
+    connect_retry: std::time::Duration,
 }
 
 impl Client {
@@ -69,7 +71,15 @@ impl Client {
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .expect("a client without TLS always builds"),
+            connect_retry: std::time::Duration::ZERO,
         }
+    }
+
+    /// Keeps retrying refused connections for up to `window` (with backoff) before a call
+    /// fails: for callers like haddock that must outlive a locator restart.
+    pub fn with_connect_retry(mut self, window: std::time::Duration) -> Self {
+        self.connect_retry = window;
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -85,10 +95,27 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        let resp = req.send().await.map_err(|source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        })?;
+        // A refused connection means the request never reached the locator, so even a POST
+        // is safe to send again: this rides out a locator restart without a special case in
+        // every caller.
+        let deadline = std::time::Instant::now() + self.connect_retry;
+        let mut pause = std::time::Duration::from_millis(100);
+        let resp = loop {
+            let attempt = req.try_clone().expect("request bodies are buffered JSON");
+            match attempt.send().await {
+                Ok(resp) => break resp,
+                Err(e) if e.is_connect() && std::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                }
+                Err(source) => {
+                    return Err(ClientError::Transport {
+                        url: self.base.clone(),
+                        source,
+                    })
+                }
+            }
+        };
         let status = resp.status();
         let body = resp
             .bytes()

@@ -25,6 +25,8 @@ pub struct StackOptions {
     pub env: Vec<(String, String)>,
     /// An instance not healthy by then has failed to start.
     pub start_deadline: Duration,
+    /// Run the locator on this PostgreSQL database instead of the embedded store.
+    pub database_url: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -35,6 +37,7 @@ impl Default for StackOptions {
             steps: vec![10, 50, 100],
             env: Vec::new(),
             start_deadline: Duration::from_secs(30),
+            database_url: None,
         }
     }
 }
@@ -58,6 +61,7 @@ pub struct Stack {
     proxy: Option<Child>,
     heartbeat: Option<Child>,
     locator_port: u16,
+    database_url: Option<String>,
 }
 
 /// The directory holding the release binaries (next to the running test or demo binary).
@@ -154,6 +158,7 @@ impl Stack {
             proxy: None,
             heartbeat: None,
             locator_port,
+            database_url: opts.database_url.clone(),
             service,
             dir,
         };
@@ -213,14 +218,17 @@ impl Stack {
             .append(true)
             .open(self.dir.path().join("locator.log"))
             .unwrap();
-        let child = Command::new(bin("locator"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{}", self.locator_port),
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("locator"))
+        let mut cmd = Command::new(bin("locator"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", self.locator_port),
+        ]);
+        match &self.database_url {
+            Some(url) => cmd.args(["--database-url", url]),
+            None => cmd.arg("--data-dir").arg(self.dir.path().join("locator")),
+        };
+        let child = cmd
             .arg("--tokens")
             .arg(self.dir.path().join("tokens.toml"))
             .stdout(Stdio::null())

@@ -264,3 +264,82 @@ async fn haddock_killed_mid_release_then_resumed_completes_cleanly() {
         "exactly one 1.1.0 instance, no orphan"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release_completes() {
+    let _one = SERIAL.lock().await;
+    let pg = locator::testing::Postgres::start();
+    let mut opts = quick();
+    opts.step_pause = Duration::from_secs(6);
+    opts.database_url = Some(pg.url());
+    let mut stack = Stack::start("pgrestart", opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "{out}\n{}", stack.logs());
+
+    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
+    let cfg = e2e::load::LoadConfig {
+        target: stack.proxy_url.clone(),
+        users: 8,
+        cookie: stack.cookie.clone(),
+        requests_per_session: 10,
+        object_size: 8 * 1024,
+        think: Duration::from_millis(20),
+    };
+    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
+    let release = {
+        let mut cmd = stack.haddock();
+        cmd.args(["release", &stack.service, "1.1.0", "--json", "--spec"])
+            .arg(&stack.spec_path);
+        tokio::task::spawn_blocking(move || cmd.output())
+    };
+    let before = eventually(
+        "1.1.0 at its first canary step",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .weights()
+                .await
+                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
+        },
+    )
+    .await;
+
+    // The locator dies mid-bake and comes back on the same database two seconds later.
+    stack.kill_locator();
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself is what is tested
+    stack.start_locator().await;
+    let after = stack.weights().await.expect("locator back");
+    assert_eq!(
+        after.get("1.1.0"),
+        before.get("1.1.0").or(after.get("1.1.0")),
+        "weights lost"
+    );
+
+    let out = release.await.unwrap().unwrap();
+    control.stop();
+    let report = load.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
+    assert_eq!(stack.weights().await.unwrap().get("1.1.0"), Some(&100));
+    assert!(
+        stack.containers(Some("1.0.0")).is_empty(),
+        "old containers left behind"
+    );
+    assert_eq!(
+        report.failed, 0,
+        "users saw errors while the locator was down: {:?}",
+        report.failures
+    );
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let history = client.history(Some(&stack.service)).await.unwrap();
+    assert_eq!(history.len(), 2, "both releases recorded: {history:?}");
+    assert!(history
+        .iter()
+        .all(|r| r.state == locator::api::ReleaseState::Done));
+}
