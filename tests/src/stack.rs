@@ -334,10 +334,8 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for child in [self.proxy.take(), self.locator.take()]
-            .into_iter()
-            .flatten()
-        {
+        let children = [self.heartbeat.take(), self.proxy.take(), self.locator.take()];
+        for child in children.into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
