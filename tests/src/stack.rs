@@ -334,7 +334,11 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let children = [self.heartbeat.take(), self.proxy.take(), self.locator.take()];
+        let children = [
+            self.heartbeat.take(),
+            self.proxy.take(),
+            self.locator.take(),
+        ];
         for child in children.into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
