@@ -540,12 +540,21 @@ impl Host {
 
     /// Streams `die`, `oom` and `health_status: unhealthy` events of one release's containers.
     /// The stream ends when the connection to the daemon does.
-    pub fn events(&self, release: &str) -> impl Stream<Item = ContainerEvent> + Send + 'static {
+    pub fn events(
+        &self,
+        service: &str,
+        release: &str,
+    ) -> impl Stream<Item = ContainerEvent> + Send + 'static {
+        // Release ids are only unique within one locator: match the service too (Docker ANDs
+        // label filters), or another service's release with the same id leaks in.
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
             (
                 "label".to_string(),
-                vec![format!("{}={release}", labels::RELEASE)],
+                vec![
+                    format!("{}={service}", labels::SERVICE),
+                    format!("{}={release}", labels::RELEASE),
+                ],
             ),
             (
                 "event".to_string(),

@@ -486,7 +486,7 @@ impl<'a> Run<'a> {
     fn start_background(&mut self) {
         let (tx, rx) = mpsc::unbounded_channel();
         for h in &self.d.hosts {
-            let stream = h.events(&self.rec.id);
+            let stream = h.events(&self.rec.service, &self.rec.id);
             let tx = tx.clone();
             self.tasks.push(tokio::spawn(async move {
                 use futures_util::StreamExt;

@@ -125,27 +125,8 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
     // v2, in a thread, while this task follows the weights for the split measurement.
     let started = Instant::now();
     let release = {
-        let (bin, env, args) = (
-            crate::stack::bin("haddock"),
-            [
-                ("HADDOCK_LOCATOR", stack.locator_url.clone()),
-                ("HADDOCK_TOKEN", stack.deploy_token.clone()),
-            ],
-            vec![
-                "release".to_string(),
-                stack.service.clone(),
-                opts.to.clone(),
-                "--json".into(),
-                "--spec".into(),
-                stack.spec_path.display().to_string(),
-            ],
-        );
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(bin)
-                .envs(env)
-                .args(args)
-                .output()
-        })
+        let mut cmd = stack.release_command(&opts.to);
+        tokio::task::spawn_blocking(move || cmd.output())
     };
     let mut timeline: Vec<(Duration, BTreeMap<String, u8>)> = Vec::new();
     let mut tag_to_full = None;
@@ -176,17 +157,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         .await
         .expect("release thread")
         .expect("haddock runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let json = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let release = (
-        out.status.code(),
-        json,
-        format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
-    );
+    let release = crate::stack::release_result(&out);
     let old_containers_left = stack.containers(Some(&opts.from)).len();
 
     control.stop();

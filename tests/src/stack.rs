@@ -261,20 +261,15 @@ impl Stack {
     /// Runs `haddock release <service> <tag> --spec <spec> --json`, returning the exit code
     /// and the JSON result line.
     pub fn release(&self, tag: &str) -> (Option<i32>, serde_json::Value, String) {
-        let out = self
-            .haddock()
-            .args(["release", &self.service, tag, "--json", "--spec"])
-            .arg(&self.spec_path)
-            .output()
-            .expect("haddock runs");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let json = stdout
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str(l).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        (out.status.code(), json, format!("{stdout}\n{stderr}"))
+        release_result(&self.release_command(tag).output().expect("haddock runs"))
+    }
+
+    /// The `haddock release <service> <tag> --json --spec <spec>` command, not yet started.
+    pub fn release_command(&self, tag: &str) -> Command {
+        let mut cmd = self.haddock();
+        cmd.args(["release", &self.service, tag, "--json", "--spec"])
+            .arg(&self.spec_path);
+        cmd
     }
 
     /// Container ids of this stack's service, optionally of one version.
@@ -330,6 +325,18 @@ impl Stack {
             tail(read("proxy.log"))
         )
     }
+}
+
+/// A finished `haddock release --json` run as (exit code, its JSON result line, all output).
+pub fn release_result(out: &std::process::Output) -> (Option<i32>, serde_json::Value, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), json, format!("{stdout}\n{stderr}"))
 }
 
 impl Drop for Stack {

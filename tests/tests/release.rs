@@ -4,6 +4,7 @@
 //! Needs the images `haddock/optimizer:{1.0.0,1.1.0,9.9.9-faulty}` (`ci/test.sh` builds them).
 //! The scenarios share two cores, so they run one at a time (the `SERIAL` lock).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::eventually;
@@ -19,6 +20,25 @@ fn quick() -> StackOptions {
         start_deadline: Duration::from_secs(15),
         ..StackOptions::default()
     }
+}
+
+/// Eight users on the proxy until the returned control is stopped.
+fn light_load(
+    stack: &Stack,
+) -> (
+    Arc<e2e::load::LoadControl>,
+    tokio::task::JoinHandle<e2e::load::LoadReport>,
+) {
+    let control = Arc::new(e2e::load::LoadControl::default());
+    let cfg = e2e::load::LoadConfig {
+        target: stack.proxy_url.clone(),
+        users: 8,
+        cookie: stack.cookie.clone(),
+        requests_per_session: 10,
+        object_size: 8 * 1024,
+        think: Duration::from_millis(20),
+    };
+    (control.clone(), tokio::spawn(e2e::load::run(cfg, control)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -95,16 +115,7 @@ async fn release_fails_back_to_v1(
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
 
-    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
-    let cfg = e2e::load::LoadConfig {
-        target: stack.proxy_url.clone(),
-        users: 8,
-        cookie: stack.cookie.clone(),
-        requests_per_session: 10,
-        object_size: 8 * 1024,
-        think: Duration::from_millis(20),
-    };
-    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
+    let (control, load) = light_load(&stack);
     let (code, json, out) = tokio::task::block_in_place(|| stack.release("9.9.9-faulty"));
     control.stop();
     let report = load.await.unwrap();
@@ -164,22 +175,9 @@ async fn kill_9_of_the_new_container_mid_canary_rolls_back_with_no_user_error() 
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "{out}");
 
-    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
-    let cfg = e2e::load::LoadConfig {
-        target: stack.proxy_url.clone(),
-        users: 8,
-        cookie: stack.cookie.clone(),
-        requests_per_session: 10,
-        object_size: 8 * 1024,
-        think: Duration::from_millis(20),
-    };
-    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
-    let release = {
-        let mut cmd = stack.haddock();
-        cmd.args(["release", &stack.service, "1.1.0", "--json", "--spec"])
-            .arg(&stack.spec_path);
-        tokio::task::spawn_blocking(move || cmd.output())
-    };
+    let (control, load) = light_load(&stack);
+    let mut cmd = stack.release_command("1.1.0");
+    let release = tokio::task::spawn_blocking(move || cmd.output());
     // Mid-canary: 1.1.0 has its first step's weight.
     eventually(
         "1.1.0 at its first canary step",
@@ -228,9 +226,7 @@ async fn haddock_killed_mid_release_then_resumed_completes_cleanly() {
     assert_eq!(code, Some(0), "{out}");
 
     let mut child = stack
-        .haddock()
-        .args(["release", &stack.service, "1.1.0", "--json", "--spec"])
-        .arg(&stack.spec_path)
+        .release_command("1.1.0")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -276,22 +272,9 @@ async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "{out}\n{}", stack.logs());
 
-    let control = std::sync::Arc::new(e2e::load::LoadControl::default());
-    let cfg = e2e::load::LoadConfig {
-        target: stack.proxy_url.clone(),
-        users: 8,
-        cookie: stack.cookie.clone(),
-        requests_per_session: 10,
-        object_size: 8 * 1024,
-        think: Duration::from_millis(20),
-    };
-    let load = tokio::spawn(e2e::load::run(cfg, control.clone()));
-    let release = {
-        let mut cmd = stack.haddock();
-        cmd.args(["release", &stack.service, "1.1.0", "--json", "--spec"])
-            .arg(&stack.spec_path);
-        tokio::task::spawn_blocking(move || cmd.output())
-    };
+    let (control, load) = light_load(&stack);
+    let mut cmd = stack.release_command("1.1.0");
+    let release = tokio::task::spawn_blocking(move || cmd.output());
     let before = eventually(
         "1.1.0 at its first canary step",
         Duration::from_secs(60),
