@@ -1198,12 +1198,7 @@ mod tests {
     use super::*;
 
     fn spec() -> Spec {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy-specs/optimizer.toml"
-        ))
-        .unwrap();
-        Spec::parse("optimizer.toml", &text).unwrap()
+        crate::spec::example()
     }
 
     #[test]

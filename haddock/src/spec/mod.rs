@@ -325,6 +325,16 @@ impl Spec {
     }
 }
 
+/// The shipped example spec, shared by the unit tests of every module.
+#[cfg(test)]
+pub(crate) const EXAMPLE: &str = include_str!("../../../deploy-specs/optimizer.toml");
+
+/// [`EXAMPLE`], parsed.
+#[cfg(test)]
+pub(crate) fn example() -> Spec {
+    Spec::parse("optimizer.toml", EXAMPLE).unwrap()
+}
+
 fn default_targets() -> Vec<Target> {
     vec![Target {
         host: default_host(),

@@ -273,7 +273,7 @@ mod tests {
     use crate::spec::{Spec, SpecError, SpecIssue};
 
     /// The shipped example: every rule test below breaks exactly one thing in it.
-    const GOOD: &str = include_str!("../../../deploy-specs/optimizer.toml");
+    const GOOD: &str = crate::spec::EXAMPLE;
 
     fn issues(text: &str) -> Vec<SpecIssue> {
         match Spec::parse("t.toml", text) {
