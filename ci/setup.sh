@@ -13,6 +13,11 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's PostgreSQL tests start their own server from Debian's binaries.
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || haddock_need+=(postgresql)
 fi
+if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
+  # haddock's multi-host test reaches the engine as a second, TLS-protected tcp:// host.
+  command -v stunnel >/dev/null 2>&1 || haddock_need+=(stunnel4)
+  command -v openssl >/dev/null 2>&1 || haddock_need+=(openssl)
+fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run
   # needs it, so HADDOCK_NEED_POSTGRES implies it too).

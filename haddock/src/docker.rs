@@ -40,6 +40,8 @@ pub mod labels {
 
 /// Seconds bollard waits for one Docker API call.
 const API_TIMEOUT_SECS: u64 = 60;
+/// How often a name conflict whose container cannot be found yet is retried (every 250 ms).
+const CREATE_CONFLICT_RETRIES: u32 = 40;
 
 /// One Docker host of a spec's targets.
 #[derive(Debug, Clone)]
@@ -365,28 +367,38 @@ impl Host {
             name: Some(plan.name.clone()),
             ..Default::default()
         };
-        let id = match self
-            .docker
-            .create_container(Some(opts), plan.create_body(image_has_healthcheck))
-            .await
-        {
-            Ok(r) => r.id,
-            Err(e) if is_conflict(&e) => match self.inspect(&plan.name).await? {
-                Some(c) => c.id.unwrap_or_else(|| plan.name.clone()),
-                None => {
+        // A name conflict is a killed run's container: reuse it. When that run died in the
+        // middle of its create call, the daemon may still be creating the container (the name
+        // is taken, inspect does not find it yet): ask again for a little while.
+        let mut attempts = 0;
+        let id = loop {
+            match self
+                .docker
+                .create_container(Some(opts.clone()), plan.create_body(image_has_healthcheck))
+                .await
+            {
+                Ok(r) => break r.id,
+                Err(e) if is_conflict(&e) => match self.inspect(&plan.name).await? {
+                    Some(c) => break c.id.unwrap_or_else(|| plan.name.clone()),
+                    None if attempts < CREATE_CONFLICT_RETRIES => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    None => {
+                        return Err(Error::docker(
+                            &self.name,
+                            format!("create container {}", plan.name),
+                            e,
+                        ))
+                    }
+                },
+                Err(e) => {
                     return Err(Error::docker(
                         &self.name,
                         format!("create container {}", plan.name),
                         e,
                     ))
                 }
-            },
-            Err(e) => {
-                return Err(Error::docker(
-                    &self.name,
-                    format!("create container {}", plan.name),
-                    e,
-                ))
             }
         };
         match self

@@ -86,7 +86,8 @@ pub struct ReleaseReport {
     pub release: Option<String>,
     pub from_version: Option<String>,
     pub to_version: String,
-    /// Final recorded state.
+    /// Final recorded state (`done`, `rolled_back`, `failed`); `null` when the run ended no
+    /// release: bad input before one began, or an infrastructure error that left it active.
     pub state: Option<String>,
     pub reason: Option<String>,
     /// Machine-readable error kind (see `Error::kind`).

@@ -1176,6 +1176,14 @@ pub fn report(
             .into();
             r.error = Some(e.kind().into());
             r.reason = Some(e.to_string());
+            // The terminal state an error recorded; other errors left no release ended (bad
+            // input before one began, or an infrastructure error: the release stays active and
+            // `haddock status` / `haddock resume` take it from its recorded state).
+            r.state = match e {
+                Error::RolledBack { .. } => Some(ReleaseState::RolledBack.to_string()),
+                Error::Unhealthy { .. } => Some(ReleaseState::Failed.to_string()),
+                _ => None,
+            };
             if let Error::RolledBack { release, .. } | Error::Unhealthy { release, .. } = e {
                 r.release = Some(release.clone());
             }

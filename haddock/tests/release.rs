@@ -288,3 +288,198 @@ fn a_killed_haddock_is_resumed_by_running_the_release_again() {
     let svc = rt.block_on(client.service(&service)).unwrap();
     assert_eq!(svc.primary_version.as_deref(), Some("good-2"));
 }
+
+/// Runs `haddock release SERVICE TAG` through `relay` and SIGKILLs it once the locator has
+/// recorded `state` and haddock made its next call; returns the state the locator holds then.
+fn kill_release_at(
+    spec: &std::path::Path,
+    service: &str,
+    tag: &str,
+    l: &Locator,
+    state: ReleaseState,
+) -> ReleaseState {
+    let relay = CrashRelay::start(&l.url, state);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_haddock"))
+        .args(["release", service, tag, "--spec", spec.to_str().unwrap()])
+        .env("HADDOCK_LOCATOR", &relay.url)
+        .env("HADDOCK_TOKEN", DEPLOY_TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        &format!("haddock to record `{state}` and make its next call"),
+        Duration::from_secs(60),
+        || {
+            let exited = child.try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "haddock exited before `{state}`: {exited:?}"
+            );
+            relay.holding()
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    rt().block_on(l.client().active_release(service))
+        .unwrap()
+        .unwrap_or_else(|| panic!("no active release after the kill at `{state}`"))
+        .state
+}
+
+/// Exactly one container runs, of `version`, and the locator sends everybody to it.
+fn assert_settled_on(guard: &DockerGuard, l: &Locator, service: &str, version: &str) {
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "no orphans: {containers:?}");
+    assert_eq!(containers[0].1, version, "{containers:?}");
+    assert!(containers[0].2, "the container runs: {containers:?}");
+    let svc = rt().block_on(l.client().service(service)).unwrap();
+    assert_eq!(svc.primary_version.as_deref(), Some(version));
+    assert_eq!(svc.weights.get(version), Some(&100), "{:?}", svc.weights);
+    assert!(
+        rt().block_on(l.client().active_release(service))
+            .unwrap()
+            .is_none(),
+        "the release ended"
+    );
+}
+
+#[test]
+fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("crash");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        release(&spec, &service, "good-1", &l).status.code(),
+        Some(0)
+    );
+    // Each state in turn, alternating the two good tags: crash there, run the release again.
+    let mut current = "good-1";
+    for state in [
+        ReleaseState::Validating,
+        ReleaseState::Starting,
+        ReleaseState::WaitingHealthy,
+        ReleaseState::Registered,
+        ReleaseState::Shifting,
+        ReleaseState::Promoted,
+        ReleaseState::Draining,
+        ReleaseState::Removing,
+    ] {
+        let next = if current == "good-1" {
+            "good-2"
+        } else {
+            "good-1"
+        };
+        let recorded = kill_release_at(&spec, &service, next, &l, state);
+        assert_eq!(recorded, state, "killed while the locator held `{state}`");
+        let again = release(&spec, &service, next, &l);
+        assert_eq!(
+            again.status.code(),
+            Some(0),
+            "re-run after a kill at `{state}`: {}",
+            text(&again)
+        );
+        assert_eq!(report(&again)["state"], "done", "after `{state}`");
+        assert_settled_on(&guard, &l, &service, next);
+        current = next;
+    }
+}
+
+#[test]
+fn haddock_killed_while_rolling_back_rolls_back_on_the_next_run() {
+    test_images();
+    let l = Locator::start();
+    let service = unique_service("crash-rb");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 50, pause = "60s" }, { weight = 100 }]"#,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        release(&spec, &service, "good-1", &l).status.code(),
+        Some(0)
+    );
+    // An operator aborts mid-bake; haddock records `rolling_back` and dies right after.
+    let client = l.client();
+    let recorded = std::thread::scope(|s| {
+        s.spawn(|| {
+            wait_until("the canary bake", Duration::from_secs(60), || {
+                rt().block_on(client.active_release(&service))
+                    .unwrap()
+                    .is_some_and(|r| r.state == ReleaseState::Shifting)
+            });
+            let abort = haddock(&["abort", &service], Some(&l));
+            assert_eq!(abort.status.code(), Some(0), "{}", text(&abort));
+        });
+        kill_release_at(&spec, &service, "good-2", &l, ReleaseState::RollingBack)
+    });
+    assert_eq!(recorded, ReleaseState::RollingBack);
+
+    let again = release(&spec, &service, "good-2", &l);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    let r = report(&again);
+    assert_eq!(r["outcome"], "rolled_back", "{r}");
+    assert_eq!(r["state"], "rolled_back", "{r}");
+    assert_settled_on(&guard, &l, &service, "good-1");
+    let history = rt().block_on(client.history(Some(&service))).unwrap();
+    assert_eq!(history[0].state, ReleaseState::RolledBack, "{history:?}");
+}
+
+#[test]
+fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
+    test_images();
+    let tls = TlsDockerHost::start();
+    let l = Locator::start();
+    let service = unique_service("tls");
+    let guard = DockerGuard::new(&service);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
+            more_targets: tls.target(1),
+            ..Default::default()
+        },
+    );
+    for tag in ["good-1", "good-2"] {
+        let out = release(&spec, &service, tag, &l);
+        assert_eq!(out.status.code(), Some(0), "{tag}: {}", text(&out));
+        let containers = guard.containers();
+        assert_eq!(containers.len(), 2, "one per target: {containers:?}");
+        assert!(
+            containers
+                .iter()
+                .all(|(_, v, running)| v == tag && *running),
+            "{containers:?}"
+        );
+        // Each instance was created through its own target's connection.
+        let instances = rt().block_on(l.client().instances(&service)).unwrap();
+        let mut hosts: Vec<_> = instances
+            .iter()
+            .filter(|i| i.state != InstanceState::Gone && i.version == tag)
+            .map(|i| i.docker_host.clone())
+            .collect();
+        hosts.sort();
+        assert_eq!(
+            hosts,
+            vec![tls.host(), "unix:///var/run/docker.sock".to_string()],
+            "{instances:?}"
+        );
+    }
+}

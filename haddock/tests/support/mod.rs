@@ -238,6 +238,8 @@ pub struct SpecOpts {
     pub volume: Option<String>,
     pub instances: u32,
     pub min_requests: u64,
+    /// More `[[targets]]` tables, appended verbatim.
+    pub more_targets: String,
 }
 
 impl Default for SpecOpts {
@@ -249,6 +251,7 @@ impl Default for SpecOpts {
             volume: None,
             instances: 1,
             min_requests: 20,
+            more_targets: String::new(),
         }
     }
 }
@@ -304,11 +307,12 @@ max_drain = "3s"
 [[targets]]
 host = "unix:///var/run/docker.sock"
 instances = {instances}
-"#,
+{more_targets}"#,
         deadline = o.start_deadline,
         steps = o.steps,
         min = o.min_requests,
         instances = o.instances,
+        more_targets = o.more_targets,
     );
     let path = dir.join(format!("{service}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -336,4 +340,263 @@ pub fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// A relay in front of the locator that plays "haddock died right here". It forwards every
+/// call until the locator has recorded the release in `state`, then holds every later call
+/// forever: haddock stops at its next locator call (its next step's or a background
+/// heartbeat's), inside the work of `state`, and the test SIGKILLs it. So a kill lands in a
+/// chosen state even when that state lasts a millisecond.
+pub struct CrashRelay {
+    pub url: String,
+    relay: std::sync::Arc<Relay>,
+    // Dropping the runtime stops the relay and its held calls.
+    _rt: tokio::runtime::Runtime,
+}
+
+struct Relay {
+    upstream: String,
+    state: locator::api::ReleaseState,
+    tripped: std::sync::atomic::AtomicBool,
+    held: AtomicU32,
+    http: reqwest::Client,
+}
+
+type RelayResponse = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+impl CrashRelay {
+    pub fn start(upstream: &str, state: locator::api::ReleaseState) -> CrashRelay {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let relay = std::sync::Arc::new(Relay {
+            upstream: upstream.to_string(),
+            state,
+            tripped: Default::default(),
+            held: AtomicU32::new(0),
+            http: reqwest::Client::new(),
+        });
+        let r = relay.clone();
+        rt.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let r = r.clone();
+                        async move { Ok::<_, std::convert::Infallible>(r.forward(req).await) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+        CrashRelay {
+            url,
+            relay,
+            _rt: rt,
+        }
+    }
+
+    /// The locator recorded the state and haddock has made its next call (now held).
+    pub fn holding(&self) -> bool {
+        self.relay.tripped.load(Ordering::SeqCst) && self.relay.held.load(Ordering::SeqCst) > 0
+    }
+}
+
+impl Relay {
+    async fn forward(&self, req: hyper::Request<hyper::body::Incoming>) -> RelayResponse {
+        use http_body_util::BodyExt;
+        if self.tripped.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut call = self
+            .http
+            .request(parts.method.clone(), format!("{}{path}", self.upstream))
+            .body(body);
+        for (name, value) in &parts.headers {
+            if name != hyper::header::HOST {
+                call = call.header(name, value);
+            }
+        }
+        let Ok(answer) = call.send().await else {
+            return hyper::Response::builder()
+                .status(502)
+                .body(Default::default())
+                .unwrap();
+        };
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let bytes = answer.bytes().await.unwrap_or_default();
+        // A create (POST /v1/releases) or update (PATCH /v1/releases/ID) answers the record.
+        let records_release = matches!(parts.method, hyper::Method::POST | hyper::Method::PATCH)
+            && parts.uri.path().starts_with("/v1/releases")
+            && !parts.uri.path().ends_with("/control");
+        if records_release && status.is_success() {
+            let recorded = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["state"].as_str().map(String::from));
+            if recorded.as_deref() == Some(self.state.to_string().as_str()) {
+                self.tripped.store(true, Ordering::SeqCst);
+            }
+        }
+        let mut response = hyper::Response::builder().status(status);
+        for (name, value) in &headers {
+            if name != hyper::header::CONTENT_LENGTH && name != hyper::header::TRANSFER_ENCODING {
+                response = response.header(name, value);
+            }
+        }
+        response.body(http_body_util::Full::new(bytes)).unwrap()
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The local engine reached a second way: as a `tcp://` host behind TLS with client
+/// certificates (stunnel terminates TLS; openssl makes a throwaway CA). A spec naming both it and
+/// the unix socket exercises haddock's multi-host and TLS paths against the real engine.
+pub struct TlsDockerHost {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsDockerHost {
+    pub fn start() -> TlsDockerHost {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            run(Command::new("openssl").args(args).current_dir(dir.path()));
+        };
+        let subject = |cn: &str| format!("/CN={cn}");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &subject("haddock-test-ca"),
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("client.ext"),
+            "extendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        for (name, cn) in [("server", "localhost"), ("client", "haddock")] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &subject(cn),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ]);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("stunnel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "foreground = yes\npid =\n[docker]\naccept = 127.0.0.1:{port}\n\
+                 connect = /var/run/docker.sock\ncert = server.pem\nkey = server.key\n\
+                 CAfile = ca.pem\nrequireCert = yes\nverifyChain = yes\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("stunnel")
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("stunnel runs (apt-get install stunnel4; ci/setup.sh does)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "stunnel did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsDockerHost { child, port, dir }
+    }
+
+    /// The `host` string of this target.
+    pub fn host(&self) -> String {
+        format!("tcp://localhost:{}", self.port)
+    }
+
+    /// A `[[targets]]` table for this host.
+    pub fn target(&self, instances: u32) -> String {
+        let file = |f: &str| self.dir.path().join(f).display().to_string();
+        format!(
+            "\n[[targets]]\nhost = \"{}\"\ninstances = {instances}\ntls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}\n",
+            self.host(),
+            file("ca.pem"),
+            file("client.pem"),
+            file("client.key"),
+        )
+    }
+}
+
+impl Drop for TlsDockerHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
