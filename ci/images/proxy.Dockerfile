@@ -18,6 +18,6 @@ VOLUME ["/state"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/proxy"]
 # --service has no default: give the whole command, e.g.
-#   serve --listen 0.0.0.0:8080 --admin 0.0.0.0:9180 --state-dir /state --service optimizer
+#   --log-format json serve --listen 0.0.0.0:8080 --admin 0.0.0.0:9180 --state-dir /state --service optimizer
 # with HADDOCK_LOCATOR_URL, HADDOCK_PROXY_TOKEN and HADDOCK_COOKIE_KEY in the environment.
 CMD ["serve", "--help"]

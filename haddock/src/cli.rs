@@ -9,6 +9,7 @@ use crate::spec::{Spec, SpecError};
 use clap::{Args, Parser, Subcommand};
 use locator::api::{Control, Release};
 use locator::client::Client;
+use locator::logging::LogFormat;
 use std::path::{Path, PathBuf};
 
 /// Exit codes of every verb (documented in docs/operations.md).
@@ -30,6 +31,10 @@ pub mod exit {
     about = "Zero-downtime blue-green and canary releases of services in Docker"
 )]
 pub struct Cli {
+    /// Log format. Logs (one event per release transition) go to stderr, RUST_LOG filters
+    /// (default info); `--json` is the result on stdout and is independent of this.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -740,6 +740,16 @@ impl<'a> Run<'a> {
             let t = Instant::now();
             let update = weights_for(self.old_version(), &self.rec.to_version, weight);
             self.apply_weights(&update).await?;
+            tracing::info!(
+                release = %self.rec.id,
+                service = %self.rec.service,
+                from_version = self.old_version().unwrap_or(""),
+                to_version = %self.rec.to_version,
+                step = i,
+                weight,
+                took_ms = ms(t.elapsed()),
+                "release weight applied"
+            );
             self.d.out.step(
                 &format!("weight {weight} % on {}", self.rec.to_version),
                 Some(t.elapsed()),

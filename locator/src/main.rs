@@ -1,6 +1,7 @@
 //! `locator`: see the library documentation; this file only parses flags.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use locator::logging::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,12 +14,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Json,
-    Pretty,
 }
 
 #[derive(Subcommand)]
@@ -61,15 +56,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Pretty => logs.init(),
-    }
+    locator::logging::init(cli.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Cmd::Serve {

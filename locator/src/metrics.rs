@@ -1,4 +1,8 @@
 //! Prometheus metrics, all named `haddock_locator_…`, served at `/metrics`.
+//!
+//! Every Haddock component exports `haddock_<component>_http_requests_total` and
+//! `haddock_<component>_http_request_duration_seconds`: the histogram carries the counter's
+//! labels minus `status`, and the buckets of [`latency_histogram`] (docs/metrics.md).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,12 +21,14 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
+    pub method: String,
     pub route: &'static str,
 }
 
-fn latency_histogram() -> Histogram {
-    // 0.1 ms .. ~1.6 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+/// The latency buckets of every Haddock component, so that their histograms line up in one
+/// panel: 0.1 ms … ~6.6 s in doublings.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
 }
 
 /// Every metric the locator exports.
@@ -114,11 +120,19 @@ mod tests {
                 status: 200,
             })
             .inc();
+        m.request_seconds
+            .get_or_create(&RouteLabels {
+                method: "GET".into(),
+                route: "/healthz",
+            })
+            .observe(0.001);
         let text = m.render();
-        assert!(
-            text.contains("haddock_locator_http_requests_total{"),
-            "{text}"
-        );
-        assert!(text.contains("haddock_locator_revision"), "{text}");
+        for needle in [
+            "haddock_locator_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 1",
+            "haddock_locator_http_request_duration_seconds_bucket{le=\"6.5536\",method=\"GET\",route=\"/healthz\"} 1",
+            "haddock_locator_revision",
+        ] {
+            assert!(text.contains(needle), "{needle} not in\n{text}");
+        }
     }
 }

@@ -225,7 +225,10 @@ impl<S: Store> App<S> {
             })
             .inc();
         m.request_seconds
-            .get_or_create(&RouteLabels { route: template })
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: template,
+            })
             .observe(started.elapsed().as_secs_f64());
         resp
     }

@@ -231,6 +231,100 @@ impl State {
         }
     }
 
+    /// Logs what `event` changes in the lifecycle of a release, as one structured event each
+    /// (call it before [`State::apply`]): an instance or release changing state, a release
+    /// moving to another canary step or getting an operator control, a service registered or
+    /// its weights changed.
+    /// Fields match haddock's `release transition` event (`release`, `service`,
+    /// `from_version`, `to_version`, `from_state`, `to_state`) so that one query follows a
+    /// release through both logs. Heartbeats and session sums change too often to be logged.
+    pub fn log_change(&self, event: &WatchEvent) {
+        let revision = event.revision;
+        match &event.change {
+            Change::Instance(i) => {
+                let from = self.instances.get(&i.id).map(|old| old.state);
+                if from == Some(i.state) {
+                    return;
+                }
+                let release = self.active_release(&i.service);
+                tracing::info!(
+                    revision,
+                    release = release.map(|r| r.id.as_str()),
+                    service = %i.service,
+                    instance = %i.id,
+                    version = %i.version,
+                    from_state = from.map(tracing::field::display),
+                    to_state = %i.state,
+                    "instance state change"
+                );
+            }
+            Change::Release(r) => {
+                let old = self.releases.get(&r.id);
+                let message = match old {
+                    Some(o) if o.state == r.state && o.step == r.step => {
+                        if (o.paused, o.control) == (r.paused, r.control) {
+                            return;
+                        }
+                        "release control"
+                    }
+                    Some(o) if o.state == r.state => "release step",
+                    _ => "release state change",
+                };
+                tracing::info!(
+                    revision,
+                    release = %r.id,
+                    service = %r.service,
+                    from_version = r.from_version.as_deref().unwrap_or(""),
+                    to_version = %r.to_version,
+                    from_state = old.map(|o| tracing::field::display(o.state)),
+                    to_state = %r.state,
+                    step = r.step,
+                    paused = r.paused,
+                    control = r.control.map(tracing::field::debug),
+                    reason = r.reason.as_deref().unwrap_or(""),
+                    "{message}"
+                );
+            }
+            Change::Service(s) => {
+                let old = self.services.get(&s.name);
+                if old.is_some_and(|o| {
+                    (&o.weights, &o.primary_version) == (&s.weights, &s.primary_version)
+                }) {
+                    return;
+                }
+                let weights = s
+                    .weights
+                    .iter()
+                    .map(|(v, w)| format!("{v}={w}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let release = self.active_release(&s.name);
+                let message = match old {
+                    Some(_) => "weights change",
+                    None => "service registered",
+                };
+                tracing::info!(
+                    revision,
+                    release = release.map(|r| r.id.as_str()),
+                    service = %s.name,
+                    from_version = release.and_then(|r| r.from_version.as_deref()),
+                    to_version = release.map(|r| r.to_version.as_str()),
+                    weights = %weights,
+                    primary_version = s.primary_version.as_deref().unwrap_or(""),
+                    "{message}"
+                );
+            }
+            Change::Snapshot(_) | Change::Traffic { .. } => {}
+        }
+    }
+
+    /// The unfinished release of `service`, if any.
+    fn active_release(&self, service: &str) -> Option<&Release> {
+        self.releases
+            .values()
+            .find(|r| r.service == service && !r.state.is_terminal())
+    }
+
     /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]).
     pub fn record_report(&mut self, report: SessionReport, now: UnixMillis) {
         let key = (report.proxy_id.clone(), report.service.clone());
@@ -619,11 +713,7 @@ impl State {
         if n.image.trim().is_empty() {
             return Err(Error::InvalidInput("image must not be empty".into()));
         }
-        if let Some(active) = self
-            .releases
-            .values()
-            .find(|r| r.service == n.service && !r.state.is_terminal())
-        {
+        if let Some(active) = self.active_release(&n.service) {
             return Err(Error::ReleaseActive {
                 service: n.service.clone(),
                 id: active.id.clone(),
@@ -1165,5 +1255,166 @@ mod tests {
             replica.apply(e);
         }
         assert_eq!(replica.snapshot(), live.snapshot());
+    }
+
+    /// Runs `cmd` like [`run`], returning the events [`State::log_change`] wrote as JSON.
+    fn logged(state: &mut State, cmd: Command, ctx: Ctx) -> Vec<serde_json::Value> {
+        #[derive(Clone, Default)]
+        struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = state.execute(&cmd, ctx).unwrap();
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for e in &out.events {
+                state.log_change(e);
+                state.apply(e);
+            }
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["fields"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn every_state_change_is_one_log_event() {
+        let mut s = State::default();
+        let put = Command::PutService {
+            name: "svc".into(),
+            spec: spec(),
+        };
+        let ev = logged(&mut s, put, T);
+        assert_eq!(
+            (ev.len(), &ev[0]["message"]),
+            (1, &"service registered".into())
+        );
+
+        let ev = logged(&mut s, inst("a", "1", InstanceState::Starting), T);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0]["message"], "instance state change");
+        assert_eq!(
+            (&ev[0]["instance"], &ev[0]["to_state"]),
+            (&"a".into(), &"starting".into())
+        );
+        assert!(ev[0].get("from_state").is_none(), "{ev:?}");
+
+        let new = Command::CreateRelease(NewRelease {
+            service: "svc".into(),
+            from_version: Some("1".into()),
+            to_version: "2".into(),
+            image: "img:2".into(),
+            who: "ci".into(),
+        });
+        let ev = logged(&mut s, new, T);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0]["message"], "release state change");
+        let id = ev[0]["release"].as_str().unwrap().to_string();
+        assert_eq!(ev[0]["service"], "svc");
+        assert_eq!(
+            (&ev[0]["from_version"], &ev[0]["to_version"]),
+            (&"1".into(), &"2".into())
+        );
+        assert_eq!(ev[0]["to_state"], "validating");
+
+        let ready = Command::SetState {
+            id: "a".into(),
+            state: InstanceState::Ready,
+        };
+        let ev = logged(&mut s, ready, T);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (&ev[0]["from_state"], &ev[0]["to_state"]),
+            (&"starting".into(), &"ready".into())
+        );
+        assert_eq!(ev[0]["release"], id.as_str(), "the active release is named");
+        assert_eq!(ev[0]["version"], "1");
+
+        let ev = logged(
+            &mut s,
+            Command::SetWeights {
+                service: "svc".into(),
+                update: weights(&[("1", 100)]),
+                if_match: None,
+            },
+            T,
+        );
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (&ev[0]["message"], &ev[0]["weights"]),
+            (&"weights change".into(), &"1=100".into())
+        );
+
+        let update = |u: ReleaseUpdate| Command::UpdateRelease {
+            id: id.clone(),
+            update: u,
+        };
+        let ev = logged(
+            &mut s,
+            update(ReleaseUpdate {
+                state: Some(ReleaseState::Starting),
+                ..Default::default()
+            }),
+            T,
+        );
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (&ev[0]["from_state"], &ev[0]["to_state"]),
+            (&"validating".into(), &"starting".into())
+        );
+        let ev = logged(
+            &mut s,
+            update(ReleaseUpdate {
+                step: Some(1),
+                ..Default::default()
+            }),
+            T,
+        );
+        assert_eq!(
+            (ev.len(), &ev[0]["message"], &ev[0]["step"]),
+            (1, &"release step".into(), &serde_json::json!(1))
+        );
+        let ev = logged(
+            &mut s,
+            Command::Control {
+                id: id.clone(),
+                control: Control::Pause,
+            },
+            T,
+        );
+        assert_eq!(
+            (ev.len(), &ev[0]["message"], &ev[0]["paused"]),
+            (1, &"release control".into(), &true.into())
+        );
+
+        // Bookkeeping that changes no state is not logged.
+        let mut step_ms = BTreeMap::new();
+        step_ms.insert("x".to_string(), 1);
+        assert!(logged(
+            &mut s,
+            update(ReleaseUpdate {
+                step_ms,
+                ..Default::default()
+            }),
+            T
+        )
+        .is_empty());
+        let later = Ctx {
+            now: T.now + 5_000,
+            ..T
+        };
+        assert!(logged(&mut s, Command::Heartbeat { id: "a".into() }, later).is_empty());
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -26,8 +26,35 @@ use crate::volume::{Volume, VolumeConfig};
     about = "Haddock's WAN optimizer: a deduplicating object store over HTTP"
 )]
 pub struct Cli {
+    /// Log format (logs go to stderr; RUST_LOG filters, default info).
+    #[arg(long, global = true, value_enum, env = "OPTIMIZER_LOG_FORMAT", default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log events are written to stderr: the same flag and output as the Haddock programs
+/// (`locator::logging`), repeated here because the optimizer depends on no Haddock crate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (for machines).
+    Json,
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Pretty,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Pretty => logs.init(),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,14 +133,7 @@ pub struct BenchArgs {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logs(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
             // Reads FAILPOINTS; a no-op unless built with the `failpoints` feature.

@@ -1,4 +1,8 @@
-//! Prometheus metrics of one instance, served at `/metrics`.
+//! Prometheus metrics of one instance, all named `haddock_optimizer_…`, served at `/metrics`.
+//!
+//! The request counter and latency histogram follow the convention of every Haddock
+//! component (docs/metrics.md): `…_http_requests_total{method,route,status}` and
+//! `…_http_request_duration_seconds{method,route}`, `route` a path template.
 
 use std::sync::atomic::AtomicU64;
 
@@ -25,8 +29,9 @@ pub struct RouteLabels {
 }
 
 fn latency_histogram() -> Histogram {
-    // 0.25 ms .. ~8 s.
-    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+    // The buckets of every Haddock component (`locator::metrics::latency_histogram`, not
+    // shared because the optimizer depends on no Haddock crate): 0.1 ms … ~6.6 s in doublings.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
 }
 
 /// All metrics of the instance.
@@ -56,7 +61,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("optimizer");
+        let mut registry = Registry::with_prefix("haddock_optimizer");
         let m = Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
@@ -169,7 +174,7 @@ mod tests {
         m.requests
             .get_or_create(&RequestLabels {
                 method: "GET".into(),
-                route: "object",
+                route: "/v1/objects/{key}",
                 status: 200,
             })
             .inc();
@@ -181,10 +186,10 @@ mod tests {
             true,
         );
         for needle in [
-            "optimizer_http_requests_total{method=\"GET\",route=\"object\",status=\"200\"} 1",
-            "optimizer_dedup_ratio 10",
-            "optimizer_chunk_store_bytes 42",
-            "optimizer_writer 1",
+            "haddock_optimizer_http_requests_total{method=\"GET\",route=\"/v1/objects/{key}\",status=\"200\"} 1",
+            "haddock_optimizer_dedup_ratio 10",
+            "haddock_optimizer_chunk_store_bytes 42",
+            "haddock_optimizer_writer 1",
         ] {
             assert!(text.contains(needle), "{needle} not in\n{text}");
         }

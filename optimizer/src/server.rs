@@ -98,18 +98,18 @@ impl<'a> Route<'a> {
         }
     }
 
-    /// Bounded label for metrics (never the key itself).
-    fn name(&self) -> &'static str {
+    /// The path template, the bounded `route` label of the metrics (never the key itself).
+    fn template(&self) -> &'static str {
         match self {
-            Route::Healthz => "healthz",
-            Route::Readyz => "readyz",
-            Route::Version => "version",
-            Route::Metrics => "metrics",
-            Route::Object(_) => "object",
-            Route::Manifest(_) => "manifest",
-            Route::Pull(_) => "pull",
-            Route::Missing => "chunks_missing",
-            Route::Chunk(_) => "chunk",
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Version => "/version",
+            Route::Metrics => "/metrics",
+            Route::Object(_) => "/v1/objects/{key}",
+            Route::Manifest(_) => "/v1/objects/{key}/manifest",
+            Route::Pull(_) => "/v1/objects/{key}/pull",
+            Route::Missing => "/v1/chunks/missing",
+            Route::Chunk(_) => "/v1/chunks/{hash}",
             Route::Unknown => "unknown",
         }
     }
@@ -245,7 +245,7 @@ impl App {
                 error_response(&e)
             }
         };
-        let name = route.name();
+        let name = route.template();
         self.metrics
             .requests
             .get_or_create(&RequestLabels {

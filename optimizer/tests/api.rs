@@ -332,7 +332,7 @@ async fn corrupt_chunks_are_500_and_never_served() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("optimizer_corrupt_chunks_total 2"),
+        metrics.contains("haddock_optimizer_corrupt_chunks_total 2"),
         "{metrics}"
     );
 }
@@ -420,11 +420,11 @@ async fn probes_version_metrics_and_graceful_stop() {
         .await
         .unwrap();
     for needle in [
-        "optimizer_http_requests_total{",
-        "optimizer_dedup_ratio",
-        "optimizer_chunk_store_bytes",
-        "optimizer_http_request_duration_seconds_bucket",
-        "optimizer_http_request_bytes_total",
+        "haddock_optimizer_http_requests_total{method=\"PUT\",route=\"/v1/objects/{key}\",status=",
+        "haddock_optimizer_dedup_ratio",
+        "haddock_optimizer_chunk_store_bytes",
+        "haddock_optimizer_http_request_duration_seconds_bucket",
+        "haddock_optimizer_http_request_bytes_total",
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
@@ -463,7 +463,7 @@ async fn probes_version_metrics_and_graceful_stop() {
             .ok()?;
         let line = m
             .lines()
-            .find(|l| l.starts_with("optimizer_http_request_bytes_total"))?;
+            .find(|l| l.starts_with("haddock_optimizer_http_request_bytes_total"))?;
         (line.split_whitespace().nth(1)?.parse::<u64>().ok()? > 400_000).then_some(())
     })
     .await;

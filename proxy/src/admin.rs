@@ -75,7 +75,7 @@ mod tests {
         assert_eq!(s, 200);
         assert!(String::from_utf8(body)
             .unwrap()
-            .contains("haddock_proxy_retries_total"));
+            .contains("haddock_proxy_retries_total{service=\"svc\"}"));
         assert_eq!(admin.answer("/healthz").0, 200);
         let (_, _, body) = admin.answer("/routing");
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use locator::logging::LogFormat;
 
 use crate::error::ProxyError;
 use crate::router::Options;
@@ -17,6 +18,9 @@ use crate::session::CookieKeys;
     about = "Haddock's sticky-session reverse proxy"
 )]
 pub struct Cli {
+    /// Log format (logs go to stderr, pingora's included; RUST_LOG filters, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -143,9 +147,30 @@ mod tests {
             "fedcba9876543210",
         ])
         .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Pretty);
         let Command::Serve(a) = cli.command;
         assert_eq!(a.service, "svc");
         assert!(a.keys().is_ok());
         assert!(a.options().is_ok());
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        let minimal = ["--locator", "http://l", "--service", "svc"];
+        for args in [
+            [
+                &["proxy", "--log-format", "json", "serve"][..],
+                &minimal[..],
+            ]
+            .concat(),
+            [
+                &["proxy", "serve", "--log-format", "json"][..],
+                &minimal[..],
+            ]
+            .concat(),
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.log_format, LogFormat::Json);
+        }
     }
 }

@@ -1,37 +1,50 @@
-//! Prometheus metrics (`/metrics` on the admin port, names `haddock_proxy_…`) and the
-//! per-version traffic figures the reporter sends to the locator for canary analysis.
+//! Prometheus metrics (`/metrics` on the admin port, names `haddock_proxy_…`, every one
+//! labelled with the proxy's `service`) and the per-version traffic figures the reporter sends
+//! to the locator for canary analysis.
+//!
+//! The request counter and latency histogram follow the convention of every Haddock component
+//! (docs/metrics.md): `haddock_proxy_http_requests_total{version,instance_id,status}` and
+//! `haddock_proxy_http_request_duration_seconds{version,instance_id}`. There is no `route`
+//! label: the proxy forwards any path of its service, so the upstream instance takes its place.
+//! The label is `instance_id`, not `instance`, because Prometheus reserves `instance` for the
+//! scrape target (it would rename ours to `exported_instance`).
 //!
 //! The request path never looks a metric up by label: each route of the routing table holds
-//! [`RouteMetrics`] handles resolved when the table is built, so recording is a few atomic adds.
+//! [`RouteMetrics`] handles resolved when the table is built (a status's counter on its first
+//! use), so recording is a few atomic adds.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use locator::api::VersionTraffic;
+use locator::metrics::latency_histogram;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     version: String,
-    instance: String,
-    class: String,
+    instance_id: String,
+    /// The status sent to the user; `0` when none was (the user went away first).
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabels {
+struct UpstreamLabels {
     version: String,
+    instance_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstanceLabels {
-    instance: String,
+    instance_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,12 +52,7 @@ struct ReasonLabels {
     reason: String,
 }
 
-type HistogramFamily = Family<VersionLabels, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 100 µs … ~3.3 s in doublings: fine enough for p99 dashboards, cheap to record.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
-}
+type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the proxy exports.
 pub struct Metrics {
@@ -68,17 +76,16 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("haddock_proxy");
+    /// The metrics of a proxy carrying `service`.
+    pub fn new(service: &str) -> Self {
+        let mut registry = Registry::with_prefix_and_labels(
+            "haddock_proxy",
+            [(Cow::Borrowed("service"), Cow::Owned(service.to_string()))].into_iter(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let latency: HistogramFamily =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let live_sessions = Family::<InstanceLabels, Gauge>::default();
         let in_flight = Family::<InstanceLabels, Gauge>::default();
         let rejected_tokens = Family::<ReasonLabels, Counter>::default();
@@ -88,13 +95,13 @@ impl Metrics {
         let no_instance = Counter::default();
         let table_revision = Gauge::default();
         registry.register(
-            "requests",
-            "Requests by version, instance and status class",
+            "http_requests",
+            "Requests answered, by version, instance and status",
             requests.clone(),
         );
         registry.register(
-            "request_duration_seconds",
-            "Time from request to the end of the response, by version",
+            "http_request_duration_seconds",
+            "Time from request to the end of the response, by version and instance",
             latency.clone(),
         );
         registry.register(
@@ -150,30 +157,18 @@ impl Metrics {
     }
 
     /// Resolves the handles one route records into (called when a routing table is built).
-    pub fn route(&self, version: &str, instance: &str) -> RouteMetrics {
-        let class = |c: &str| {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    version: version.to_string(),
-                    instance: instance.to_string(),
-                    class: c.to_string(),
-                })
-                .clone()
+    pub fn route(&self, version: &str, instance_id: &str) -> RouteMetrics {
+        let upstream = UpstreamLabels {
+            version: version.to_string(),
+            instance_id: instance_id.to_string(),
         };
         RouteMetrics {
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            latency: self
-                .latency
-                .get_or_create(&VersionLabels {
-                    version: version.to_string(),
-                })
-                .clone(),
+            latency: self.latency.get_or_create(&upstream).clone(),
+            requests: Arc::new(StatusCounters {
+                family: self.requests.clone(),
+                upstream,
+                by_status: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+            }),
             window: self.window(version),
         }
     }
@@ -204,9 +199,9 @@ impl Metrics {
     }
 
     /// Publishes the tracker's per-instance figures as gauges.
-    pub fn set_instance_load(&self, instance: &str, live: u64, in_flight: u64) {
+    pub fn set_instance_load(&self, instance_id: &str, live: u64, in_flight: u64) {
         let l = InstanceLabels {
-            instance: instance.to_string(),
+            instance_id: instance_id.to_string(),
         };
         self.live_sessions.get_or_create(&l).set(live as i64);
         self.in_flight.get_or_create(&l).set(in_flight as i64);
@@ -244,18 +239,52 @@ impl Metrics {
     }
 }
 
+/// Status codes are three digits (and `0` for no response): one counter slot for each.
+const STATUS_SLOTS: usize = 1000;
+
+/// One route's request counters, one per status, each taken from the family on first use.
+struct StatusCounters {
+    family: Family<RequestLabels, Counter>,
+    upstream: UpstreamLabels,
+    by_status: Box<[OnceLock<Counter>]>,
+}
+
+impl StatusCounters {
+    fn inc(&self, status: u16) {
+        let slot = usize::from(status).min(STATUS_SLOTS - 1);
+        self.by_status[slot]
+            .get_or_init(|| {
+                self.family
+                    .get_or_create(&RequestLabels {
+                        version: self.upstream.version.clone(),
+                        instance_id: self.upstream.instance_id.clone(),
+                        status: slot as u16,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}
+
 /// Handles one route records into.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RouteMetrics {
-    by_class: [Counter; 5],
+    requests: Arc<StatusCounters>,
     latency: Histogram,
     window: Arc<VersionWindow>,
 }
 
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("upstream", &self.requests.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RouteMetrics {
     pub fn record(&self, status: u16, elapsed: Duration) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.by_class[class].inc();
+        self.requests.inc(status);
         self.latency.observe(elapsed.as_secs_f64());
         self.window.record(status >= 500, elapsed);
     }
@@ -369,18 +398,21 @@ mod tests {
 
     #[test]
     fn exposition_uses_the_haddock_proxy_prefix() {
-        let m = Metrics::new();
-        m.route("1.0", "a").record(503, Duration::from_millis(3));
+        let m = Metrics::new("svc");
+        let route = m.route("1.0", "a");
+        route.record(503, Duration::from_millis(3));
+        route.record(503, Duration::from_millis(3));
+        route.record(200, Duration::from_millis(1));
         m.retries.inc();
         let text = m.encode();
-        assert!(
-            text.contains(
-                "haddock_proxy_requests_total{version=\"1.0\",instance=\"a\",class=\"5xx\"} 1"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("haddock_proxy_retries_total 1"));
-        assert!(text.contains("haddock_proxy_request_duration_seconds_bucket"));
-        assert_eq!(m.version_traffic()["1.0"].responses_5xx, 1);
+        for needle in [
+            "haddock_proxy_http_requests_total{service=\"svc\",version=\"1.0\",instance_id=\"a\",status=\"503\"} 2",
+            "haddock_proxy_http_requests_total{service=\"svc\",version=\"1.0\",instance_id=\"a\",status=\"200\"} 1",
+            "haddock_proxy_http_request_duration_seconds_bucket{service=\"svc\",le=\"6.5536\",version=\"1.0\",instance_id=\"a\"} 3",
+            "haddock_proxy_retries_total{service=\"svc\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} not in\n{text}");
+        }
+        assert_eq!(m.version_traffic()["1.0"].responses_5xx, 2);
     }
 }

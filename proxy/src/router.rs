@@ -2,6 +2,7 @@
 //! [`ArcSwap`], so the request path never takes a lock), the cookie keys, the session tracker
 //! and the metrics. The watcher installs snapshots here; the service reads from here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub struct Router {
     pub tracker: Tracker,
     pub metrics: Metrics,
     pub options: Options,
+    /// Set once this process hands its sockets to a successor or is told to stop: from then
+    /// on every answer says `Connection: close`, so that clients leave their keep-alive
+    /// connections before the old process drops the idle ones.
+    closing: AtomicBool,
 }
 
 impl Router {
@@ -56,9 +61,20 @@ impl Router {
             table: ArcSwap::from_pointee(RoutingTable::empty(service)),
             keys,
             tracker: Tracker::new(options.max_tracked_sessions),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(service),
             options,
+            closing: AtomicBool::new(false),
         })
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    pub fn start_closing(&self) {
+        if !self.closing.swap(true, Ordering::Relaxed) {
+            tracing::info!("closing: answering with `Connection: close` from now on");
+        }
     }
 
     /// Rebuilds the routing table from `snapshot` and swaps it in; requests in progress keep

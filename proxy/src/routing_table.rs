@@ -309,7 +309,7 @@ pub(crate) mod tests {
     }
 
     fn table(s: &Snapshot) -> RoutingTable {
-        RoutingTable::build(s, "svc", &Tracker::new(100), &Metrics::new())
+        RoutingTable::build(s, "svc", &Tracker::new(100), &Metrics::new("svc"))
     }
 
     fn id_of(t: &RoutingTable, p: Option<Placement>) -> (String, &'static str) {

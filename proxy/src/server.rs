@@ -18,6 +18,33 @@ use crate::router::Router;
 use crate::service::HaddockProxy;
 use crate::watcher::{load_state, Watcher, STATE_FILE};
 
+/// Pingora drops idle keep-alive connections as soon as its shutdown starts, which resets a
+/// client that sent a request on one at that instant. On an upgrade it first waits a few
+/// seconds with the sockets handed over: answering `Connection: close` during that window moves
+/// every active client to the new process before any connection is dropped.
+fn close_keepalives_on_shutdown(server: &Server, router: Arc<Router>) {
+    use pingora_core::server::ExecutionPhase;
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match phases.blocking_recv() {
+                Ok(
+                    ExecutionPhase::GracefulUpgradeTransferringFds
+                    | ExecutionPhase::GracefulTerminate
+                    | ExecutionPhase::ShutdownStarted,
+                ) => {
+                    router.start_closing();
+                    return;
+                }
+                // The channel holds 100 phases and a process goes through about ten.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 /// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
 /// sockets to a proxy started with `--upgrade`, then exit gracefully).
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
@@ -65,6 +92,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    close_keepalives_on_shutdown(&server, router.clone());
 
     let client = Client::new(&args.locator, args.token.clone());
 

@@ -277,10 +277,14 @@ impl ProxyHttp for HaddockProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if self.router.is_closing() {
+            // Pingora then writes `Connection: close` and ends the connection after this answer.
+            session.set_keepalive(None);
+        }
         if !ctx.write_token {
             return Ok(());
         }

@@ -71,7 +71,7 @@ async fn canary_split_and_stickiness_across_weight_changes() {
     );
     let metrics = proxy.metrics().await;
     assert!(metrics
-        .contains("haddock_proxy_requests_total{version=\"2\",instance=\"b\",class=\"2xx\"}"));
+        .contains("haddock_proxy_http_requests_total{service=\"svc\",version=\"2\",instance_id=\"b\",status=\"200\"}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +123,7 @@ async fn an_instance_killed_mid_traffic_costs_no_request() {
     let metrics = proxy.metrics().await;
     let retries: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("haddock_proxy_retries_total "))
+        .find_map(|l| l.strip_prefix("haddock_proxy_retries_total{service=\"svc\"} "))
         .unwrap()
         .trim()
         .parse()
@@ -209,7 +209,7 @@ async fn tampered_or_foreign_cookies_start_a_new_session() {
     assert!(proxy
         .metrics()
         .await
-        .contains("haddock_proxy_rejected_tokens_total{reason=\"bad_signature\"}"));
+        .contains("haddock_proxy_rejected_tokens_total{service=\"svc\",reason=\"bad_signature\"}"));
 }
 
 fn hex(s: &str) -> String {
@@ -326,12 +326,8 @@ async fn locator_down_keeps_serving_and_a_restart_uses_the_persisted_table() {
     );
 }
 
-// Known defect, not a flaky check: about one run in three a client's pooled keep-alive
-// connection to the old process is reset while the old process winds down (ECONNRESET after
-// the request was written). The upgrade needs `Connection: close` on the old process's last
-// answers before it closes idle connections; until then this test documents the goal.
-// Run it with `cargo test --release -p proxy --test proxy -- --ignored`.
-#[ignore = "known defect: keep-alive reset at socket hand-off (issue 5)"]
+// The old process answers `Connection: close` from the moment it hands its sockets over, so
+// clients leave its keep-alive connections before it drops the idle ones (server.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
     let a = Upstream::start("a");
@@ -403,4 +399,97 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
             .status,
         200
     );
+}
+
+/// Opens an upgraded (websocket-style) connection through the proxy and returns it.
+async fn open_tunnel(proxy: &Proxy) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ws = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            ws.read(&mut byte).await.unwrap(),
+            1,
+            "proxy closed the tunnel"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws
+}
+
+async fn echo(ws: &mut tokio::net::TcpStream, msg: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ws.write_all(msg.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut buf))
+        .await
+        .expect("an echo within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_stays_open_through_drain_and_holds_the_instance() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let ttl = 1_000;
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", ttl),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let mut ws = open_tunnel(&proxy).await;
+    assert_eq!(echo(&mut ws, "hello").await, "a:hello");
+
+    // `a` drains: new sessions go to `b`, the tunnel stays where it is.
+    stub.set_instance(b.instance("1", Ready));
+    stub.set_instance(a.instance("1", Draining));
+    proxy.wait_revision(stub.revision()).await;
+    let http = http();
+    for _ in 0..20 {
+        assert_eq!(
+            User::new().get(&http, &proxy.url("/")).await.unwrap().body,
+            "b"
+        );
+    }
+    // Quiet for longer than the session TTL: an open tunnel is in flight, not idle, so the
+    // reports keep `a` busy and haddock leaves it alone until the drain deadline.
+    tokio::time::sleep(Duration::from_millis(2 * ttl)).await;
+    assert_eq!(echo(&mut ws, "still there").await, "a:still there");
+    eventually(
+        Duration::from_secs(5),
+        "a report showing the tunnel in flight on a",
+        || async {
+            stub.last_report()
+                .is_some_and(|r| r.instances.get("a").is_some_and(|l| l.in_flight == 1))
+        },
+    )
+    .await;
+    drop(ws);
+    eventually(
+        Duration::from_secs(10),
+        "a drained once the tunnel closed",
+        || async {
+            stub.last_report().is_some_and(|r| {
+                r.instances
+                    .get("a")
+                    .is_some_and(|l| l.in_flight == 0 && l.live_sessions == 0)
+            })
+        },
+    )
+    .await;
 }

@@ -136,9 +136,10 @@ impl Committed {
         self.feed.subscribe()
     }
 
-    /// Applies durable events and hands them to watchers. Events at or below the current
-    /// revision are skipped (a replica may learn of the same change twice: from its own
-    /// commit and from the notification).
+    /// Applies durable events, logs the state changes among them and hands them to watchers.
+    /// Events at or below the current revision are skipped (a replica may learn of the same
+    /// change twice: from its own commit and from the notification), so each replica logs each
+    /// change once.
     pub fn publish(&self, events: &[Encoded]) -> Result<(), Gap> {
         let mut view = self.view_mut();
         for e in events {
@@ -152,6 +153,7 @@ impl Committed {
                     got: e.event.revision,
                 });
             }
+            view.state.log_change(&e.event);
             view.state.apply(&e.event);
             view.recent.push_back((e.event.revision, e.line.clone()));
             if view.recent.len() > self.retain {

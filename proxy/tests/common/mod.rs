@@ -72,6 +72,9 @@ pub fn upstream_main(id: String) {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let id = id.clone();
                     async move {
+                        if req.headers().contains_key(hyper::header::UPGRADE) {
+                            return Ok(echo_upgraded(req, id));
+                        }
                         if req.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                         }
@@ -90,6 +93,35 @@ pub fn upstream_main(id: String) {
             });
         }
     });
+}
+
+/// Answers an upgrade request with 101, then echoes every read on the upgraded connection
+/// as `ID:data` (raw bytes: what matters is the tunnel, not websocket framing).
+fn echo_upgraded(req: Request<Incoming>, id: Arc<str>) -> Response<Full<Bytes>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            let mut out = format!("{id}:").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            if io.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, "websocket")
+        .body(Full::default())
+        .unwrap()
 }
 
 /// A running upstream process (killed on drop).
