@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::chunker::{ChunkParams, Chunker};
+use crate::chunker::{chunks_of, ChunkParams, Chunker};
 use crate::error::{Error, Result};
 use crate::manifest::ChunkHash;
 use crate::store::{Store, StoreOptions};
@@ -119,33 +119,16 @@ fn mbps(bytes: usize, start: Instant) -> f64 {
     bytes as f64 / 1e6 / start.elapsed().as_secs_f64()
 }
 
-fn chunks_of(data: &[u8], params: ChunkParams) -> Vec<bytes::Bytes> {
-    let mut out = Vec::new();
-    let mut c = Chunker::new(params);
-    for frame in data.chunks(64 << 10) {
-        c.push(frame, &mut out);
-    }
-    c.finish(&mut out);
-    out
-}
-
 fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
     // The same steps as a PUT: streaming chunker, whole-object digest, per-chunk ingest.
     let mut ingest = store.begin_ingest()?;
     let mut hasher = blake3::Hasher::new();
     let mut chunker = Chunker::new(store.chunk_params());
-    let mut ready = Vec::new();
     for frame in data.chunks(64 << 10) {
         hasher.update(frame);
-        chunker.push(frame, &mut ready);
-        for c in ready.drain(..) {
-            ingest.add(&c)?;
-        }
+        chunker.push(frame, |c| ingest.add(c))?;
     }
-    chunker.finish(&mut ready);
-    for c in ready.drain(..) {
-        ingest.add(&c)?;
-    }
+    chunker.finish(|c| ingest.add(c))?;
     Ok(ingest
         .commit(key, hasher.finalize().to_hex().to_string())?
         .stored_bytes)

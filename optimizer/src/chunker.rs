@@ -5,7 +5,7 @@
 //! chunk start and `max` bytes later, so once `max` bytes past a chunk's start are buffered its
 //! boundary is final: the output is identical to chunking the whole object at once.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fastcdc::v2020::FastCDC;
 
 use crate::error::{Error, Result};
@@ -58,10 +58,11 @@ impl ChunkParams {
     }
 }
 
-/// Incremental content-defined chunker.
+/// Incremental content-defined chunker. Chunks are handed out as slices of its one buffer,
+/// which is reused for the whole stream: no allocation or copy per chunk.
 pub struct Chunker {
     params: ChunkParams,
-    buf: BytesMut,
+    buf: Vec<u8>,
     /// Re-scanning the buffer costs up to `max` bytes per scan; scanning only when this much is
     /// buffered keeps that overhead small.
     scan_at: usize,
@@ -72,42 +73,55 @@ impl Chunker {
         let scan_at = (params.max as usize * 4).max(1 << 20);
         Chunker {
             params,
-            buf: BytesMut::with_capacity(scan_at * 2),
+            buf: Vec::with_capacity(scan_at * 2),
             scan_at,
         }
     }
 
-    /// Adds bytes; appends every chunk whose boundary is final to `out`.
-    pub fn push(&mut self, data: &[u8], out: &mut Vec<Bytes>) {
+    /// Adds bytes; calls `each` with every chunk whose boundary is final, in order.
+    pub fn push(&mut self, data: &[u8], each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
         self.buf.extend_from_slice(data);
         if self.buf.len() >= self.scan_at {
-            self.cut(false, out);
+            self.cut(false, each)?;
         }
+        Ok(())
     }
 
-    /// Ends the stream; appends the remaining chunks to `out`.
-    pub fn finish(mut self, out: &mut Vec<Bytes>) {
-        self.cut(true, out);
+    /// Ends the stream: calls `each` with the remaining chunks.
+    pub fn finish(mut self, each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        self.cut(true, each)
     }
 
-    fn cut(&mut self, eof: bool, out: &mut Vec<Bytes>) {
+    fn cut(&mut self, eof: bool, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
         let ChunkParams { min, avg, max } = self.params;
         let len = self.buf.len();
-        let mut bounds = Vec::new();
         let mut consumed = 0;
         for c in FastCDC::new(&self.buf, min, avg, max) {
+            // Without `max` bytes after its start, a cut could still move: wait for more.
             if !eof && len - c.offset < max as usize {
                 break;
             }
-            bounds.push(c.length);
+            each(&self.buf[c.offset..c.offset + c.length])?;
             consumed = c.offset + c.length;
         }
-        // One split, then zero-copy slices: the chunk bytes are never copied again.
-        let mut done = self.buf.split_to(consumed).freeze();
-        for l in bounds {
-            out.push(done.split_to(l));
-        }
+        // Keeps the allocation; moves the uncut tail (less than `max` bytes) to the front.
+        self.buf.drain(..consumed);
+        Ok(())
     }
+}
+
+/// Every chunk of `data` as owned buffers (tests and the benchmark's dedup comparison).
+pub fn chunks_of(data: &[u8], params: ChunkParams) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut c = Chunker::new(params);
+    let mut keep = |chunk: &[u8]| {
+        out.push(Bytes::copy_from_slice(chunk));
+        Ok(())
+    };
+    // Collecting cannot fail.
+    let _ = c.push(data, &mut keep);
+    let _ = c.finish(&mut keep);
+    out
 }
 
 /// Codec flag of a stored chunk: the first byte of its stored (and wire) form.
@@ -119,14 +133,19 @@ const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
 
 /// Encodes a chunk for storage: lz4 (length-prefixed) when that is smaller, else raw.
 pub fn encode(data: &[u8]) -> Vec<u8> {
-    let compressed = lz4_flex::block::compress_prepend_size(data);
-    let mut out = Vec::with_capacity(1 + compressed.len().min(data.len()));
-    if compressed.len() < data.len() {
-        out.push(LZ4);
-        out.extend_from_slice(&compressed);
-    } else {
-        out.push(RAW);
-        out.extend_from_slice(data);
+    // One buffer, compressed in place after the flag and lz4's size prefix: no second copy.
+    let mut out = vec![0u8; 5 + lz4_flex::block::get_maximum_output_size(data.len())];
+    out[1..5].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    match lz4_flex::block::compress_into(data, &mut out[5..]) {
+        Ok(n) if 4 + n < data.len() => {
+            out[0] = LZ4;
+            out.truncate(5 + n);
+        }
+        _ => {
+            out.clear();
+            out.push(RAW);
+            out.extend_from_slice(data);
+        }
     }
     out
 }
@@ -186,10 +205,14 @@ pub(crate) mod tests {
     fn chunk_in_frames(data: &[u8], frame: usize, params: ChunkParams) -> Vec<Bytes> {
         let mut c = Chunker::new(params);
         let mut out = Vec::new();
+        let mut keep = |chunk: &[u8]| {
+            out.push(Bytes::copy_from_slice(chunk));
+            Ok(())
+        };
         for f in data.chunks(frame) {
-            c.push(f, &mut out);
+            c.push(f, &mut keep).unwrap();
         }
-        c.finish(&mut out);
+        c.finish(&mut keep).unwrap();
         out
     }
 

@@ -492,7 +492,6 @@ impl App {
         let mut chunker = Chunker::new(store.chunk_params());
         let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
-        let mut ready = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
             let Ok(data) = frame.into_data() else {
@@ -505,15 +504,9 @@ impl App {
             }
             self.metrics.bytes_in.inc_by(data.len() as u64);
             hasher.update(&data);
-            chunker.push(&data, &mut ready);
-            for c in ready.drain(..) {
-                ingest.add(&c)?;
-            }
+            chunker.push(&data, |c| ingest.add(c))?;
         }
-        chunker.finish(&mut ready);
-        for c in ready.drain(..) {
-            ingest.add(&c)?;
-        }
+        chunker.finish(|c| ingest.add(c))?;
         let digest = hasher.finalize().to_hex().to_string();
         let k = key.to_owned();
         let report = blocking(move || {
