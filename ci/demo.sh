@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/setup.sh
 haddock_require_docker
-cargo build --release -p haddock -p locator -p proxy -p e2e
+cargo build --release --workspace --all-targets  # one feature set for every script: see ci/build-images.sh
 bash ci/build-images.sh 1.0.0 1.1.0
 exec "$CARGO_TARGET_DIR/release/haddock-demo" "$@"
