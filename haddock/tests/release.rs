@@ -34,14 +34,14 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_release_replaces_the_old_version_and_removes_its_container() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("full");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        dir: _dir,
+    } = Scene::new(
+        "full",
         &SpecOpts {
             steps: r#"[{ weight = 10 }, { weight = 50 }, { weight = 100 }]"#,
             ..Default::default()
@@ -115,14 +115,14 @@ fn a_release_replaces_the_old_version_and_removes_its_container() {
 
 #[test]
 fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("unhealthy");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        dir: _dir,
+    } = Scene::new(
+        "unhealthy",
         &SpecOpts {
             start_deadline: "2s",
             ..Default::default()
@@ -169,23 +169,17 @@ fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
 
 #[test]
 fn a_new_container_dying_mid_canary_rolls_back() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("dies");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
-        &SpecOpts {
-            steps: r#"[{ weight = 50, pause = "6s" }, { weight = 100 }]"#,
-            ..Default::default()
-        },
+    let scene = Scene::on_good_1(
+        "dies",
+        r#"[{ weight = 50, pause = "6s" }, { weight = 100 }]"#,
     );
-    assert_eq!(
-        release(&spec, &service, "good-1", &l).status.code(),
-        Some(0)
-    );
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        ..
+    } = scene;
     // The `crash` image is ready at once and exits 1.5 s after start: mid-bake.
     let out = release(&spec, &service, "crash", &l);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -212,23 +206,17 @@ fn a_new_container_dying_mid_canary_rolls_back() {
 
 #[test]
 fn a_killed_haddock_is_resumed_by_running_the_release_again() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("resume");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
-        &SpecOpts {
-            steps: r#"[{ weight = 50, pause = "30s" }, { weight = 100 }]"#,
-            ..Default::default()
-        },
+    let scene = Scene::on_good_1(
+        "resume",
+        r#"[{ weight = 50, pause = "30s" }, { weight = 100 }]"#,
     );
-    assert_eq!(
-        release(&spec, &service, "good-1", &l).status.code(),
-        Some(0)
-    );
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        ..
+    } = scene;
     let client = l.client();
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_haddock"))
@@ -346,23 +334,14 @@ fn assert_settled_on(guard: &DockerGuard, l: &Locator, service: &str, version: &
 
 #[test]
 fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("crash");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
-        &SpecOpts {
-            steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        release(&spec, &service, "good-1", &l).status.code(),
-        Some(0)
-    );
+    let scene = Scene::on_good_1("crash", r#"[{ weight = 50 }, { weight = 100 }]"#);
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        ..
+    } = scene;
     // Each state in turn, alternating the two good tags: crash there, run the release again.
     let mut current = "good-1";
     for state in [
@@ -397,23 +376,17 @@ fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
 
 #[test]
 fn haddock_killed_while_rolling_back_rolls_back_on_the_next_run() {
-    test_images();
-    let l = Locator::start();
-    let service = unique_service("crash-rb");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
-        &SpecOpts {
-            steps: r#"[{ weight = 50, pause = "60s" }, { weight = 100 }]"#,
-            ..Default::default()
-        },
+    let scene = Scene::on_good_1(
+        "crash-rb",
+        r#"[{ weight = 50, pause = "60s" }, { weight = 100 }]"#,
     );
-    assert_eq!(
-        release(&spec, &service, "good-1", &l).status.code(),
-        Some(0)
-    );
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        ..
+    } = scene;
     // An operator aborts mid-bake; haddock records `rolling_back` and dies right after.
     let client = l.client();
     let recorded = std::thread::scope(|s| {
@@ -442,15 +415,15 @@ fn haddock_killed_while_rolling_back_rolls_back_on_the_next_run() {
 
 #[test]
 fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
-    test_images();
     let tls = TlsDockerHost::start();
-    let l = Locator::start();
-    let service = unique_service("tls");
-    let guard = DockerGuard::new(&service);
-    let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &service,
+    let Scene {
+        l,
+        service,
+        guard,
+        spec,
+        dir: _dir,
+    } = Scene::new(
+        "tls",
         &SpecOpts {
             steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
             more_targets: tls.target(1),

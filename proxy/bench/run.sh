@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -p proxy --bin proxy --example bench_upstream >&2
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
 BIN=$CARGO_TARGET_DIR/release
 DUR=${DUR:-10s}
 CONNS=${CONNS:-64}

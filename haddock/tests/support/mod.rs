@@ -600,3 +600,56 @@ impl Drop for TlsDockerHost {
         let _ = self.child.wait();
     }
 }
+
+/// What most release tests start from: the test images, a locator, a unique service with its
+/// container guard, and its spec (written in `dir`, kept alive with it).
+pub struct Scene {
+    pub l: Locator,
+    pub service: String,
+    pub guard: DockerGuard,
+    pub spec: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Scene {
+    pub fn new(prefix: &str, opts: &SpecOpts) -> Scene {
+        test_images();
+        let l = Locator::start();
+        let service = unique_service(prefix);
+        let guard = DockerGuard::new(&service);
+        let dir = tempfile::tempdir().unwrap();
+        let spec = write_spec(dir.path(), &service, opts);
+        Scene {
+            l,
+            service,
+            guard,
+            spec,
+            dir,
+        }
+    }
+}
+
+impl Scene {
+    /// A scene whose service already runs `good-1`, released with these rollout `steps`.
+    pub fn on_good_1(prefix: &str, steps: &'static str) -> Scene {
+        let scene = Scene::new(
+            prefix,
+            &SpecOpts {
+                steps,
+                ..Default::default()
+            },
+        );
+        let first = haddock(
+            &[
+                "release",
+                &scene.service,
+                "good-1",
+                "--spec",
+                scene.spec.to_str().unwrap(),
+            ],
+            Some(&scene.l),
+        );
+        assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+        scene
+    }
+}
