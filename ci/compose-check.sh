@@ -17,6 +17,7 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/haddock/target}"
 if [ "${1:-}" = --build ]; then
   bash "$root/ci/build-images.sh" --component locator 0.1.0
   bash "$root/ci/build-images.sh" --component proxy 0.1.0
@@ -73,7 +74,39 @@ wait_for "proxy answers 503 JSON no_ready_instance" proxy_503_json
 wait_for "optimizer container healthy" optimizer_healthy
 # The proxy's token was accepted by the locator (a wrong one would be logged as 401).
 if dc logs proxy 2>&1 | grep -q 'answered 401'; then fail "proxy token refused by the locator"; fi
+
+# The release path: haddock (on this host) releases optimizer 1.0.0 into the stack, on its
+# network and cache volume, through its locator; users then reach it through its proxy.
+# The spec is deploy-specs/optimizer.toml with this check's network, volume and a label that
+# the cleanup removes by (a real stack's optimizer containers are never touched).
+spec="$(mktemp --suffix .toml)"
+sed -e "s/^network = \"haddock\"/network = \"$HADDOCK_NETWORK\"/" \
+    -e "s/{ name = \"optimizer-cache\", mount/{ name = \"$HADDOCK_CACHE_VOLUME\", mount/" \
+    -e "s/^labels = { \"org.haddock.team\" = \"wan\" }/labels = { \"org.haddock.check\" = \"$project\" }/" \
+    "$root/deploy-specs/optimizer.toml" > "$spec"
+# (A first release goes straight to 100 %: the canary steps only apply with a previous version.)
+remove_released() {
+  docker ps -aq --filter "label=org.haddock.check=$project" | xargs -r docker rm -f >/dev/null 2>&1 || true
+}
+cleanup() {
+  remove_released
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -f "$spec"
+}
+if "$CARGO_TARGET_DIR/release/haddock" release optimizer 1.0.0 --spec "$spec" \
+    --locator "http://127.0.0.1:$HADDOCK_LOCATOR_PORT" --token "$HADDOCK_DEPLOY_TOKEN" --json; then
+  echo "ok: haddock released optimizer 1.0.0 into the compose stack"
+else
+  fail "haddock release into the compose stack"
+fi
+put_then_get() {
+  local url="http://127.0.0.1:$HADDOCK_PROXY_PORT/v1/objects/compose-check"
+  curl -sf -X PUT --data-binary "hello from $project" "$url" >/dev/null \
+    && [ "$(curl -sf "$url")" = "hello from $project" ]
+}
+wait_for "PUT then GET of an object through the compose proxy" put_then_get
 [ "$failed" = 0 ] || dc logs --tail 20 >&2 || true
+remove_released
 
 dc down -v --remove-orphans
 trap - EXIT

@@ -31,8 +31,9 @@ pub mod exit {
     about = "Zero-downtime blue-green and canary releases of services in Docker"
 )]
 pub struct Cli {
-    /// Log format. Logs (one event per release transition) go to stderr, RUST_LOG filters
-    /// (default info); `--json` is the result on stdout and is independent of this.
+    /// Log format. Logs (one event per release step and transition) go to stderr; RUST_LOG
+    /// filters (default: warn with pretty, whose steps are on stdout already; info with json).
+    /// `--json` is the result on stdout and is independent of this.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
     #[command(subcommand)]

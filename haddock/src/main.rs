@@ -3,6 +3,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = haddock::cli::Cli::parse();
-    locator::logging::init(cli.log_format);
+    // Human mode prints every step on stdout: the same events on stderr would say it twice.
+    let default = match cli.log_format {
+        locator::logging::LogFormat::Pretty => "warn",
+        locator::logging::LogFormat::Json => "info",
+    };
+    locator::logging::init_with_default(cli.log_format, default);
     std::process::ExitCode::from(haddock::cli::run(cli))
 }

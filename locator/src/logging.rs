@@ -23,7 +23,14 @@ pub enum LogFormat {
 /// so records of crates that log through the `log` crate — pingora in the proxy — reach the
 /// same output, in the same format and behind the same filter.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// [`init`] with another filter when `RUST_LOG` is unset (haddock's human mode shows its steps
+/// on stdout already, so it logs only warnings there by default).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
