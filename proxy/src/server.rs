@@ -78,6 +78,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     let run_dir = args.state_dir.clone().unwrap_or_else(std::env::temp_dir);
     let conf = ServerConf {
         threads: args.threads,
+        work_stealing: false,
         grace_period_seconds: Some(args.grace_period_s),
         graceful_shutdown_timeout_seconds: Some(args.grace_period_s),
         upgrade_sock: run_dir.join("upgrade.sock").display().to_string(),
