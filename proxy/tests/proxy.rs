@@ -216,27 +216,55 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The drain tests' start: upstream `a` serving alone (ready, version 1) behind a fresh proxy
+/// with session TTL `ttl_ms`, and upstream `b` running but not registered yet.
+struct DrainScene {
+    a: Upstream,
+    b: Upstream,
+    stub: LocatorStub,
+    proxy: Proxy,
+    _dir: tempfile::TempDir,
+}
+
+impl DrainScene {
+    async fn start(ttl_ms: u64) -> DrainScene {
+        let a = Upstream::start("a");
+        let b = Upstream::start("b");
+        let stub = LocatorStub::start(snapshot(
+            service(&[("1", 100)], "1", ttl_ms),
+            vec![a.instance("1", Ready)],
+        ))
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+        proxy.wait_revision(1).await;
+        DrainScene {
+            a,
+            b,
+            stub,
+            proxy,
+            _dir: dir,
+        }
+    }
+
+    /// `b` becomes ready and `a` draining; returns once the proxy routes by that.
+    async fn drain_a(&self) {
+        self.stub.set_instance(self.b.instance("1", Ready));
+        self.stub.set_instance(self.a.instance("1", Draining));
+        self.proxy.wait_revision(self.stub.revision()).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_sessions_until_idle_then_reports_zero() {
-    let a = Upstream::start("a");
-    let b = Upstream::start("b");
-    let ttl = 1_500;
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", ttl),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
-    proxy.wait_revision(1).await;
+    let scene = DrainScene::start(1_500).await;
+    let DrainScene { stub, proxy, .. } = &scene;
     let http = http();
     let mut old = User::new();
     assert_eq!(old.get(&http, &proxy.url("/")).await.unwrap().body, "a");
 
     // A new instance arrives and `a` starts draining.
-    stub.set_instance(b.instance("1", Ready));
-    stub.set_instance(a.instance("1", Draining));
-    proxy.wait_revision(stub.revision()).await;
+    scene.drain_a().await;
     for _ in 0..50 {
         assert_eq!(
             User::new().get(&http, &proxy.url("/")).await.unwrap().body,
@@ -441,24 +469,14 @@ async fn echo(ws: &mut tokio::net::TcpStream, msg: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_stays_open_through_drain_and_holds_the_instance() {
-    let a = Upstream::start("a");
-    let b = Upstream::start("b");
     let ttl = 1_000;
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", ttl),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
-    proxy.wait_revision(1).await;
-    let mut ws = open_tunnel(&proxy).await;
+    let scene = DrainScene::start(ttl).await;
+    let DrainScene { stub, proxy, .. } = &scene;
+    let mut ws = open_tunnel(proxy).await;
     assert_eq!(echo(&mut ws, "hello").await, "a:hello");
 
     // `a` drains: new sessions go to `b`, the tunnel stays where it is.
-    stub.set_instance(b.instance("1", Ready));
-    stub.set_instance(a.instance("1", Draining));
-    proxy.wait_revision(stub.revision()).await;
+    scene.drain_a().await;
     let http = http();
     for _ in 0..20 {
         assert_eq!(
