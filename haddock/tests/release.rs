@@ -34,27 +34,22 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_release_replaces_the_old_version_and_removes_its_container() {
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        dir: _dir,
-    } = Scene::new(
+    let scene = Scene::new(
         "full",
         &SpecOpts {
             steps: r#"[{ weight = 10 }, { weight = 50 }, { weight = 100 }]"#,
             ..Default::default()
         },
     );
+    let (l, service, guard, spec) = scene.parts();
 
-    let first = release(&spec, &service, "good-1", &l);
+    let first = release(spec, service, "good-1", l);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let r1 = report(&first);
     assert_eq!(r1["outcome"], "released");
     assert_eq!(r1["state"], "done");
 
-    let second = release(&spec, &service, "good-2", &l);
+    let second = release(spec, service, "good-2", l);
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
     let r2 = report(&second);
     assert_eq!(r2["from_version"], "good-1");
@@ -80,17 +75,17 @@ fn a_release_replaces_the_old_version_and_removes_its_container() {
 
     let client = l.client();
     rt().block_on(async {
-        let svc = client.service(&service).await.unwrap();
+        let svc = client.service(service).await.unwrap();
         assert_eq!(svc.primary_version.as_deref(), Some("good-2"));
         assert_eq!(svc.weights.get("good-2"), Some(&100));
-        let instances = client.instances(&service).await.unwrap();
+        let instances = client.instances(service).await.unwrap();
         let live: Vec<_> = instances
             .iter()
             .filter(|i| i.state != InstanceState::Gone)
             .collect();
         assert_eq!(live.len(), 1, "{instances:?}");
         assert_eq!(live[0].state, InstanceState::Ready);
-        let history = client.history(Some(&service)).await.unwrap();
+        let history = client.history(Some(service)).await.unwrap();
         assert!(
             history.iter().all(|r| r.state == ReleaseState::Done),
             "{history:?}"
@@ -98,14 +93,14 @@ fn a_release_replaces_the_old_version_and_removes_its_container() {
     });
 
     // Same tag again: nothing to do.
-    let again = release(&spec, &service, "good-2", &l);
+    let again = release(spec, service, "good-2", l);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
     assert_eq!(report(&again)["outcome"], "already_current");
 
     // Rollback: back to good-1 with the same steps.
     let back = haddock(
-        &["rollback", &service, "--spec", spec.to_str().unwrap()],
-        Some(&l),
+        &["rollback", service, "--spec", spec.to_str().unwrap()],
+        Some(l),
     );
     assert_eq!(back.status.code(), Some(0), "{}", text(&back));
     let containers = guard.containers();
@@ -115,33 +110,28 @@ fn a_release_replaces_the_old_version_and_removes_its_container() {
 
 #[test]
 fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        dir: _dir,
-    } = Scene::new(
+    let scene = Scene::new(
         "unhealthy",
         &SpecOpts {
             start_deadline: "2s",
             ..Default::default()
         },
     );
-    let first = release(&spec, &service, "good-1", &l);
+    let (l, service, guard, spec) = scene.parts();
+    let first = release(spec, service, "good-1", l);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let client = l.client();
-    let before = rt().block_on(client.service(&service)).unwrap();
+    let before = rt().block_on(client.service(service)).unwrap();
 
     let bad = haddock(
         &[
             "release",
-            &service,
+            service,
             "never-ready",
             "--spec",
             spec.to_str().unwrap(),
         ],
-        Some(&l),
+        Some(l),
     );
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
     let stderr = String::from_utf8_lossy(&bad.stderr);
@@ -155,13 +145,13 @@ fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(containers[0].1, "good-1");
     rt().block_on(async {
-        let after = client.service(&service).await.unwrap();
+        let after = client.service(service).await.unwrap();
         assert_eq!(after.weights, before.weights);
         assert_eq!(after.primary_version.as_deref(), Some("good-1"));
-        let history = client.history(Some(&service)).await.unwrap();
+        let history = client.history(Some(service)).await.unwrap();
         assert_eq!(history[0].state, ReleaseState::Failed);
         assert!(
-            client.active_release(&service).await.unwrap().is_none(),
+            client.active_release(service).await.unwrap().is_none(),
             "the lock is free again"
         );
     });
@@ -173,15 +163,9 @@ fn a_new_container_dying_mid_canary_rolls_back() {
         "dies",
         r#"[{ weight = 50, pause = "6s" }, { weight = 100 }]"#,
     );
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        ..
-    } = scene;
+    let (l, service, guard, spec) = scene.parts();
     // The `crash` image is ready at once and exits 1.5 s after start: mid-bake.
-    let out = release(&spec, &service, "crash", &l);
+    let out = release(spec, service, "crash", l);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let r = report(&out);
     assert_eq!(r["outcome"], "rolled_back");
@@ -194,11 +178,11 @@ fn a_new_container_dying_mid_canary_rolls_back() {
     assert_eq!(containers[0].1, "good-1");
     let client = l.client();
     rt().block_on(async {
-        let svc = client.service(&service).await.unwrap();
+        let svc = client.service(service).await.unwrap();
         assert_eq!(svc.weights.get("good-1"), Some(&100));
         assert_eq!(svc.weights.len(), 1);
         assert_eq!(
-            client.history(Some(&service)).await.unwrap()[0].state,
+            client.history(Some(service)).await.unwrap()[0].state,
             ReleaseState::RolledBack
         );
     });
@@ -210,19 +194,13 @@ fn a_killed_haddock_is_resumed_by_running_the_release_again() {
         "resume",
         r#"[{ weight = 50, pause = "30s" }, { weight = 100 }]"#,
     );
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        ..
-    } = scene;
+    let (l, service, guard, spec) = scene.parts();
     let client = l.client();
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_haddock"))
         .args([
             "release",
-            &service,
+            service,
             "good-2",
             "--spec",
             spec.to_str().unwrap(),
@@ -235,7 +213,7 @@ fn a_killed_haddock_is_resumed_by_running_the_release_again() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let rt = rt();
     loop {
-        let active = rt.block_on(client.active_release(&service)).unwrap();
+        let active = rt.block_on(client.active_release(service)).unwrap();
         if active.is_some_and(|r| r.state == ReleaseState::Shifting) {
             break;
         }
@@ -249,18 +227,18 @@ fn a_killed_haddock_is_resumed_by_running_the_release_again() {
     child.wait().unwrap();
 
     // Another tag is refused while the release is active (exit 2, names the release).
-    let other = release(&spec, &service, "good-1", &l);
+    let other = release(spec, service, "good-1", l);
     assert_eq!(other.status.code(), Some(2), "{}", text(&other));
     assert_eq!(report(&other)["error"], "release_active");
 
     // `haddock promote` is recorded for whoever drives the release next.
-    let promote = haddock(&["promote", &service], Some(&l));
+    let promote = haddock(&["promote", service], Some(l));
     assert_eq!(promote.status.code(), Some(0), "{}", text(&promote));
 
     // Running the same release again continues it from `shifting`.
     std::thread::sleep(haddock::release::LEASE);
     let t = Instant::now();
-    let again = release(&spec, &service, "good-2", &l);
+    let again = release(spec, service, "good-2", l);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
     assert!(
         t.elapsed() < Duration::from_secs(20),
@@ -273,7 +251,7 @@ fn a_killed_haddock_is_resumed_by_running_the_release_again() {
         "exactly one container, no orphans: {containers:?}"
     );
     assert_eq!(containers[0].1, "good-2");
-    let svc = rt.block_on(client.service(&service)).unwrap();
+    let svc = rt.block_on(client.service(service)).unwrap();
     assert_eq!(svc.primary_version.as_deref(), Some("good-2"));
 }
 
@@ -335,13 +313,7 @@ fn assert_settled_on(guard: &DockerGuard, l: &Locator, service: &str, version: &
 #[test]
 fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
     let scene = Scene::on_good_1("crash", r#"[{ weight = 50 }, { weight = 100 }]"#);
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        ..
-    } = scene;
+    let (l, service, guard, spec) = scene.parts();
     // Each state in turn, alternating the two good tags: crash there, run the release again.
     let mut current = "good-1";
     for state in [
@@ -359,9 +331,9 @@ fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
         } else {
             "good-1"
         };
-        let recorded = kill_release_at(&spec, &service, next, &l, state);
+        let recorded = kill_release_at(spec, service, next, l, state);
         assert_eq!(recorded, state, "killed while the locator held `{state}`");
-        let again = release(&spec, &service, next, &l);
+        let again = release(spec, service, next, l);
         assert_eq!(
             again.status.code(),
             Some(0),
@@ -369,7 +341,7 @@ fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
             text(&again)
         );
         assert_eq!(report(&again)["state"], "done", "after `{state}`");
-        assert_settled_on(&guard, &l, &service, next);
+        assert_settled_on(guard, l, service, next);
         current = next;
     }
 }
@@ -380,49 +352,37 @@ fn haddock_killed_while_rolling_back_rolls_back_on_the_next_run() {
         "crash-rb",
         r#"[{ weight = 50, pause = "60s" }, { weight = 100 }]"#,
     );
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        ..
-    } = scene;
+    let (l, service, guard, spec) = scene.parts();
     // An operator aborts mid-bake; haddock records `rolling_back` and dies right after.
     let client = l.client();
     let recorded = std::thread::scope(|s| {
         s.spawn(|| {
             wait_until("the canary bake", Duration::from_secs(60), || {
-                rt().block_on(client.active_release(&service))
+                rt().block_on(client.active_release(service))
                     .unwrap()
                     .is_some_and(|r| r.state == ReleaseState::Shifting)
             });
-            let abort = haddock(&["abort", &service], Some(&l));
+            let abort = haddock(&["abort", service], Some(l));
             assert_eq!(abort.status.code(), Some(0), "{}", text(&abort));
         });
-        kill_release_at(&spec, &service, "good-2", &l, ReleaseState::RollingBack)
+        kill_release_at(spec, service, "good-2", l, ReleaseState::RollingBack)
     });
     assert_eq!(recorded, ReleaseState::RollingBack);
 
-    let again = release(&spec, &service, "good-2", &l);
+    let again = release(spec, service, "good-2", l);
     assert_eq!(again.status.code(), Some(1), "{}", text(&again));
     let r = report(&again);
     assert_eq!(r["outcome"], "rolled_back", "{r}");
     assert_eq!(r["state"], "rolled_back", "{r}");
-    assert_settled_on(&guard, &l, &service, "good-1");
-    let history = rt().block_on(client.history(Some(&service))).unwrap();
+    assert_settled_on(guard, l, service, "good-1");
+    let history = rt().block_on(client.history(Some(service))).unwrap();
     assert_eq!(history[0].state, ReleaseState::RolledBack, "{history:?}");
 }
 
 #[test]
 fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
     let tls = TlsDockerHost::start();
-    let Scene {
-        l,
-        service,
-        guard,
-        spec,
-        dir: _dir,
-    } = Scene::new(
+    let scene = Scene::new(
         "tls",
         &SpecOpts {
             steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
@@ -430,8 +390,9 @@ fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
             ..Default::default()
         },
     );
+    let (l, service, guard, spec) = scene.parts();
     for tag in ["good-1", "good-2"] {
-        let out = release(&spec, &service, tag, &l);
+        let out = release(spec, service, tag, l);
         assert_eq!(out.status.code(), Some(0), "{tag}: {}", text(&out));
         let containers = guard.containers();
         assert_eq!(containers.len(), 2, "one per target: {containers:?}");
@@ -442,7 +403,7 @@ fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
             "{containers:?}"
         );
         // Each instance was created through its own target's connection.
-        let instances = rt().block_on(l.client().instances(&service)).unwrap();
+        let instances = rt().block_on(l.client().instances(service)).unwrap();
         let mut hosts: Vec<_> = instances
             .iter()
             .filter(|i| i.state != InstanceState::Gone && i.version == tag)

@@ -653,3 +653,10 @@ impl Scene {
         scene
     }
 }
+
+impl Scene {
+    /// The parts a test uses, borrowed (the scene keeps the spec's directory alive).
+    pub fn parts(&self) -> (&Locator, &str, &DockerGuard, &Path) {
+        (&self.l, &self.service, &self.guard, &self.spec)
+    }
+}
