@@ -5,9 +5,13 @@
 //! and then asks `/version` which version serves its session. Users leave and new ones arrive
 //! all the time, so the canary split of *new sessions* can be measured at every step.
 //! Every request that does not succeed with the right bytes counts as failed.
+//!
+//! [`run`] is the demo's load (think time between requests); [`run_rate`] sends the same kind
+//! of users' requests at a fixed rate, or closed-loop, for the proof benchmark
+//! (`haddock-proof`), and measures the longest time without a successful response.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -190,7 +194,16 @@ async fn user_loop(
             _ => None,
         };
         let started = Instant::now();
-        let outcome = request(&client, &cfg, s, &op, body.as_deref(), &mine).await;
+        let outcome = request(
+            &client,
+            &cfg.target,
+            &cfg.cookie,
+            s,
+            &op,
+            body.as_deref(),
+            &mine,
+        )
+        .await;
         let elapsed = started.elapsed();
         s.requests += 1;
         {
@@ -256,16 +269,17 @@ fn object_bytes(rng: &mut impl Rng, size: usize) -> Vec<u8> {
 /// that served it (the `/version` probe), or the version last seen for other successes.
 async fn request(
     client: &reqwest::Client,
-    cfg: &LoadConfig,
+    target: &str,
+    cookie: &str,
     s: &mut Session,
     op: &Op,
     body: Option<&[u8]>,
     mine: &[StoredObject],
 ) -> Result<Option<String>, String> {
     let url = match op {
-        Op::Version => format!("{}/version", cfg.target),
-        Op::Put(key) => format!("{}/v1/objects/{key}", cfg.target),
-        Op::Get(i) => format!("{}/v1/objects/{}", cfg.target, mine[*i].key),
+        Op::Version => format!("{target}/version"),
+        Op::Put(key) => format!("{target}/v1/objects/{key}"),
+        Op::Get(i) => format!("{target}/v1/objects/{}", mine[*i].key),
     };
     let mut req = match op {
         Op::Put(_) => client.put(&url).body(body.unwrap_or_default().to_vec()),
@@ -278,7 +292,10 @@ async fn request(
     let status = resp.status();
     for v in resp.headers().get_all(reqwest::header::SET_COOKIE) {
         if let Some(pair) = v.to_str().ok().and_then(|v| v.split(';').next()) {
-            if pair.starts_with(&format!("{}=", cfg.cookie)) {
+            if pair
+                .strip_prefix(cookie)
+                .is_some_and(|rest| rest.starts_with('='))
+            {
                 s.cookie = Some(pair.to_string());
             }
         }
@@ -378,4 +395,384 @@ pub async fn probe_new_sessions(
         }
     }
     total
+}
+
+// The fixed-rate load of the proof benchmark (`haddock-proof`).
+
+/// A load at a fixed request rate (open loop), or as fast as the stack answers (closed loop,
+/// to find the saturating rate). Users are the same as [`run`]'s: each keeps its own session
+/// cookie, stores objects (PUT) and reads its own objects back (GET, checked byte for byte),
+/// asks `/version` at the start of each session and every [`VERSION_EVERY`] requests, and
+/// leaves after `requests_per_session` (a new session takes its place).
+#[derive(Debug, Clone)]
+pub struct RateConfig {
+    /// The proxy, e.g. `http://127.0.0.1:8480`.
+    pub target: String,
+    /// The sticky-session cookie's name.
+    pub cookie: String,
+    /// Users; each sends its requests one after the other, so this bounds the requests in flight.
+    pub users: usize,
+    /// Requests per second of all users together, each request at its scheduled time
+    /// (`i / rate` after the start), whoever is free sends it. `None`: closed loop.
+    pub rate: Option<f64>,
+    pub requests_per_session: u32,
+    pub object_size: usize,
+    /// Share of the requests that are not `/version` probes and store an object.
+    pub put_share: f64,
+    /// Prefix of the stored keys, so that runs on one volume never overwrite each other.
+    pub key_prefix: String,
+}
+
+/// Every this many requests of a session (and on its first), the user asks `/version`.
+pub const VERSION_EVERY: u32 = 5;
+/// Objects a user keeps to read back; a newer one replaces a random older one.
+const REMEMBERED: usize = 256;
+/// A request answered (or failed) this late counts as slow in a [`RateReport`].
+pub const SLOW: Duration = Duration::from_secs(1);
+
+/// The shared state of a running [`run_rate`]: stop, live counters, and the clock every
+/// reported time is measured on (starting when the control is created).
+#[derive(Debug)]
+pub struct RateControl {
+    origin: Instant,
+    stop: AtomicBool,
+    stopped_at_us: AtomicU64,
+    tickets: AtomicU64,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    /// Completion time of the latest successful response.
+    last_ok_us: AtomicU64,
+    /// (longest time without a successful response, when it ended), in µs since `origin`.
+    gap: Mutex<(u64, u64)>,
+}
+
+impl RateControl {
+    pub fn new() -> Arc<RateControl> {
+        Arc::new(RateControl {
+            origin: Instant::now(),
+            stop: AtomicBool::new(false),
+            stopped_at_us: AtomicU64::new(0),
+            tickets: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last_ok_us: AtomicU64::new(0),
+            gap: Mutex::new((0, 0)),
+        })
+    }
+
+    /// Time since the control was created (the load's clock).
+    pub fn elapsed(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Requests sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Requests failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Users send nothing more; [`run_rate`] returns once the requests in flight are answered.
+    pub fn stop(&self) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            self.stopped_at_us
+                .store(self.us(Instant::now()), Ordering::SeqCst);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_micros() as u64
+    }
+
+    /// A successful response completed at `t`: the time since the previous one is a gap.
+    fn succeeded_at(&self, t: u64) {
+        let prev = self.last_ok_us.fetch_max(t, Ordering::SeqCst);
+        if t > prev {
+            let mut g = self.gap.lock().unwrap();
+            if t - prev > g.0 {
+                *g = (t - prev, t);
+            }
+        }
+    }
+}
+
+/// What [`run_rate`] measured. Times are since the [`RateControl`] was created.
+#[derive(Debug, Default)]
+pub struct RateReport {
+    pub requests: u64,
+    pub failed: u64,
+    /// The first and the last failures (at most 10 each), oldest first, with when they
+    /// completed.
+    pub failures: Vec<(Duration, String)>,
+    /// Sorted. Open loop: from the request's scheduled time (so a stall of the load generator
+    /// or of the stack counts in full); closed loop: from the moment it was sent.
+    pub latencies_us: Vec<u64>,
+    /// From the start until [`RateControl::stop`].
+    pub elapsed: Duration,
+    /// The longest time in which no request succeeded: the largest interval between two
+    /// consecutive successful responses (by completion time), counting from the start of the
+    /// load to the first one and from the last one to the stop.
+    pub longest_gap: Duration,
+    /// When that gap ended.
+    pub longest_gap_end: Duration,
+    /// Completion times of the first and the last failed request.
+    pub failure_window: Option<(Duration, Duration)>,
+    /// Completion time of every failed request (the first 100 000), sorted.
+    pub failure_times: Vec<Duration>,
+    /// Requests (successful or not) with a latency of at least [`SLOW`].
+    pub slow: u64,
+    /// Completion times of the first and the last slow request.
+    pub slow_window: Option<(Duration, Duration)>,
+    /// `/version` answers by version.
+    pub versions: BTreeMap<String, u64>,
+    pub sessions: u64,
+    /// Sessions whose `/version` answers named more than one version.
+    pub sessions_switched: u64,
+    pub objects_stored: u64,
+}
+
+impl RateReport {
+    /// Latency percentile in milliseconds (`q` in 0..=1).
+    pub fn percentile_ms(&self, q: f64) -> f64 {
+        let v = &self.latencies_us;
+        if v.is_empty() {
+            return 0.0;
+        }
+        v[((v.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
+    }
+
+    /// Requests sent per second over the run.
+    pub fn achieved_rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Successful requests per second over the run.
+    pub fn ok_rps(&self) -> f64 {
+        (self.requests - self.failed) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One user's share of a [`RateReport`].
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    failed: u64,
+    /// The first 10 failures.
+    failures: Vec<(u64, String)>,
+    /// The last 10 failures (a ring).
+    last_failures: Vec<(u64, String)>,
+    failure_window: Option<(u64, u64)>,
+    failure_times: Vec<u64>,
+    slow: u64,
+    slow_window: Option<(u64, u64)>,
+    latencies_us: Vec<u64>,
+    versions: BTreeMap<String, u64>,
+    sessions: u64,
+    switched: u64,
+    stored: u64,
+}
+
+/// Runs the load until [`RateControl::stop`] is called; returns what it measured.
+pub async fn run_rate(cfg: RateConfig, control: Arc<RateControl>) -> RateReport {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.users)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client");
+    let cfg = Arc::new(cfg);
+    let tasks: Vec<_> = (0..cfg.users)
+        .map(|user| {
+            let (cfg, control, client) = (cfg.clone(), control.clone(), client.clone());
+            tokio::spawn(rate_user(user, cfg, control, client))
+        })
+        .collect();
+    let mut r = RateReport::default();
+    let mut failures = Vec::new();
+    let (mut failure_window, mut slow_window) = (None, None);
+    for t in tasks {
+        let t = t.await.expect("user task panicked");
+        r.requests += t.requests;
+        r.failed += t.failed;
+        failures.extend(t.failures);
+        failures.extend(t.last_failures);
+        r.latencies_us.extend(t.latencies_us);
+        for (v, n) in t.versions {
+            *r.versions.entry(v).or_default() += n;
+        }
+        r.sessions += t.sessions;
+        r.sessions_switched += t.switched;
+        r.objects_stored += t.stored;
+        r.slow += t.slow;
+        r.failure_times
+            .extend(t.failure_times.into_iter().map(Duration::from_micros));
+        failure_window = merge(failure_window, t.failure_window);
+        slow_window = merge(slow_window, t.slow_window);
+    }
+    let us = |w: Option<(u64, u64)>| {
+        w.map(|(a, b)| (Duration::from_micros(a), Duration::from_micros(b)))
+    };
+    r.failure_window = us(failure_window);
+    r.slow_window = us(slow_window);
+    r.latencies_us.sort_unstable();
+    r.failure_times.sort_unstable();
+    r.failure_times.truncate(100_000);
+    failures.sort();
+    failures.dedup();
+    if failures.len() > 20 {
+        failures.drain(10..failures.len() - 10);
+    }
+    r.failures = failures
+        .into_iter()
+        .map(|(t, f)| (Duration::from_micros(t), f))
+        .collect();
+    let end = control.stopped_at_us.load(Ordering::SeqCst);
+    control.succeeded_at(end.max(control.last_ok_us.load(Ordering::SeqCst)));
+    let (gap, gap_end) = *control.gap.lock().unwrap();
+    r.elapsed = Duration::from_micros(end);
+    r.longest_gap = Duration::from_micros(gap);
+    r.longest_gap_end = Duration::from_micros(gap_end);
+    r
+}
+
+/// The smallest window holding both.
+fn merge(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    match (a, b) {
+        (Some((a0, a1)), Some((b0, b1))) => Some((a0.min(b0), a1.max(b1))),
+        (x, None) | (None, x) => x,
+    }
+}
+
+async fn rate_user(
+    user: usize,
+    cfg: Arc<RateConfig>,
+    control: Arc<RateControl>,
+    client: reqwest::Client,
+) -> Tally {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(user as u64);
+    let mut t = Tally::default();
+    let mut mine: Vec<StoredObject> = Vec::new();
+    let mut n = 0u64;
+    let mut session: Option<Session> = None;
+    // Users start part-way through their first session, so that sessions end (and new ones
+    // start) spread over time rather than all at once.
+    let mut first = rng.gen_range(0..cfg.requests_per_session.max(1));
+    while !control.stopped() {
+        let scheduled = match cfg.rate {
+            Some(rate) => {
+                let i = control.tickets.fetch_add(1, Ordering::Relaxed);
+                let at = control.origin + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
+                if control.stopped() {
+                    break;
+                }
+                at
+            }
+            None => Instant::now(),
+        };
+        control.sent.fetch_add(1, Ordering::Relaxed);
+        let s = session.get_or_insert_with(|| Session {
+            cookie: None,
+            record: SessionRecord {
+                step: None,
+                versions: Vec::new(),
+            },
+            requests: std::mem::take(&mut first),
+        });
+        let op = if s.record.versions.is_empty() || s.requests % VERSION_EVERY == 0 {
+            Op::Version
+        } else if mine.is_empty() || rng.gen_bool(cfg.put_share) {
+            n += 1;
+            Op::Put(format!("{}-u{user}-{n}", cfg.key_prefix))
+        } else {
+            Op::Get(rng.gen_range(0..mine.len()))
+        };
+        let body = match &op {
+            Op::Put(_) => Some(object_bytes(&mut rng, cfg.object_size)),
+            _ => None,
+        };
+        let outcome = request(
+            &client,
+            &cfg.target,
+            &cfg.cookie,
+            s,
+            &op,
+            body.as_deref(),
+            &mine,
+        )
+        .await;
+        let done = Instant::now();
+        let done_us = control.us(done);
+        t.requests += 1;
+        let latency = done.saturating_duration_since(scheduled);
+        t.latencies_us.push(latency.as_micros() as u64);
+        if latency >= SLOW {
+            t.slow += 1;
+            t.slow_window = merge(t.slow_window, Some((done_us, done_us)));
+        }
+        s.requests += 1;
+        match outcome {
+            Ok(version) => {
+                control.succeeded_at(done_us);
+                match (&op, version) {
+                    // Only `/version` answers say which version served the session.
+                    (Op::Version, Some(v)) => {
+                        if s.record.versions.last() != Some(&v) {
+                            s.record.versions.push(v.clone());
+                        }
+                        *t.versions.entry(v).or_default() += 1;
+                    }
+                    (Op::Put(key), v) => {
+                        let b = body.as_deref().unwrap_or_default();
+                        let obj = StoredObject {
+                            key: key.clone(),
+                            digest: blake3::hash(b),
+                            len: b.len(),
+                            version: v.unwrap_or_default(),
+                        };
+                        t.stored += 1;
+                        if mine.len() < REMEMBERED {
+                            mine.push(obj);
+                        } else {
+                            let i = rng.gen_range(0..REMEMBERED);
+                            mine[i] = obj;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                control.failed.fetch_add(1, Ordering::Relaxed);
+                t.failed += 1;
+                t.failure_window = merge(t.failure_window, Some((done_us, done_us)));
+                if t.failure_times.len() < 100_000 {
+                    t.failure_times.push(done_us);
+                }
+                let f = (done_us, format!("user {user}: {e}"));
+                if t.failures.len() < 10 {
+                    t.failures.push(f);
+                } else if t.last_failures.len() < 10 {
+                    t.last_failures.push(f);
+                } else {
+                    t.last_failures[(t.failed % 10) as usize] = f;
+                }
+            }
+        }
+        if s.requests >= cfg.requests_per_session {
+            let done = session.take().unwrap();
+            t.sessions += 1;
+            t.switched += u64::from(done.record.versions.len() > 1);
+        }
+    }
+    if let Some(s) = session {
+        t.sessions += 1;
+        t.switched += u64::from(s.record.versions.len() > 1);
+    }
+    t
 }

@@ -27,6 +27,10 @@ pub struct StackOptions {
     pub start_deadline: Duration,
     /// Run the locator on this PostgreSQL database instead of the embedded store.
     pub database_url: Option<String>,
+    /// Create the stack's network with a user-configured subnet (a free `10.X.Y.0/24` picked
+    /// at random), so that a container can be given a fixed address on it (`docker run --ip`),
+    /// as the proof benchmark's naive redeploy does.
+    pub fixed_subnet: bool,
 }
 
 impl Default for StackOptions {
@@ -38,6 +42,7 @@ impl Default for StackOptions {
             env: Vec::new(),
             start_deadline: Duration::from_secs(30),
             database_url: None,
+            fixed_subnet: false,
         }
     }
 }
@@ -106,6 +111,33 @@ fn docker(args: &[&str]) -> std::process::Output {
         .expect("docker CLI runs")
 }
 
+/// `docker network create --subnet 10.X.Y.0/24` on a subnet picked at random; Docker refuses
+/// one that overlaps an existing network, so a few are tried.
+fn create_network_with_subnet(network: &str) -> std::process::Output {
+    let mut tries = 0;
+    loop {
+        let subnet = format!(
+            "10.{}.{}.0/24",
+            100 + rand::random::<u8>() % 100,
+            rand::random::<u8>()
+        );
+        let out = docker(&[
+            "network",
+            "create",
+            "--label",
+            crate::TEST_LABEL,
+            "--subnet",
+            &subnet,
+            network,
+        ]);
+        tries += 1;
+        let overlaps = String::from_utf8_lossy(&out.stderr).contains("overlap");
+        if out.status.success() || !overlaps || tries >= 32 {
+            return out;
+        }
+    }
+}
+
 impl Stack {
     /// Starts locator and proxy and writes the spec; waits until both answer.
     pub async fn start(name: &str, opts: StackOptions) -> Stack {
@@ -126,7 +158,11 @@ impl Stack {
         )
         .unwrap();
 
-        let out = docker(&["network", "create", "--label", crate::TEST_LABEL, &network]);
+        let out = if opts.fixed_subnet {
+            create_network_with_subnet(&network)
+        } else {
+            docker(&["network", "create", "--label", crate::TEST_LABEL, &network])
+        };
         assert!(
             out.status.success(),
             "docker network create: {}",

@@ -1,0 +1,793 @@
+//! `haddock-proof`: the proof benchmark of issue 7, printed in one run. The same load — users
+//! with their own sticky-session cookies, a GET/PUT mix against the optimizer through the
+//! proxy, at half the proxy's saturating rate measured first on the same stack — goes through
+//!
+//! (a) a naive redeploy: the old container (1.0.0) stopped (SIGTERM, the spec's grace) and
+//!     removed, then the new one (1.1.0) created and started on the *same address* the proxy
+//!     routes to (same IP on the stack's network, same port); the proxy's routing is left as
+//!     it is, as a load balancer with a static upstream would be;
+//! (b) `haddock release <service> 1.1.0` with canary steps.
+//!
+//! For each: requests, failed requests, the longest gap (the longest time in which no request
+//! succeeded), latency percentiles. `--long` runs (b) until at least `--requests` (1 000 000)
+//! requests were sent, with the release in the middle. The last line is one JSON object.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use bollard::models::{EndpointIpamConfig, EndpointSettings, NetworkingConfig};
+use bollard::query_parameters::{CreateContainerOptions, StartContainerOptions};
+use clap::Parser;
+use e2e::load::{run_rate, RateConfig, RateControl, RateReport, SLOW, VERSION_EVERY};
+use e2e::stack::{Stack, StackOptions};
+use haddock::docker::{ContainerPlan, Host};
+use haddock::spec::Spec;
+use locator::api::InstanceState;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "The same load through a naive stop-start redeploy and `haddock release`")]
+struct Args {
+    /// Run (b) until --requests requests were sent, the release in the middle of the load.
+    #[arg(long)]
+    long: bool,
+    /// Requests (b) sends in --long mode.
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: u64,
+    /// Target rate in requests/s instead of half the measured saturating rate.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Users of the fixed-rate load (each sends one request at a time, so this bounds the
+    /// requests in flight when the stack stalls).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Users of the closed-loop load that measures the saturating rate.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// How long the saturating rate is measured (after 1 s of warm-up).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    saturate: Duration,
+    /// Load before the redeploy starts (short mode).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Load after the redeploy is over (short mode; (a): after 1.1.0 first answered).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    tail: Duration,
+    /// Bake time of each canary step of (b).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    step_pause: Duration,
+    /// Session idle TTL (the drain of (b) waits for it).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    session_ttl: Duration,
+    /// A user leaves after this many requests; a new session takes its place.
+    #[arg(long, default_value_t = 10)]
+    requests_per_session: u32,
+    /// Bytes of each stored object.
+    #[arg(long, default_value_t = 8192)]
+    object_size: usize,
+    /// Share of the requests (other than the `/version` probes) that store an object.
+    #[arg(long, default_value_t = 0.2)]
+    put_share: f64,
+    #[arg(long, default_value = "1.0.0")]
+    from: String,
+    #[arg(long, default_value = "1.1.0")]
+    to: String,
+}
+
+impl Args {
+    fn stack(&self) -> StackOptions {
+        StackOptions {
+            step_pause: self.step_pause,
+            session_ttl: self.session_ttl,
+            ..StackOptions::default()
+        }
+    }
+
+    fn load(&self, stack: &Stack, rate: Option<f64>, users: usize, prefix: &str) -> RateConfig {
+        RateConfig {
+            target: stack.proxy_url.clone(),
+            cookie: stack.cookie.clone(),
+            users,
+            rate,
+            requests_per_session: self.requests_per_session,
+            object_size: self.object_size,
+            put_share: self.put_share,
+            key_prefix: format!("{prefix}-{}", rand::random::<u32>()),
+        }
+    }
+}
+
+/// One redeploy under load: what the load measured and when things happened.
+struct Phase {
+    report: RateReport,
+    /// The redeploy's start on the load's clock; every other time is printed relative to it.
+    start: Duration,
+    /// (JSON key, what happened, when on the load's clock).
+    events: Vec<(String, String, Duration)>,
+    /// CPU seconds this process (the load generator) used during the phase.
+    cpu: f64,
+    /// The proxy's logged upstream errors by kind (`ConnectRefused`, `ConnectTimedout`, …).
+    proxy_errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl Phase {
+    fn rel(&self, t: Duration) -> f64 {
+        t.as_secs_f64() - self.start.as_secs_f64()
+    }
+
+    fn print(&self, label: &str) {
+        let r = &self.report;
+        println!("{label}:");
+        for (_, what, t) in &self.events {
+            println!("    {:>+8.3} s  {what}", self.rel(*t));
+        }
+        println!(
+            "    requests {}  in {:.1} s = {:.0} req/s  failed {}  longest gap {:.3} s (ended at {:+.3} s)",
+            r.requests,
+            r.elapsed.as_secs_f64(),
+            r.achieved_rps(),
+            r.failed,
+            r.longest_gap.as_secs_f64(),
+            self.rel(r.longest_gap_end)
+        );
+        if let Some((a, b)) = r.failure_window {
+            println!(
+                "    failed requests completed between {:+.3} s and {:+.3} s",
+                self.rel(a),
+                self.rel(b)
+            );
+            // Failures per 100 ms, where there were any.
+            let mut buckets: std::collections::BTreeMap<i64, u64> = Default::default();
+            for t in &r.failure_times {
+                *buckets
+                    .entry((self.rel(*t) * 10.0).floor() as i64)
+                    .or_default() += 1;
+            }
+            let shown: Vec<String> = buckets
+                .iter()
+                .take(40)
+                .map(|(b, n)| format!("{:+.1}: {n}", *b as f64 / 10.0))
+                .collect();
+            println!("    failed per 0.1 s (from s): {}", shown.join(", "));
+        }
+        if !self.proxy_errors.is_empty() {
+            println!("    the proxy's reasons (its log): {:?}", self.proxy_errors);
+        }
+        if let Some((a, b)) = r.slow_window {
+            println!(
+                "    {} requests took ≥ {} s; they completed between {:+.3} s and {:+.3} s",
+                r.slow,
+                SLOW.as_secs_f64(),
+                self.rel(a),
+                self.rel(b)
+            );
+        }
+        println!(
+            "    latency p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            r.percentile_ms(0.5),
+            r.percentile_ms(0.99),
+            r.percentile_ms(0.999),
+            r.percentile_ms(1.0)
+        );
+        println!(
+            "    sessions {}  served by two versions {}  /version answers {:?}",
+            r.sessions, r.sessions_switched, r.versions
+        );
+        println!(
+            "    load generator CPU {:.1} s = {:.0} % of one core ({:.0} µs per request)",
+            self.cpu,
+            100.0 * self.cpu / r.elapsed.as_secs_f64().max(1e-9),
+            1e6 * self.cpu / r.requests.max(1) as f64
+        );
+        let f = &r.failures;
+        let shown: Vec<_> = if f.len() <= 6 {
+            f.iter().collect()
+        } else {
+            f[..3].iter().chain(&f[f.len() - 3..]).collect()
+        };
+        for (i, (t, f)) in shown.into_iter().enumerate() {
+            if i == 3 && r.failures.len() > 6 {
+                println!("    …");
+            }
+            println!("    failure at {:+.3} s: {f}", self.rel(*t));
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let r = &self.report;
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let events: serde_json::Map<String, serde_json::Value> = self
+            .events
+            .iter()
+            .map(|(k, _, t)| (k.clone(), json!((self.rel(*t) * 1e3).round() / 1e3)))
+            .collect();
+        json!({
+            "requests": r.requests,
+            "failed": r.failed,
+            "achieved_rps": r.achieved_rps().round(),
+            "longest_gap_ms": ms(r.longest_gap),
+            "p50_ms": r.percentile_ms(0.5),
+            "p99_ms": r.percentile_ms(0.99),
+            "p999_ms": r.percentile_ms(0.999),
+            "max_ms": r.percentile_ms(1.0),
+            "slow": r.slow,
+            "sessions": r.sessions,
+            "sessions_switched": r.sessions_switched,
+            "loadgen_cpu_s": (self.cpu * 10.0).round() / 10.0,
+            "proxy_errors": self.proxy_errors,
+            "events_s": events,
+        })
+    }
+}
+
+/// CPU time (user + system) this process used so far, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with the last ')'): utime and stime are the
+    // 12th and 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `haddock release <from>` on a fresh stack (the first release: no users yet).
+async fn stack_on(name: &str, opts: StackOptions, from: &str) -> Result<Stack, String> {
+    let stack = Stack::start(name, opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release(from));
+    if code != Some(0) {
+        return Err(format!(
+            "haddock release {from} → exit {code:?}\n{out}\n{}",
+            stack.logs()
+        ));
+    }
+    Ok(stack)
+}
+
+/// Polls `/version` through the proxy (a new session each time) until `version` answers.
+async fn first_answer_of(stack: &Stack, version: &str, within: Duration) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("http client");
+    let url = format!("{}/version", stack.proxy_url);
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(&url).send().await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if v["version"] == version {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// The closed loop that finds the saturating rate (successful requests/s), after 1 s warm-up.
+async fn saturating_rate(a: &Args, stack: &Stack) -> RateReport {
+    let closed_loop = |time: Duration, prefix: &str| {
+        let control = RateControl::new();
+        let load = tokio::spawn(run_rate(
+            a.load(stack, None, a.connections, prefix),
+            control.clone(),
+        ));
+        async move {
+            tokio::time::sleep(time).await;
+            control.stop();
+            load.await.expect("load task")
+        }
+    };
+    closed_loop(Duration::from_secs(1), "warm").await;
+    closed_loop(a.saturate, "sat").await
+}
+
+/// (a): stop + remove the old container, create + start the new version on the same address.
+async fn naive(a: &Args, rate: f64) -> Result<Phase, String> {
+    let stack = stack_on(
+        "proof-naive",
+        StackOptions {
+            fixed_subnet: true,
+            ..a.stack()
+        },
+        &a.from,
+    )
+    .await?;
+    let spec = Spec::load(&stack.spec_path).map_err(|e| format!("spec: {e}"))?;
+    let host = Host::connect(&spec.targets[0], 0)
+        .await
+        .map_err(|e| format!("docker: {e}"))?;
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .map_err(|e| format!("docker: {e}"))?
+        .negotiate_version()
+        .await
+        .map_err(|e| format!("docker: {e}"))?;
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.deploy_token.clone()));
+    let old = client
+        .instances(&stack.service)
+        .await
+        .map_err(|e| format!("locator: {e}"))?
+        .into_iter()
+        .find(|i| i.state == InstanceState::Ready)
+        .ok_or("no ready instance after the first release")?;
+    let address: SocketAddr = old
+        .address
+        .parse()
+        .map_err(|e| format!("address {}: {e}", old.address))?;
+    let image_has_healthcheck = host
+        .image(&spec.image_ref(&a.to))
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or(format!("image {} is not built", spec.image_ref(&a.to)))?;
+    // The proxy keeps routing to the registered address whatever runs behind it: heartbeat
+    // the instance ourselves (haddock's agent follows container ids, and the new one differs).
+    let _heartbeat = {
+        let (client, id) = (client.clone(), old.id.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let _ = client.heartbeat(&id).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
+    };
+
+    let cpu = cpu_seconds();
+    let control = RateControl::new();
+    let load = tokio::spawn(run_rate(
+        a.load(&stack, Some(rate), a.users, "naive"),
+        control.clone(),
+    ));
+    tokio::time::sleep(a.warmup).await;
+
+    let start = control.elapsed();
+    let mut events = vec![(
+        "stop".to_string(),
+        format!(
+            "stop {} (SIGTERM, up to {} grace), then remove it",
+            a.from,
+            humantime::format_duration(spec.container.stop_grace)
+        ),
+        start,
+    )];
+    host.stop_and_remove(&old.container_id, spec.container.stop_grace)
+        .await
+        .map_err(|e| e.to_string())?;
+    events.push((
+        "removed".into(),
+        "old container removed".into(),
+        control.elapsed(),
+    ));
+    let created =
+        create_and_start_at(&docker, &spec, &a.to, address.ip(), image_has_healthcheck).await;
+    events.push((
+        "started".into(),
+        format!("{} created and started at the same address {address}", a.to),
+        control.elapsed(),
+    ));
+    let answered = match created {
+        Ok(()) => first_answer_of(&stack, &a.to, Duration::from_secs(60)).await,
+        Err(e) => {
+            println!("naive redeploy: {e}");
+            false
+        }
+    };
+    if !answered {
+        control.stop();
+        return Err(format!(
+            "{} never answered at {address}\n{}",
+            a.to,
+            stack.logs()
+        ));
+    }
+    events.push((
+        "first_answer".into(),
+        format!("first answer of {} through the proxy (a new session)", a.to),
+        control.elapsed(),
+    ));
+    tokio::time::sleep(a.tail).await;
+    control.stop();
+    let report = load.await.expect("load task");
+    let cpu = cpu_seconds() - cpu;
+    let proxy_errors = proxy_errors(&stack);
+    drop(stack);
+    Ok(Phase {
+        report,
+        start,
+        events,
+        cpu,
+        proxy_errors,
+    })
+}
+
+/// The new version's container, as haddock would create it from the spec, but with a fixed
+/// address on the spec's network.
+async fn create_and_start_at(
+    docker: &bollard::Docker,
+    spec: &Spec,
+    tag: &str,
+    ip: IpAddr,
+    image_has_healthcheck: bool,
+) -> Result<(), String> {
+    let plan = ContainerPlan::new(spec, tag, "naive", 0, 0);
+    let mut body = plan.create_body(image_has_healthcheck);
+    body.labels
+        .get_or_insert_with(HashMap::new)
+        .insert(e2e::TEST_LABEL.to_string(), "proof".to_string());
+    let network = plan
+        .network
+        .clone()
+        .ok_or("the stack's spec names no network")?;
+    body.networking_config = Some(NetworkingConfig {
+        endpoints_config: Some(HashMap::from([(
+            network,
+            EndpointSettings {
+                ipam_config: Some(EndpointIpamConfig {
+                    ipv4_address: Some(ip.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )])),
+    });
+    let opts = CreateContainerOptions {
+        name: Some(plan.name.clone()),
+        ..Default::default()
+    };
+    docker
+        .create_container(Some(opts), body)
+        .await
+        .map_err(|e| format!("create {}: {e}", plan.name))?;
+    docker
+        .start_container(&plan.name, None::<StartContainerOptions>)
+        .await
+        .map_err(|e| format!("start {}: {e}", plan.name))
+}
+
+/// Aborts a background task when dropped (also on an early return).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Kills a child process (by pid, with `kill`) unless it finished: a `haddock release` left
+/// running by ctrl-c.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// (b): `haddock release <to>` under the same load.
+async fn with_haddock(
+    a: &Args,
+    stack: &Stack,
+    rate: f64,
+) -> Result<(Phase, (Option<i32>, serde_json::Value, String)), String> {
+    let cpu = cpu_seconds();
+    let control = RateControl::new();
+    let load = tokio::spawn(run_rate(
+        a.load(stack, Some(rate), a.users, "haddock"),
+        control.clone(),
+    ));
+    let progress = |control: &RateControl| {
+        println!(
+            "    {:>6.0} s: {} requests sent, {} failed",
+            control.elapsed().as_secs_f64(),
+            control.sent(),
+            control.failed()
+        );
+    };
+    if a.long {
+        let mut next = Duration::from_secs(30);
+        while control.sent() < a.requests / 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if control.elapsed() >= next {
+                progress(&control);
+                next += Duration::from_secs(30);
+            }
+        }
+    } else {
+        tokio::time::sleep(a.warmup).await;
+    }
+
+    let start = control.elapsed();
+    let wall_start = SystemTime::now();
+    let mut events = vec![(
+        "release".to_string(),
+        format!("haddock release {} starts", a.to),
+        start,
+    )];
+    let child = stack
+        .release_command(&a.to)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("haddock: {e}"))?;
+    let mut guard = KillOnDrop(Some(child.id()));
+    let release = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let mut last = None;
+    while !release.is_finished() {
+        if let Some(w) = stack.weights().await {
+            if last.as_ref() != Some(&w) {
+                let share = w.get(&a.to).copied().unwrap_or(0);
+                if share > 0 {
+                    events.push((
+                        format!("weight_{share}"),
+                        format!("weights: {share} % of new sessions on {}", a.to),
+                        control.elapsed(),
+                    ));
+                }
+                last = Some(w);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = release
+        .await
+        .expect("release thread")
+        .map_err(|e| format!("haddock: {e}"))?;
+    guard.0 = None;
+    let result = e2e::stack::release_result(&out);
+    events.push((
+        "returned".into(),
+        format!(
+            "haddock release returned: exit {}, {} drained and removed",
+            result.0.map_or("none".into(), |c| c.to_string()),
+            a.from
+        ),
+        control.elapsed(),
+    ));
+
+    if a.long {
+        let mut next = control.elapsed() + Duration::from_secs(30);
+        while control.sent() < a.requests {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if control.elapsed() >= next {
+                progress(&control);
+                next += Duration::from_secs(30);
+            }
+        }
+    } else {
+        tokio::time::sleep(a.tail).await;
+    }
+    control.stop();
+    let report = load.await.expect("load task");
+    // When the new version took the cache volume's writer role over (the old writer's exit).
+    for id in stack.containers(Some(&a.to)) {
+        if let Some(at) = logged_at(&id, "became the writer") {
+            if let Ok(after) = at.duration_since(wall_start) {
+                events.push((
+                    "writer".into(),
+                    format!("{} became the cache volume's writer (its log)", a.to),
+                    start + after,
+                ));
+            }
+        }
+    }
+    events.sort_by_key(|e| e.2);
+    Ok((
+        Phase {
+            report,
+            start,
+            events,
+            cpu: cpu_seconds() - cpu,
+            proxy_errors: proxy_errors(stack),
+        },
+        result,
+    ))
+}
+
+/// The proxy's `Fail to proxy: <kind> …` log lines, counted by kind.
+fn proxy_errors(stack: &Stack) -> std::collections::BTreeMap<String, u64> {
+    let log = std::fs::read_to_string(stack.dir.path().join("proxy.log")).unwrap_or_default();
+    let mut kinds = std::collections::BTreeMap::new();
+    for l in log.lines() {
+        if let Some(rest) = l.split_once("Fail to proxy: ").map(|(_, r)| r) {
+            let kind = rest
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    kinds
+}
+
+/// When a container first logged a line containing `needle` (Docker's timestamp).
+fn logged_at(id: &str, needle: &str) -> Option<SystemTime> {
+    let out = std::process::Command::new("docker")
+        .args(["logs", "--timestamps", id])
+        .output()
+        .ok()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| humantime::parse_rfc3339(l.split_whitespace().next()?).ok())
+        .min()
+}
+
+/// What the proxy and the optimizer containers logged, for a failed request in (b).
+fn diagnose(stack: &Stack) {
+    let proxy = std::fs::read_to_string(stack.dir.path().join("proxy.log")).unwrap_or_default();
+    let errors: Vec<&str> = proxy.lines().filter(|l| l.contains("rror")).collect();
+    println!(
+        "--- proxy.log, lines naming an error (last 20 of {})",
+        errors.len()
+    );
+    for l in &errors[errors.len().saturating_sub(20)..] {
+        println!("{l}");
+    }
+    for id in stack.containers(None) {
+        let out = std::process::Command::new("docker")
+            .args(["logs", "--timestamps", "--tail", "40", &id])
+            .output();
+        if let Ok(out) = out {
+            println!("--- docker logs {id}");
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            print!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+async fn run(a: Args) -> Result<bool, String> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_start = loadavg();
+    println!(
+        "haddock-proof ({} mode): {cores} cores, load average {load_start} at start",
+        if a.long { "long" } else { "short" }
+    );
+    println!(
+        "load: users with their own session cookie; per session GET /version first and every \
+         {VERSION_EVERY} requests, else PUT of a {} B object ({} %) or GET of one of the user's \
+         objects, checked byte for byte; {} requests per session",
+        a.object_size,
+        (a.put_share * 100.0).round(),
+        a.requests_per_session
+    );
+
+    let stack = stack_on("proof", a.stack(), &a.from).await?;
+    let cpu = cpu_seconds();
+    let sat = saturating_rate(&a, &stack).await;
+    let sat_cpu = (cpu_seconds() - cpu) / (sat.elapsed.as_secs_f64() + 1.0);
+    let sat_rps = sat.ok_rps();
+    let rate = a.rate.unwrap_or(sat_rps / 2.0);
+    println!(
+        "saturating rate of the proxy (closed loop, {} users, {:.1} s, optimizer {}): {:.0} req/s \
+         (p50 {:.2} ms, p99 {:.2} ms, {} failed; the load generator used {:.0} % of one core)",
+        a.connections,
+        sat.elapsed.as_secs_f64(),
+        a.from,
+        sat_rps,
+        sat.percentile_ms(0.5),
+        sat.percentile_ms(0.99),
+        sat.failed,
+        sat_cpu * 100.0
+    );
+    println!(
+        "target rate: {rate:.0} req/s ({}), open loop, {} users",
+        if a.rate.is_some() {
+            "--rate"
+        } else {
+            "half the saturating rate"
+        },
+        a.users
+    );
+
+    let a_phase = naive(&a, rate).await?;
+    a_phase.print(&format!(
+        "(a) naive redeploy {} → {} on the same address",
+        a.from, a.to
+    ));
+
+    println!(
+        "(b) haddock release {} (steps {:?}, {} bake, session TTL {}){}",
+        a.to,
+        a.stack().steps,
+        humantime::format_duration(a.step_pause),
+        humantime::format_duration(a.session_ttl),
+        if a.long {
+            format!(", until {} requests were sent", a.requests)
+        } else {
+            String::new()
+        }
+    );
+    let (b_phase, release) = with_haddock(&a, &stack, rate).await?;
+    b_phase.print(&format!("(b) haddock release {} → {}", a.from, a.to));
+    if release.0 != Some(0) {
+        println!("--- haddock output\n{}\n{}", release.2, stack.logs());
+    }
+    if b_phase.report.failed > 0 {
+        diagnose(&stack);
+    }
+    drop(stack);
+
+    let load_end = loadavg();
+    let (ra, rb) = (&a_phase.report, &b_phase.report);
+    println!();
+    println!(
+        "| {:<22} | {:>9} | {:>7} | {:>11} | {:>8} | {:>8} | {:>8} |",
+        "", "requests", "failed", "longest gap", "req/s", "p50 ms", "p99 ms"
+    );
+    for (name, r) in [("(a) naive redeploy", ra), ("(b) haddock release", rb)] {
+        println!(
+            "| {name:<22} | {:>9} | {:>7} | {:>9.3} s | {:>8.0} | {:>8.2} | {:>8.2} |",
+            r.requests,
+            r.failed,
+            r.longest_gap.as_secs_f64(),
+            r.achieved_rps(),
+            r.percentile_ms(0.5),
+            r.percentile_ms(0.99)
+        );
+    }
+    println!("load average {load_start} at start, {load_end} at the end");
+    let ok = rb.failed == 0
+        && release.0 == Some(0)
+        && (!a.long || rb.requests >= a.requests)
+        && rb.achieved_rps() >= 0.95 * rate;
+    let mode = if a.long { "long" } else { "short" };
+    let mut haddock = b_phase.json();
+    haddock["release_exit"] = json!(release.0);
+    println!(
+        "{}",
+        json!({
+            "mode": mode,
+            "saturating_rps": sat_rps.round(),
+            "target_rps": rate.round(),
+            "naive": a_phase.json(),
+            "haddock": haddock,
+            "cores": cores,
+            "loadavg_start": load_start,
+            "loadavg_end": load_end,
+            "ok": ok,
+        })
+    );
+    Ok(ok)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = Args::parse();
+    let code = tokio::select! {
+        r = run(a) => match r {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("haddock-proof: {e}");
+                2
+            }
+        },
+        // Dropping `run` drops its stacks: processes killed, containers, network, volume removed.
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("haddock-proof: interrupted; stacks removed");
+            130
+        }
+    };
+    // Do not wait for a blocking thread still following a killed `haddock release`.
+    std::process::exit(code)
+}
