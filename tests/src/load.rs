@@ -185,25 +185,15 @@ async fn user_loop(
             Op::Version
         } else if mine.is_empty() || rng.gen_bool(0.4) {
             n += 1;
-            Op::Put(format!("u{user}-{n}"))
+            Op::Put(
+                format!("u{user}-{n}"),
+                object_bytes(&mut rng, cfg.object_size),
+            )
         } else {
             Op::Get(rng.gen_range(0..mine.len()))
         };
-        let body = match &op {
-            Op::Put(_) => Some(object_bytes(&mut rng, cfg.object_size)),
-            _ => None,
-        };
         let started = Instant::now();
-        let outcome = request(
-            &client,
-            &cfg.target,
-            &cfg.cookie,
-            s,
-            &op,
-            body.as_deref(),
-            &mine,
-        )
-        .await;
+        let outcome = request(&client, &cfg.target, &cfg.cookie, s, &op, &mine).await;
         let elapsed = started.elapsed();
         s.requests += 1;
         {
@@ -215,13 +205,7 @@ async fn user_loop(
                     if s.record.versions.last() != Some(&version) {
                         s.record.versions.push(version.clone());
                     }
-                    if let (Op::Put(key), Some(b)) = (&op, &body) {
-                        let obj = StoredObject {
-                            key: key.clone(),
-                            digest: blake3::hash(b),
-                            len: b.len(),
-                            version,
-                        };
+                    if let Some(obj) = op.stored(version) {
                         mine.push(obj.clone());
                         r.objects.push(obj);
                     }
@@ -252,8 +236,24 @@ async fn user_loop(
 
 enum Op {
     Version,
-    Put(String),
+    /// Key and body.
+    Put(String, Vec<u8>),
     Get(usize),
+}
+
+impl Op {
+    /// What a successful PUT stored, served by `version`.
+    fn stored(&self, version: String) -> Option<StoredObject> {
+        match self {
+            Op::Put(key, body) => Some(StoredObject {
+                key: key.clone(),
+                digest: blake3::hash(body),
+                len: body.len(),
+                version,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Objects share most of their bytes (as real WAN traffic does), so deduplication matters.
@@ -273,16 +273,15 @@ async fn request(
     cookie: &str,
     s: &mut Session,
     op: &Op,
-    body: Option<&[u8]>,
     mine: &[StoredObject],
 ) -> Result<Option<String>, String> {
     let url = match op {
         Op::Version => format!("{target}/version"),
-        Op::Put(key) => format!("{target}/v1/objects/{key}"),
+        Op::Put(key, _) => format!("{target}/v1/objects/{key}"),
         Op::Get(i) => format!("{target}/v1/objects/{}", mine[*i].key),
     };
     let mut req = match op {
-        Op::Put(_) => client.put(&url).body(body.unwrap_or_default().to_vec()),
+        Op::Put(_, body) => client.put(&url).body(body.clone()),
         _ => client.get(&url),
     };
     if let Some(c) = &s.cookie {
@@ -327,7 +326,7 @@ async fn request(
             }
             Ok(last)
         }
-        Op::Put(_) => Ok(last.or_else(|| Some("unknown".into()))),
+        Op::Put(..) => Ok(last.or_else(|| Some("unknown".into()))),
     }
 }
 
@@ -689,24 +688,14 @@ async fn rate_user(
             Op::Version
         } else if mine.is_empty() || rng.gen_bool(cfg.put_share) {
             n += 1;
-            Op::Put(format!("{}-u{user}-{n}", cfg.key_prefix))
+            Op::Put(
+                format!("{}-u{user}-{n}", cfg.key_prefix),
+                object_bytes(&mut rng, cfg.object_size),
+            )
         } else {
             Op::Get(rng.gen_range(0..mine.len()))
         };
-        let body = match &op {
-            Op::Put(_) => Some(object_bytes(&mut rng, cfg.object_size)),
-            _ => None,
-        };
-        let outcome = request(
-            &client,
-            &cfg.target,
-            &cfg.cookie,
-            s,
-            &op,
-            body.as_deref(),
-            &mine,
-        )
-        .await;
+        let outcome = request(&client, &cfg.target, &cfg.cookie, s, &op, &mine).await;
         let done = Instant::now();
         let done_us = control.us(done);
         t.requests += 1;
@@ -728,14 +717,8 @@ async fn rate_user(
                         }
                         *t.versions.entry(v).or_default() += 1;
                     }
-                    (Op::Put(key), v) => {
-                        let b = body.as_deref().unwrap_or_default();
-                        let obj = StoredObject {
-                            key: key.clone(),
-                            digest: blake3::hash(b),
-                            len: b.len(),
-                            version: v.unwrap_or_default(),
-                        };
+                    (Op::Put(..), v) => {
+                        let obj = op.stored(v.unwrap_or_default()).expect("a PUT");
                         t.stored += 1;
                         if mine.len() < REMEMBERED {
                             mine.push(obj);
