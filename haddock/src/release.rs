@@ -509,7 +509,8 @@ impl<'a> Run<'a> {
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
-                heartbeat_once(&client, &hosts, &service).await;
+                // The lease first: the first tick is immediate, so the record names its driver
+                // before any slower work (the heartbeats go to Docker and the locator).
                 let s = {
                     let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
                     s["driver"] = serde_json::json!({ "who": driver, "at_ms": now_ms() });
@@ -522,6 +523,7 @@ impl<'a> Run<'a> {
                 if let Err(e) = client.update_release(&id, &lease).await {
                     tracing::debug!(release = %id, error = %e, "lease update");
                 }
+                heartbeat_once(&client, &hosts, &service).await;
             }
         }));
     }
