@@ -578,7 +578,9 @@ impl TlsDockerHost {
 
     /// The `host` string of this target.
     pub fn host(&self) -> String {
-        format!("tcp://localhost:{}", self.port)
+        // An IP, not `localhost`: no resolver (or IPv6-first answer) in the way; the server
+        // certificate names it as an IP SAN.
+        format!("tcp://127.0.0.1:{}", self.port)
     }
 
     /// A `[[targets]]` table for this host.
