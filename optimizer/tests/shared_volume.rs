@@ -12,10 +12,11 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 // Known defect (issue 3), found by running this test 40 times in a row: in about one run in
 // ten the reader started on the filled volume finds the manifest of the first object but not
-// one of its chunks (500 `missing_chunk`), and 50 more catch-ups 10 ms apart do not bring it,
-// so the RocksDB secondary's view is missing data the writer acknowledged, not just late. The
-// fix is for a reader to fetch a chunk it lacks from the writer (`GET /v1/chunks/{hash}`, then
-// verify) instead of trusting the secondary alone. Run it with
+// one of its chunks (500 `missing_chunk`, always the same chunk of `before-0`), and 50 more
+// catch-ups 10 ms apart do not bring it. A trial fallback that fetched the chunk from the
+// writer (`GET /v1/chunks/{hash}`) did not help either: the writer lacked it too, so this looks
+// like a lost chunk of the first object written after the writer opened (a race there), not a
+// stale secondary. Under investigation; run it with
 // `cargo test --release --workspace --test shared_volume -- --ignored`.
 #[ignore = "known defect: a fresh reader can miss a chunk the writer acknowledged (issue 3)"]
 #[tokio::test(flavor = "multi_thread")]
