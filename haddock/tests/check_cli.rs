@@ -66,3 +66,20 @@ fn a_missing_file_is_bad_input() {
         String::from_utf8_lossy(&out.stderr).contains("cannot read spec deploy-specs/nope.toml")
     );
 }
+
+#[test]
+fn an_unknown_log_format_exits_2_naming_the_choices() {
+    let out = haddock(&[
+        "--log-format",
+        "xml",
+        "check",
+        "deploy-specs/optimizer.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xml") && err.contains("json") && err.contains("pretty"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing checked: {:?}", out.stdout);
+}

@@ -172,5 +172,10 @@ mod tests {
             let cli = Cli::try_parse_from(args).unwrap();
             assert_eq!(cli.log_format, LogFormat::Json);
         }
+        let bad = [&["proxy", "--log-format", "xml", "serve"][..], &minimal[..]].concat();
+        let Err(err) = Cli::try_parse_from(bad) else {
+            panic!("--log-format xml was accepted")
+        };
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
     }
 }
