@@ -167,6 +167,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         &StoreOptions {
             block_cache_bytes: cfg.block_cache_bytes,
             chunk_params: params,
+            ..StoreOptions::default()
         },
     )?);
 

@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// How often a reader tries to become the writer.
     #[arg(long, env = "OPTIMIZER_TAKEOVER_INTERVAL", default_value = "250ms", value_parser = duration)]
     pub takeover_interval: Duration,
+    /// How long a chunk stays readable after the last object using it was overwritten or
+    /// deleted: a GET that started before (on any instance) must finish within it.
+    #[arg(long, env = "OPTIMIZER_RECLAIM_GRACE", default_value = "5m", value_parser = duration)]
+    pub reclaim_grace: Duration,
     /// How long a reader retries forwarding a mutation while no writer answers.
     #[arg(long, env = "OPTIMIZER_FORWARD_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub forward_timeout: Duration,
@@ -211,6 +215,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         store: StoreOptions {
             block_cache_bytes: args.block_cache_bytes,
             chunk_params,
+            reclaim_grace: args.reclaim_grace,
         },
         catch_up_interval: args.catch_up_interval,
         takeover_interval: args.takeover_interval,

@@ -3,14 +3,23 @@
 //!
 //! - `chunks`: chunk hash → stored form (codec flag byte, then raw or lz4 bytes);
 //! - `manifests`: object key → manifest JSON;
-//! - `refs`: chunk hash → number of objects referencing it (u64 LE).
+//! - `refs`: chunk hash → number of objects referencing it (u64 LE), and the *reclaim queue*:
+//!   `gy:` + chunk hash → when the chunk lost its last reference (unix ms, u64 LE).
+//!
+//! A chunk whose last reference goes away is not deleted at once: it is queued and reclaimed by
+//! [`Store::reap`] only after the reclaim grace. A GET that read a manifest just before an
+//! overwrite or DELETE — on the writer, or on a reader whose view is up to one catch-up
+//! old — therefore still finds every chunk of the version it started with, instead of failing
+//! half-way with `missing_chunk`. (The queue lives in `refs`, not in a column family of its own,
+//! so that older and newer versions of the optimizer can open each other's volume.)
 //!
 //! A manifest and the reference-count changes it implies are written in one synced
 //! `WriteBatch`, so an object is either wholly visible with durable chunks or not at all.
 //! Chunks are written ahead of that batch (unsynced; the final synced write makes the WAL
 //! durable up to and including them). A chunk with no `refs` entry is an orphan left by an
 //! aborted or killed ingest, or uploaded by `PUT /v1/chunks/{hash}`; `sweep_orphans` reclaims them
-//! when an instance becomes the writer.
+//! when an instance becomes the writer (those no manifest ever referenced, so no reader needs
+//! them; queued chunks are left to the reaper).
 //!
 //! Only the writer mutates. Every reference-count read-modify-write and every chunk deletion
 //! happens under one mutex that also guards the *pins*: hashes an in-flight ingest relies on.
@@ -20,6 +29,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rocksdb::{
@@ -36,6 +46,9 @@ const CF_CHUNKS: &str = "chunks";
 const CF_MANIFESTS: &str = "manifests";
 const CF_REFS: &str = "refs";
 const CFS: [&str; 3] = [CF_CHUNKS, CF_MANIFESTS, CF_REFS];
+/// Prefix of reclaim-queue keys in `refs` (reference-count keys are bare 32-byte hashes).
+const QUEUED: &[u8] = b"gy:";
+const QUEUED_KEY_LEN: usize = QUEUED.len() + 32;
 /// Chunks of an ingest are written in batches of about this many bytes.
 const CHUNK_BATCH_BYTES: usize = 4 << 20;
 
@@ -45,6 +58,8 @@ pub struct StoreOptions {
     /// RocksDB block cache shared by all column families, in bytes.
     pub block_cache_bytes: usize,
     pub chunk_params: ChunkParams,
+    /// How long a chunk stays readable after its last reference went away.
+    pub reclaim_grace: Duration,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +67,7 @@ impl Default for StoreOptions {
         StoreOptions {
             block_cache_bytes: 64 << 20,
             chunk_params: ChunkParams::default(),
+            reclaim_grace: Duration::from_secs(300),
         }
     }
 }
@@ -82,6 +98,7 @@ pub struct Store {
     db: DB,
     writer: bool,
     params: ChunkParams,
+    reclaim_grace: Duration,
     /// Pin counts of in-flight ingests; the mutex also serialises all ref-count changes.
     pins: Mutex<HashMap<ChunkHash, u32>>,
     // Kept alive for as long as the DB uses it.
@@ -139,6 +156,7 @@ impl Store {
             db,
             writer,
             params: opts.chunk_params,
+            reclaim_grace: opts.reclaim_grace,
             pins: Mutex::default(),
             _cache: cache,
         }
@@ -300,38 +318,100 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_MANIFESTS), key);
         let deltas = unique(&old.chunks).map(|h| (h, -1)).collect();
-        self.apply_refcounts(&mut batch, deltas, &pins)?;
+        self.apply_refcounts(&mut batch, deltas, &pins, SystemTime::now())?;
         self.db.write_opt(batch, &synced())?;
         Ok(true)
     }
 
-    /// Adds the reference-count changes `deltas` to `batch`, reclaiming chunks that drop to
-    /// zero unless an in-flight ingest pinned them. Caller holds the pins lock.
+    /// Adds the reference-count changes `deltas` to `batch`: a chunk that loses its last
+    /// reference joins the reclaim queue (stamped `now`), one that gains its first leaves it.
+    /// Caller holds the pins lock (`_pins` proves it), which serialises every count change.
     fn apply_refcounts(
         &self,
         batch: &mut WriteBatch,
         deltas: HashMap<ChunkHash, i64>,
-        pins: &HashMap<ChunkHash, u32>,
+        _pins: &HashMap<ChunkHash, u32>,
+        now: SystemTime,
     ) -> Result<()> {
+        let refs = self.cf(CF_REFS);
         for (hash, delta) in deltas {
             if delta == 0 {
                 continue;
             }
-            let count = self.refcount(&hash)? as i64 + delta;
+            let before = self.refcount(&hash)? as i64;
+            let count = before + delta;
             if count > 0 {
-                batch.put_cf(self.cf(CF_REFS), hash.0, (count as u64).to_le_bytes());
-            } else {
-                batch.delete_cf(self.cf(CF_REFS), hash.0);
-                if !pins.contains_key(&hash) {
-                    batch.delete_cf(self.cf(CF_CHUNKS), hash.0);
+                batch.put_cf(refs, hash.0, (count as u64).to_le_bytes());
+                if before == 0 {
+                    // Usually nothing is queued (a new chunk); a tombstone is cheaper than a
+                    // lookup per chunk.
+                    batch.delete_cf(refs, queued_key(&hash));
                 }
+            } else {
+                batch.delete_cf(refs, hash.0);
+                batch.put_cf(refs, queued_key(&hash), unix_ms(now).to_le_bytes());
             }
         }
         Ok(())
     }
 
-    /// Reclaims chunks that no object references and no ingest has pinned: leftovers of
-    /// ingests killed before their commit. Run when this instance becomes the writer.
+    /// Deletes the queued chunks whose grace has run out by `now`, unless something references
+    /// or pins them again. Run periodically by the writer. Returns how many it deleted.
+    pub fn reap(&self, now: SystemTime) -> Result<usize> {
+        self.require_writer()?;
+        let refs = self.cf(CF_REFS);
+        let due_before = unix_ms(now).saturating_sub(self.reclaim_grace.as_millis() as u64);
+        let mut due = Vec::new();
+        let iter = self.db.iterator_cf(
+            refs,
+            IteratorMode::From(QUEUED, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(QUEUED) {
+                break;
+            }
+            // A bare 32-byte count key can start with the prefix bytes by chance.
+            let (Some(hash), Ok(since)) = (
+                k.strip_prefix(QUEUED)
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok()),
+                <[u8; 8]>::try_from(v.as_ref()),
+            ) else {
+                continue;
+            };
+            if u64::from_le_bytes(since) <= due_before {
+                due.push(ChunkHash(hash));
+            }
+        }
+        let mut reaped = 0;
+        for group in due.chunks(1024) {
+            let pins = self.lock_pins();
+            let mut batch = WriteBatch::default();
+            for h in group {
+                if pins.contains_key(h) {
+                    continue; // an ingest is about to reference it; its commit dequeues it
+                }
+                batch.delete_cf(refs, queued_key(h));
+                if self.refcount(h)? == 0 {
+                    batch.delete_cf(self.cf(CF_CHUNKS), h.0);
+                    reaped += 1;
+                }
+            }
+            self.db.write(batch)?;
+        }
+        Ok(reaped)
+    }
+
+    fn is_queued(&self, hash: &ChunkHash) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_REFS), queued_key(hash))?
+            .is_some())
+    }
+
+    /// Reclaims chunks that no object references, no ingest has pinned and the reclaim queue
+    /// does not hold: leftovers of ingests killed before their commit, never part of a stored
+    /// object. Run when this instance becomes the writer.
     pub fn sweep_orphans(&self) -> Result<usize> {
         self.require_writer()?;
         let mut candidates = Vec::new();
@@ -349,7 +429,7 @@ impl Store {
             let pins = self.lock_pins();
             let mut batch = WriteBatch::default();
             for h in group {
-                if !pins.contains_key(h) && self.refcount(h)? == 0 {
+                if !pins.contains_key(h) && self.refcount(h)? == 0 && !self.is_queued(h)? {
                     batch.delete_cf(self.cf(CF_CHUNKS), h.0);
                     reclaimed += 1;
                 }
@@ -399,6 +479,18 @@ fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
     w
+}
+
+fn queued_key(hash: &ChunkHash) -> [u8; QUEUED_KEY_LEN] {
+    let mut key = [0; QUEUED_KEY_LEN];
+    key[..QUEUED.len()].copy_from_slice(QUEUED);
+    key[QUEUED.len()..].copy_from_slice(&hash.0);
+    key
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn unique(chunks: &[ChunkRef]) -> impl Iterator<Item = ChunkHash> + '_ {
@@ -516,7 +608,7 @@ impl Ingest {
                     *deltas.entry(h).or_insert(0) -= 1;
                 }
             }
-            store.apply_refcounts(&mut batch, deltas, &pins)?;
+            store.apply_refcounts(&mut batch, deltas, &pins, SystemTime::now())?;
             batch.put_cf(store.cf(CF_MANIFESTS), key, json);
             fail::fail_point!("store::before_commit", |_| Err(Error::Internal(
                 "injected fault before commit".into()
@@ -606,9 +698,33 @@ mod tests {
         // Still referenced by b.
         assert!(store.missing(&[hash]).unwrap().is_empty());
         assert!(store.delete("b").unwrap());
+        // Unreferenced now, but kept for the reclaim grace...
+        assert!(store.missing(&[hash]).unwrap().is_empty());
+        assert_eq!(store.reap(SystemTime::now()).unwrap(), 0);
+        // ...and reclaimed once it has run out.
+        assert_eq!(store.reap(after_grace()).unwrap(), r1.chunks);
         assert_eq!(store.missing(&[hash]).unwrap(), vec![hash]);
         assert!(!store.delete("b").unwrap());
+        assert_eq!(store.reap(after_grace()).unwrap(), 0, "the queue is empty");
         assert_eq!(store.stats().chunk_count_estimate, 0);
+    }
+
+    fn after_grace() -> SystemTime {
+        SystemTime::now() + StoreOptions::default().reclaim_grace + Duration::from_secs(1)
+    }
+
+    #[test]
+    fn a_chunk_referenced_again_leaves_the_reclaim_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let a = noise(200_000, 12);
+        put(&store, "a", &a);
+        store.delete("a").unwrap();
+        // Stored again within the grace: deduplicated against the queued chunks...
+        assert_eq!(put(&store, "again", &a).new_chunks, 0);
+        // ...which are no longer due for reclaim.
+        assert_eq!(store.reap(after_grace()).unwrap(), 0);
+        assert_eq!(get(&store, "again").unwrap(), a);
     }
 
     #[test]
@@ -621,6 +737,7 @@ mod tests {
         put(&store, "k", &b);
         assert_eq!(get(&store, "k").unwrap(), b);
         let old_hashes: Vec<_> = old.chunks.iter().map(|c| c.hash).collect();
+        store.reap(after_grace()).unwrap();
         assert_eq!(store.missing(&old_hashes).unwrap().len(), old_hashes.len());
     }
 
@@ -636,8 +753,14 @@ mod tests {
         assert!(!ingest.reference(m.chunks[0].clone()).unwrap());
         // ...so deleting a must not reclaim it.
         store.delete("a").unwrap();
+        assert_eq!(
+            store.reap(after_grace()).unwrap(),
+            m.chunks.len() - 1,
+            "all but the pinned one"
+        );
         let report = ingest.commit("b", "x".into()).unwrap();
         assert_eq!(report.new_chunks, 0);
+        assert_eq!(store.reap(after_grace()).unwrap(), 0);
         assert!(store.chunk(&m.chunks[0].hash).is_ok());
 
         let mut abandoned = store.begin_ingest().unwrap();
@@ -657,6 +780,9 @@ mod tests {
             .put_stored_chunk(&hash, &chunker::encode(&data))
             .unwrap());
         put(&store, "kept", &noise(10_000, 7));
+        // A deleted object's chunks are queued, not orphans: readers may still need them.
+        put(&store, "deleted", &noise(10_000, 13));
+        store.delete("deleted").unwrap();
         assert_eq!(store.sweep_orphans().unwrap(), 1);
         assert_eq!(store.missing(&[hash]).unwrap(), vec![hash]);
         assert!(get(&store, "kept").is_some());
@@ -704,5 +830,37 @@ mod tests {
         // No explicit catch-up: the miss path catches up by itself.
         assert_eq!(get(&reader, "after").unwrap(), data);
         assert_eq!(reader.delete("after").unwrap_err().code(), "not_writer");
+        assert_eq!(reader.reap(after_grace()).unwrap_err().code(), "not_writer");
+    }
+
+    #[test]
+    fn a_reader_with_a_stale_manifest_still_reads_the_old_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let old = noise(120_000, 14);
+        put(&store, "k", &old);
+        let reader = Store::open_reader(
+            &dir.path().join("db"),
+            &dir.path().join("sec"),
+            &StoreOptions::default(),
+        )
+        .unwrap();
+        // The reader has read the manifest when the writer overwrites the object...
+        let stale = reader.manifest("k").unwrap().unwrap();
+        put(&store, "k", &noise(120_000, 15));
+        reader.catch_up().unwrap();
+        // ...and still streams the version it started with.
+        let bytes: Vec<u8> = stale
+            .chunks
+            .iter()
+            .flat_map(|c| reader.chunk(&c.hash).unwrap().to_vec())
+            .collect();
+        assert_eq!(bytes, old);
+        store.reap(after_grace()).unwrap();
+        reader.catch_up().unwrap();
+        assert_eq!(
+            reader.chunk(&stale.chunks[0].hash).unwrap_err().code(),
+            "missing_chunk"
+        );
     }
 }

@@ -228,15 +228,30 @@ impl Volume {
         }
     }
 
-    /// Keeps the volume open and this instance's role current until `stop` turns true.
+    /// Keeps the volume open and this instance's role current until `stop` turns true; as the
+    /// writer, reclaims the chunks whose grace has run out.
     pub async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut last_takeover_try = Instant::now()
             .checked_sub(self.cfg.takeover_interval)
             .unwrap_or_else(Instant::now);
+        // Reaping a few seconds late costs nothing; a tight loop on a huge queue would.
+        let reap_interval = (self.cfg.store.reclaim_grace / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
         loop {
-            let is_writer = self.writer().is_some();
-            if !is_writer {
-                let this = self.clone();
+            let this = self.clone();
+            let writer = self.writer();
+            let is_writer = writer.is_some();
+            let (wait, res) = if let Some(store) = writer {
+                let res = tokio::task::spawn_blocking(move || {
+                    let n = store.reap(std::time::SystemTime::now())?;
+                    if n > 0 {
+                        tracing::info!(reclaimed = n, "reclaimed chunks past their grace");
+                    }
+                    Ok::<_, Error>(())
+                })
+                .await;
+                (reap_interval, res)
+            } else {
                 let try_lead =
                     last_takeover_try.elapsed() >= self.cfg.takeover_interval || !self.is_open();
                 if try_lead {
@@ -250,18 +265,15 @@ impl Volume {
                     }
                 })
                 .await;
-                match res {
-                    Ok(Ok(())) => {}
-                    // Normal while the writer has not created the database yet.
-                    Ok(Err(e)) => tracing::debug!(error = %e, "cache volume step failed; retrying"),
-                    Err(e) => tracing::warn!(error = %e, "cache volume task panicked"),
-                }
-            }
-            let wait = if is_writer {
-                Duration::from_secs(3600)
-            } else {
-                self.cfg.catch_up_interval
+                (self.cfg.catch_up_interval, res)
             };
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if is_writer => tracing::warn!(error = %e, "reclaiming chunks failed"),
+                // Normal while the writer has not created the database yet.
+                Ok(Err(e)) => tracing::debug!(error = %e, "cache volume step failed; retrying"),
+                Err(e) => tracing::warn!(error = %e, "cache volume task panicked"),
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
