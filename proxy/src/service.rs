@@ -339,7 +339,7 @@ impl ProxyHttp for HaddockProxy {
 #[derive(Debug, PartialEq, Eq)]
 enum AfterError {
     GiveUp,
-    /// Again on the same instance: a pooled connection it had closed (pingora's own rule).
+    /// Again on the same instance: a pooled connection it had closed (pingora's `ReusedOnly`).
     SameInstance,
     /// On another instance of the same version, if there is one.
     FailOver,
@@ -355,17 +355,19 @@ fn after_error(
     // The client hung up (or broke the protocol): nobody waits for an answer, and sending the
     // request again would only execute it again — a PUT up to `max_attempts` times, as the
     // proxy benchmark's log showed when wrk closed its connections.
-    if e.esource() == &pingora_error::ErrorSource::Downstream || !(replay_intact && nothing_sent) {
+    // And a request that is not idempotent is never sent twice: even on a pooled connection
+    // that looked closed, the instance may have received it (pingora 0.9's default rule).
+    if e.esource() == &pingora_error::ErrorSource::Downstream
+        || !(replay_intact && nothing_sent && replayable)
+    {
         return AfterError::GiveUp;
     }
     let mut retry = e.retry;
     retry.decide_reuse(client_reused);
     if retry.retry() {
         AfterError::SameInstance
-    } else if replayable {
-        AfterError::FailOver
     } else {
-        AfterError::GiveUp
+        AfterError::FailOver
     }
 }
 
@@ -391,10 +393,15 @@ mod tests {
             e
         };
         let closed_pooled = up(RetryType::ReusedOnly);
-        // A pooled connection the instance had closed: same instance, any method.
+        // A pooled connection the instance had closed: same instance...
+        assert_eq!(
+            after_error(&closed_pooled, true, true, true, true),
+            AfterError::SameInstance
+        );
+        // ...unless the request may not be executed twice.
         assert_eq!(
             after_error(&closed_pooled, true, true, true, false),
-            AfterError::SameInstance
+            AfterError::GiveUp
         );
         // The same failure on a fresh connection: elsewhere if the request may be replayed.
         assert_eq!(
