@@ -47,12 +47,7 @@ async fn two_instances_share_reads_and_writes_without_staleness() {
     // Overwrites and deletes reach the reader within the background catch-up interval.
     let fresh = text(10_000, 999);
     b.put("before-0", &fresh).await;
-    let resp = client()
-        .delete(format!("{}/v1/objects/before-1", b.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(b.delete("before-1").await, 200);
     assert_eq!(a.get("before-0").await, Some(fresh.clone()));
     assert_eq!(a.get("before-1").await, None);
     eventually(
@@ -226,12 +221,7 @@ async fn reads_in_flight_survive_overwrite_and_delete() {
         }
     }
     b.put("overwritten", &new).await;
-    let resp = client()
-        .delete(format!("{}/v1/objects/deleted", b.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(b.delete("deleted").await, 200);
     // Both instances now answer with the new state...
     for inst in [&a, &b] {
         eventually(

@@ -393,44 +393,35 @@ mod tests {
             e
         };
         let closed_pooled = up(RetryType::ReusedOnly);
-        // A pooled connection the instance had closed: same instance...
-        assert_eq!(
-            after_error(&closed_pooled, true, true, true, true),
-            AfterError::SameInstance
-        );
-        // ...unless the request may not be executed twice.
-        assert_eq!(
-            after_error(&closed_pooled, true, true, true, false),
-            AfterError::GiveUp
-        );
-        // The same failure on a fresh connection: elsewhere if the request may be replayed.
-        assert_eq!(
-            after_error(&closed_pooled, false, true, true, true),
-            AfterError::FailOver
-        );
-        assert_eq!(
-            after_error(&closed_pooled, false, true, true, false),
-            AfterError::GiveUp
-        );
-        // Never once the answer has begun or the body can no longer be replayed.
-        assert_eq!(
-            after_error(&closed_pooled, true, true, false, true),
-            AfterError::GiveUp
-        );
-        assert_eq!(
-            after_error(&closed_pooled, true, false, true, true),
-            AfterError::GiveUp
-        );
-        // Never when the client hung up, whatever the connection.
-        let mut gone = Error::new_down(ConnectionClosed);
-        gone.retry = RetryType::ReusedOnly;
-        assert_eq!(
-            after_error(&gone, true, true, true, true),
-            AfterError::GiveUp
-        );
-        assert_eq!(
-            after_error(&up(RetryType::Decided(false)), true, true, true, true),
-            AfterError::FailOver
-        );
+        let mut client_gone = Error::new_down(ConnectionClosed);
+        client_gone.retry = RetryType::ReusedOnly;
+        let timed_out = up(RetryType::Decided(false));
+        use AfterError::*;
+        // (error, pooled connection, replay buffer intact, nothing sent yet, replayable, expected)
+        let cases = [
+            // A pooled connection the instance had closed: same instance...
+            (&closed_pooled, true, true, true, true, SameInstance),
+            // ...unless the request may not be executed twice.
+            (&closed_pooled, true, true, true, false, GiveUp),
+            // The same failure on a fresh connection: elsewhere if it may be replayed.
+            (&closed_pooled, false, true, true, true, FailOver),
+            (&closed_pooled, false, true, true, false, GiveUp),
+            // Never once the answer has begun or the body can no longer be replayed.
+            (&closed_pooled, true, true, false, true, GiveUp),
+            (&closed_pooled, true, false, true, true, GiveUp),
+            // Never when the client hung up, whatever the connection.
+            (&client_gone, true, true, true, true, GiveUp),
+            // Other upstream failures go elsewhere.
+            (&timed_out, true, true, true, true, FailOver),
+        ];
+        for (i, (e, reused, intact, nothing_sent, replayable, expected)) in
+            cases.into_iter().enumerate()
+        {
+            assert_eq!(
+                after_error(e, reused, intact, nothing_sent, replayable),
+                expected,
+                "case {i}"
+            );
+        }
     }
 }

@@ -157,6 +157,17 @@ impl Instance {
         body
     }
 
+    /// DELETE of an object; the status code.
+    pub async fn delete(&self, key: &str) -> u16 {
+        client()
+            .delete(format!("{}/v1/objects/{key}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// The object's bytes, or `None` on 404.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let resp = client()
