@@ -124,19 +124,28 @@ fn mbps(bytes: usize, start: Instant) -> f64 {
     bytes as f64 / 1e6 / start.elapsed().as_secs_f64()
 }
 
-fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
-    // The same steps as a PUT: streaming chunker, whole-object digest, per-chunk ingest.
-    let mut ingest = store.begin_ingest()?;
+/// The store-independent work of a PUT: `data` in 64 KiB frames through the streaming chunker
+/// (calling `each` per chunk) and the whole-object digest, which it returns.
+fn chunk_and_digest(
+    data: &[u8],
+    params: ChunkParams,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
-    let mut chunker = Chunker::new(store.chunk_params());
+    let mut chunker = Chunker::new(params);
     for frame in data.chunks(64 << 10) {
         hasher.update(frame);
-        chunker.push(frame, |c| ingest.add(c))?;
+        chunker.push(frame, &mut each)?;
     }
-    chunker.finish(|c| ingest.add(c))?;
-    Ok(ingest
-        .commit(key, hasher.finalize().to_hex().to_string())?
-        .stored_bytes)
+    chunker.finish(&mut each)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
+    // The same steps as a PUT: chunker and digest, per-chunk ingest, commit.
+    let mut ingest = store.begin_ingest()?;
+    let digest = chunk_and_digest(data, store.chunk_params(), |c| ingest.add(c))?;
+    Ok(ingest.commit(key, digest)?.stored_bytes)
 }
 
 fn peak_rss() -> u64 {
@@ -201,21 +210,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     drop(compressed);
 
     let t = Instant::now();
-    let mut hasher = blake3::Hasher::new();
-    let mut chunker = Chunker::new(params);
     let mut hashes = 0u8;
-    for frame in data.chunks(64 << 10) {
-        hasher.update(frame);
-        chunker.push(frame, |c| {
-            hashes ^= ChunkHash::of(c).0[0];
-            Ok(())
-        })?;
-    }
-    chunker.finish(|c| {
+    let digest = chunk_and_digest(&data, params, |c| {
         hashes ^= ChunkHash::of(c).0[0];
         Ok(())
     })?;
-    std::hint::black_box((hashes, hasher.finalize()));
+    std::hint::black_box((hashes, digest));
     let cdc_hash_mbps = mbps(size, t);
 
     let t = Instant::now();

@@ -160,8 +160,8 @@ pub fn decode_unverified(stored: &[u8]) -> std::result::Result<Bytes, String> {
             if size > MAX_CHUNK {
                 return Err("lz4 length prefix exceeds the largest chunk size".into());
             }
-            // Into an uninitialised buffer of exactly `size` (zeroing it first cost ~8 % of a
-            // restore); longer output is an error, shorter is caught below.
+            // Into an uninitialised buffer of exactly `size` (zeroing it first showed as memset
+            // in perf of a restore); longer output is an error, shorter is caught below.
             let buf = lz4_flex::block::decompress(body, size).map_err(|e| e.to_string())?;
             if buf.len() != size {
                 return Err("lz4 data shorter than its length prefix".into());

@@ -391,23 +391,35 @@ impl Store {
                 due.push(ChunkHash(hash));
             }
         }
-        let mut reaped = 0;
-        for group in due.chunks(1024) {
+        // A pinned chunk is about to be referenced by an ingest, whose commit dequeues it.
+        self.delete_unpinned(&due, |h, batch| {
+            batch.delete_cf(refs, queued_key(h));
+            Ok(self.refcount(h)? == 0)
+        })
+    }
+
+    /// Deletes each chunk of `hashes` that no ingest has pinned and for which `decide` (which
+    /// may add its own writes to the batch) says yes. Works in groups under the pins lock, so
+    /// that every chunk deletion is serialised with pinning and count changes. Returns how
+    /// many it deleted.
+    fn delete_unpinned(
+        &self,
+        hashes: &[ChunkHash],
+        mut decide: impl FnMut(&ChunkHash, &mut WriteBatch) -> Result<bool>,
+    ) -> Result<usize> {
+        let mut deleted = 0;
+        for group in hashes.chunks(1024) {
             let pins = self.lock_pins();
             let mut batch = WriteBatch::default();
             for h in group {
-                if pins.contains_key(h) {
-                    continue; // an ingest is about to reference it; its commit dequeues it
-                }
-                batch.delete_cf(refs, queued_key(h));
-                if self.refcount(h)? == 0 {
+                if !pins.contains_key(h) && decide(h, &mut batch)? {
                     batch.delete_cf(self.cf(CF_CHUNKS), h.0);
-                    reaped += 1;
+                    deleted += 1;
                 }
             }
             self.db.write(batch)?;
         }
-        Ok(reaped)
+        Ok(deleted)
     }
 
     fn is_queued(&self, hash: &ChunkHash) -> Result<bool> {
@@ -432,19 +444,9 @@ impl Store {
             );
             candidates.push(hash);
         }
-        let mut reclaimed = 0;
-        for group in candidates.chunks(1024) {
-            let pins = self.lock_pins();
-            let mut batch = WriteBatch::default();
-            for h in group {
-                if !pins.contains_key(h) && self.refcount(h)? == 0 && !self.is_queued(h)? {
-                    batch.delete_cf(self.cf(CF_CHUNKS), h.0);
-                    reclaimed += 1;
-                }
-            }
-            self.db.write(batch)?;
-        }
-        Ok(reclaimed)
+        self.delete_unpinned(&candidates, |h, _| {
+            Ok(self.refcount(h)? == 0 && !self.is_queued(h)?)
+        })
     }
 
     /// Size figures from RocksDB's own properties.
