@@ -258,3 +258,27 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> std::result::Result<ServeArgs, clap::Error> {
+        let argv = ["optimizer", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reclaim_grace_is_a_duration_and_defaults_to_five_minutes() {
+        assert_eq!(serve(&[]).unwrap().reclaim_grace, Duration::from_secs(300));
+        let grace = serve(&["--reclaim-grace", "90s"]).unwrap().reclaim_grace;
+        assert_eq!(grace, Duration::from_secs(90));
+        for bad in ["soon", "5 parsecs", ""] {
+            let err = serve(&["--reclaim-grace", bad]).unwrap_err().to_string();
+            assert!(err.contains("--reclaim-grace"), "{bad:?}: {err}");
+        }
+    }
+}
