@@ -97,14 +97,23 @@ impl Client {
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
         // A refused connection means the request never reached the locator, so even a POST
         // is safe to send again: this rides out a locator restart without a special case in
-        // every caller.
+        // every caller. An idempotent request is also sent again after any other transport
+        // error — typically a pooled keep-alive connection to the locator that was killed,
+        // which fails with "error sending request" rather than a refused connect.
+        let idempotent = req
+            .try_clone()
+            .and_then(|r| r.build().ok())
+            .is_some_and(|r| matches!(*r.method(), Method::GET | Method::PUT | Method::DELETE));
         let deadline = std::time::Instant::now() + self.connect_retry;
         let mut pause = std::time::Duration::from_millis(100);
         let resp = loop {
             let attempt = req.try_clone().expect("request bodies are buffered JSON");
             match attempt.send().await {
                 Ok(resp) => break resp,
-                Err(e) if e.is_connect() && std::time::Instant::now() + pause < deadline => {
+                Err(e)
+                    if (e.is_connect() || (idempotent && e.is_request()))
+                        && std::time::Instant::now() + pause < deadline =>
+                {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_secs(1));
                 }
