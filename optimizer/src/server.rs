@@ -490,7 +490,6 @@ impl App {
         let mut body = req.into_body();
         let mut ingest = store.begin_ingest()?;
         let mut chunker = Chunker::new(store.chunk_params());
-        let mut hasher = blake3::Hasher::new();
         let mut received = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
@@ -503,15 +502,13 @@ impl App {
                 return Err(Error::TooLarge { limit });
             }
             self.metrics.bytes_in.inc_by(data.len() as u64);
-            hasher.update(&data);
             chunker.push(&data, |c| ingest.add(c))?;
         }
         chunker.finish(|c| ingest.add(c))?;
-        let digest = hasher.finalize().to_hex().to_string();
         let k = key.to_owned();
         let report = blocking(move || {
             fail::fail_point!("ingest::before_commit");
-            ingest.commit(&k, digest)
+            ingest.commit(&k)
         })
         .await?;
         self.metrics.ingested(report.size, report.stored_bytes);

@@ -133,8 +133,10 @@ pub async fn pull(
         ingest.supply(hash, stored)?;
     }
     drop(fetches);
-    let (key_owned, digest) = (key.to_owned(), manifest.digest.clone());
-    let report = tokio::task::spawn_blocking(move || ingest.commit(&key_owned, digest))
+    // The digest is derived here from the chunk list, like every ingest's; it equals the
+    // peer's unless the peer stored the object with a version before 2026-11.
+    let key_owned = key.to_owned();
+    let report = tokio::task::spawn_blocking(move || ingest.commit(&key_owned))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     let transfer_ratio = if report.size == 0 {
