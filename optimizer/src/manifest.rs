@@ -128,6 +128,27 @@ impl Manifest {
         out
     }
 
+    /// `pieces_of` bytes `start..end`, cut into groups of about `group_bytes` each: the unit in
+    /// which a GET reads its object (one batched lookup per group).
+    pub fn read_groups(
+        chunks: &[ChunkRef],
+        start: u64,
+        end: u64,
+        group_bytes: usize,
+    ) -> Vec<Vec<(usize, usize, usize)>> {
+        let mut groups: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
+        let mut in_group = 0;
+        for piece in Self::pieces_of(chunks, start, end) {
+            if in_group >= group_bytes {
+                groups.push(Vec::new());
+                in_group = 0;
+            }
+            in_group += piece.2;
+            groups.last_mut().expect("never empty").push(piece);
+        }
+        groups
+    }
+
     /// Consistency check of a manifest received from a peer: lengths add up to the size.
     pub fn validate(&self) -> Result<()> {
         let sum: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
@@ -269,6 +290,9 @@ mod tests {
         assert_eq!(m.pieces(10, 20), vec![(1, 0, 10)]);
         assert_eq!(m.pieces(29, 30), vec![(2, 9, 1)]);
         m.validate().unwrap();
+        let groups = Manifest::read_groups(&m.chunks, 5, 30, 15);
+        assert_eq!(groups, vec![vec![(0, 5, 5), (1, 0, 10)], vec![(2, 0, 10)]]);
+        assert_eq!(Manifest::read_groups(&m.chunks, 0, 0, 15), vec![vec![]]);
     }
 
     #[test]

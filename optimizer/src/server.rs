@@ -42,8 +42,8 @@ type InBody = Either<Incoming, Full<Bytes>>;
 /// window is answered as a clean 500 `corrupt_chunk`; past it, the connection is aborted (the
 /// status line is gone), and the client sees a truncated body, never wrong data.
 const VERIFY_AHEAD: usize = 4 << 20;
-/// Bytes read per blocking task while streaming an object.
-const READ_GROUP: usize = 1 << 20;
+/// Bytes read per blocking task (one batched lookup) while streaming an object.
+pub const READ_GROUP: usize = 1 << 20;
 /// Largest accepted stored chunk (lz4 worst case of FastCDC's largest chunk, plus headers).
 const MAX_STORED_CHUNK: u64 = (17 << 20) + 64;
 /// An oversized body is read and discarded up to this much before answering 413, so that the
@@ -553,26 +553,20 @@ impl App {
             return build(builder, empty());
         }
 
-        // Group the pieces into reads of about READ_GROUP bytes.
+        let groups = Manifest::read_groups(&manifest.chunks, start, end, READ_GROUP);
         let chunks = Arc::new(manifest.chunks);
-        let mut groups: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new()];
-        let mut group_bytes = 0;
-        for piece in Manifest::pieces_of(&chunks, start, end) {
-            if group_bytes >= READ_GROUP {
-                groups.push(Vec::new());
-                group_bytes = 0;
-            }
-            group_bytes += piece.2;
-            groups.last_mut().expect("never empty").push(piece);
-        }
         let read_group = move |store: Arc<Store>,
                                chunks: Arc<Vec<ChunkRef>>,
                                group: Vec<(usize, usize, usize)>| {
             blocking(move || {
-                group
+                let hashes: Vec<ChunkHash> =
+                    group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
+                let data = store.chunks(&hashes)?;
+                Ok(group
                     .into_iter()
-                    .map(|(i, off, len)| Ok(store.chunk(&chunks[i].hash)?.slice(off..off + len)))
-                    .collect::<Result<Vec<Bytes>>>()
+                    .zip(data)
+                    .map(|((_, off, len), chunk)| chunk.slice(off..off + len))
+                    .collect::<Vec<Bytes>>())
             })
         };
         // Verify the first window before the status line goes out.
