@@ -28,7 +28,7 @@ cat > "$WORK/state/routing.json" <<JSON
 JSON
 HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve \
   --listen 127.0.0.1:18080 --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
-  --service bench --state-dir "$WORK/state" --threads 2 & pids+=($!)
+  --service bench --state-dir "$WORK/state" --threads "${PROXY_THREADS:-2}" & pids+=($!)
 
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
