@@ -558,16 +558,7 @@ impl App {
         let read_group = move |store: Arc<Store>,
                                chunks: Arc<Vec<ChunkRef>>,
                                group: Vec<(usize, usize, usize)>| {
-            blocking(move || {
-                let hashes: Vec<ChunkHash> =
-                    group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
-                let data = store.chunks(&hashes)?;
-                Ok(group
-                    .into_iter()
-                    .zip(data)
-                    .map(|((_, off, len), chunk)| chunk.slice(off..off + len))
-                    .collect::<Vec<Bytes>>())
-            })
+            blocking(move || store.pieces(&chunks, &group))
         };
         // Verify the first window before the status line goes out.
         let mut groups = groups.into_iter();

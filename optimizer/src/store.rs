@@ -224,15 +224,32 @@ impl Store {
         self.read_fresh(|s| Ok(s.db.get_cf(s.cf(CF_CHUNKS), hash.0)?))
     }
 
-    /// The uncompressed data of a chunk, verified against its hash.
+    /// The uncompressed data of a chunk, verified against its hash (tests; reads go by group).
+    #[cfg(test)]
     pub fn chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
         let mut one = self.chunks(std::slice::from_ref(hash))?;
         Ok(one.pop().expect("one chunk asked, one returned"))
     }
 
+    /// The bytes of one read group of an object made of `chunks` (see
+    /// [`Manifest::read_groups`]): each piece `(chunk index, offset, length)` cut from its
+    /// verified chunk, all chunks fetched with one batched lookup.
+    pub fn pieces(
+        &self,
+        chunks: &[ChunkRef],
+        group: &[(usize, usize, usize)],
+    ) -> Result<Vec<Bytes>> {
+        let hashes: Vec<ChunkHash> = group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
+        Ok(group
+            .iter()
+            .zip(self.chunks(&hashes)?)
+            .map(|(&(_, off, len), chunk)| chunk.slice(off..off + len))
+            .collect())
+    }
+
     /// The uncompressed data of several chunks, in order, each verified against its hash: one
     /// batched RocksDB lookup for the lot (a GET reads its object in groups of about 1 MiB).
-    pub fn chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<Bytes>> {
+    fn chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<Bytes>> {
         let mut found = self.chunks_local(hashes)?;
         if !self.writer && found.iter().any(Option::is_none) {
             self.catch_up()?;
@@ -704,6 +721,10 @@ mod tests {
         Arc::new(Store::open_writer(&dir.join("db"), &StoreOptions::default()).unwrap())
     }
 
+    fn reader(dir: &Path) -> Store {
+        Store::open_reader(&dir.join("db"), &dir.join("sec"), &StoreOptions::default()).unwrap()
+    }
+
     fn put(store: &Arc<Store>, key: &str, data: &[u8]) -> IngestReport {
         let mut ingest = store.begin_ingest().unwrap();
         for c in chunker::chunks_of(data, store.chunk_params()) {
@@ -857,12 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = writer(dir.path());
         put(&store, "before", &noise(50_000, 10));
-        let reader = Store::open_reader(
-            &dir.path().join("db"),
-            &dir.path().join("sec"),
-            &StoreOptions::default(),
-        )
-        .unwrap();
+        let reader = reader(dir.path());
         assert!(get(&reader, "before").is_some());
         let data = noise(70_000, 11);
         put(&store, "after", &data);
@@ -876,12 +892,7 @@ mod tests {
     fn a_reader_catches_up_for_chunks_it_lacks_and_keeps_their_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = writer(dir.path());
-        let reader = Store::open_reader(
-            &dir.path().join("db"),
-            &dir.path().join("sec"),
-            &StoreOptions::default(),
-        )
-        .unwrap();
+        let reader = reader(dir.path());
         put(&store, "old", &noise(60_000, 16));
         reader.catch_up().unwrap();
         put(&store, "new", &noise(60_000, 17));
@@ -913,12 +924,7 @@ mod tests {
         let store = writer(dir.path());
         let old = noise(120_000, 14);
         put(&store, "k", &old);
-        let reader = Store::open_reader(
-            &dir.path().join("db"),
-            &dir.path().join("sec"),
-            &StoreOptions::default(),
-        )
-        .unwrap();
+        let reader = reader(dir.path());
         // The reader has read the manifest when the writer overwrites the object...
         let stale = reader.manifest("k").unwrap().unwrap();
         put(&store, "k", &noise(120_000, 15));
