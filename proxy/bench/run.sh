@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark: the same upstream reached directly, through nginx (Debian's) and through the proxy
-# (with a sticky cookie), with the same wrk load. Prints req/s and p50/p99 per target, at
+# Benchmark: the same upstream reached directly, through nginx (Debian's), through bare pingora
+# (examples/bare_pingora: the framework with none of our hooks) and through the proxy (with a
+# sticky cookie), with the same wrk load. Prints req/s and p50/p99 per target, at
 # saturation and at half of the proxy's saturating rate, then the proxy's RSS with 100 000
 # tracked sessions. Needs: wrk, nginx (apt-get install -y wrk nginx), curl.
 set -euo pipefail
@@ -30,6 +31,9 @@ HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve
   --listen 127.0.0.1:18080 --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
   --service bench --state-dir "$WORK/state" --threads "${PROXY_THREADS:-2}" & pids+=($!)
 
+# The framework alone, same threads: what pingora costs before any of our hooks run.
+"$BIN/examples/bare_pingora" 127.0.0.1:18083 127.0.0.1:18081 "${PROXY_THREADS:-2}" & pids+=($!)
+
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
 pid $WORK/nginx.pid;
@@ -47,7 +51,8 @@ NGINX
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' & pids+=($!)
 
 for _ in $(seq 100); do
-  curl -sf -o /dev/null http://127.0.0.1:18080/ && curl -sf -o /dev/null http://127.0.0.1:18082/ && break
+  curl -sf -o /dev/null http://127.0.0.1:18080/ && curl -sf -o /dev/null http://127.0.0.1:18082/ \
+    && curl -sf -o /dev/null http://127.0.0.1:18083/ && break
   sleep 0.1
 done
 COOKIE=$(curl -s -D - -o /dev/null http://127.0.0.1:18080/ | sed -n 's/^[Ss]et-[Cc]ookie: \(hsid=[^;]*\).*/\1/p')
@@ -71,11 +76,13 @@ run() { # name url rate(0 = saturate) [header]
 echo "wrk -t2 -c$CONNS -d$DUR --latency, upstream: bench_upstream (hyper, 1 thread); $(nproc) cores"
 run "direct" http://127.0.0.1:18081/ 0
 run "nginx" http://127.0.0.1:18082/ 0
+run "bare pingora" http://127.0.0.1:18083/ 0
 run "proxy (sticky cookie)" http://127.0.0.1:18080/ 0 "Cookie: $COOKIE"
 HALF=$(( $(cat "$WORK/last_rps") / 2 ))
 echo "at half of the proxy's saturating rate (~$HALF req/s):"
 run "direct @half" http://127.0.0.1:18081/ "$HALF"
 run "nginx @half" http://127.0.0.1:18082/ "$HALF"
+run "bare pingora @half" http://127.0.0.1:18083/ "$HALF"
 run "proxy @half" http://127.0.0.1:18080/ "$HALF" "Cookie: $COOKIE"
 
 # Sessions: cookie-less requests each create and track one; the count reached is printed.

@@ -1,0 +1,57 @@
+//! The benchmark's framework baseline (`proxy/bench/run.sh`): pingora with nothing of ours, a
+//! `ProxyHttp` whose only hook names one fixed upstream, on the same server configuration as
+//! `proxy serve` (threads, no work stealing, pingora's default upstream keep-alive pool). The
+//! gap between this row and the proxy's is what our hooks cost; the gap between this row and
+//! nginx's is what the framework costs. Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`.
+use async_trait::async_trait;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_proxy::{ProxyHttp, Session};
+
+struct Bare {
+    upstream: std::net::SocketAddr,
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora_error::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().unwrap_or_else(|| "127.0.0.1:18083".into());
+    let upstream = args
+        .next()
+        .unwrap_or_else(|| "127.0.0.1:18081".into())
+        .parse()
+        .expect("UPSTREAM: an address such as 127.0.0.1:18081");
+    let threads = args
+        .next()
+        .map_or(2, |t| t.parse().expect("THREADS: a number"));
+    let conf = ServerConf {
+        threads,
+        work_stealing: false,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Bare { upstream },
+        "bare",
+    );
+    proxy.add_tcp(&listen);
+    server.add_service(proxy);
+    server.run_forever()
+}
