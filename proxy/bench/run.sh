@@ -13,7 +13,15 @@ DUR=${DUR:-10s}
 CONNS=${CONNS:-64}
 WORK=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+# SIGKILL for ours (on SIGTERM pingora keeps its listener open through its grace period, and
+# the next run would find the ports taken); SIGTERM for nginx, whose master then stops its
+# workers (killed outright, it would leave them running).
+nginx_pid=""
+cleanup() {
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  [ -z "$nginx_pid" ] || kill -TERM "$nginx_pid" 2>/dev/null || true
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
@@ -48,7 +56,7 @@ http {
   }
 }
 NGINX
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & nginx_pid=$!
 
 for _ in $(seq 100); do
   curl -sf -o /dev/null http://127.0.0.1:18080/ && curl -sf -o /dev/null http://127.0.0.1:18082/ \
