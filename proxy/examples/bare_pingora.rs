@@ -1,9 +1,9 @@
 //! The benchmark's framework baseline (`proxy/bench/run.sh`): pingora with nothing of ours, a
 //! `ProxyHttp` whose only hook names one fixed upstream, on the same server configuration and
 //! allocator as `proxy serve` (threads, no work stealing, pingora's default upstream keep-alive
-//! pool, mimalloc). The
-//! gap between this row and the proxy's is what our hooks cost; the gap between this row and
-//! nginx's is what the framework costs. Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`.
+//! pool, mimalloc). The gap between this row and the proxy's is what our hooks cost; the gap
+//! between this row and nginx's is what the framework costs.
+//! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`.
 use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
