@@ -95,6 +95,8 @@ pub struct ServeArgs {
     pub chunk_avg: u32,
     #[arg(long, env = "OPTIMIZER_CHUNK_MAX", default_value_t = 65536)]
     pub chunk_max: u32,
+    /// RocksDB block cache for manifests, reference counts, index and filter blocks (chunk
+    /// data bypasses it; the OS page cache serves hot chunks).
     #[arg(long, env = "OPTIMIZER_BLOCK_CACHE_BYTES", default_value_t = 64 << 20)]
     pub block_cache_bytes: usize,
     /// Time given to in-flight requests after SIGTERM.

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    ReadOptions, WriteBatch, WriteOptions, DB,
 };
 use serde::Serialize;
 
@@ -57,7 +57,8 @@ const CHUNK_BATCH_BYTES: usize = 256 << 10;
 /// Tuning of the store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
-    /// RocksDB block cache shared by all column families, in bytes.
+    /// RocksDB block cache shared by all column families, in bytes: manifests, reference
+    /// counts, index and filter blocks (chunk data is read past it, see `chunk_reads`).
     pub block_cache_bytes: usize,
     pub chunk_params: ChunkParams,
     /// How long a chunk stays readable after its last reference went away.
@@ -135,6 +136,18 @@ fn options(opts: &StoreOptions, writer: bool) -> (Options, Vec<ColumnFamilyDescr
         })
         .collect();
     (db, cfs, cache)
+}
+
+/// Read options for chunk data: past the block cache. A chunk (~14 KiB stored) fills a block
+/// of its own, so caching chunks only churns the cache and evicts the manifests, counts, index
+/// and filter blocks it is for; the OS page cache keeps the table files' hot pages anyway.
+/// Measured (`optimizer bench`, eight alternating rounds): a restore 1054-1293 MB/s with this
+/// vs 1066-1155 through the cache, and repeated restores of the same data no slower
+/// (1387-1390 vs 1370-1382 MB/s).
+fn chunk_reads() -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.fill_cache(false);
+    ro
 }
 
 impl Store {
@@ -221,7 +234,7 @@ impl Store {
 
     /// The stored form of a chunk (codec flag + data), unverified.
     pub fn stored_chunk(&self, hash: &ChunkHash) -> Result<Option<Vec<u8>>> {
-        self.read_fresh(|s| Ok(s.db.get_cf(s.cf(CF_CHUNKS), hash.0)?))
+        self.read_fresh(|s| Ok(s.db.get_cf_opt(s.cf(CF_CHUNKS), hash.0, &chunk_reads())?))
     }
 
     /// The uncompressed data of a chunk, verified against its hash (tests; reads go by group).
@@ -270,7 +283,12 @@ impl Store {
     fn chunks_local(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<Bytes>>> {
         // Decoded straight from RocksDB's pinned blocks: no copy of the stored forms.
         self.db
-            .batched_multi_get_cf(self.cf(CF_CHUNKS), hashes.iter().map(|h| &h.0), false)
+            .batched_multi_get_cf_opt(
+                self.cf(CF_CHUNKS),
+                hashes.iter().map(|h| &h.0),
+                false,
+                &chunk_reads(),
+            )
             .into_iter()
             .zip(hashes)
             .map(|(stored, h)| match stored? {
