@@ -53,8 +53,8 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         bad("container.restart", msg);
     }
     if let Some(net) = &c.network {
-        if net.is_empty() {
-            bad("container.network", "the network name is empty".into());
+        if let Some(msg) = network_problem(net) {
+            bad("container.network", msg);
         }
     }
     for (i, v) in c.volumes.iter().enumerate() {
@@ -268,6 +268,29 @@ fn docker_host_problem(host: &str, has_tls: bool) -> Option<String> {
     ))
 }
 
+/// Why a `container.network` cannot carry a release, if it cannot.
+///
+/// Each instance must have an address of its own that the proxies and the health probe reach
+/// on the service port: `host` shares the host's ports between old and new (the second binds
+/// fail), `none` has no address at all, and `container:<id>` borrows another container's
+/// stack, which dies with it.
+fn network_problem(net: &str) -> Option<String> {
+    if net.is_empty() {
+        return Some("the network name is empty".into());
+    }
+    let mode = match net {
+        "host" => "host networking shares the host's ports, so old and new instances would collide on the service port",
+        "none" => "an instance without a network cannot be reached by the proxy or the health probe",
+        _ if net.starts_with("container:") => {
+            "an instance must have its own address; `container:` borrows another container's network and dies with it"
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "{net:?} is not usable: {mode} (name a bridge or overlay network, e.g. \"haddock\")"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::spec::{Spec, SpecError, SpecIssue};
@@ -323,6 +346,24 @@ mod tests {
                 "t.toml:{line}:{col}: rollout.steps[1].weight: 150 is not a percentage (0..=100)"
             )
         );
+    }
+
+    #[test]
+    fn network_modes_without_an_own_address_are_refused() {
+        for (net, says) in [
+            ("host", "shares the host's ports"),
+            ("none", "cannot be reached"),
+            ("container:db", "borrows another container's network"),
+            ("", "empty"),
+        ] {
+            let hit = rejects(
+                "network = \"haddock\"",
+                &format!("network = {net:?}"),
+                "container.network",
+                says,
+            );
+            assert!(hit.line > 1 && hit.col > 1, "{hit}");
+        }
     }
 
     #[test]
