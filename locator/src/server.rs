@@ -98,8 +98,9 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/v1/watch", Access::Needs(Role::Read)),
 ];
 
-/// Finds the route template of a path and its parameters (percent-decoded).
-fn resolve(path: &str) -> Option<(&'static str, Vec<String>)> {
+/// Finds the route template of a path and its parameters (percent-decoded). Public for the
+/// fuzz target `locator_request`, which feeds it whatever a client could send.
+pub fn resolve(path: &str) -> Option<(&'static str, Vec<String>)> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let mut templates: Vec<&'static str> = ROUTES.iter().map(|r| r.1).collect();
     templates.dedup();
@@ -124,29 +125,21 @@ fn resolve(path: &str) -> Option<(&'static str, Vec<String>)> {
     None
 }
 
+/// Percent-decoding of a path segment or query part; invalid escapes stay as they are and
+/// invalid UTF-8 becomes U+FFFD, so any input decodes to some string.
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    req.uri()
-        .query()
-        .unwrap_or("")
+    parse_query(req.uri().query().unwrap_or(""))
+}
+
+/// A query string's `key=value` pairs, percent-decoded (the last of a repeated key wins).
+pub fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
         .split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| match kv.split_once('=') {
