@@ -252,7 +252,9 @@ cmd_down() {
   local i m
   local hosts
   hosts="$(known_hosts)"
-  for i in $hosts; do stop_host "$i"; done
+  # In parallel: each dockerd takes 2-3 s to shut down.
+  for i in $hosts; do stop_host "$i" & done
+  wait
   for m in $(our_mounts); do
     umount "$m" 2>/dev/null || umount -l "$m"
   done
