@@ -17,6 +17,12 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   # haddock's multi-host test reaches the engine as a second, TLS-protected tcp:// host.
   command -v stunnel >/dev/null 2>&1 || haddock_need+=(stunnel4)
   command -v openssl >/dev/null 2>&1 || haddock_need+=(openssl)
+  # haddock's test-host test starts a second engine with ci/testhosts.sh (which installs these
+  # itself too when run by hand).
+  command -v ip >/dev/null 2>&1 || haddock_need+=(iproute2)
+  command -v fuse-overlayfs >/dev/null 2>&1 || haddock_need+=(fuse-overlayfs)
+  command -v nsenter >/dev/null 2>&1 || haddock_need+=(util-linux)
+  command -v flock >/dev/null 2>&1 || haddock_need+=(util-linux)
 fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run

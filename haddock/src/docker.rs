@@ -14,7 +14,7 @@ use crate::spec::{RestartPolicy, Spec, Target};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
     HealthConfig, HealthStatusEnum, HostConfig, Mount, MountTypeEnum, NetworkCreateRequest,
-    NetworkingConfig, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
+    NetworkingConfig, PortBinding, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
@@ -97,6 +97,10 @@ pub struct ContainerPlan {
     /// Docker HEALTHCHECK timing from the spec: `(interval, timeout, retries, start period)`.
     pub health: (Duration, Duration, u32, Duration),
     pub stop_grace: Duration,
+    /// `(host port, container port)`: TCP ports published on every address of the Docker host.
+    /// Empty from a spec (haddock reaches containers by their IP on the spec's network); set by
+    /// callers that reach a container from outside its host (the test hosts' test).
+    pub publish: Vec<(u16, u16)>,
 }
 
 impl ContainerPlan {
@@ -140,6 +144,7 @@ impl ContainerPlan {
                 .collect(),
             health: (h.interval, h.timeout, h.fall, h.start_deadline),
             stop_grace: spec.container.stop_grace,
+            publish: Vec::new(),
             name,
         }
     }
@@ -177,6 +182,8 @@ impl ContainerPlan {
                 ..Default::default()
             })
             .collect();
+        let port = |p: u16| format!("{p}/tcp");
+        let published = !self.publish.is_empty();
         ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: if self.cmd.is_empty() {
@@ -187,6 +194,12 @@ impl ContainerPlan {
             env: Some(self.env.clone()),
             labels: Some(self.labels.clone().into_iter().collect()),
             stop_timeout: Some(i64::try_from(self.stop_grace.as_secs()).unwrap_or(i64::MAX)),
+            exposed_ports: published.then(|| {
+                self.publish
+                    .iter()
+                    .map(|&(_, c)| (port(c), HashMap::new()))
+                    .collect()
+            }),
             healthcheck: image_has_healthcheck.then(|| HealthConfig {
                 test: None,
                 interval: Some(ns(interval)),
@@ -201,6 +214,18 @@ impl ContainerPlan {
                 restart_policy: Some(restart),
                 mounts: Some(mounts),
                 network_mode: self.network.clone(),
+                port_bindings: published.then(|| {
+                    self.publish
+                        .iter()
+                        .map(|&(h, c)| {
+                            let binding = PortBinding {
+                                host_ip: None,
+                                host_port: Some(h.to_string()),
+                            };
+                            (port(c), Some(vec![binding]))
+                        })
+                        .collect()
+                }),
                 ..Default::default()
             }),
             networking_config: self.network.as_ref().map(|n| NetworkingConfig {
@@ -752,6 +777,20 @@ mod tests {
         assert_eq!(health.retries, Some(3));
         assert_eq!(body.stop_timeout, Some(10));
         assert!(plan.create_body(false).healthcheck.is_none());
+        assert_eq!(body.exposed_ports, None, "a spec publishes no port");
+        assert_eq!(hc.port_bindings, None);
+    }
+
+    #[test]
+    fn published_ports_are_exposed_and_bound() {
+        let mut plan = ContainerPlan::new(&spec(), "1", "r", 0, 0);
+        plan.publish = vec![(18080, 8080)];
+        let body = plan.create_body(false);
+        assert!(body.exposed_ports.unwrap().contains_key("8080/tcp"));
+        let bindings = body.host_config.unwrap().port_bindings.unwrap();
+        let b = bindings["8080/tcp"].as_ref().unwrap();
+        assert_eq!(b[0].host_port.as_deref(), Some("18080"));
+        assert_eq!(b[0].host_ip, None);
     }
 
     #[test]

@@ -222,3 +222,72 @@ async fn a_container_that_crashes_is_dead_not_waited_for() {
     assert!(reason.contains("exit code 3"), "{reason}");
     host.remove(&id).await.unwrap();
 }
+
+/// A second real engine (ci/testhosts.sh: its own dockerd in its own network namespace, TLS with
+/// client certificates): haddock's `Host` connects to it over `tcp://` + TLS, starts a container
+/// there with a published port, the container answers from the machine at the host's address,
+/// and the machine's own engine has no such container.
+#[tokio::test]
+async fn a_container_started_on_a_test_host_over_tls_answers_at_its_address_and_only_there() {
+    test_images();
+    let image = format!("{IMAGE_REPO}:good-1");
+    // Declared first, dropped last: `down` removes the engine with whatever is left on it.
+    let hosts = TestHosts::up(1);
+    hosts.load(&[&image]);
+
+    let service = unique_service("testhost");
+    let guard = DockerGuard::new(&service); // the machine's engine
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_for(
+        dir.path(),
+        &service,
+        &SpecOpts {
+            more_targets: hosts.target(1, 1),
+            ..Default::default()
+        },
+    );
+    assert_eq!(spec.targets[1].host, "tcp://10.213.1.2:2376");
+    let machine = Host::connect(&spec.targets[0], 0).await.unwrap();
+    let remote = Host::connect(&spec.targets[1], 1).await.unwrap();
+    assert_eq!(remote.image(&image).await.unwrap(), Some(false), "loaded");
+
+    let mut plan = ContainerPlan::new(&spec, "good-1", "rel-th", 1, 0);
+    let port = 18080;
+    plan.publish = vec![(port, 8080)];
+    let t = Instant::now();
+    let id = remote.create_and_start(&plan, false).await.unwrap();
+    let inspect = remote.inspect(&id).await.unwrap().unwrap();
+    let labels = inspect.config.unwrap().labels.unwrap();
+    assert_eq!(labels["org.haddock.test"], "1");
+    assert_eq!(labels["org.haddock.service"], service);
+
+    // Reached from the machine at the test host's address, through haddock's own probe.
+    let addr = std::net::SocketAddr::new(hosts.ip(1).into(), port);
+    let probe = Probe::new(addr, &spec.health);
+    health::wait_healthy(&remote, &id, &probe, &spec.health, Instant::now())
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("create+start+healthy at {addr} in {:?}", t.elapsed());
+    let version = reqwest::get(format!("http://{addr}/version"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(version.trim(), "good-1");
+
+    // Two engines: the test host has the container, the machine's engine does not.
+    let there = remote.find(&service, None).await.unwrap();
+    assert_eq!(there.len(), 1, "{there:?}");
+    assert!(there[0].running);
+    assert!(machine.find(&service, None).await.unwrap().is_empty());
+    assert!(machine.inspect(&plan.name).await.unwrap().is_none());
+    assert!(guard.containers().is_empty(), "the docker CLI agrees");
+
+    remote
+        .stop_and_remove(&id, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(remote.find(&service, None).await.unwrap().is_empty());
+}
