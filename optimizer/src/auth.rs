@@ -129,7 +129,9 @@ mod tests {
         let file = dir.path().join("token");
         std::fs::write(&file, format!("{GOOD}\n")).unwrap();
         let from_file = WriteToken::load(Some(&file), None).unwrap().unwrap();
-        assert!(from_file.admits(Some(&HeaderValue::from_str(&format!("Bearer {GOOD}")).unwrap())));
+        assert!(from_file.admits(Some(
+            &HeaderValue::from_str(&format!("Bearer {GOOD}")).unwrap()
+        )));
         assert!(WriteToken::load(Some(&file), Some(GOOD.into())).is_err());
         assert!(WriteToken::load(Some(&dir.path().join("absent")), None).is_err());
         assert!(WriteToken::load(None, None).unwrap().is_none());

@@ -217,7 +217,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // Configuration problems stop the start, before anything listens.
     let write_token = WriteToken::load(
         args.write_token_file.as_deref(),
-        std::env::var(auth::TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+        std::env::var(auth::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
     )?
     .map(Arc::new);
     match (&write_token, args.allow_anonymous_writes) {
@@ -232,9 +234,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             "ANONYMOUS WRITES ALLOWED: anyone who reaches this instance can store, overwrite \
              and delete objects (--allow-anonymous-writes)"
         ),
-        (Some(_), true) => tracing::info!(
-            "--allow-anonymous-writes ignored: a write token is configured"
-        ),
+        (Some(_), true) => {
+            tracing::info!("--allow-anonymous-writes ignored: a write token is configured")
+        }
         (Some(_), false) => {}
     }
     let peers = Peers::new(&args.peers)?;
@@ -324,7 +326,11 @@ mod tests {
         assert_eq!(a.peers, ["http://a:1", "http://b:2"]);
         assert!(!a.allow_anonymous_writes);
         assert!(serve(&[]).unwrap().peers.is_empty());
-        assert!(serve(&["--allow-anonymous-writes"]).unwrap().allow_anonymous_writes);
+        assert!(
+            serve(&["--allow-anonymous-writes"])
+                .unwrap()
+                .allow_anonymous_writes
+        );
     }
 
     #[test]

@@ -176,7 +176,11 @@ mod tests {
             .map_err(task_failed)
             .unwrap_err();
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(!e.body().to_string().contains("secret detail"), "{}", e.body());
+        assert!(
+            !e.body().to_string().contains("secret detail"),
+            "{}",
+            e.body()
+        );
     }
 
     #[test]

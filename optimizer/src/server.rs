@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
 use futures_util::FutureExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::header::{
-    ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE,
-    RANGE, WWW_AUTHENTICATE,
+    ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
+    IF_RANGE, RANGE, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -384,14 +384,9 @@ impl App {
                 let peer = self.cfg.peers.resolve(&from)?;
                 match self.on_writer(req, 0).await? {
                     Exec::Local(store, _) => {
-                        let report = sync::pull(
-                            &self.client,
-                            &store,
-                            key,
-                            &peer,
-                            self.cfg.max_body_bytes,
-                        )
-                        .await?;
+                        let report =
+                            sync::pull(&self.client, &store, key, &peer, self.cfg.max_body_bytes)
+                                .await?;
                         self.metrics
                             .ingested(report.ingest.size, report.ingest.stored_bytes);
                         self.metrics

@@ -6,8 +6,8 @@ use futures_util::{StreamExt, TryStreamExt};
 
 use serde::Serialize;
 
-use crate::error::{task_failed, Error, Result};
 use crate::chunker;
+use crate::error::{task_failed, Error, Result};
 use crate::manifest::{ChunkHash, ChunkRef, Manifest};
 use crate::store::{check_upload, IngestReport, Store};
 
@@ -106,12 +106,20 @@ fn peer_error(peer: &str, status: reqwest::StatusCode, message: &str) -> Error {
 async fn read_limited(peer: &str, mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>> {
     let status = resp.status();
     if resp.content_length().is_some_and(|l| l > limit as u64) {
-        return Err(peer_error(peer, status, &format!("answer larger than {limit} bytes")));
+        return Err(peer_error(
+            peer,
+            status,
+            &format!("answer larger than {limit} bytes"),
+        ));
     }
     let mut out = Vec::new();
     while let Some(piece) = resp.chunk().await.map_err(|e| unreachable(peer, &e))? {
         if out.len() + piece.len() > limit {
-            return Err(peer_error(peer, status, &format!("answer larger than {limit} bytes")));
+            return Err(peer_error(
+                peer,
+                status,
+                &format!("answer larger than {limit} bytes"),
+            ));
         }
         out.extend_from_slice(&piece);
     }
@@ -163,13 +171,21 @@ async fn fetch_chunk(
         .map_err(|e| unreachable(peer, &e))?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(peer_error(peer, status, &format!("unexpected status for chunk {hash}")));
+        return Err(peer_error(
+            peer,
+            status,
+            &format!("unexpected status for chunk {hash}"),
+        ));
     }
     let stored = read_limited(peer, resp, MAX_STORED_CHUNK).await?;
     // Never trust the wire: the chunk must decode, hash to what the manifest says, and be as
     // long as the manifest says.
     let data = check_upload(&hash, &stored).map_err(|e| {
-        peer_error(peer, status, &format!("sent a chunk that fails verification: {e}"))
+        peer_error(
+            peer,
+            status,
+            &format!("sent a chunk that fails verification: {e}"),
+        )
     })?;
     if data.len() != chunk.len as usize {
         return Err(peer_error(
@@ -269,9 +285,16 @@ mod tests {
 
     #[test]
     fn only_configured_peers_resolve() {
-        let peers = Peers::new(&["http://Site-B:8080/".into(), "https://c.example".into()]).unwrap();
-        assert_eq!(peers.resolve("http://site-b:8080").unwrap(), "http://site-b:8080");
-        assert_eq!(peers.resolve("https://c.example:443/").unwrap(), "https://c.example");
+        let peers =
+            Peers::new(&["http://Site-B:8080/".into(), "https://c.example".into()]).unwrap();
+        assert_eq!(
+            peers.resolve("http://site-b:8080").unwrap(),
+            "http://site-b:8080"
+        );
+        assert_eq!(
+            peers.resolve("https://c.example:443/").unwrap(),
+            "https://c.example"
+        );
         for other in [
             "http://site-b:8081",
             "http://169.254.169.254",
@@ -279,7 +302,11 @@ mod tests {
             "http://site-b:8080/?x=1",
             "nonsense",
         ] {
-            assert_eq!(peers.resolve(other).unwrap_err().code(), "unknown_peer", "{other}");
+            assert_eq!(
+                peers.resolve(other).unwrap_err().code(),
+                "unknown_peer",
+                "{other}"
+            );
         }
         assert!(Peers::default().resolve("http://site-b:8080").is_err());
         for bad in ["ftp://a", "nonsense", "http://u:p@a", "http://a/?q=1"] {

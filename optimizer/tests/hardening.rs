@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    anonymous, cache_dir, client, eventually, noise, peak_rss, peer_routes, text, Canned,
-    FakePeer, Instance, TOKEN,
+    anonymous, cache_dir, client, eventually, noise, peak_rss, peer_routes, text, Canned, FakePeer,
+    Instance, TOKEN,
 };
 use optimizer::chunker::encode;
 use optimizer::manifest::{ChunkHash, ChunkRef, Manifest};
@@ -111,14 +111,17 @@ async fn mutations_need_the_write_token_reads_do_not() {
         ("wrong token", wrong(anon.put(object(&a)))),
         (
             "forged forward",
-            anon.put(object(&a))
-                .header("x-optimizer-forwarded-by", "b"),
+            anon.put(object(&a)).header("x-optimizer-forwarded-by", "b"),
         ),
         ("anonymous via reader", anon.put(object(&b))),
         ("wrong token via reader", wrong(anon.put(object(&b)))),
     ] {
         let resp = req.body(data.clone()).send().await.unwrap();
-        assert_eq!(resp.headers().get("www-authenticate").unwrap(), "Bearer", "{what}");
+        assert_eq!(
+            resp.headers().get("www-authenticate").unwrap(),
+            "Bearer",
+            "{what}"
+        );
         let (status, code, _) = status_and_code(resp).await;
         assert_eq!((status, code.as_str()), (401, "unauthorized"), "{what}");
     }
@@ -164,7 +167,14 @@ async fn mutations_need_the_write_token_reads_do_not() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 200);
-    assert_eq!(anon.get(format!("{}/v1/chunks/{hash}", a.url)).send().await.unwrap().status(), 404);
+    assert_eq!(
+        anon.get(format!("{}/v1/chunks/{hash}", a.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     // The anonymous DELETE deleted nothing; the token's does.
     assert_eq!(a.get("obj").await, Some(data));
     assert_eq!(b.delete("obj").await, 200);
@@ -210,8 +220,8 @@ fn serve_refuses_to_start_without_a_usable_write_token() {
         serve_exit(&[], &[("OPTIMIZER_WRITE_TOKEN", "short")]).expect("a weak token is refused");
     assert!(!status.success());
     assert!(stderr.contains("at least 16 bytes"), "{stderr}");
-    let (status, stderr) =
-        serve_exit(&["--peer", "ftp://x"], &[("OPTIMIZER_WRITE_TOKEN", TOKEN)]).expect("a bad peer is refused");
+    let (status, stderr) = serve_exit(&["--peer", "ftp://x"], &[("OPTIMIZER_WRITE_TOKEN", TOKEN)])
+        .expect("a bad peer is refused");
     assert!(!status.success());
     assert!(stderr.contains("--peer"), "{stderr}");
     // Explicitly open: it serves (still running after the wait).
@@ -232,14 +242,22 @@ async fn allowing_anonymous_writes_does_not_override_a_token() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
-    assert!(a.logs().contains("--allow-anonymous-writes ignored"), "{}", a.logs());
+    assert!(
+        a.logs().contains("--allow-anonymous-writes ignored"),
+        "{}",
+        a.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pulls_fetch_only_configured_peers_follow_no_redirect_and_echo_nothing() {
     // `elsewhere` stands for anything on the instance's network a client would like fetched.
     let stolen = {
-        let mut m = Manifest { size: 0, digest: String::new(), chunks: Vec::new() };
+        let mut m = Manifest {
+            size: 0,
+            digest: String::new(),
+            chunks: Vec::new(),
+        };
         m.digest = Manifest::digest_of(&m.chunks);
         m
     };
@@ -271,8 +289,15 @@ async fn pulls_fetch_only_configured_peers_follow_no_redirect_and_echo_nothing()
     let pull = |key: &'static str, from: String| {
         let url = format!("{}/v1/objects/{key}/pull", a.url);
         async move {
-            status_and_code(client().post(url).query(&[("from", from)]).send().await.unwrap())
-                .await
+            status_and_code(
+                client()
+                    .post(url)
+                    .query(&[("from", from)])
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
         }
     };
 
@@ -354,7 +379,11 @@ async fn lying_peer_manifests_store_nothing_and_never_panic() {
             assert_eq!(status, 200, "{body}");
             assert_eq!(a.get(key).await, Some(held.clone()));
         } else {
-            assert_eq!((status, code.as_str()), (502, "peer_error"), "{key}: {body}");
+            assert_eq!(
+                (status, code.as_str()),
+                (502, "peer_error"),
+                "{key}: {body}"
+            );
             // Nothing committed: GET is a clean 404 (it used to panic or serve a truncation).
             assert_eq!(a.get(key).await, None, "{key}");
         }
@@ -388,9 +417,11 @@ async fn a_forwarded_put_streams_through_the_reader_in_bounded_memory() {
     );
     // Buffered, the reader's peak grew by at least the body (64 MiB, twice when copied).
     assert!(growth < 16 << 20, "reader grew by {} MiB", growth >> 20);
-    let got = eventually("the writer serves the object", Duration::from_secs(10), || async {
-        a.get("big").await
-    })
+    let got = eventually(
+        "the writer serves the object",
+        Duration::from_secs(10),
+        || async { a.get("big").await },
+    )
     .await;
     assert!(got == data, "object differs");
 }

@@ -422,7 +422,8 @@ fn spec_text(
         .iter()
         .map(|w| format!("  {{ weight = {w}, pause = {} }},\n", fmt(o.step_pause)))
         .collect::<String>();
-    let mut env = format!("env = {{ RUST_LOG = \"info\", OPTIMIZER_WRITE_TOKEN = \"{write_token}\"");
+    let mut env =
+        format!("env = {{ RUST_LOG = \"info\", OPTIMIZER_WRITE_TOKEN = \"{write_token}\"");
     for (k, v) in &o.env {
         env.push_str(&format!(", {k} = \"{v}\""));
     }
