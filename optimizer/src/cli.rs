@@ -59,6 +59,8 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API from a cache directory (shareable with other instances).
