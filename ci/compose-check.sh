@@ -33,6 +33,7 @@ project="haddockcheck$$"
 export HADDOCK_NETWORK="$project" HADDOCK_CACHE_VOLUME="$project-cache"
 export HADDOCK_DEPLOY_TOKEN="deploy-$RANDOM$RANDOM" HADDOCK_PROXY_TOKEN="proxy-$RANDOM$RANDOM"
 export HADDOCK_COOKIE_KEY="cookie-key-$RANDOM$RANDOM$RANDOM"
+export HADDOCK_OPTIMIZER_TOKEN="write-token-$RANDOM$RANDOM$RANDOM$RANDOM"
 export HADDOCK_PROXY_BIND=127.0.0.1
 HADDOCK_LOCATOR_PORT=$(free_port); HADDOCK_PROXY_PORT=$(free_port); HADDOCK_PROXY_ADMIN_PORT=$(free_port)
 export HADDOCK_LOCATOR_PORT HADDOCK_PROXY_PORT HADDOCK_PROXY_ADMIN_PORT
@@ -83,6 +84,7 @@ spec="$(mktemp --suffix .toml)"
 sed -e "s/^network = \"haddock\"/network = \"$HADDOCK_NETWORK\"/" \
     -e "s/{ name = \"optimizer-cache\", mount/{ name = \"$HADDOCK_CACHE_VOLUME\", mount/" \
     -e "s/^labels = { \"org.haddock.team\" = \"wan\" }/labels = { \"org.haddock.check\" = \"$project\" }/" \
+    -e "s/OPTIMIZER_WRITE_TOKEN = \"[^\"]*\"/OPTIMIZER_WRITE_TOKEN = \"$HADDOCK_OPTIMIZER_TOKEN\"/" \
     "$root/deploy-specs/optimizer.toml" > "$spec"
 # (A first release goes straight to 100 %: the canary steps only apply with a previous version.)
 remove_released() {
@@ -101,7 +103,7 @@ else
 fi
 put_then_get() {
   local url="http://127.0.0.1:$HADDOCK_PROXY_PORT/v1/objects/compose-check"
-  curl -sf -X PUT --data-binary "hello from $project" "$url" >/dev/null \
+  curl -sf -X PUT -H "Authorization: Bearer $HADDOCK_OPTIMIZER_TOKEN" --data-binary "hello from $project" "$url" >/dev/null \
     && [ "$(curl -sf "$url")" = "hello from $project" ]
 }
 wait_for "PUT then GET of an object through the compose proxy" put_then_get

@@ -129,7 +129,7 @@ const RAW: u8 = 0;
 const LZ4: u8 = 1;
 /// Upper bound of a chunk's uncompressed size (FastCDC's largest `max`), so a hostile
 /// length prefix cannot make us allocate gigabytes.
-const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
+pub const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
 
 /// Encodes a chunk for storage: lz4 (length-prefixed) when that is smaller, else raw.
 pub fn encode(data: &[u8]) -> Vec<u8> {
@@ -148,6 +148,17 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The uncompressed length a stored chunk decodes to, read from its header without decoding
+/// (`None` if it has none). Trustworthy for stored chunks: every one was decoded and verified
+/// when it was written.
+pub fn decoded_len(stored: &[u8]) -> Option<usize> {
+    match stored.split_first()? {
+        (&RAW, rest) => Some(rest.len()),
+        (&LZ4, rest) => Some(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize),
+        _ => None,
+    }
 }
 
 /// Decodes a stored chunk without verifying it; the error says why it is undecodable.

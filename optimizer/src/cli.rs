@@ -11,12 +11,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::{self, WriteToken};
 use crate::bench::{self, BenchConfig};
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::server::{self, App, ServerConfig};
 use crate::store::StoreOptions;
+use crate::sync::Peers;
 use crate::volume::{Volume, VolumeConfig};
 
 #[derive(Debug, Parser)]
@@ -57,6 +59,8 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+// Parsed once per process: the size of the largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API from a cache directory (shareable with other instances).
@@ -87,6 +91,8 @@ pub struct ServeArgs {
     /// Version answered at /version (the image bakes its tag in here).
     #[arg(long, env = "OPTIMIZER_VERSION", default_value = env!("CARGO_PKG_VERSION"))]
     pub version_label: String,
+    /// Largest object a PUT (or a pull) may store. Bodies are streamed on the writer and on a
+    /// forwarding reader alike, so this bounds disk use, not memory.
     #[arg(long, env = "OPTIMIZER_MAX_BODY_BYTES", default_value_t = 1 << 30)]
     pub max_body_bytes: u64,
     #[arg(long, env = "OPTIMIZER_CHUNK_MIN", default_value_t = 4096)]
@@ -115,6 +121,20 @@ pub struct ServeArgs {
     /// How long a reader retries forwarding a mutation while no writer answers.
     #[arg(long, env = "OPTIMIZER_FORWARD_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub forward_timeout: Duration,
+    /// File holding the write token, the bearer credential of every mutation (object PUT and
+    /// DELETE, chunk uploads, pulls); a trailing newline is ignored. Or set the token itself in
+    /// OPTIMIZER_WRITE_TOKEN (never a flag: argv is readable by every local user). Without
+    /// either, `serve` refuses to start unless --allow-anonymous-writes is given.
+    #[arg(long, env = "OPTIMIZER_WRITE_TOKEN_FILE")]
+    pub write_token_file: Option<PathBuf>,
+    /// Accept mutations without a credential (logged loudly at startup). Only for an instance
+    /// no untrusted client can reach.
+    #[arg(long, env = "OPTIMIZER_ALLOW_ANONYMOUS_WRITES")]
+    pub allow_anonymous_writes: bool,
+    /// A peer optimizer pulls may fetch from, as its base URL (repeatable; comma-separated in
+    /// the environment variable). A pull's `from=` must name one of them; none: pulls are off.
+    #[arg(long = "peer", env = "OPTIMIZER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +216,32 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         max: args.chunk_max,
     };
     chunk_params.validate()?;
+    // Configuration problems stop the start, before anything listens.
+    let write_token = WriteToken::load(
+        args.write_token_file.as_deref(),
+        std::env::var(auth::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
+    )?
+    .map(Arc::new);
+    match (&write_token, args.allow_anonymous_writes) {
+        (None, false) => {
+            return Err(Error::Config(format!(
+                "no write token: set {} or --write-token-file (or pass \
+                 --allow-anonymous-writes on a network no untrusted client reaches)",
+                auth::TOKEN_ENV
+            )))
+        }
+        (None, true) => tracing::warn!(
+            "ANONYMOUS WRITES ALLOWED: anyone who reaches this instance can store, overwrite \
+             and delete objects (--allow-anonymous-writes)"
+        ),
+        (Some(_), true) => {
+            tracing::info!("--allow-anonymous-writes ignored: a write token is configured")
+        }
+        (Some(_), false) => {}
+    }
+    let peers = Peers::new(&args.peers)?;
     std::fs::create_dir_all(&args.cache)?;
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
@@ -222,6 +268,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         catch_up_interval: args.catch_up_interval,
         takeover_interval: args.takeover_interval,
         forward_timeout: args.forward_timeout,
+        write_token: write_token.clone(),
     });
     let app = App::new(
         volume.clone(),
@@ -230,6 +277,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             max_body_bytes: args.max_body_bytes,
             version: args.version_label.clone(),
             instance_id: instance_id.clone(),
+            write_token,
+            peers,
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -271,6 +320,19 @@ mod tests {
             Command::Serve(a) => Ok(a),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn peers_repeat_and_anonymous_writes_are_off_by_default() {
+        let a = serve(&["--peer", "http://a:1", "--peer", "http://b:2"]).unwrap();
+        assert_eq!(a.peers, ["http://a:1", "http://b:2"]);
+        assert!(!a.allow_anonymous_writes);
+        assert!(serve(&[]).unwrap().peers.is_empty());
+        assert!(
+            serve(&["--allow-anonymous-writes"])
+                .unwrap()
+                .allow_anonymous_writes
+        );
     }
 
     #[test]

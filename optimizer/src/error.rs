@@ -30,6 +30,14 @@ pub enum Error {
     /// The requested byte range lies outside the object.
     #[error("range not satisfiable for an object of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    /// A mutation (object PUT/DELETE, chunk upload, pull) without the write token, or with a
+    /// wrong one. One answer for both, so that a client learns nothing about the token.
+    #[error("this request needs the write token: send Authorization: Bearer <token>")]
+    Unauthorized,
+    /// A pull names a peer that is not among the configured ones (`--peer`): the server fetches
+    /// only from peers its operator named, never from a URL a client chose.
+    #[error("{0:?} is not a configured peer (see --peer)")]
+    UnknownPeer(String),
     /// The route exists but not with this method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -48,7 +56,8 @@ pub enum Error {
     /// The peer of a pull (or the writer of a forwarded request) could not be reached.
     #[error("peer {peer} unreachable: {reason}")]
     PeerUnreachable { peer: String, reason: String },
-    /// The peer answered, but not with what the protocol expects.
+    /// The peer answered, but not with what the protocol expects. `message` is ours: a peer's
+    /// own answer body is never copied into it (it would reach the client).
     #[error("peer {peer} answered {status}: {message}")]
     PeerError {
         peer: String,
@@ -65,6 +74,9 @@ pub enum Error {
     /// The cache is not open yet.
     #[error("cache not open yet")]
     NotReady,
+    /// The command line or environment is unusable (reported at startup, never on the wire).
+    #[error("configuration: {0}")]
+    Config(String),
     /// An invariant broke (a bug or an injected fault).
     #[error("internal error: {0}")]
     Internal(String),
@@ -73,6 +85,14 @@ pub enum Error {
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The error of a blocking task that did not finish. A panic's text is logged, never answered:
+/// it may quote data (it once quoted a slice bound derived from a peer's manifest) and says
+/// nothing useful to a client.
+pub fn task_failed(e: tokio::task::JoinError) -> Error {
+    tracing::error!(error = %e, "a blocking task failed");
+    Error::Internal("a task failed; see the instance's log".into())
+}
+
 impl Error {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
@@ -80,7 +100,9 @@ impl Error {
             Error::InvalidKey(_)
             | Error::InvalidHash(_)
             | Error::BadRequest(_)
-            | Error::HashMismatch { .. } => StatusCode::BAD_REQUEST,
+            | Error::HashMismatch { .. }
+            | Error::UnknownPeer(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -93,6 +115,7 @@ impl Error {
             | Error::MissingChunk(_)
             | Error::Storage(_)
             | Error::Io(_)
+            | Error::Config(_)
             | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,6 +131,9 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::Unauthorized => "unauthorized",
+            Error::UnknownPeer(_) => "unknown_peer",
+            Error::Config(_) => "config",
             Error::CorruptChunk { .. } => "corrupt_chunk",
             Error::MissingChunk(_) => "missing_chunk",
             Error::Storage(_) => "storage",
@@ -141,6 +167,20 @@ mod tests {
         let body = e.body();
         assert_eq!(body["error"]["code"], "corrupt_chunk");
         assert!(body["error"]["message"].as_str().unwrap().contains("ab"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_answered_without_its_text() {
+        let e = tokio::task::spawn_blocking(|| panic!("secret detail 42"))
+            .await
+            .map_err(task_failed)
+            .unwrap_err();
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            !e.body().to_string().contains("secret detail"),
+            "{}",
+            e.body()
+        );
     }
 
     #[test]

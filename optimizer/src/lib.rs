@@ -5,6 +5,7 @@
 //! volume. Start reading at `cli::serve`, then `server` (routes), `store` (the data and its
 //! invariants) and `volume` (how instances share the cache; also docs/optimizer.md).
 
+pub mod auth;
 pub mod bench;
 pub mod chunker;
 pub mod cli;

@@ -149,14 +149,38 @@ impl Manifest {
         groups
     }
 
-    /// Consistency check of a manifest received from a peer: lengths add up to the size.
-    pub fn validate(&self) -> Result<()> {
-        let sum: u64 = self.chunks.iter().map(|c| u64::from(c.len)).sum();
+    /// Checks a manifest received from a peer before anything of it is stored: every chunk
+    /// length is within 1..=`max_chunk`, one hash always has one length, the lengths add up to
+    /// the size, the size is within `max_size` (the limit of a PUT), and the digest is the one
+    /// its chunk list derives. A peer is not trusted: a length longer than its chunk used to
+    /// make GET panic, a shorter one silently truncated the object.
+    pub fn validate(&self, max_chunk: u32, max_size: u64) -> Result<()> {
+        let bad = |why: String| Err(Error::BadRequest(format!("manifest: {why}")));
+        let mut sum = 0u64;
+        let mut lens: std::collections::HashMap<ChunkHash, u32> = Default::default();
+        for c in &self.chunks {
+            if c.len == 0 || c.len > max_chunk {
+                return bad(format!(
+                    "chunk {} has length {}, outside 1..={max_chunk}",
+                    c.hash, c.len
+                ));
+            }
+            if *lens.entry(c.hash).or_insert(c.len) != c.len {
+                return bad(format!("chunk {} listed with two lengths", c.hash));
+            }
+            sum = sum.saturating_add(u64::from(c.len));
+        }
         if sum != self.size {
-            return Err(Error::BadRequest(format!(
-                "manifest chunk lengths add up to {sum}, not the size {}",
+            return bad(format!(
+                "chunk lengths add up to {sum}, not the size {}",
                 self.size
-            )));
+            ));
+        }
+        if self.size > max_size {
+            return Err(Error::TooLarge { limit: max_size });
+        }
+        if self.digest != Self::digest_of(&self.chunks) {
+            return bad("the digest is not the one of its chunk list".into());
         }
         Ok(())
     }
@@ -182,6 +206,10 @@ pub fn validate_key(key: &str) -> Result<()> {
 /// A single byte range resolved against an object size: `start..end` (end exclusive).
 /// Returns `Ok(None)` for headers we do not honour (multiple ranges, other units), which
 /// RFC 9110 allows to be answered with the whole object.
+///
+/// Positions are digits only and saturate at `u64::MAX` (a client may write a last position
+/// beyond any size, e.g. `bytes=0-18446744073709551615`); RFC 9110 §14.1.2: a last position
+/// past the end means the end, a first position at or past the end is unsatisfiable (416).
 pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>> {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return Ok(None);
@@ -189,35 +217,42 @@ pub fn parse_range(header: &str, size: u64) -> Result<Option<(u64, u64)>> {
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec
-        .split_once('-')
-        .ok_or(Error::RangeNotSatisfiable { size })?;
+    let unsatisfiable = || Error::RangeNotSatisfiable { size };
+    let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
     let (a, b) = (a.trim(), b.trim());
-    let unsatisfiable = Error::RangeNotSatisfiable { size };
     let range = if a.is_empty() {
         // Suffix range: the last n bytes.
-        let n: u64 = b.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        let n = position(b).ok_or_else(unsatisfiable)?;
         if n == 0 {
-            return Err(unsatisfiable);
+            return Err(unsatisfiable());
         }
         (size.saturating_sub(n), size)
     } else {
-        let start: u64 = a.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        let start = position(a).ok_or_else(unsatisfiable)?;
         let end = if b.is_empty() {
             size
         } else {
-            let last: u64 = b.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+            let last = position(b).ok_or_else(unsatisfiable)?;
             if last < start {
-                return Err(unsatisfiable);
+                return Err(unsatisfiable());
             }
-            (last + 1).min(size)
+            last.saturating_add(1).min(size)
         };
         (start, end)
     };
     if range.0 >= size {
-        return Err(unsatisfiable);
+        return Err(unsatisfiable());
     }
     Ok(Some(range))
+}
+
+/// A byte position of a range: ASCII digits only (`u64::from_str` would also take `+5`),
+/// saturating at `u64::MAX`, where any object ends anyway.
+fn position(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse().unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -289,7 +324,9 @@ mod tests {
         assert_eq!(m.pieces(5, 15), vec![(0, 5, 5), (1, 0, 5)]);
         assert_eq!(m.pieces(10, 20), vec![(1, 0, 10)]);
         assert_eq!(m.pieces(29, 30), vec![(2, 9, 1)]);
-        m.validate().unwrap();
+        let mut checked = m.clone();
+        checked.digest = Manifest::digest_of(&checked.chunks);
+        checked.validate(10, 30).unwrap();
         let groups = Manifest::read_groups(&m.chunks, 5, 30, 15);
         assert_eq!(groups, vec![vec![(0, 5, 5), (1, 0, 10)], vec![(2, 0, 10)]]);
         assert_eq!(Manifest::read_groups(&m.chunks, 0, 0, 15), vec![vec![]]);
@@ -306,5 +343,109 @@ mod tests {
         assert!(parse_range("bytes=100-", 100).is_err());
         assert!(parse_range("bytes=5-1", 100).is_err());
         assert!(parse_range("bytes=x-1", 100).is_err());
+    }
+
+    #[test]
+    fn huge_range_ends_clamp_and_never_wrap() {
+        let max = u64::MAX.to_string();
+        assert_eq!(
+            parse_range(&format!("bytes=0-{max}"), 100).unwrap(),
+            Some((0, 100))
+        );
+        assert_eq!(
+            parse_range(&format!("bytes=5-{max}"), 100).unwrap(),
+            Some((5, 100))
+        );
+        // Past u64 itself: still the end of the object.
+        assert_eq!(
+            parse_range("bytes=5-99999999999999999999999", 100).unwrap(),
+            Some((5, 100))
+        );
+        assert_eq!(
+            parse_range(&format!("bytes=-{max}"), 100).unwrap(),
+            Some((0, 100))
+        );
+        assert_eq!(
+            parse_range(&format!("bytes={max}-{max}"), 100)
+                .unwrap_err()
+                .status(),
+            http::StatusCode::RANGE_NOT_SATISFIABLE
+        );
+        assert_eq!(parse_range("bytes=0-0", u64::MAX).unwrap(), Some((0, 1)));
+        for bad in [
+            "bytes=+5-9",
+            "bytes=5-+9",
+            "bytes=-+3",
+            "bytes=0-",
+            "bytes=-1",
+        ] {
+            // Sign characters are not digits; anything on an empty object is unsatisfiable.
+            let size = if bad.ends_with('-') || bad.ends_with("-1") {
+                0
+            } else {
+                100
+            };
+            assert!(parse_range(bad, size).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn peer_manifests_are_checked() {
+        let good = {
+            let mut m = manifest(&[10, 20]);
+            m.digest = Manifest::digest_of(&m.chunks);
+            m
+        };
+        good.validate(20, 30).unwrap();
+        let lie = |f: &dyn Fn(&mut Manifest)| {
+            let mut m = good.clone();
+            f(&mut m);
+            m.validate(20, 1000)
+        };
+        let longer = lie(&|m| {
+            m.chunks[0].len = 11;
+            m.size = 31;
+            m.digest = Manifest::digest_of(&m.chunks);
+        });
+        assert!(
+            longer.is_ok(),
+            "lengths alone cannot tell; fetching checks each chunk"
+        );
+        type Lie = Box<dyn Fn(&mut Manifest)>;
+        let lies: Vec<(&str, Lie)> = vec![
+            (
+                "zero length",
+                Box::new(|m| {
+                    m.chunks.push(ChunkRef {
+                        hash: ChunkHash::of(b"z"),
+                        len: 0,
+                    });
+                    m.digest = Manifest::digest_of(&m.chunks);
+                }),
+            ),
+            (
+                "over max chunk",
+                Box::new(|m| {
+                    m.chunks[1].len = 21;
+                    m.size = 31;
+                    m.digest = Manifest::digest_of(&m.chunks);
+                }),
+            ),
+            ("sum differs", Box::new(|m| m.size = 29)),
+            ("digest differs", Box::new(|m| m.digest = "00".repeat(32))),
+            (
+                "one hash, two lengths",
+                Box::new(|m| {
+                    let first = m.chunks[0].clone();
+                    m.chunks.push(ChunkRef { len: 5, ..first });
+                    m.size += 5;
+                    m.digest = Manifest::digest_of(&m.chunks);
+                }),
+            ),
+        ];
+        for (what, f) in &lies {
+            assert!(lie(f.as_ref()).is_err(), "{what}");
+        }
+        assert_eq!(good.validate(20, 29).unwrap_err().code(), "body_too_large");
     }
 }

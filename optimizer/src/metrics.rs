@@ -17,15 +17,29 @@ use crate::store::StoreStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    pub method: &'static str,
     pub route: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub method: String,
+    pub method: &'static str,
     pub route: &'static str,
+}
+
+/// The `method` label of a request: one of a fixed set, so that a client inventing methods
+/// (HTTP allows any token) cannot grow `/metrics` and the process's memory without bound.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -168,12 +182,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn methods_map_to_a_fixed_label_set() {
+        assert_eq!(method_label(&http::Method::PUT), "PUT");
+        assert_eq!(method_label(&http::Method::OPTIONS), "OTHER");
+        let invented = http::Method::from_bytes(b"INVENTED").unwrap();
+        assert_eq!(method_label(&invented), "OTHER");
+    }
+
+    #[test]
     fn exposition_lists_the_metrics() {
         let m = Metrics::new();
         m.ingested(1000, 100);
         m.requests
             .get_or_create(&RequestLabels {
-                method: "GET".into(),
+                method: "GET",
                 route: "/v1/objects/{key}",
                 status: 200,
             })

@@ -1,8 +1,9 @@
 //! The HTTP/1.1 API on hyper: routing, handlers, and the accept loop with graceful shutdown.
 //!
 //! Reads (objects, manifests, chunks, missing) are answered from the local store, whatever the
-//! instance's role. Mutations (object PUT/DELETE, chunk PUT, pull) run where the writer is:
-//! locally if this instance is the writer, else buffered and forwarded to it (see `volume`).
+//! instance's role, to anyone. Mutations (object PUT/DELETE, chunk PUT, pull) need the write
+//! token (`auth`) and run where the writer is: locally if this instance is the writer, else
+//! streamed to it (see `volume`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{
-    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, IF_RANGE,
-    RANGE,
+    ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
+    IF_RANGE, RANGE, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -24,18 +26,20 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::auth::WriteToken;
 use crate::chunker::{self, Chunker};
-use crate::error::{Error, Result};
+use crate::error::{task_failed, Error, Result};
 use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{method_label, Metrics, RequestLabels, RouteLabels};
 use crate::store::Store;
-use crate::sync;
-use crate::volume::{Forward, Routed, Volume, FORWARDED_HEADER};
+use crate::sync::{self, Peers};
+use crate::volume::{Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response body of every handler.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-/// Request body of a mutation: streamed when local, buffered when it went through forwarding.
+/// Request body of a mutation: the client's, or an empty one for a mutation without a body
+/// whose (empty) body was checked before forwarding.
 type InBody = Either<Incoming, Full<Bytes>>;
 
 /// Bytes of an object verified before its response headers are sent: a corrupt chunk in this
@@ -45,7 +49,12 @@ const VERIFY_AHEAD: usize = 4 << 20;
 /// Bytes read per blocking task (one batched lookup) while streaming an object.
 pub const READ_GROUP: usize = 1 << 20;
 /// Largest accepted stored chunk (lz4 worst case of FastCDC's largest chunk, plus headers).
-const MAX_STORED_CHUNK: u64 = (17 << 20) + 64;
+const MAX_STORED_CHUNK: u64 = sync::MAX_STORED_CHUNK as u64;
+/// Largest body of `POST /v1/chunks/missing`: about 120 000 hashes, the chunk list of a
+/// 2 GiB object at the default 16 KiB chunks. The body, its parsed strings and the hashes
+/// are all in memory at once (~3x the body), so this stays far below the 256 MiB cap of a
+/// container (it was 64 MiB: ~200 MB per request).
+const MISSING_BODY_LIMIT: u64 = 8 << 20;
 /// An oversized body is read and discarded up to this much before answering 413, so that the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 64 << 20;
@@ -57,6 +66,10 @@ pub struct ServerConfig {
     /// The image's version, answered at `/version`.
     pub version: String,
     pub instance_id: String,
+    /// The credential of mutations; `None` only with `--allow-anonymous-writes`.
+    pub write_token: Option<Arc<WriteToken>>,
+    /// The peers a pull may fetch from (`--peer`).
+    pub peers: Peers,
 }
 
 /// Shared state of all connections.
@@ -139,7 +152,12 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 }
 
 fn error_response(e: &Error) -> Response<Body> {
-    json(e.status(), &e.body())
+    let mut resp = json(e.status(), &e.body());
+    if let Error::Unauthorized = e {
+        resp.headers_mut()
+            .insert(WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    }
+    resp
 }
 
 fn build(builder: http::response::Builder, body: Body) -> Result<Response<Body>> {
@@ -150,9 +168,7 @@ fn build(builder: http::response::Builder, body: Body) -> Result<Response<Body>>
 
 /// Runs blocking store work off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(task_failed)?
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
@@ -217,6 +233,8 @@ impl App {
     pub fn new(volume: Arc<Volume>, metrics: Arc<Metrics>, cfg: ServerConfig) -> Arc<App> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // A peer's redirect is an error, never followed: it could point anywhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a client without TLS always builds");
         Arc::new(App {
@@ -230,7 +248,7 @@ impl App {
     /// Answers one request; never fails (errors become JSON error responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let method = req.method().clone();
+        let method = method_label(req.method());
         let path = req.uri().path().to_owned();
         let route = Route::parse(&path);
         let resp = match self.dispatch(route, req).await {
@@ -249,7 +267,7 @@ impl App {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
-                method: method.to_string(),
+                method,
                 route: name,
                 status: resp.status().as_u16(),
             })
@@ -257,7 +275,7 @@ impl App {
         self.metrics
             .latency
             .get_or_create(&RouteLabels {
-                method: method.to_string(),
+                method,
                 route: name,
             })
             .observe(started.elapsed().as_secs_f64());
@@ -271,6 +289,16 @@ impl App {
             injected_request_fault()?;
         }
         let method = req.method().clone();
+        let mutation = matches!(
+            (route, &method),
+            (Route::Object(_), &Method::PUT | &Method::DELETE)
+                | (Route::Chunk(_), &Method::PUT)
+                | (Route::Pull(_), &Method::POST)
+        );
+        if mutation {
+            // Before anything else (key checks, forwarding): an anonymous client learns nothing.
+            self.authorize(&req)?;
+        }
         match route {
             Route::Healthz => Ok(json(
                 StatusCode::OK,
@@ -342,7 +370,7 @@ impl App {
             }
             Route::Pull(key) if method == Method::POST => {
                 validate_key(key)?;
-                let peer = req
+                let from = req
                     .uri()
                     .query()
                     .and_then(|q| {
@@ -353,10 +381,12 @@ impl App {
                             .map(|(_, v)| v.into_owned())
                     })
                     .ok_or_else(|| Error::BadRequest("pull needs ?from=<peer url>".into()))?;
-                let peer = sync::peer_base(&peer)?;
+                let peer = self.cfg.peers.resolve(&from)?;
                 match self.on_writer(req, 0).await? {
                     Exec::Local(store, _) => {
-                        let report = sync::pull(&self.client, &store, key, &peer).await?;
+                        let report =
+                            sync::pull(&self.client, &store, key, &peer, self.cfg.max_body_bytes)
+                                .await?;
                         self.metrics
                             .ingested(report.ingest.size, report.ingest.stored_bytes);
                         self.metrics
@@ -369,8 +399,7 @@ impl App {
             }
             Route::Missing if method == Method::POST => {
                 let store = self.volume.store()?;
-                let body =
-                    read_body(req.into_body(), self.cfg.max_body_bytes.min(64 << 20)).await?;
+                let body = read_body(req.into_body(), MISSING_BODY_LIMIT).await?;
                 let parsed: MissingRequest = serde_json::from_slice(&body).map_err(|e| {
                     Error::BadRequest(format!("expected {{\"hashes\": [...]}}: {e}"))
                 })?;
@@ -433,7 +462,17 @@ impl App {
         }
     }
 
-    /// Routes a mutation to the writer. `limit` bounds the body that may have to be buffered.
+    /// Checks the write token of a mutation (see `auth`).
+    fn authorize<B>(&self, req: &Request<B>) -> Result<()> {
+        match &self.cfg.write_token {
+            None => Ok(()),
+            Some(token) if token.admits(req.headers().get(AUTHORIZATION)) => Ok(()),
+            Some(_) => Err(Error::Unauthorized),
+        }
+    }
+
+    /// Routes a mutation to the writer. `limit` bounds its body; a forwarded body is streamed,
+    /// never held whole (see `volume::ForwardBody`).
     async fn on_writer(&self, req: Request<Incoming>, limit: u64) -> Result<Exec> {
         if let Some(store) = self.volume.writer() {
             return Ok(Exec::Local(store, req.map(Either::Left)));
@@ -441,12 +480,19 @@ impl App {
         if req.headers().contains_key(FORWARDED_HEADER) {
             return Err(Error::NotWriter);
         }
-        if content_length(&req).is_some_and(|l| l > limit) {
+        let length = content_length(&req);
+        if length.is_some_and(|l| l > limit) {
             drain(req.into_body()).await;
             return Err(Error::TooLarge { limit });
         }
         let (parts, body) = req.into_parts();
-        let body = read_body(body, limit).await?;
+        let body = if limit == 0 {
+            // No body expected (DELETE, pull): check it is empty and forward none.
+            read_body(body, 0).await?;
+            None
+        } else {
+            Some(ForwardBody::new(body, limit))
+        };
         let forward = Forward {
             method: parts.method.clone(),
             path_and_query: parts
@@ -459,17 +505,28 @@ impl App {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            body: body.clone(),
+            content_length: length,
+            body,
         };
         match self.volume.route(&forward).await? {
-            Routed::Local(store) => Ok(Exec::Local(
-                store,
-                Request::from_parts(parts, Either::Right(Full::new(body))),
-            )),
+            Routed::Local(store) => {
+                let body = match &forward.body {
+                    None => Either::Right(Full::new(Bytes::new())),
+                    Some(b) => Either::Left(b.take().await.ok_or_else(|| {
+                        Error::WriterUnavailable(
+                            "the request body went partly to a writer that failed; retry".into(),
+                        )
+                    })?),
+                };
+                Ok(Exec::Local(store, Request::from_parts(parts, body)))
+            }
             Routed::Remote(answer) => {
                 let mut builder = Response::builder().status(answer.status);
                 if let Some(ct) = answer.content_type {
                     builder = builder.header(CONTENT_TYPE, ct);
+                }
+                if answer.status == StatusCode::UNAUTHORIZED {
+                    builder = builder.header(WWW_AUTHENTICATE, "Bearer");
                 }
                 Ok(Exec::Remote(build(builder, full(answer.body))?))
             }
@@ -619,7 +676,23 @@ pub async fn run(
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move {
+                        // A panic answers a generic 500, its text only in the log (it may
+                        // quote data; the client needs none of it).
+                        let resp = std::panic::AssertUnwindSafe(app.handle(req))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|panic| {
+                                let text = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                tracing::error!(panic = %text, "a request handler panicked");
+                                error_response(&Error::Internal("the request failed; see the instance's log".into()))
+                            });
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);

@@ -253,11 +253,38 @@ impl Store {
         group: &[(usize, usize, usize)],
     ) -> Result<Vec<Bytes>> {
         let hashes: Vec<ChunkHash> = group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
-        Ok(group
+        group
             .iter()
             .zip(self.chunks(&hashes)?)
-            .map(|(&(_, off, len), chunk)| chunk.slice(off..off + len))
-            .collect())
+            .map(|(&(i, off, len), chunk)| {
+                // A manifest that disagrees with its chunk is an error, never a panic (a
+                // slice past the end) nor a silently truncated object.
+                let listed = chunks[i].len as usize;
+                if chunk.len() != listed || off.saturating_add(len) > listed {
+                    return Err(Error::CorruptChunk {
+                        hash: chunks[i].hash.to_string(),
+                        reason: format!(
+                            "the chunk has {} bytes where the manifest says {listed}",
+                            chunk.len()
+                        ),
+                    });
+                }
+                Ok(chunk.slice(off..off + len))
+            })
+            .collect()
+    }
+
+    /// The uncompressed length of a stored chunk (from its header), `None` if it is absent.
+    pub fn chunk_len(&self, hash: &ChunkHash) -> Result<Option<usize>> {
+        let Some(stored) = self.db.get_pinned_cf(self.cf(CF_CHUNKS), hash.0)? else {
+            return Ok(None);
+        };
+        chunker::decoded_len(&stored)
+            .map(Some)
+            .ok_or_else(|| Error::CorruptChunk {
+                hash: hash.to_string(),
+                reason: "no codec header".into(),
+            })
     }
 
     /// The uncompressed data of several chunks, in order, each verified against its hash: one
@@ -759,6 +786,27 @@ mod tests {
                 .flat_map(|c| store.chunk(&c.hash).unwrap().to_vec())
                 .collect(),
         )
+    }
+
+    #[test]
+    fn a_manifest_length_that_disagrees_with_its_chunk_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let data = noise(10_000, 3);
+        let hash = ChunkHash::of(&data);
+        for listed in [10_000 + 500, 10_000 - 500] {
+            let mut ingest = store.begin_ingest().unwrap();
+            if ingest.reference(ChunkRef { hash, len: listed }).unwrap() {
+                ingest.supply(hash, chunker::encode(&data)).unwrap();
+            }
+            ingest.commit("liar").unwrap();
+            let m = store.manifest("liar").unwrap().unwrap();
+            let groups = Manifest::read_groups(&m.chunks, 0, m.size, 1 << 20);
+            let err = store.pieces(&m.chunks, &groups[0]).unwrap_err();
+            assert_eq!(err.code(), "corrupt_chunk", "listed {listed}: {err}");
+        }
+        assert_eq!(store.chunk_len(&hash).unwrap(), Some(10_000));
+        assert_eq!(store.chunk_len(&ChunkHash::of(b"absent")).unwrap(), None);
     }
 
     #[test]

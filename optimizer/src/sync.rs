@@ -6,9 +6,14 @@ use futures_util::{StreamExt, TryStreamExt};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::manifest::{ChunkHash, Manifest};
+use crate::chunker;
+use crate::error::{task_failed, Error, Result};
+use crate::manifest::{ChunkHash, ChunkRef, Manifest};
 use crate::store::{check_upload, IngestReport, Store};
+
+/// Largest stored chunk accepted from a peer: lz4's worst case of the largest chunk FastCDC
+/// makes, plus the header (the limit of a chunk upload too).
+pub const MAX_STORED_CHUNK: usize = chunker::MAX_CHUNK + chunker::MAX_CHUNK / 255 + 64;
 
 /// Chunk downloads in flight per pull: enough to hide a WAN round trip behind transfers.
 const PARALLEL_FETCHES: usize = 8;
@@ -26,16 +31,51 @@ pub struct PullReport {
     pub transfer_ratio: f64,
 }
 
-/// Checks a `from=` peer URL and returns it without a trailing slash.
-pub fn peer_base(peer: &str) -> Result<String> {
-    let url = reqwest::Url::parse(peer)
-        .map_err(|e| Error::BadRequest(format!("peer URL {peer:?}: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(Error::BadRequest(format!(
-            "peer URL {peer:?} must be http(s)://host[:port]"
-        )));
+/// Largest manifest accepted from a peer: about 180 000 chunk references, the chunk list of a
+/// 1 GiB object at 4 KiB minimum chunks with room to spare, and nothing a 256 MiB container
+/// cannot hold while it parses one.
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
+
+/// The peers a pull may fetch from (`--peer`), by their canonical base URL. Pulling from a URL
+/// a client chose was a server-side request forgery: any host, path and query of the
+/// instance's network, fetched with its address.
+#[derive(Clone, Debug, Default)]
+pub struct Peers(Vec<String>);
+
+impl Peers {
+    /// Checks the configured peer URLs (`http(s)://host[:port][/path]`, nothing else).
+    pub fn new(urls: &[String]) -> Result<Peers> {
+        urls.iter()
+            .map(|u| canonical(u).map_err(|why| Error::Config(format!("--peer {u:?}: {why}"))))
+            .collect::<Result<Vec<_>>>()
+            .map(Peers)
     }
-    Ok(peer.trim_end_matches('/').to_owned())
+
+    /// The configured peer a pull's `from=` names, as its base URL without a trailing slash.
+    pub fn resolve(&self, from: &str) -> Result<String> {
+        let wanted = canonical(from).map_err(|_| Error::UnknownPeer(from.to_owned()))?;
+        self.0
+            .iter()
+            .find(|p| **p == wanted)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPeer(from.to_owned()))
+    }
+}
+
+/// One spelling per peer (lowercase host, no default port, no trailing slash), so that
+/// `from=` matches however a client writes the same URL.
+fn canonical(url: &str) -> std::result::Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https")
+        || parsed.host_str().is_none()
+        || !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err("must be http(s)://host[:port][/path], without credentials or query".into());
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
 }
 
 fn unreachable(peer: &str, e: &reqwest::Error) -> Error {
@@ -52,79 +92,165 @@ fn unreachable(peer: &str, e: &reqwest::Error) -> Error {
     }
 }
 
-async fn peer_error(peer: &str, resp: reqwest::Response) -> Error {
-    let status = resp.status().as_u16();
-    let message = resp.text().await.unwrap_or_default();
+/// A peer's unexpected answer. Its body is not read, let alone copied: it would reach our
+/// client, making the pull a way to read whatever the peer answers.
+fn peer_error(peer: &str, status: reqwest::StatusCode, message: &str) -> Error {
     Error::PeerError {
         peer: peer.to_owned(),
-        status,
-        message,
+        status: status.as_u16(),
+        message: message.to_owned(),
     }
 }
 
-/// Fetches the manifest of `key` from `peer`.
-pub async fn fetch_manifest(client: &reqwest::Client, peer: &str, key: &str) -> Result<Manifest> {
+/// Reads a peer's answer, at most `limit` bytes.
+async fn read_limited(peer: &str, mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>> {
+    let status = resp.status();
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(peer_error(
+            peer,
+            status,
+            &format!("answer larger than {limit} bytes"),
+        ));
+    }
+    let mut out = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| unreachable(peer, &e))? {
+        if out.len() + piece.len() > limit {
+            return Err(peer_error(
+                peer,
+                status,
+                &format!("answer larger than {limit} bytes"),
+            ));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
+}
+
+/// Fetches the manifest of `key` from `peer` and checks it (see [`Manifest::validate`]).
+pub async fn fetch_manifest(
+    client: &reqwest::Client,
+    peer: &str,
+    key: &str,
+    max_size: u64,
+) -> Result<Manifest> {
     let resp = client
         .get(format!("{peer}/v1/objects/{key}/manifest"))
         .send()
         .await
         .map_err(|e| unreachable(peer, &e))?;
-    if resp.status() == reqwest::StatusCode::NOT_FOUND {
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
         return Err(Error::NotFound(format!("object {key} on peer {peer}")));
     }
-    if !resp.status().is_success() {
-        return Err(peer_error(peer, resp).await);
+    if !status.is_success() {
+        // Redirects included: the client follows none (a peer could point it anywhere).
+        return Err(peer_error(peer, status, "unexpected status for a manifest"));
     }
-    let manifest: Manifest = resp.json().await.map_err(|e| Error::PeerError {
-        peer: peer.to_owned(),
-        status: 200,
-        message: format!("unreadable manifest: {e}"),
-    })?;
-    manifest.validate()?;
+    let body = read_limited(peer, resp, MAX_MANIFEST_BYTES).await?;
+    let manifest: Manifest = serde_json::from_slice(&body)
+        .map_err(|e| peer_error(peer, status, &format!("unreadable manifest: {e}")))?;
+    manifest
+        .validate(chunker::MAX_CHUNK as u32, max_size)
+        .map_err(|e| match e {
+            Error::BadRequest(why) => peer_error(peer, status, &why),
+            other => other,
+        })?;
     Ok(manifest)
 }
 
 async fn fetch_chunk(
     client: &reqwest::Client,
     peer: &str,
-    hash: ChunkHash,
+    chunk: ChunkRef,
 ) -> Result<(ChunkHash, Vec<u8>)> {
+    let hash = chunk.hash;
     let resp = client
         .get(format!("{peer}/v1/chunks/{hash}"))
         .send()
         .await
         .map_err(|e| unreachable(peer, &e))?;
-    if !resp.status().is_success() {
-        return Err(peer_error(peer, resp).await);
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(peer_error(
+            peer,
+            status,
+            &format!("unexpected status for chunk {hash}"),
+        ));
     }
-    let stored = resp.bytes().await.map_err(|e| unreachable(peer, &e))?;
-    // Never trust the wire: the chunk must decode and hash to what the manifest says.
-    check_upload(&hash, &stored).map_err(|e| Error::PeerError {
-        peer: peer.to_owned(),
-        status: 200,
-        message: format!("sent a chunk that fails verification: {e}"),
+    let stored = read_limited(peer, resp, MAX_STORED_CHUNK).await?;
+    // Never trust the wire: the chunk must decode, hash to what the manifest says, and be as
+    // long as the manifest says.
+    let data = check_upload(&hash, &stored).map_err(|e| {
+        peer_error(
+            peer,
+            status,
+            &format!("sent a chunk that fails verification: {e}"),
+        )
     })?;
-    Ok((hash, stored.to_vec()))
+    if data.len() != chunk.len as usize {
+        return Err(peer_error(
+            peer,
+            status,
+            &format!(
+                "chunk {hash} has {} bytes where its manifest says {}",
+                data.len(),
+                chunk.len
+            ),
+        ));
+    }
+    Ok((hash, stored))
 }
 
 /// Pulls `key` from `peer` into `store` (the writer): fetches the manifest, downloads the
-/// chunks the store lacks, and commits the object like a PUT.
+/// chunks the store lacks, checks the lengths of those it has, and commits the object like a
+/// PUT. `max_size` is the limit of a PUT. Nothing is visible before every check passed.
 pub async fn pull(
     client: &reqwest::Client,
     store: &Arc<Store>,
     key: &str,
     peer: &str,
+    max_size: u64,
 ) -> Result<PullReport> {
-    let manifest = fetch_manifest(client, peer, key).await?;
+    let manifest = fetch_manifest(client, peer, key, max_size).await?;
     let mut ingest = store.begin_ingest()?;
     let mut wanted = Vec::new();
+    let mut held = Vec::new();
     for c in &manifest.chunks {
         if ingest.reference(c.clone())? {
-            wanted.push(c.hash);
+            wanted.push(c.clone());
+        } else {
+            held.push(c.clone());
         }
     }
+    // A chunk we hold has the length its hash fixed when it was stored; the manifest must
+    // agree (one length per hash is checked by `validate`, so the first sight is enough).
+    let (s, peer_owned) = (store.clone(), peer.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut checked = std::collections::HashSet::new();
+        for c in held {
+            if !checked.insert(c.hash) {
+                continue;
+            }
+            match s.chunk_len(&c.hash)? {
+                Some(len) if len != c.len as usize => {
+                    return Err(Error::PeerError {
+                        peer: peer_owned,
+                        status: 200,
+                        message: format!(
+                            "manifest says chunk {} has {} bytes, it has {len}",
+                            c.hash, c.len
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(task_failed)??;
     let mut fetches =
-        futures_util::stream::iter(wanted.into_iter().map(|h| fetch_chunk(client, peer, h)))
+        futures_util::stream::iter(wanted.into_iter().map(|c| fetch_chunk(client, peer, c)))
             .buffer_unordered(PARALLEL_FETCHES);
     let (mut chunks_transferred, mut bytes_transferred) = (0, 0u64);
     while let Some((hash, stored)) = fetches.try_next().await? {
@@ -133,12 +259,12 @@ pub async fn pull(
         ingest.supply(hash, stored)?;
     }
     drop(fetches);
-    // The digest is derived here from the chunk list, like every ingest's; it equals the
-    // peer's unless the peer stored the object with a version before 2026-11.
+    // The digest was checked against the chunk list (`validate`), and every chunk against its
+    // hash and length: the committed object is exactly the one the peer listed.
     let key_owned = key.to_owned();
     let report = tokio::task::spawn_blocking(move || ingest.commit(&key_owned))
         .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        .map_err(task_failed)??;
     let transfer_ratio = if report.size == 0 {
         0.0
     } else {
@@ -158,9 +284,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_urls() {
-        assert_eq!(peer_base("http://a:1/").unwrap(), "http://a:1");
-        assert!(peer_base("ftp://a").is_err());
-        assert!(peer_base("nonsense").is_err());
+    fn only_configured_peers_resolve() {
+        let peers =
+            Peers::new(&["http://Site-B:8080/".into(), "https://c.example".into()]).unwrap();
+        assert_eq!(
+            peers.resolve("http://site-b:8080").unwrap(),
+            "http://site-b:8080"
+        );
+        assert_eq!(
+            peers.resolve("https://c.example:443/").unwrap(),
+            "https://c.example"
+        );
+        for other in [
+            "http://site-b:8081",
+            "http://169.254.169.254",
+            "http://site-b:8080/admin",
+            "http://site-b:8080/?x=1",
+            "nonsense",
+        ] {
+            assert_eq!(
+                peers.resolve(other).unwrap_err().code(),
+                "unknown_peer",
+                "{other}"
+            );
+        }
+        assert!(Peers::default().resolve("http://site-b:8080").is_err());
+        for bad in ["ftp://a", "nonsense", "http://u:p@a", "http://a/?q=1"] {
+            assert!(Peers::new(&[bad.into()]).is_err(), "{bad}");
+        }
     }
 }

@@ -15,10 +15,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::auth::WriteToken;
 use crate::error::{Error, Result};
 use crate::store::{Store, StoreOptions};
 
@@ -40,6 +43,8 @@ pub struct VolumeConfig {
     pub takeover_interval: Duration,
     /// How long a forwarded request keeps retrying while no writer answers (failover).
     pub forward_timeout: Duration,
+    /// Sent with every forwarded mutation: the writer checks it like any client's.
+    pub write_token: Option<Arc<WriteToken>>,
 }
 
 /// Contents of `writer.json`.
@@ -51,12 +56,99 @@ pub struct WriterInfo {
 }
 
 /// A mutating request to be executed by the writer.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Forward {
     pub method: http::Method,
     pub path_and_query: String,
     pub content_type: Option<String>,
-    pub body: Bytes,
+    pub content_length: Option<u64>,
+    /// `None` for requests without a body (DELETE, pull).
+    pub body: Option<ForwardBody>,
+}
+
+/// The body of a forwarded request, streamed to the writer as it arrives: never buffered
+/// whole, since a reader runs under the same memory cap as the writer (a 200 MB PUT once took
+/// a reader to 565 MB). An attempt that fails before reading any of it (the writer is down:
+/// connection refused) leaves it here for the next attempt; once it has started to flow it
+/// cannot be replayed, and the request fails with 503 (a client may retry a PUT).
+#[derive(Clone)]
+pub struct ForwardBody(Arc<tokio::sync::Mutex<BodyState>>);
+
+struct BodyState {
+    body: Option<Incoming>,
+    started: bool,
+    sent: u64,
+    limit: u64,
+    too_large: bool,
+}
+
+impl ForwardBody {
+    /// Wraps a request body of at most `limit` bytes.
+    pub fn new(body: Incoming, limit: u64) -> ForwardBody {
+        ForwardBody(Arc::new(tokio::sync::Mutex::new(BodyState {
+            body: Some(body),
+            started: false,
+            sent: 0,
+            limit,
+            too_large: false,
+        })))
+    }
+
+    /// The body back, for when this instance became the writer meanwhile; `None` if part of
+    /// it already went to a writer.
+    pub async fn take(&self) -> Option<Incoming> {
+        let mut s = self.0.lock().await;
+        if s.started {
+            None
+        } else {
+            s.body.take()
+        }
+    }
+
+    async fn started(&self) -> bool {
+        self.0.lock().await.started
+    }
+
+    async fn too_large(&self) -> Option<u64> {
+        let s = self.0.lock().await;
+        s.too_large.then_some(s.limit)
+    }
+
+    /// The body as a stream of its data frames, enforcing the limit as they pass.
+    fn stream(
+        &self,
+    ) -> impl futures_util::Stream<Item = std::result::Result<Bytes, crate::server::BoxError>>
+           + Send
+           + 'static {
+        futures_util::stream::try_unfold(self.0.clone(), |state| async move {
+            let next = {
+                let mut guard = state.lock().await;
+                let s = &mut *guard;
+                s.started = true;
+                let Some(body) = s.body.as_mut() else {
+                    return Ok(None);
+                };
+                loop {
+                    match body.frame().await {
+                        None => break None,
+                        Some(Err(e)) => return Err(crate::server::BoxError::from(e)),
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            s.sent += data.len() as u64;
+                            if s.sent > s.limit {
+                                s.too_large = true;
+                                return Err("request body over the limit".into());
+                            }
+                            break Some(data);
+                        }
+                    }
+                }
+            };
+            Ok(next.map(|data| (data, state)))
+        })
+    }
 }
 
 /// The writer's answer to a forwarded request.
@@ -86,6 +178,8 @@ impl Volume {
     pub fn new(cfg: VolumeConfig) -> Arc<Volume> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            // The writer answers; it never redirects, and a forward must not go elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a client without TLS always builds");
         Arc::new(Volume {
@@ -299,6 +393,16 @@ impl Volume {
                     Ok(_) => last_problem = format!("{} is no longer the writer", info.url),
                     Err(e) => last_problem = format!("{}: {e}", info.url),
                 }
+                if let Some(body) = &req.body {
+                    if let Some(limit) = body.too_large().await {
+                        return Err(Error::TooLarge { limit });
+                    }
+                    if body.started().await {
+                        return Err(Error::WriterUnavailable(format!(
+                            "{last_problem}; the request body was partly sent, retry the request"
+                        )));
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 return Err(Error::WriterUnavailable(last_problem));
@@ -317,8 +421,17 @@ impl Volume {
         let mut builder = self
             .client
             .request(req.method.clone(), url)
-            .header(FORWARDED_HEADER, &self.cfg.instance_id)
-            .body(req.body.clone());
+            .header(FORWARDED_HEADER, &self.cfg.instance_id);
+        if let Some(token) = &self.cfg.write_token {
+            builder = builder.header(http::header::AUTHORIZATION, token.bearer());
+        }
+        if let Some(body) = &req.body {
+            builder = builder.body(reqwest::Body::wrap_stream(body.stream()));
+            // Passed on so that the writer can refuse an oversized body before reading it.
+            if let Some(len) = req.content_length {
+                builder = builder.header(http::header::CONTENT_LENGTH, len);
+            }
+        }
         if let Some(ct) = &req.content_type {
             builder = builder.header(http::header::CONTENT_TYPE, ct);
         }

@@ -179,7 +179,12 @@ async fn objects_round_trip_with_ranges_etags_dedup_and_reclamation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_answered_with_json_errors() {
     let (_dir, cache) = cache_dir();
-    let a = Instance::start(&cache, "a", &["--max-body-bytes", "1048576"]);
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let a = Instance::start(
+        &cache,
+        "a",
+        &["--max-body-bytes", "1048576", "--peer", &dead],
+    );
     a.wait_ready(None).await;
     let c = client();
 
@@ -256,8 +261,7 @@ async fn bad_input_is_answered_with_json_errors() {
         .unwrap();
     assert_eq!(back, stored);
 
-    // Unreachable peer: 502 naming it.
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    // Unreachable (configured) peer: 502 naming it.
     let resp = c
         .post(format!("{}/v1/objects/x/pull", a.url))
         .query(&[("from", &dead)])
@@ -363,7 +367,7 @@ async fn pull_transfers_only_missing_chunks() {
     let (_d1, cache1) = cache_dir();
     let (_d2, cache2) = cache_dir();
     let site1 = Instance::start(&cache1, "site1", &[]);
-    let site2 = Instance::start(&cache2, "site2", &[]);
+    let site2 = Instance::start(&cache2, "site2", &["--peer", &site1.url]);
     site1.wait_ready(None).await;
     site2.wait_ready(None).await;
     let c = client();

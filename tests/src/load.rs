@@ -32,6 +32,8 @@ pub struct LoadConfig {
     pub object_size: usize,
     /// Pause between two requests of one user (think time).
     pub think: Duration,
+    /// The optimizer's write token, sent with every request (PUTs need it).
+    pub write_token: String,
 }
 
 /// One user session as the load generator saw it.
@@ -135,6 +137,7 @@ pub async fn run(cfg: LoadConfig, control: Arc<LoadControl>) -> LoadReport {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.users)
         .timeout(Duration::from_secs(20))
+        .default_headers(bearer(&cfg.write_token))
         .build()
         .expect("http client");
     let mut tasks = Vec::new();
@@ -257,6 +260,16 @@ impl Op {
 }
 
 /// Objects share most of their bytes (as real WAN traffic does), so deduplication matters.
+/// The `Authorization` header of the optimizer's write token, sent as a user's credential.
+fn bearer(token: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .expect("the write token is visible ASCII");
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    headers
+}
+
 fn object_bytes(rng: &mut impl Rng, size: usize) -> Vec<u8> {
     let mut v: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let n = (size / 16).max(1);
@@ -420,6 +433,8 @@ pub struct RateConfig {
     pub put_share: f64,
     /// Prefix of the stored keys, so that runs on one volume never overwrite each other.
     pub key_prefix: String,
+    /// The optimizer's write token, sent with every request (PUTs need it).
+    pub write_token: String,
 }
 
 /// Every this many requests of a session (and on its first), the user asks `/version`.
@@ -583,6 +598,7 @@ pub async fn run_rate(cfg: RateConfig, control: Arc<RateControl>) -> RateReport 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.users)
         .timeout(Duration::from_secs(20))
+        .default_headers(bearer(&cfg.write_token))
         .build()
         .expect("http client");
     let cfg = Arc::new(cfg);

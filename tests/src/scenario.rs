@@ -118,6 +118,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         requests_per_session: 12,
         object_size: 24 * 1024,
         think: Duration::from_millis(15),
+        write_token: stack.write_token.clone(),
     };
     let load = tokio::spawn(load::run(cfg, control.clone()));
     tokio::time::sleep(opts.warmup).await;

@@ -56,6 +56,8 @@ pub struct Stack {
     pub locator_url: String,
     pub deploy_token: String,
     pub read_token: String,
+    /// The optimizer's write token (in the spec's env): the load's PUTs send it.
+    pub write_token: String,
     pub proxy_url: String,
     pub proxy_admin: String,
     pub spec_path: PathBuf,
@@ -177,7 +179,12 @@ impl Stack {
 
         let cookie = "haddock_session".to_string();
         let spec_path = dir.path().join(format!("{service}.toml"));
-        std::fs::write(&spec_path, spec_text(&service, &network, &volume, &opts)).unwrap();
+        let write_token = format!("write-{:032x}", rand::random::<u128>());
+        std::fs::write(
+            &spec_path,
+            spec_text(&service, &network, &volume, &write_token, &opts),
+        )
+        .unwrap();
 
         let locator_port = free_port();
         let mut stack = Stack {
@@ -186,6 +193,7 @@ impl Stack {
             proxy_admin: String::new(),
             deploy_token,
             read_token,
+            write_token,
             spec_path,
             network,
             volume,
@@ -399,7 +407,13 @@ impl Drop for Stack {
 }
 
 /// The shipped spec with this stack's service name, network, volume, timings and env.
-fn spec_text(service: &str, network: &str, volume: &str, o: &StackOptions) -> String {
+fn spec_text(
+    service: &str,
+    network: &str,
+    volume: &str,
+    write_token: &str,
+    o: &StackOptions,
+) -> String {
     let shipped = std::fs::read_to_string(repo_root().join("deploy-specs/optimizer.toml"))
         .expect("deploy-specs/optimizer.toml");
     let fmt = |d: Duration| format!("\"{}ms\"", d.as_millis());
@@ -408,7 +422,8 @@ fn spec_text(service: &str, network: &str, volume: &str, o: &StackOptions) -> St
         .iter()
         .map(|w| format!("  {{ weight = {w}, pause = {} }},\n", fmt(o.step_pause)))
         .collect::<String>();
-    let mut env = String::from("env = { RUST_LOG = \"info\"");
+    let mut env =
+        format!("env = {{ RUST_LOG = \"info\", OPTIMIZER_WRITE_TOKEN = \"{write_token}\"");
     for (k, v) in &o.env {
         env.push_str(&format!(", {k} = \"{v}\""));
     }

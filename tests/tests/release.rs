@@ -37,6 +37,7 @@ fn light_load(
         requests_per_session: 10,
         object_size: 8 * 1024,
         think: Duration::from_millis(20),
+        write_token: stack.write_token.clone(),
     };
     (control.clone(), tokio::spawn(e2e::load::run(cfg, control)))
 }

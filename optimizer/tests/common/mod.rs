@@ -2,10 +2,12 @@
 //! temporary cache directories, and an `eventually` poller instead of sleeps.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -29,6 +31,10 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The write token every test instance is started with (`OPTIMIZER_WRITE_TOKEN`); `client()`
+/// sends it, `anonymous()` does not.
+pub const TOKEN: &str = "test-write-token-0123456789";
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -67,6 +73,7 @@ impl Instance {
             .args(["--grace", "5s"])
             .args(extra)
             .env("RUST_LOG", "info,optimizer=debug")
+            .env("OPTIMIZER_WRITE_TOKEN", TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
@@ -197,11 +204,143 @@ impl Drop for Instance {
     }
 }
 
+/// A client sending the write token with every request.
 pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
+        .default_headers(headers)
         .build()
         .unwrap()
+}
+
+/// A client without credentials.
+pub fn anonymous() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Peak resident memory of a process (VmHWM of /proc/<pid>/status), in bytes.
+pub fn peak_rss(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/<pid>/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// One canned answer of a [`FakePeer`].
+#[derive(Clone, Debug)]
+pub struct Canned {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Canned {
+    pub fn ok(body: impl Into<Vec<u8>>) -> Canned {
+        Canned {
+            status: 200,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+}
+
+/// An HTTP server answering fixed paths with canned answers (404 otherwise) and recording
+/// every path it was asked for: a peer that lies, redirects or fails on demand.
+pub struct FakePeer {
+    pub url: String,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakePeer {
+    pub async fn start(routes: HashMap<String, Canned>) -> FakePeer {
+        use hyper::body::Incoming;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (routes, log) = (Arc::new(routes), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (routes, log) = (routes.clone(), log.clone());
+                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let path = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    log.lock().unwrap().push(path.clone());
+                    let canned = routes.get(&path).cloned().unwrap_or(Canned {
+                        status: 404,
+                        headers: Vec::new(),
+                        body: b"no such route".to_vec(),
+                    });
+                    async move {
+                        let mut resp = hyper::Response::builder().status(canned.status);
+                        for (k, v) in &canned.headers {
+                            resp = resp.header(k, v);
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            resp.body(http_body_util::Full::new(bytes::Bytes::from(canned.body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakePeer { url, seen, task }
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The routes of a peer serving `manifest` for `key` and every chunk in `chunks` (stored
+/// form), as a real optimizer would.
+pub fn peer_routes(
+    key: &str,
+    manifest: &optimizer::manifest::Manifest,
+    chunks: &[(optimizer::manifest::ChunkHash, Vec<u8>)],
+) -> HashMap<String, Canned> {
+    let mut routes = HashMap::new();
+    routes.insert(
+        format!("/v1/objects/{key}/manifest"),
+        Canned::ok(serde_json::to_vec(manifest).unwrap()),
+    );
+    for (hash, stored) in chunks {
+        routes.insert(format!("/v1/chunks/{hash}"), Canned::ok(stored.clone()));
+    }
+    routes
 }
 
 /// Deterministic pseudo-random bytes.

@@ -95,6 +95,7 @@ impl Args {
             object_size: self.object_size,
             put_share: self.put_share,
             key_prefix: format!("{prefix}-{}", rand::random::<u32>()),
+            write_token: stack.write_token.clone(),
         }
     }
 }
