@@ -30,6 +30,14 @@ pub enum ClientError {
     /// The answer was not the JSON this client expects (version skew or a proxy in between).
     #[error("unexpected answer from the locator: {0}")]
     Decode(String),
+    /// A watch stream carried nothing, not even a keep-alive line, for this long: the locator
+    /// or the path to it is gone without closing the connection (a frozen host, a dropped
+    /// NAT entry). The stream ends; reconnect from the last revision.
+    #[error("the locator at {url} sent nothing for {silence:?} on a watch")]
+    Silent {
+        url: String,
+        silence: std::time::Duration,
+    },
 }
 
 impl ClientError {
@@ -59,7 +67,14 @@ pub struct Client {
     http: reqwest::Client,
     /// How long a request keeps retrying while the locator refuses connections.
     connect_retry: std::time::Duration,
+    /// A watch that receives nothing for this long ends with [`ClientError::Silent`].
+    watch_silence: std::time::Duration,
 }
+
+/// Default of [`Client::with_watch_silence`]: three of the locator's keep-alive periods, so one
+/// or two lines delayed by a busy network or locator are not mistaken for a dead one.
+pub const DEFAULT_WATCH_SILENCE: std::time::Duration =
+    std::time::Duration::from_secs(3 * crate::server::WATCH_KEEPALIVE.as_secs());
 
 impl Client {
     /// `base_url` is e.g. `http://127.0.0.1:7070`; `token` is sent as `Authorization: Bearer`.
@@ -72,7 +87,16 @@ impl Client {
                 .build()
                 .expect("a client without TLS always builds"),
             connect_retry: std::time::Duration::ZERO,
+            watch_silence: DEFAULT_WATCH_SILENCE,
         }
+    }
+
+    /// A watch (its response headers, then its lines) that stays silent this long is given up
+    /// with [`ClientError::Silent`], so that the caller reconnects instead of waiting forever
+    /// on a connection nobody answers. Keep it a few times the locator's keep-alive period.
+    pub fn with_watch_silence(mut self, silence: std::time::Duration) -> Self {
+        self.watch_silence = silence;
+        self
     }
 
     /// Keeps retrying refused connections for up to `window` (with backoff) before a call
@@ -283,7 +307,9 @@ impl Client {
     }
 
     /// Streams every change after `since` (or a snapshot first when `since` is `None` or too
-    /// old). The stream ends when the connection does; callers reconnect from the last revision.
+    /// old). The stream ends when the connection does, or with [`ClientError::Silent`] when the
+    /// locator sends nothing for the watch-silence period; callers reconnect from the last
+    /// revision.
     pub async fn watch(
         &self,
         since: Option<Revision>,
@@ -293,10 +319,13 @@ impl Client {
             None => "/v1/watch".to_string(),
         };
         let url = self.base.clone();
-        let resp = self
-            .request(Method::GET, &path)
-            .send()
+        let silence = self.watch_silence;
+        let resp = tokio::time::timeout(silence, self.request(Method::GET, &path).send())
             .await
+            .map_err(|_| ClientError::Silent {
+                url: url.clone(),
+                silence,
+            })?
             .map_err(|source| ClientError::Transport {
                 url: url.clone(),
                 source,
@@ -318,19 +347,23 @@ impl Client {
             });
         }
         let bytes = resp.bytes_stream();
-        Ok(ndjson_lines(bytes, url))
+        Ok(ndjson_lines(bytes, url, silence))
     }
 }
 
-/// Splits a byte stream into newline-delimited JSON events.
+/// Splits a byte stream into newline-delimited JSON events; ends with [`ClientError::Silent`]
+/// when no byte arrives for `silence`.
 fn ndjson_lines(
     bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>>,
     url: String,
+    silence: std::time::Duration,
 ) -> impl Stream<Item = Result<WatchEvent>> {
     let buf = Vec::<u8>::new();
     futures_util::stream::unfold(
-        (Box::pin(bytes), buf, url),
-        |(mut bytes, mut buf, url)| async move {
+        (Some(Box::pin(bytes)), buf, url),
+        move |(bytes, mut buf, url)| async move {
+            // `None` after a silence: the connection is dropped and the stream ends.
+            let mut bytes = bytes?;
             loop {
                 if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -340,20 +373,108 @@ fn ndjson_lines(
                     }
                     let item = serde_json::from_slice::<WatchEvent>(line)
                         .map_err(|e| ClientError::Decode(e.to_string()));
-                    return Some((item, (bytes, buf, url)));
+                    return Some((item, (Some(bytes), buf, url)));
                 }
-                match bytes.next().await {
+                let Ok(next) = tokio::time::timeout(silence, bytes.next()).await else {
+                    let err = ClientError::Silent {
+                        url: url.clone(),
+                        silence,
+                    };
+                    return Some((Err(err), (None, Vec::new(), url)));
+                };
+                match next {
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
                     Some(Err(source)) => {
                         let err = ClientError::Transport {
                             url: url.clone(),
                             source,
                         };
-                        return Some((Err(err), (bytes, Vec::new(), url)));
+                        return Some((Err(err), (Some(bytes), Vec::new(), url)));
                     }
                     None => return None,
                 }
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A locator that froze: it answers a watch's headers (or, with `answer: false`, not even
+    /// those), then keeps the connection open and sends nothing. Counts the connections.
+    async fn frozen_locator(answer: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if answer {
+                    let headers = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                                   transfer-encoding: chunked\r\n\r\n";
+                    let _ = s.write_all(headers.as_bytes()).await;
+                }
+                open.push(s); // never closed, never written to again
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_silent_watch_ends_and_the_caller_reconnects() {
+        let interval = Duration::from_millis(100);
+        let silence = 3 * interval;
+        let (url, accepted) = frozen_locator(true).await;
+        let client = Client::new(&url, None).with_watch_silence(silence);
+        let started = Instant::now();
+        let mut events = Box::pin(client.watch(None).await.unwrap());
+        let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the watch never noticed the silence");
+        assert!(
+            matches!(first, Some(Err(ClientError::Silent { .. }))),
+            "{first:?}"
+        );
+        assert!(
+            events.next().await.is_none(),
+            "the stream ends after a silence"
+        );
+        let noticed = started.elapsed();
+        assert!(noticed >= silence, "gave up after {noticed:?}");
+        // What every caller (the proxy's watcher) does next: watch again, on a new connection.
+        let _again = client.watch(None).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_watch_without_response_headers_gives_up() {
+        let silence = Duration::from_millis(300);
+        let (url, accepted) = frozen_locator(false).await;
+        let client = Client::new(&url, None).with_watch_silence(silence);
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(10), client.watch(None))
+            .await
+            .expect("the watch waited for headers forever")
+            .err()
+            .expect("no locator answered");
+        assert!(matches!(err, ClientError::Silent { .. }), "{err}");
+        assert!(started.elapsed() >= silence);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
 }

@@ -72,12 +72,20 @@ pub enum Error {
         expected: Revision,
         actual: Revision,
     },
+    /// 408 `request_timeout`: the request body did not arrive within the read timeout (a
+    /// client trickling its body would otherwise hold its connection and a handler forever).
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// 413 `payload_too_large`.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// 503 `unavailable`: the store cannot commit right now (disk failed, database down).
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// 503 `too_many_connections`: the locator already holds its maximum of open connections
+    /// (`--max-connections`); this one is closed right after the answer. Retry.
+    #[error("the locator already holds its maximum of {0} connections; retry later")]
+    TooManyConnections(usize),
     /// 500 `internal`: a bug or an unexpected failure; details are in the locator's log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -101,8 +109,9 @@ impl Error {
             | ReleaseFinished(_)
             | InstanceExists(_) => StatusCode::CONFLICT,
             RevisionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Unavailable(_) | TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,8 +136,10 @@ impl Error {
             ReleaseFinished(_) => "release_finished",
             InstanceExists(_) => "instance_exists",
             RevisionMismatch { .. } => "revision_mismatch",
+            RequestTimeout(_) => "request_timeout",
             PayloadTooLarge(_) => "payload_too_large",
             Unavailable(_) => "unavailable",
+            TooManyConnections(_) => "too_many_connections",
             Internal(_) => "internal",
         }
     }

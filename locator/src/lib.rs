@@ -7,12 +7,14 @@
 //! Start with [`api`] (the wire types every component shares) and [`client`] (the typed HTTP
 //! client haddock and the proxy use). Inside the server: [`state`] holds every rule, [`store`]
 //! makes the rules' events durable (embedded log or PostgreSQL), [`server`] is the HTTP layer
-//! with [`auth`], and [`watch`] streams changes. `serve` is what `locator serve` runs;
-//! [`logging`] is the `--log-format` every Haddock program shares.
+//! with [`auth`] and [`connections`] (timeouts, the connection cap), and [`watch`] streams
+//! changes. `serve` is what `locator serve` runs; [`logging`] is the `--log-format` every
+//! Haddock program shares.
 pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod client;
+pub mod connections;
 pub mod dashboard;
 pub mod error;
 pub mod logging;

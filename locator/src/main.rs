@@ -34,6 +34,20 @@ enum Cmd {
         /// An instance not heard from for this long becomes unhealthy.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         heartbeat_ttl: Duration,
+        /// A request head must arrive within this of the accept (or of its first byte after an
+        /// idle period), else the connection is closed.
+        #[arg(long, default_value = "10s", value_parser = positive_duration)]
+        header_read_timeout: Duration,
+        /// A request body must arrive within this of its head, else 408.
+        #[arg(long, default_value = "30s", value_parser = positive_duration)]
+        body_read_timeout: Duration,
+        /// A keep-alive connection with no request for this long is closed (watch streams are
+        /// never idle).
+        #[arg(long, default_value = "60s", value_parser = positive_duration)]
+        idle_timeout: Duration,
+        /// Connections beyond this many get a 503 and are closed at once.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
     },
     /// Measure watch latency (embedded and PostgreSQL) and snapshot reads/s; prints figures.
     Bench {
@@ -54,6 +68,15 @@ enum Cmd {
     },
 }
 
+/// A duration above zero: a zero timeout would close every connection at once.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     locator::logging::init(cli.log_format);
@@ -65,12 +88,20 @@ fn main() -> anyhow::Result<()> {
             database_url,
             tokens,
             heartbeat_ttl,
+            header_read_timeout,
+            body_read_timeout,
+            idle_timeout,
+            max_connections,
         } => runtime.block_on(locator::serve::run(locator::serve::ServeOptions {
             listen,
             data_dir,
             database_url,
             tokens,
             heartbeat_ttl,
+            header_read_timeout,
+            body_read_timeout,
+            idle_timeout,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         }))?,
         Cmd::Bench {
             watchers,

@@ -22,6 +22,11 @@ pub struct ServeOptions {
     pub database_url: Option<String>,
     pub tokens: Option<PathBuf>,
     pub heartbeat_ttl: Duration,
+    /// See [`ServerConfig::header_read_timeout`] and the defaults in [`server`].
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 /// Why the locator could not start.
@@ -88,7 +93,25 @@ async fn serve<S: Store>(
     let every =
         (options.heartbeat_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let _sweeper = spawn_sweeper(&store, every);
-    let server = server::bind(options.listen, store, ServerConfig::new(tokens))
+    if let Some(limit) = crate::connections::open_files_limit() {
+        // The store, the database connections and the runtime need descriptors too.
+        if options.max_connections as u64 + 64 > limit {
+            tracing::warn!(
+                max_connections = options.max_connections,
+                open_files_limit = limit,
+                "--max-connections is near or above the open-files limit: a flood fails \
+                 accepts before it is shed; raise `ulimit -n` or lower --max-connections"
+            );
+        }
+    }
+    let config = ServerConfig {
+        header_read_timeout: options.header_read_timeout,
+        body_read_timeout: options.body_read_timeout,
+        idle_timeout: options.idle_timeout,
+        max_connections: options.max_connections,
+        ..ServerConfig::new(tokens)
+    };
+    let server = server::bind(options.listen, store, config)
         .await
         .map_err(|source| StartError::Bind {
             addr: options.listen,

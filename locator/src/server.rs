@@ -5,8 +5,9 @@
 
 use crate::api::*;
 use crate::auth::{Role, Tokens};
+use crate::connections::{shed_response, AcceptWarnings, Clock, Timeouts, Watched};
 use crate::error::Error;
-use crate::metrics::{RequestLabels, RouteLabels};
+use crate::metrics::{method_label, RequestLabels, RouteLabels};
 use crate::state::{Command, Reply};
 use crate::store::Store;
 use bytes::Bytes;
@@ -31,6 +32,27 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// The OpenAPI 3 document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
+/// Period of the empty keep-alive line on watch streams. Clients treat three missed ones as a
+/// dead locator ([`crate::client::Client::with_watch_silence`]).
+pub const WATCH_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Default of `--header-read-timeout`: a request head is one packet for any real client, so
+/// 10 s allows a very slow link and still frees a stalled or trickling client's connection soon.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of `--body-read-timeout`: the largest body (1 MiB) at ~35 KB/s; session reports and
+/// every other body are a few KB.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of `--idle-timeout`: far longer than the gaps between a proxy's reports (1 s) or
+/// haddock's polls, so their pooled connections are reused, while forgotten ones are freed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default of `--max-connections`: one watch per proxy plus a few for haddock and scrapes
+/// leaves room for hundreds of proxies, and stays under the common 1024 soft limit on open
+/// files, so shedding (not a failing `accept`) is what a flood meets.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -39,6 +61,14 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// Period of the empty keep-alive line on watch streams.
     pub keepalive: Duration,
+    /// A request head must arrive within this of the connection's accept or of its first byte.
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head, else 408.
+    pub body_read_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this many get a 503 and are closed at once.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -46,7 +76,11 @@ impl ServerConfig {
         ServerConfig {
             tokens,
             body_limit: 1024 * 1024,
-            keepalive: Duration::from_secs(10),
+            keepalive: WATCH_KEEPALIVE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -212,14 +246,14 @@ impl<S: Store> App<S> {
         let m = &self.store.committed().metrics;
         m.requests
             .get_or_create(&RequestLabels {
-                method: method.to_string(),
+                method: method_label(&method),
                 route: template,
                 status: resp.status().as_u16(),
             })
             .inc();
         m.request_seconds
             .get_or_create(&RouteLabels {
-                method: method.to_string(),
+                method: method_label(&method),
                 route: template,
             })
             .observe(started.elapsed().as_secs_f64());
@@ -383,7 +417,11 @@ impl<S: Store> App<S> {
         if declared.is_some_and(|n| n > limit) {
             return Err(Error::PayloadTooLarge(limit));
         }
-        match Limited::new(req.into_body(), limit).collect().await {
+        let read = Limited::new(req.into_body(), limit).collect();
+        let read = tokio::time::timeout(self.config.body_read_timeout, read)
+            .await
+            .map_err(|_| Error::RequestTimeout(self.config.body_read_timeout))?;
+        match read {
             Ok(c) => Ok(c.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 Err(Error::PayloadTooLarge(limit))
@@ -440,31 +478,77 @@ pub fn spawn<S: Store>(
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let timeouts = Timeouts {
+        header_read: config.header_read_timeout,
+        idle: config.idle_timeout,
+    };
+    let cap = config.max_connections;
+    let shed = shed_response(cap);
+    let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let app = Arc::new(App { store, config });
     let accept = tokio::spawn(async move {
+        let mut warnings = AcceptWarnings::default();
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    // Usually EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Usually EMFILE: back off instead of spinning, and say so once a second.
+                    if let Some(suppressed) = warnings.admit(tokio::time::Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let metrics = app.store.committed().metrics.clone();
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Shed the newest: the open connections are as legitimate as this one, and
+                // closing it at once keeps the file descriptors for when they are gone. One
+                // non-blocking write: the accept loop never waits on a client.
+                metrics.connections_shed.inc();
+                tracing::debug!(%peer, cap, "too many connections; shedding one");
+                let _ = stream.try_write(&shed);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
+            metrics.connections.inc();
             tokio::spawn(async move {
+                let clock = Clock::new();
+                let io = TokioIo::new(Watched::new(stream, clock.clone()));
+                let requests = clock.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    // Busy until the response body is dropped: a watch stream is one request.
+                    let in_flight = requests.start_request();
+                    async move {
+                        let resp = app.handle(req).await;
+                        Ok::<_, Infallible>(resp.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _busy = &in_flight;
+                                frame
+                            })
+                            .boxed_unsync()
+                        }))
+                    }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                // hyper's own header timeout is off: `Clock` does it (see `connections`).
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(None)
+                    .serve_connection(io, service);
+                tokio::select! {
+                    result = conn => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    }
+                    why = clock.expired(timeouts) => {
+                        // Dropping the connection closes the socket.
+                        tracing::debug!(%peer, why, "closing a connection");
+                    }
                 }
+                metrics.connections.dec();
+                drop(permit);
             });
         }
     });

@@ -325,10 +325,56 @@ impl State {
             .find(|r| r.service == service && !r.state.is_terminal())
     }
 
-    /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]).
+    /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]),
+    /// keeping only what [`State::known_report`] keeps.
     pub fn record_report(&mut self, report: SessionReport, now: UnixMillis) {
+        let report = self.known_report(&report);
         let key = (report.proxy_id.clone(), report.service.clone());
         self.reports.insert(key, (now, report));
+    }
+
+    /// The part of `report` about things this locator knows: instances of the report's service
+    /// that are not gone, and versions that an instance of the service runs (or ran: a version
+    /// whose instances were just removed still gets its last figures) or that its weights name.
+    ///
+    /// The rest is dropped rather than refused. Reports are held in memory, in PostgreSQL and
+    /// (as traffic sums) in every snapshot, so made-up keys must not be stored: 2 000 invented
+    /// versions once grew the snapshot to 1.6 MB. Refusing the whole report instead would break
+    /// a legitimate proxy whose report races a registration or a removal, and the proxy would
+    /// lose its other figures for that second; an entry the locator learns about later is
+    /// counted from the proxy's next report (one a second).
+    pub fn known_report(&self, report: &SessionReport) -> SessionReport {
+        let service = self.services.get(&report.service);
+        let of_service = || {
+            self.instances
+                .values()
+                .filter(|i| i.service == report.service)
+        };
+        let instances = report
+            .instances
+            .iter()
+            .filter(|(id, _)| {
+                self.instances
+                    .get(*id)
+                    .is_some_and(|i| i.service == report.service && i.state != InstanceState::Gone)
+            })
+            .map(|(id, load)| (id.clone(), *load))
+            .collect();
+        let versions = report
+            .versions
+            .iter()
+            .filter(|(version, _)| {
+                service.is_some_and(|s| s.weights.contains_key(*version))
+                    || of_service().any(|i| &i.version == *version)
+            })
+            .map(|(version, traffic)| (version.clone(), *traffic))
+            .collect();
+        SessionReport {
+            proxy_id: report.proxy_id.clone(),
+            service: report.service.clone(),
+            instances,
+            versions,
+        }
     }
 
     /// Replaces every report (the PostgreSQL store shares reports between replicas in a table).
@@ -601,6 +647,7 @@ impl State {
             return Err(Error::InvalidInput("proxy_id must not be empty".into()));
         }
         self.service(&report.service)?;
+        let report = &self.known_report(report);
         let key = (report.proxy_id.clone(), report.service.clone());
         let live: Vec<&SessionReport> = self
             .live_reports(&report.service, ctx.now)
@@ -645,9 +692,11 @@ impl State {
             }
             let mut load = InstanceLoad::default();
             for r in reports {
+                // Saturating: the figures come from the network, and release builds do not
+                // check overflow, so a plain `+=` would wrap a huge report round to a small sum.
                 if let Some(l) = r.instances.get(&inst.id) {
-                    load.live_sessions += l.live_sessions;
-                    load.in_flight += l.in_flight;
+                    load.live_sessions = load.live_sessions.saturating_add(l.live_sessions);
+                    load.in_flight = load.in_flight.saturating_add(l.in_flight);
                 }
             }
             let current = changed.get(&inst.id).unwrap_or(inst);
@@ -663,8 +712,8 @@ impl State {
         for r in reports {
             for (version, t) in &r.versions {
                 let sum = traffic.entry(version.clone()).or_default();
-                sum.requests += t.requests;
-                sum.responses_5xx += t.responses_5xx;
+                sum.requests = sum.requests.saturating_add(t.requests);
+                sum.responses_5xx = sum.responses_5xx.saturating_add(t.responses_5xx);
                 sum.p99_ms = sum.p99_ms.max(t.p99_ms);
             }
         }
@@ -1138,6 +1187,94 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.instance("a").unwrap().load.live_sessions, 4);
+    }
+
+    fn sessions(proxy: &str, instances: &[(&str, u64)], versions: &[(&str, u64)]) -> Command {
+        Command::Sessions(SessionReport {
+            proxy_id: proxy.into(),
+            service: "svc".into(),
+            instances: instances
+                .iter()
+                .map(|(id, n)| {
+                    let load = InstanceLoad {
+                        live_sessions: *n,
+                        in_flight: *n,
+                    };
+                    (id.to_string(), load)
+                })
+                .collect(),
+            versions: versions
+                .iter()
+                .map(|(v, n)| {
+                    let t = VersionTraffic {
+                        requests: *n,
+                        responses_5xx: *n,
+                        p99_ms: 1.0,
+                    };
+                    (v.to_string(), t)
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn session_sums_saturate_instead_of_wrapping() {
+        let mut s = with_service();
+        s.start_reports(T.now);
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        run(
+            &mut s,
+            sessions("p1", &[("a", u64::MAX)], &[("1", u64::MAX)]),
+            T,
+        )
+        .unwrap();
+        // Wrapping would turn MAX + 2 into 1.
+        run(&mut s, sessions("p2", &[("a", 2)], &[("1", 2)]), T).unwrap();
+        let load = s.instance("a").unwrap().load;
+        assert_eq!((load.live_sessions, load.in_flight), (u64::MAX, u64::MAX));
+        let t = s.snapshot().traffic["svc"]["1"];
+        assert_eq!((t.requests, t.responses_5xx), (u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn session_reports_keep_only_known_instances_and_versions() {
+        let mut s = with_service();
+        s.start_reports(T.now);
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        run(&mut s, inst("b", "2", InstanceState::Ready), T).unwrap();
+        run(
+            &mut s,
+            Command::SetState {
+                id: "b".into(),
+                state: InstanceState::Gone,
+            },
+            T,
+        )
+        .unwrap();
+        let invented: Vec<(String, u64)> = (0..2000).map(|i| (format!("v{i:04}"), 1)).collect();
+        let mut versions: Vec<(&str, u64)> =
+            invented.iter().map(|(v, n)| (v.as_str(), *n)).collect();
+        // "2" only has a gone instance: a report racing its removal still counts it.
+        versions.extend([("1", 5), ("2", 6)]);
+        // "b" is gone, "x" was never registered: a racing report is accepted, they are ignored.
+        let report = sessions("p1", &[("a", 3), ("b", 4), ("x", 9)], &versions);
+        let before = serde_json::to_vec(&s.snapshot()).unwrap().len();
+        assert_eq!(run(&mut s, report, T).unwrap(), Reply::Accepted);
+        let traffic = &s.snapshot().traffic["svc"];
+        assert_eq!(traffic.keys().collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!((traffic["1"].requests, traffic["2"].requests), (5, 6));
+        assert_eq!(s.instance("a").unwrap().load.live_sessions, 3);
+        assert_eq!(s.instance("b").unwrap().load.live_sessions, 0);
+        assert!(s.instance("x").is_err(), "a report registers nothing");
+        // What is remembered for the next sums is the filtered report too.
+        let (_, kept) = &s.reports[&("p1".to_string(), "svc".to_string())];
+        assert_eq!(kept.instances.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(kept.versions.keys().collect::<Vec<_>>(), ["1", "2"]);
+        let after = serde_json::to_vec(&s.snapshot()).unwrap().len();
+        assert!(
+            after < before + 200,
+            "snapshot grew from {before} to {after} bytes"
+        );
     }
 
     #[test]

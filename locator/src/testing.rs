@@ -59,9 +59,18 @@ pub struct TestLocator<S: Store> {
 
 impl<S: Store> TestLocator<S> {
     pub async fn serve(store: Arc<S>, dir: Option<tempfile::TempDir>) -> Self {
+        Self::serve_with(store, dir, ServerConfig::new(tokens())).await
+    }
+
+    /// Like [`TestLocator::serve`] with the given HTTP settings (short timeouts, a low cap).
+    pub async fn serve_with(
+        store: Arc<S>,
+        dir: Option<tempfile::TempDir>,
+        config: ServerConfig,
+    ) -> Self {
         let sweeper = spawn_sweeper(&store, Duration::from_millis(100));
         let addr = "127.0.0.1:0".parse().expect("an address");
-        let server = server::bind(addr, store.clone(), ServerConfig::new(tokens()))
+        let server = server::bind(addr, store.clone(), config)
             .await
             .expect("bind 127.0.0.1:0");
         let url = format!("http://{}", server.addr);
@@ -91,6 +100,16 @@ impl<S: Store> Drop for TestLocator<S> {
 
 /// An embedded-store locator in a fresh temp dir, with the given heartbeat TTL.
 pub async fn embedded(heartbeat_ttl: Duration) -> TestLocator<EmbeddedStore> {
+    embedded_with(heartbeat_ttl, |_| {}).await
+}
+
+/// [`embedded`] with HTTP settings changed by `configure` (from [`ServerConfig::new`]).
+pub async fn embedded_with(
+    heartbeat_ttl: Duration,
+    configure: impl FnOnce(&mut ServerConfig),
+) -> TestLocator<EmbeddedStore> {
+    let mut config = ServerConfig::new(tokens());
+    configure(&mut config);
     let dir = tempfile::tempdir().expect("a temp dir");
     let options = embedded::Options {
         heartbeat_ttl,
@@ -99,7 +118,7 @@ pub async fn embedded(heartbeat_ttl: Duration) -> TestLocator<EmbeddedStore> {
     let store = EmbeddedStore::open(dir.path(), options, Arc::new(Metrics::new()))
         .await
         .expect("open the embedded store");
-    TestLocator::serve(Arc::new(store), Some(dir)).await
+    TestLocator::serve_with(Arc::new(store), Some(dir), config).await
 }
 
 /// A PostgreSQL-store locator (one replica) on `url`.

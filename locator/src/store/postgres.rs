@@ -177,7 +177,9 @@ impl PostgresStore {
         let outcome = self.committed.read(|s| s.execute(command, ctx))?;
         match command {
             Command::Sessions(report) => {
-                let body = serde_json::to_string(report).map_err(corrupt)?;
+                // Only what the rules counted is shared (see `State::known_report`).
+                let report = self.committed.read(|s| s.known_report(report));
+                let body = serde_json::to_string(&report).map_err(corrupt)?;
                 tx.execute(
                     "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
                      ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
