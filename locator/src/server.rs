@@ -512,7 +512,7 @@ pub fn spawn<S: Store>(
             };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
-            metrics.connections.inc();
+            let open = OpenConnection::new(&metrics.connections);
             tokio::spawn(async move {
                 let clock = Clock::new();
                 let io = TokioIo::new(Watched::new(stream, clock.clone()));
@@ -547,12 +547,28 @@ pub fn spawn<S: Store>(
                         tracing::debug!(%peer, why, "closing a connection");
                     }
                 }
-                metrics.connections.dec();
-                drop(permit);
+                drop((open, permit));
             });
         }
     });
     RunningServer { addr, accept }
+}
+
+/// One open connection in `haddock_locator_connections`, counted down on drop — also when a
+/// panicking handler unwinds the connection's task, which a plain `dec()` at its end missed.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Binds `addr` and serves the API.
