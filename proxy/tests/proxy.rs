@@ -409,7 +409,7 @@ async fn a_client_hanging_up_does_not_count_as_a_5xx_of_its_version() {
         stub.reports.lock().unwrap().len() >= seen + 2
     })
     .await;
-    let traffic = stub.last_report().unwrap().versions["1"].clone();
+    let traffic = stub.last_report().unwrap().versions["1"];
     assert_eq!(
         (traffic.requests, traffic.responses_5xx),
         (1, 0),
