@@ -54,8 +54,8 @@ pub struct ServeArgs {
     /// $XDG_RUNTIME_DIR/haddock-proxy, else /tmp/haddock-proxy-<uid>.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// HMAC key signing session cookies (at least 16 bytes). Without one a random key is used
-    /// and sessions do not survive a proxy restart.
+    /// Key material session cookies are sealed under (at least 16 bytes). Without one a random
+    /// key is used and sessions do not survive a proxy restart.
     #[arg(long, env = "HADDOCK_COOKIE_KEY", hide_env_values = true)]
     pub cookie_key: Option<String>,
     /// The key being rotated out: cookies signed with it are still accepted.

@@ -1,7 +1,8 @@
 //! Haddock's reverse proxy: users reach a service only through it. Built on pingora, it pins
-//! each user session to one instance with an HMAC-signed cookie, sends new sessions to versions
-//! by the canary weights, lets draining instances finish their sessions, retries failed
-//! connections on healthy instances, and reports live sessions to the locator.
+//! each user session to one instance with a sealed (encrypted and authenticated) cookie, sends
+//! new sessions to versions by the canary weights, lets draining instances finish their
+//! sessions, retries failed connections on healthy instances, and reports live sessions to the
+//! locator.
 //!
 //! Start reading at [`service`] (the request path, a pingora `ProxyHttp`), which uses
 //! [`routing_table`] (built from the locator's snapshot and swapped atomically in [`router`]),
