@@ -356,8 +356,28 @@ async fn a_client_dribbling_its_request_head_is_cut_off_at_the_header_timeout() 
         .metrics()
         .await
         .contains("haddock_proxy_request_header_timeouts_total{service=\"svc\"} 1"));
-    // The proxy still serves.
+    // The proxy still serves, bodies included: the bytes read with the head (often the whole
+    // body of a small request) and those after it reach the instance intact.
     assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+    for len in [10, 200_000] {
+        let payload: String = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let echoed = http
+            .put(proxy.url("/"))
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(echoed.len(), 1 + len);
+        assert!(
+            echoed == format!("a{payload}"),
+            "a body of {len} bytes arrived changed"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
