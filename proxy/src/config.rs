@@ -48,11 +48,14 @@ pub struct ServeArgs {
     /// Locator token with the `proxy` role (reads the watch stream, posts session reports).
     #[arg(long, env = "HADDOCK_PROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Directory for the persisted routing snapshot and the upgrade socket.
+    /// Directory for the persisted routing snapshot, the upgrade socket and the pid file
+    /// (created mode 0700; refused if another user owns it or everyone may write to it).
+    /// Without it nothing is persisted, and the socket and pid file go to a private directory:
+    /// $XDG_RUNTIME_DIR/haddock-proxy, else /tmp/haddock-proxy-<uid>.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// HMAC key signing session cookies (at least 16 bytes). Without one a random key is used
-    /// and sessions do not survive a proxy restart.
+    /// Key material session cookies are sealed under (at least 16 bytes). Without one a random
+    /// key is used and sessions do not survive a proxy restart.
     #[arg(long, env = "HADDOCK_COOKIE_KEY", hide_env_values = true)]
     pub cookie_key: Option<String>,
     /// The key being rotated out: cookies signed with it are still accepted.
@@ -70,9 +73,15 @@ pub struct ServeArgs {
     /// Connect timeout to an instance, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub connect_timeout_ms: u64,
-    /// Cap on the number of sessions tracked (bounds memory).
+    /// Cap on the number of sessions tracked (bounds memory, about 70 bytes a session). At the
+    /// cap new sessions are served but not counted; a live session is never dropped.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_sessions: usize,
+    /// Total time, in milliseconds, a client may take to send a request's line and headers
+    /// (from the connection's accept, or from the first byte of a kept-alive connection's next
+    /// request); past it the proxy answers 408 and closes (slowloris).
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
     /// Take the listening sockets over from a running proxy (pingora graceful upgrade: start
     /// this one, then send SIGQUIT to the old one).
     #[arg(long)]
@@ -102,10 +111,16 @@ impl ServeArgs {
         if self.threads == 0 {
             return Err(ProxyError::Config("--threads must be at least 1".into()));
         }
+        if self.header_timeout_ms == 0 {
+            return Err(ProxyError::Config(
+                "--header-timeout-ms must be at least 1".into(),
+            ));
+        }
         Ok(Options {
             max_replay_body: self.max_replay_body,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_tracked_sessions: self.max_sessions,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
             ..Options::default()
         })
     }
@@ -151,7 +166,25 @@ mod tests {
         let Command::Serve(a) = cli.command;
         assert_eq!(a.service, "svc");
         assert!(a.keys().is_ok());
-        assert!(a.options().is_ok());
+        assert_eq!(a.options().unwrap().header_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_zero_header_timeout_is_refused() {
+        let cli = Cli::try_parse_from([
+            "proxy",
+            "serve",
+            "--locator",
+            "http://l",
+            "--service",
+            "svc",
+            "--header-timeout-ms",
+            "0",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command;
+        let err = a.options().unwrap_err();
+        assert!(err.to_string().contains("--header-timeout-ms"), "{err}");
     }
 
     #[test]

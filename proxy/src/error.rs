@@ -19,6 +19,11 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The run directory (upgrade socket, pid file) could be taken over by another user.
+    #[error(
+        "run directory {path} is not private: {why} (use a directory only this user may write to)"
+    )]
+    UnsafeRunDir { path: PathBuf, why: String },
     /// The persisted routing snapshot is not valid JSON of the expected shape.
     #[error("state file {path} is corrupt: {message}")]
     CorruptState { path: PathBuf, message: String },

@@ -1,13 +1,16 @@
 //! Haddock's reverse proxy: users reach a service only through it. Built on pingora, it pins
-//! each user session to one instance with an HMAC-signed cookie, sends new sessions to versions
-//! by the canary weights, lets draining instances finish their sessions, retries failed
-//! connections on healthy instances, and reports live sessions to the locator.
+//! each user session to one instance with a sealed (encrypted and authenticated) cookie, sends
+//! new sessions to versions by the canary weights, lets draining instances finish their
+//! sessions, retries failed connections on healthy instances, and reports live sessions to the
+//! locator.
 //!
 //! Start reading at [`service`] (the request path, a pingora `ProxyHttp`), which uses
 //! [`routing_table`] (built from the locator's snapshot and swapped atomically in [`router`]),
 //! [`session`] (the signed token) and [`balancer`] (the weighted choice). [`watcher`] feeds the
 //! router from the locator's watch stream and persists it; [`tracker`] and [`reporter`] count
-//! and report sessions; [`metrics`] and [`admin`] expose figures; [`server`] wires it together.
+//! and report sessions; [`metrics`] and [`admin`] expose figures; [`server`] wires it together,
+//! with [`request_head`] (the total deadline on a request's head) in front of pingora and
+//! [`run_dir`] (the private directory of the upgrade socket).
 
 pub mod admin;
 pub mod balancer;
@@ -15,8 +18,10 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod reporter;
+pub mod request_head;
 pub mod router;
 pub mod routing_table;
+pub mod run_dir;
 pub mod server;
 pub mod service;
 pub mod session;

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use locator::api::VersionTraffic;
 use locator::metrics::latency_histogram;
+
+use crate::request_head::HeadCounters;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_moved: Counter,
     pub no_instance: Counter,
+    pub untracked_sessions: Counter,
+    pub request_heads: HeadCounters,
     pub table_revision: Gauge,
     windows: RwLock<HashMap<String, Arc<VersionWindow>>>,
 }
@@ -93,6 +97,8 @@ impl Metrics {
         let sessions_created = Counter::default();
         let sessions_moved = Counter::default();
         let no_instance = Counter::default();
+        let untracked_sessions = Counter::default();
+        let request_heads = HeadCounters::default();
         let table_revision = Gauge::default();
         registry.register(
             "http_requests",
@@ -116,7 +122,7 @@ impl Metrics {
         );
         registry.register(
             "rejected_tokens",
-            "Session tokens ignored (malformed, bad signature, expired)",
+            "Session tokens ignored (malformed, bad signature, expired, from the future)",
             rejected_tokens.clone(),
         );
         registry.register(
@@ -136,6 +142,21 @@ impl Metrics {
             no_instance.clone(),
         );
         registry.register(
+            "untracked_sessions",
+            "Requests of new sessions not counted because the tracker was full of live sessions",
+            untracked_sessions.clone(),
+        );
+        registry.register(
+            "request_header_timeouts",
+            "Connections answered 408 because the request head did not arrive within --header-timeout-ms",
+            request_heads.timed_out.clone(),
+        );
+        registry.register(
+            "request_headers_too_large",
+            "Connections answered 431 because the request head was larger than 64 KiB",
+            request_heads.too_large.clone(),
+        );
+        registry.register(
             "routing_revision",
             "Locator revision of the routing table in use",
             table_revision.clone(),
@@ -151,6 +172,8 @@ impl Metrics {
             sessions_created,
             sessions_moved,
             no_instance,
+            untracked_sessions,
+            request_heads,
             table_revision,
             windows: RwLock::new(HashMap::new()),
         }
@@ -283,10 +306,17 @@ impl std::fmt::Debug for RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn record(&self, status: u16, elapsed: Duration) {
-        self.requests.inc(status);
+    /// Records one request: `sent` is the status the user got (`0`: none), `service` the
+    /// outcome the instance owns (its status, or 502 when it failed the request), `None` when
+    /// the client or the proxy itself ended the request. Only owned outcomes feed the version's
+    /// figures the canary analysis reads: an anonymous client must not be able to fail a canary
+    /// by hanging up or sending garbage.
+    pub fn record(&self, sent: u16, service: Option<u16>, elapsed: Duration) {
+        self.requests.inc(sent);
         self.latency.observe(elapsed.as_secs_f64());
-        self.window.record(status >= 500, elapsed);
+        if let Some(status) = service {
+            self.window.record(status >= 500, elapsed);
+        }
     }
 }
 
@@ -400,19 +430,25 @@ mod tests {
     fn exposition_uses_the_haddock_proxy_prefix() {
         let m = Metrics::new("svc");
         let route = m.route("1.0", "a");
-        route.record(503, Duration::from_millis(3));
-        route.record(503, Duration::from_millis(3));
-        route.record(200, Duration::from_millis(1));
+        route.record(503, Some(503), Duration::from_millis(3));
+        route.record(503, Some(503), Duration::from_millis(3));
+        route.record(200, Some(200), Duration::from_millis(1));
+        // A client that hung up: counted by status 0, not in the version's figures.
+        route.record(0, None, Duration::from_millis(1));
         m.retries.inc();
         let text = m.encode();
         for needle in [
             "haddock_proxy_http_requests_total{service=\"svc\",version=\"1.0\",instance_id=\"a\",status=\"503\"} 2",
             "haddock_proxy_http_requests_total{service=\"svc\",version=\"1.0\",instance_id=\"a\",status=\"200\"} 1",
-            "haddock_proxy_http_request_duration_seconds_bucket{service=\"svc\",le=\"6.5536\",version=\"1.0\",instance_id=\"a\"} 3",
+            "haddock_proxy_http_request_duration_seconds_bucket{service=\"svc\",le=\"6.5536\",version=\"1.0\",instance_id=\"a\"} 4",
             "haddock_proxy_retries_total{service=\"svc\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} not in\n{text}");
         }
-        assert_eq!(m.version_traffic()["1.0"].responses_5xx, 2);
+        assert!(text.contains(
+            "haddock_proxy_http_requests_total{service=\"svc\",version=\"1.0\",instance_id=\"a\",status=\"0\"} 1"
+        ));
+        let t = &m.version_traffic()["1.0"];
+        assert_eq!((t.requests, t.responses_5xx), (3, 2));
     }
 }

@@ -26,6 +26,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Cap on tracked sessions (memory bound of the tracker).
     pub max_tracked_sessions: usize,
+    /// Total time a client may take to send a request's head (request line and headers).
+    pub header_timeout: Duration,
 }
 
 impl Default for Options {
@@ -35,6 +37,7 @@ impl Default for Options {
             max_attempts: 4,
             connect_timeout: Duration::from_secs(2),
             max_tracked_sessions: 1_000_000,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Assembles the pingora server: the proxy service, the admin port and the two background
 //! tasks (watcher, reporter), all sharing one [`Router`].
 
+use std::path::Path;
 use std::sync::Arc;
 
 use locator::api::Snapshot;
@@ -14,7 +15,9 @@ use crate::admin::Admin;
 use crate::config::ServeArgs;
 use crate::error::ProxyError;
 use crate::reporter::Reporter;
+use crate::request_head::HeadDeadline;
 use crate::router::Router;
+use crate::run_dir::{current_uid, default_run_dir, ensure_private_dir};
 use crate::service::HaddockProxy;
 use crate::watcher::{load_state, Watcher, STATE_FILE};
 
@@ -50,16 +53,22 @@ fn close_keepalives_on_shutdown(server: &Server, router: Arc<Router>) {
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     let router = Router::new(&args.service, args.keys()?, args.options()?);
 
-    let state_file = match &args.state_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| ProxyError::State {
-                path: dir.clone(),
-                source,
-            })?;
-            Some(dir.join(STATE_FILE))
-        }
-        None => None,
+    // The upgrade socket and the pid file live in the run directory: the state dir, else a
+    // private default (never the shared temp dir, where another user could plant the socket
+    // and be handed the listening sockets at the next upgrade).
+    let uid = current_uid()?;
+    let run_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => default_run_dir(
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .as_deref()
+                .map(Path::new),
+            &std::env::temp_dir(),
+            uid,
+        ),
     };
+    ensure_private_dir(&run_dir, uid)?;
+    let state_file = args.state_dir.as_ref().map(|dir| dir.join(STATE_FILE));
     // Serve from the last known table straight away: the locator may be down right now.
     let initial = match &state_file {
         Some(path) => match load_state(path) {
@@ -75,7 +84,6 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         router.install(&initial);
     }
 
-    let run_dir = args.state_dir.clone().unwrap_or_else(std::env::temp_dir);
     let conf = ServerConf {
         threads: args.threads,
         work_stealing: false,
@@ -97,10 +105,14 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let client = Client::new(&args.locator, args.token.clone());
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        HaddockProxy::new(router.clone()),
-        "haddock proxy",
+    // Pingora's HTTP application behind our total deadline on request heads.
+    let mut proxy = Service::new(
+        "haddock proxy".to_string(),
+        HeadDeadline::new(
+            pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(router.clone())),
+            router.options.header_timeout,
+            router.metrics.request_heads.clone(),
+        ),
     );
     proxy.add_tcp(&args.listen);
 
@@ -124,6 +136,6 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     server.add_service(admin);
     server.add_service(watcher);
     server.add_service(reporter);
-    tracing::info!(listen = %args.listen, admin = %args.admin, service = %args.service, "proxy serving");
+    tracing::info!(listen = %args.listen, admin = %args.admin, service = %args.service, run_dir = %run_dir.display(), "proxy serving");
     server.run_forever()
 }

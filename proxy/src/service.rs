@@ -5,6 +5,11 @@
 //! `upstream_peer` turns the placement into a peer; `fail_to_connect` / `error_while_proxy`
 //! pick another instance and ask pingora to retry; `response_filter` writes the token when the
 //! session is new, moved or due for a refresh; `logging` records metrics and the session.
+//!
+//! Who caused a failure decides how it is counted and logged ([`blame`]): the version's figures
+//! the canary analysis reads hold only outcomes the service owns (an instance's answer, or its
+//! failure to answer), and an error the client caused (it hung up, or sent a broken request) is
+//! logged at debug level, not as pingora's ERROR line, since anyone can cause one per request.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,14 +17,14 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, Result};
+use pingora_error::{Error, ErrorSource, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{ProxyHttp, Session};
 
 use crate::router::Router;
 use crate::routing_table::{Placement, RoutingTable};
-use crate::session::{now_ms, Rejected, SessionId, SessionToken};
-use crate::tracker::InFlight;
+use crate::session::{is_legacy, now_ms, SessionId, SessionToken};
+use crate::tracker::{InFlight, Touched};
 
 /// Header API clients that keep no cookies use to carry the session token both ways.
 pub const SESSION_HEADER: &str = "x-haddock-session";
@@ -50,6 +55,8 @@ pub struct RequestCtx {
     replayable: bool,
     tried: Vec<usize>,
     in_flight: Option<InFlight>,
+    /// The status the instance answered with (`None`: no answer from an instance).
+    upstream_status: Option<u16>,
     started: Instant,
 }
 
@@ -142,6 +149,7 @@ impl ProxyHttp for HaddockProxy {
             replayable: false,
             tried: Vec::new(),
             in_flight: None,
+            upstream_status: None,
             started: Instant::now(),
         }
     }
@@ -153,15 +161,15 @@ impl ProxyHttp for HaddockProxy {
         let ttl = table.settings.idle_ttl_ms;
 
         let mut token = None;
+        let mut legacy = false;
         if let Some((raw, via_header)) = Self::raw_token(session, &table.settings.cookie_name) {
             ctx.via_header = via_header;
             match router.keys.decode(&table.service, raw, now, ttl) {
-                Ok(t) => token = Some(t),
-                Err(r) => router.metrics.token_rejected(match r {
-                    Rejected::Malformed => "malformed",
-                    Rejected::BadSignature => "bad_signature",
-                    Rejected::Expired => "expired",
-                }),
+                Ok(t) => {
+                    legacy = is_legacy(raw);
+                    token = Some(t);
+                }
+                Err(r) => router.metrics.token_rejected(r.reason()),
             }
         }
 
@@ -172,7 +180,8 @@ impl ProxyHttp for HaddockProxy {
                 ctx.hash = t.id.hash64();
                 // Refresh the token's last-seen time a few times per TTL, not on every response:
                 // a Set-Cookie per request would cost more than it buys.
-                ctx.write_token = now.saturating_sub(t.last_seen_ms) > ttl / 4;
+                // A legacy (readable) token is re-issued sealed on its first use.
+                ctx.write_token = legacy || now.saturating_sub(t.last_seen_ms) > ttl / 4;
                 table.place(Some((t.instance.as_str(), t.version.as_str())), ctx.hash)
             }
             None => {
@@ -276,6 +285,16 @@ impl ProxyHttp for HaddockProxy {
         e
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -322,16 +341,60 @@ impl ProxyHttp for HaddockProxy {
         let Some(table) = ctx.table.as_ref() else {
             return;
         };
-        let status = match session.response_written() {
-            Some(r) => r.status.as_u16(),
-            None if e.is_some() => 502,
-            None => 0,
-        };
+        let sent = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = table.route(ctx.idx);
-        route.metrics.record(status, ctx.started.elapsed());
-        self.router
-            .tracker
-            .touch(ctx.hash, &route.id, now_ms(), table.settings.idle_ttl_ms);
+        route.metrics.record(
+            sent,
+            service_outcome(ctx.upstream_status, e),
+            ctx.started.elapsed(),
+        );
+        let touched =
+            self.router
+                .tracker
+                .touch(ctx.hash, &route.id, now_ms(), table.settings.idle_ttl_ms);
+        if touched == Touched::Refused {
+            self.router.metrics.untracked_sessions.inc();
+        }
+    }
+
+    fn suppress_error_log(&self, session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        if blame(e) != Blame::Client {
+            return false;
+        }
+        // Pingora would log this at ERROR: one line per abandoned request, which any client
+        // can produce at will and which says nothing about the service's health.
+        tracing::debug!(error = %e, request = %session.as_ref().request_summary(), "request ended by the client");
+        true
+    }
+}
+
+/// Who caused a request's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The client hung up, timed out or broke the protocol.
+    Client,
+    /// The instance: it refused the connection, reset it, timed out or answered garbage.
+    Service,
+    /// The proxy itself (an internal error).
+    Proxy,
+}
+
+fn blame(e: &Error) -> Blame {
+    match e.esource() {
+        ErrorSource::Downstream => Blame::Client,
+        ErrorSource::Upstream => Blame::Service,
+        ErrorSource::Internal | ErrorSource::Unset => Blame::Proxy,
+    }
+}
+
+/// The outcome of a request the service owns, for the version's figures: the instance's status,
+/// or 502 when the instance failed the request (even after answering a status: a response cut
+/// by a crash is a failure); `None` when the client or the proxy ended it.
+fn service_outcome(upstream_status: Option<u16>, e: Option<&Error>) -> Option<u16> {
+    match (e.map(blame), upstream_status) {
+        (Some(Blame::Service), _) => Some(502),
+        (_, Some(status)) => Some(status),
+        (Some(Blame::Client | Blame::Proxy), None) | (None, None) => None,
     }
 }
 
@@ -382,6 +445,35 @@ mod tests {
         assert!(idempotent(&http::Method::DELETE));
         assert!(!idempotent(&http::Method::POST));
         assert!(!idempotent(&http::Method::PATCH));
+    }
+
+    #[test]
+    fn only_the_service_owns_its_outcomes_and_client_errors_log_at_debug() {
+        use pingora_error::ErrorType::{ConnectTimedout, ConnectionClosed, InternalError};
+        use pingora_error::ErrorType::{InvalidHTTPHeader, ReadError};
+        let client_gone = Error::new_down(ConnectionClosed);
+        let client_garbage = Error::new_down(InvalidHTTPHeader);
+        let client_reset = Error::new_down(ReadError);
+        let instance_down = Error::new_up(ConnectTimedout);
+        let proxy_bug = Error::new_in(InternalError);
+        for e in [&client_gone, &client_garbage, &client_reset] {
+            // Logged at debug (pingora's ERROR line suppressed), never the service's 5xx.
+            assert_eq!(blame(e), Blame::Client, "{e}");
+            assert_eq!(service_outcome(None, Some(e)), None, "{e}");
+        }
+        assert_eq!(blame(&instance_down), Blame::Service);
+        assert_eq!(blame(&proxy_bug), Blame::Proxy);
+        // The instance's answers and failures are the service's.
+        assert_eq!(service_outcome(Some(200), None), Some(200));
+        assert_eq!(service_outcome(Some(503), None), Some(503));
+        assert_eq!(service_outcome(None, Some(&instance_down)), Some(502));
+        assert_eq!(service_outcome(Some(200), Some(&instance_down)), Some(502));
+        // A client hanging up after the instance answered does not change the answer.
+        assert_eq!(service_outcome(Some(200), Some(&client_gone)), Some(200));
+        assert_eq!(service_outcome(Some(500), Some(&client_gone)), Some(500));
+        // The proxy's own failures and answers are not the version's.
+        assert_eq!(service_outcome(None, Some(&proxy_bug)), None);
+        assert_eq!(service_outcome(None, None), None);
     }
 
     #[test]

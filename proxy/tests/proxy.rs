@@ -184,11 +184,25 @@ async fn tampered_or_foreign_cookies_start_a_new_session() {
     let mut u = User::new();
     let first = u.get(&http, &proxy.url("/")).await.unwrap();
     let cookie = u.cookie.clone().unwrap();
-    // Re-point the cookie at the other instance without the key.
-    let other = if first.body == "a" { "b" } else { "a" };
-    let forged = cookie.replacen(&hex(&first.body), &hex(other), 1);
-    assert_ne!(forged, cookie);
-    for bad in [forged, "garbage".to_string(), format!("{cookie}00")] {
+    // Sealed: the cookie does not name its instance or version (the unit tests check that
+    // against realistic ids; these upstreams are called `a` and `b`).
+    assert!(cookie.starts_with("v2."), "{cookie}");
+    // Tampered anywhere (here: a byte of the nonce, of the sealed fields, of the tag), cut or
+    // extended, foreign or garbage: refused, and the request starts a new session.
+    let flip = |i: usize| {
+        let mut b = cookie.clone().into_bytes();
+        b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(b).unwrap()
+    };
+    for bad in [
+        flip(5),
+        flip(cookie.len() / 2),
+        flip(cookie.len() - 1),
+        "garbage".to_string(),
+        format!("{cookie}00"),
+        cookie[..cookie.len() - 2].to_string(),
+    ] {
+        assert_ne!(bad, cookie);
         let mut attacker = User {
             cookie: Some(bad.clone()),
         };
@@ -214,6 +228,213 @@ async fn tampered_or_foreign_cookies_start_a_new_session() {
 
 fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token in the signed-only format proxies issued before cookies were sealed.
+fn legacy_token(instance: &str, version: &str, now_ms: u64) -> String {
+    use hmac::Mac;
+    let body = format!(
+        "v1.{}.{}.{}.{now_ms}.{now_ms}",
+        "00112233445566778899aabbccddeeff",
+        hex(instance),
+        hex(version)
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(SERVICE.as_bytes());
+    mac.update(b"\n");
+    mac.update(body.as_bytes());
+    let tag: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{body}.{tag}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_signed_cookie_keeps_its_instance_and_comes_back_sealed() {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready), b.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let http = http();
+    for instance in ["a", "b"] {
+        let mut u = User {
+            cookie: Some(legacy_token(instance, "1", now)),
+        };
+        let ans = u.get(&http, &proxy.url("/")).await.unwrap();
+        assert_eq!(ans.body, instance, "the session keeps its instance");
+        let sealed = ans.set_cookie.expect("re-issued on first use");
+        assert!(sealed.starts_with("v2."), "{sealed}");
+        assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, instance);
+    }
+}
+
+/// Reads everything the proxy sends until it closes the connection (a reset counts as a close).
+async fn read_until_closed(s: &mut tokio::net::tcp::OwnedReadHalf) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dribbling_its_request_head_is_cut_off_at_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &["--header-timeout-ms", "1000"]);
+    proxy.wait_revision(1).await;
+    // Requests sent at a normal pace are served, on fresh and kept-alive connections alike.
+    let http = http();
+    let mut u = User::new();
+    for _ in 0..3 {
+        assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+    }
+
+    // One header byte every 100 ms, never finishing (each byte arrives well within pingora's
+    // per-read timeout, so only a total bound stops it).
+    let conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (mut rd, mut wr) = conn.into_split();
+    let writer = tokio::spawn(async move {
+        let head = b"GET / HTTP/1.1\r\nHost: svc\r\nX-Slow: ";
+        let mut sent = 0usize;
+        for i in 0..80 {
+            let byte = head.get(i).copied().unwrap_or(b'z');
+            if wr.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Keep the connection open: only the proxy may end it.
+        (sent, wr)
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(6), read_until_closed(&mut rd))
+        .await
+        .expect("the proxy ends the connection within 6 s");
+    let elapsed = started.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "answered {answer:?} after {elapsed:?}"
+    );
+    assert!(
+        answer.contains(r#""code":"request_header_timeout""#),
+        "{answer}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(2_500),
+        "cut off after {elapsed:?}, the timeout being 1 s"
+    );
+    let (sent, _wr) = writer.await.unwrap();
+    assert!(sent < 40, "the client kept sending {sent} bytes");
+    assert!(proxy
+        .metrics()
+        .await
+        .contains("haddock_proxy_request_header_timeouts_total{service=\"svc\"} 1"));
+    // The proxy still serves, bodies included: the bytes read with the head (often the whole
+    // body of a small request) and those after it reach the instance intact.
+    assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
+    for len in [10, 200_000] {
+        let payload: String = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let echoed = http
+            .put(proxy.url("/"))
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(echoed.len(), 1 + len);
+        assert!(
+            echoed == format!("a{payload}"),
+            "a body of {len} bytes arrived changed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_does_not_count_as_a_5xx_of_its_version() {
+    use tokio::io::AsyncWriteExt;
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    assert_eq!(
+        User::new()
+            .get(&http(), &proxy.url("/"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Ask for the slow answer (300 ms) and hang up at once.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    drop(conn);
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned request in the metrics",
+        || async {
+            let m = proxy.metrics().await;
+            // 502 was how it was counted before (as if the instance had failed it).
+            ["0", "502"].iter().any(|status| {
+                m.contains(&format!(
+                    "haddock_proxy_http_requests_total{{service=\"svc\",version=\"1\",instance_id=\"a\",status=\"{status}\"}} 1"
+                ))
+            })
+        },
+    )
+    .await;
+    // Two reports later, the report is certainly built after the abandoned request was recorded.
+    let seen = stub.reports.lock().unwrap().len();
+    eventually(Duration::from_secs(5), "two more reports", || async {
+        stub.reports.lock().unwrap().len() >= seen + 2
+    })
+    .await;
+    let traffic = stub.last_report().unwrap().versions["1"];
+    assert_eq!(
+        (traffic.requests, traffic.responses_5xx),
+        (1, 0),
+        "only the answered request counts, and no 5xx"
+    );
 }
 
 /// The drain tests' start: upstream `a` serving alone (ready, version 1) behind a fresh proxy

@@ -1,0 +1,252 @@
+//! The request head (request line and headers): read under a *total* deadline.
+//!
+//! Pingora 0.9.1 reads a request head before any `ProxyHttp` hook runs (`early_request_filter`
+//! comes after it) and bounds each read only (60 s; on a kept-alive connection the keep-alive
+//! timeout, per read too): a client sending one byte every few seconds holds a connection and
+//! its buffer forever (slowloris). Its `HttpSession` has no total header timeout to set.
+//!
+//! So [`HeadDeadline`] wraps pingora's HTTP/1 application as the service's [`ServerApp`]: it
+//! reads the head itself, checking completeness with `httparse` (the parser pingora uses), and
+//! hands the bytes to pingora as the session's pre-read prefix — pingora's documented way to
+//! feed a session bytes read before it (`set_pipelined_prefix`), which it parses without reading
+//! again. Everything after the head (hooks, body, reuse) is pingora's, unchanged. It mirrors
+//! what pingora's own `ServerApp` does for a plaintext HTTP/1 connection (the only kind the
+//! proxy serves: no TLS, no h2c).
+//!
+//! The deadline runs from the accept on a new connection, and from the first byte of the next
+//! request on a kept-alive one (the idle wait in between stays bounded by pingora's keep-alive
+//! timeout). A head that misses it is answered `408` with a JSON error, one larger than
+//! [`MAX_HEAD_BYTES`] `431`; a connection that sent nothing is closed silently (browsers open
+//! spare connections they may never use).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Largest request head accepted. Pingora's own limit is 1 MiB, which lets every slow client
+/// make the proxy hold a megabyte; nginx's default allows 32 KiB of header lines, and a session
+/// cookie is under 200 bytes, so 64 KiB leaves ample room for real clients.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Headers per request, as in pingora (`MAX_HEADERS`): a head with more is left to pingora to
+/// refuse, exactly as it would without this module.
+const MAX_HEADERS: usize = 256;
+
+/// Pingora's keep-alive idle timeout (its `ServerApp` sets 60 s on every new connection, and
+/// the proxy never changes it): how long a kept-alive connection may wait for its next request.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// How long the error answer may take to write before the connection is dropped anyway.
+const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What reading a request head came to.
+#[derive(Debug)]
+enum Head {
+    /// A complete head (or one pingora will refuse as malformed), maybe with body bytes after it.
+    Read(BytesMut),
+    /// The client closed, reset or never started a request (also: the server is shutting down).
+    Gone,
+    /// The head did not arrive within the deadline.
+    TimedOut,
+    /// The head grew past [`MAX_HEAD_BYTES`].
+    TooLarge,
+}
+
+/// Counters of refused request heads.
+#[derive(Debug, Clone, Default)]
+pub struct HeadCounters {
+    pub timed_out: Counter,
+    pub too_large: Counter,
+}
+
+/// Pingora's HTTP application behind a total request-head deadline (see the module docs).
+#[derive(Debug)]
+pub struct HeadDeadline<A> {
+    app: Arc<A>,
+    total: Duration,
+    counters: HeadCounters,
+}
+
+impl<A> HeadDeadline<A> {
+    pub fn new(app: A, total: Duration, counters: HeadCounters) -> Self {
+        HeadDeadline {
+            app: Arc::new(app),
+            total,
+            counters,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for HeadDeadline<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // `None` on the first request; then what pingora kept from the previous one.
+        let mut reused: Option<Option<HttpPersistentSettings>> = None;
+        let mut accepted_at = Some(Instant::now());
+        loop {
+            let head = read_head(&mut stream, self.total, accepted_at.take(), shutdown).await;
+            let head = match head {
+                Head::Read(head) => head,
+                Head::Gone => return None,
+                Head::TimedOut => {
+                    self.counters.timed_out.inc();
+                    answer(
+                        &mut stream,
+                        "408 Request Timeout",
+                        r#"{"error":{"code":"request_header_timeout","message":"the request header did not arrive in time"}}"#,
+                    )
+                    .await;
+                    return None;
+                }
+                Head::TooLarge => {
+                    self.counters.too_large.inc();
+                    answer(
+                        &mut stream,
+                        "431 Request Header Fields Too Large",
+                        r#"{"error":{"code":"request_header_too_large","message":"the request header is larger than 64 KiB"}}"#,
+                    )
+                    .await;
+                    return None;
+                }
+            };
+            // As pingora's own `ServerApp` prepares an HTTP/1 session.
+            let mut session = ServerSession::new_http1(stream);
+            match reused.take() {
+                None => {
+                    session.set_keepalive(if *shutdown.borrow() {
+                        None
+                    } else {
+                        Some(KEEPALIVE_IDLE.as_secs())
+                    });
+                    session.set_keepalive_reuses_remaining(
+                        self.app
+                            .server_options()
+                            .and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+                Some(Some(settings)) => settings.apply_to_session(&mut session),
+                Some(None) => {}
+            }
+            session.set_pipelined_prefix(head);
+            let (next, settings) = self
+                .app
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            stream = next;
+            reused = Some(settings);
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+/// Whether `buf` holds a whole request head.
+fn head_complete(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // An error is "complete" too: pingora then parses the same bytes and answers 400.
+    !matches!(
+        httparse::Request::new(&mut headers).parse(buf),
+        Ok(httparse::Status::Partial)
+    )
+}
+
+/// Reads one request head. `accepted_at`: when the connection was accepted (a new connection);
+/// `None` on a kept-alive one, whose deadline starts at the request's first byte.
+async fn read_head(
+    stream: &mut Stream,
+    total: Duration,
+    accepted_at: Option<Instant>,
+    shutdown: &ShutdownWatch,
+) -> Head {
+    let mut shutdown = shutdown.clone();
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut deadline = accepted_at.map(|t| t + total);
+    loop {
+        let until = deadline.unwrap_or_else(|| Instant::now() + KEEPALIVE_IDLE);
+        let idle = buf.is_empty();
+        let before = buf.len();
+        tokio::select! {
+            biased;
+            read = tokio::time::timeout_at(until, stream.read_buf(&mut buf)) => match read {
+                Ok(Ok(0)) => return Head::Gone,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "client connection failed while sending a request head");
+                    return Head::Gone;
+                }
+                Err(_) if idle => return Head::Gone,
+                Err(_) => return Head::TimedOut,
+            },
+            // Like pingora, drop a connection waiting for its next request when shutting down
+            // (a head already begun is read to its end or deadline).
+            _ = shutdown.wait_for(|down| *down), if idle => return Head::Gone,
+        }
+        deadline.get_or_insert_with(|| Instant::now() + total);
+        // A head ends with an empty line: only a read that brought a line feed can complete it.
+        if buf[before..].contains(&b'\n') && head_complete(&buf) {
+            return Head::Read(buf);
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Head::TooLarge;
+        }
+    }
+}
+
+/// Writes a final error answer and closes the connection (best effort: the client may be gone).
+async fn answer(stream: &mut Stream, status: &str, body: &str) {
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        AsyncWriteExt::shutdown(stream).await
+    };
+    match tokio::time::timeout(ANSWER_WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, status, "could not answer a refused request head")
+        }
+        Err(_) => tracing::debug!(
+            status,
+            "the client did not read the answer to its refused request head"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_complete_at_its_empty_line() {
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nX-Slow: aaaa"));
+        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n"));
+        // Leading empty lines are skipped by the parser: they do not end a head early.
+        assert!(!head_complete(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"));
+        // Garbage is pingora's to refuse (400), not ours to wait for.
+        assert!(head_complete(b"\x00\x01 nonsense\r\n\r\n"));
+    }
+}
