@@ -29,12 +29,22 @@ fi
 export CARGO_TARGET_DIR="$HOME/.cache/haddock/fuzz-target"
 # No sanitizer: the workspace forbids unsafe code, so what fuzzing can find is panics,
 # overflows (checked in the fuzz profile) and runaway allocation (-rss_limit_mb).
-fuzz=(cargo fuzz --fuzz-dir fuzz)
-build_flags=(--sanitizer none --debug-assertions)
+build_flags=(--fuzz-dir fuzz --sanitizer none --debug-assertions)
 
-mapfile -t targets < <("${fuzz[@]}" list)
-[ "$#" -gt 0 ] && targets=("$@")
-"${fuzz[@]}" build "${build_flags[@]}" >&2
+mapfile -t known < <(cargo fuzz list --fuzz-dir fuzz)
+if [ "${#known[@]}" -eq 0 ]; then
+  echo "ci/fuzz.sh: no fuzz targets found in fuzz/" >&2
+  exit 1
+fi
+targets=("$@")
+[ "${#targets[@]}" -gt 0 ] || targets=("${known[@]}")
+for t in "${targets[@]}"; do
+  if ! printf '%s\n' "${known[@]}" | grep -qx -- "$t"; then
+    echo "ci/fuzz.sh: no fuzz target named '$t' (there are: ${known[*]})" >&2
+    exit 2
+  fi
+done
+cargo fuzz build "${build_flags[@]}" >&2
 
 bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 failed=0
@@ -54,15 +64,18 @@ for t in "${targets[@]}"; do
   limit=(-runs="$runs")
   [ -n "$smoke" ] && limit=(-max_total_time=5)
   log="/tmp/fuzz-$t.log"
-  set +e
   seeds=()
   [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
+  t0=$(date +%s.%N)
+  set +e
   "$bin/$t" "$corpus" "${seeds[@]}" "${limit[@]}" -rss_limit_mb=2048 -max_len=65536 \
     -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
-  execs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /,"",$2); print $2}' "$log")
-  rate=$(awk -F: '/stat::average_exec_per_sec/ {gsub(/ /,"",$2); print $2}' "$log")
+  t1=$(date +%s.%N)
+  execs=$(awk '/stat::number_of_executed_units/ {print $NF}' "$log")
+  # Our own rate over the wall time: libFuzzer's rounds down to whole seconds.
+  rate=$(awk -v n="${execs:-0}" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
   edges=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   feats=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")

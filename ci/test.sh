@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds once (release profile), builds the
 # images the end-to-end tests release, runs every test of the workspace.
-# Fails (never skips) without Docker or PostgreSQL.
+# Fails (never skips) without Docker or PostgreSQL. Ends with a short run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HADDOCK_NEED_POSTGRES=1 source ci/setup.sh
@@ -16,3 +16,6 @@ bash ci/build-images.sh 1.0.0 1.1.0
 # The Compose stack: up, healthy, a haddock release into it, traffic through its proxy, down.
 bash ci/compose-check.sh --build
 cargo test --release --workspace --no-fail-fast "$@"
+# Every fuzz target briefly (its kept crash inputs, then ~5 s of fuzzing each); the full
+# campaign is `bash ci/fuzz.sh` (docs/security.md).
+bash ci/fuzz.sh --smoke
