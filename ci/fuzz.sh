@@ -66,6 +66,7 @@ for t in "${targets[@]}"; do
   log="/tmp/fuzz-$t.log"
   seeds=()
   [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
+  marker=$(mktemp)
   t0=$(date +%s.%N)
   set +e
   "$bin/$t" "$corpus" "${seeds[@]}" "${limit[@]}" -rss_limit_mb=2048 -max_len=65536 \
@@ -79,7 +80,10 @@ for t in "${targets[@]}"; do
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
   edges=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   feats=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
-  crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
+  # This run's findings only (earlier ones stay until moved to regressions/); slow units
+  # are not failures.
+  crashes=$(find "fuzz/artifacts/$t" -type f -newer "$marker" \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
+  rm -f "$marker"
   printf '%-16s %12s %10s %8s %8s %8s\n' "$t" "${execs:-?}" "${rate:-?}" "${edges:-?}" "${feats:-?}" "$crashes"
   if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
     echo "$t: crashed (exit $rc); input in fuzz/artifacts/$t/, log $log:" >&2

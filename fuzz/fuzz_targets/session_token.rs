@@ -39,6 +39,9 @@ fuzz_target!(|input: Input<'_>| {
             assert!(keys.decode("svc", value, NOW_MS, TTL_MS).is_err(), "accepted {value:?}");
         }
         Input::Minted { id, instance, version, issued_ms, last_seen_ms, flip } => {
+            if instance.len() > usize::from(u16::MAX) {
+                return; // cut by `encode` on purpose: instance ids are short names
+            }
             let token = SessionToken { id: SessionId(id), instance, version, issued_ms, last_seen_ms };
             let mut value = keys.encode("svc", &token).into_bytes();
             let flipped = match flip {

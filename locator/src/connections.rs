@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// What a connection is doing, and since when.
@@ -196,6 +197,44 @@ pub fn shed_response(cap: usize) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(&body);
     out
+}
+
+/// How long a shed connection is read from before it is closed, and how much of it.
+pub const SHED_LINGER: Duration = Duration::from_secs(1);
+const SHED_DRAIN_BYTES: usize = 64 * 1024;
+/// Shed connections lingering at once; beyond this they are closed at once.
+pub const SHED_LINGERING: usize = 64;
+
+/// Answers a connection beyond the cap and closes it so the client reads the answer.
+///
+/// A client has usually sent its request by the time it is shed, and closing a socket with
+/// unread bytes makes the kernel send a reset: the client then sees `ECONNRESET`, not the 503.
+/// So the answer is written, our side shut down, and what the client sent read and dropped
+/// until it closes — at most [`SHED_LINGER`], 64 KiB, and [`SHED_LINGERING`] connections at
+/// once, since the point of shedding is to give file descriptors back. The accept loop never
+/// waits: the write is non-blocking and the rest runs in its own task.
+pub fn shed(stream: tokio::net::TcpStream, answer: &[u8], lingering: &Arc<Semaphore>) {
+    let _ = stream.try_write(answer);
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut left = SHED_DRAIN_BYTES;
+        let _ = tokio::time::timeout(SHED_LINGER, async {
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+        drop(permit);
+    });
 }
 
 /// At most one accept-error warning per this period. An exhausted file-descriptor table fails

@@ -45,8 +45,9 @@ enum Cmd {
         /// never idle).
         #[arg(long, default_value = "60s", value_parser = positive_duration)]
         idle_timeout: Duration,
-        /// Connections beyond this many get a 503 and are closed at once.
-        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+        /// Connections beyond this many get a 503 and are closed at once (at most 1 000 000:
+        /// far beyond any descriptor limit, and within what a semaphore can count).
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         max_connections: u64,
     },
     /// Measure watch latency (embedded and PostgreSQL) and snapshot reads/s; prints figures.

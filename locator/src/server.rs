@@ -5,7 +5,7 @@
 
 use crate::api::*;
 use crate::auth::{Role, Tokens};
-use crate::connections::{shed_response, AcceptWarnings, Clock, Timeouts, Watched};
+use crate::connections::{shed, shed_response, AcceptWarnings, Clock, Timeouts, Watched, SHED_LINGERING};
 use crate::error::Error;
 use crate::metrics::{method_label, RequestLabels, RouteLabels};
 use crate::state::{Command, Reply};
@@ -483,8 +483,9 @@ pub fn spawn<S: Store>(
         idle: config.idle_timeout,
     };
     let cap = config.max_connections;
-    let shed = shed_response(cap);
+    let answer_shed = shed_response(cap);
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
+    let lingering = Arc::new(tokio::sync::Semaphore::new(SHED_LINGERING));
     let app = Arc::new(App { store, config });
     let accept = tokio::spawn(async move {
         let mut warnings = AcceptWarnings::default();
@@ -503,11 +504,10 @@ pub fn spawn<S: Store>(
             let metrics = app.store.committed().metrics.clone();
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 // Shed the newest: the open connections are as legitimate as this one, and
-                // closing it at once keeps the file descriptors for when they are gone. One
-                // non-blocking write: the accept loop never waits on a client.
+                // closing it soon keeps the file descriptors for when they are gone.
                 metrics.connections_shed.inc();
                 tracing::debug!(%peer, cap, "too many connections; shedding one");
-                let _ = stream.try_write(&shed);
+                shed(stream, &answer_shed, &lingering);
                 continue;
             };
             let _ = stream.set_nodelay(true);

@@ -182,6 +182,12 @@ async fn connections_beyond_the_cap_are_shed_and_healthz_recovers() {
     // The fourth is answered 503 and closed at once, not left waiting for a slot.
     let asked = Instant::now();
     let mut extra = TcpStream::connect(addr).await.unwrap();
+    // A real client sends its request at once; closing with it unread would reset the
+    // connection and lose the answer.
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: locator\r\n\r\n")
+        .await
+        .unwrap();
     let (answer, closed) = read_until_closed(&mut extra).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(

@@ -164,6 +164,11 @@ pub fn decoded_len(stored: &[u8]) -> Option<usize> {
 /// Decodes a stored chunk without verifying it; the error says why it is undecodable.
 pub fn decode_unverified(stored: &[u8]) -> std::result::Result<Bytes, String> {
     match stored.split_first() {
+        // Bounded like the lz4 branch: a longer raw chunk could be uploaded, but no manifest
+        // could ever list it (their lengths are checked against the same bound).
+        Some((&RAW, rest)) if rest.len() > MAX_CHUNK => {
+            Err("raw chunk longer than the largest chunk size".into())
+        }
         Some((&RAW, rest)) => Ok(Bytes::copy_from_slice(rest)),
         Some((&LZ4, rest)) => {
             let (size, body) = rest.split_at_checked(4).ok_or("truncated lz4 header")?;
@@ -200,6 +205,16 @@ pub fn decode_verified(hash: &ChunkHash, stored: &[u8]) -> Result<Bytes> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_chunk_longer_than_any_chunk_is_undecodable() {
+        let mut stored = vec![RAW];
+        stored.resize(1 + MAX_CHUNK, 7);
+        assert_eq!(decode_unverified(&stored).unwrap().len(), MAX_CHUNK);
+        stored.push(7);
+        let err = decode_unverified(&stored).unwrap_err();
+        assert!(err.contains("longer than the largest chunk"), "{err}");
+    }
 
     /// Deterministic pseudo-random bytes (xorshift) so tests need no RNG crate.
     pub(crate) fn noise(len: usize, mut seed: u64) -> Vec<u8> {
