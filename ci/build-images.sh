@@ -62,6 +62,9 @@ trap 'rm -rf "$ctx"' EXIT
 # Empty directories the Dockerfiles copy with owner 65532, so that a fresh named volume mounted
 # there is writable by the non-root user: /cache (optimizer), /data (locator), /state (proxy).
 mkdir -p "$ctx/rootfs" "$ctx/cache" "$ctx/data" "$ctx/state"
+# The proxy refuses a state dir its group or everyone may write to (it holds the upgrade
+# socket): private whatever this machine's umask.
+chmod 0700 "$ctx/state"
 cp "$bin" "$ctx/rootfs/$component"
 # Every library the binary loads, including the dynamic loader, at its own absolute path.
 ldd "$bin" | grep -o '/[^ ]*' | sort -u | while read -r lib; do

@@ -267,10 +267,7 @@ fn path(p: &Path) -> &str {
 }
 
 fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    nix::unistd::geteuid().is_root()
 }
 
 fn postgres_user() -> Option<(u32, u32)> {

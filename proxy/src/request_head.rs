@@ -9,7 +9,8 @@
 //! reads the head itself, checking completeness with `httparse` (the parser pingora uses), and
 //! hands the bytes to pingora as the session's pre-read prefix — pingora's documented way to
 //! feed a session bytes read before it (`set_pipelined_prefix`), which it parses without reading
-//! again. Everything after the head (hooks, body, reuse) is pingora's, unchanged. It mirrors
+//! again (so a malformed head is handed over only once its empty line is in: see [`head_len`]).
+//! Everything after the head (hooks, body, reuse) is pingora's, unchanged. It mirrors
 //! what pingora's own `ServerApp` does for a plaintext HTTP/1 connection (the only kind the
 //! proxy serves: no TLS, no h2c).
 //!
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
@@ -51,7 +52,8 @@ const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What reading a request head came to.
 #[derive(Debug)]
 enum Head {
-    /// A complete head (or one pingora will refuse as malformed), maybe with body bytes after it.
+    /// A complete head (or a malformed one up to its empty line: pingora's to refuse or to
+    /// escape), maybe with body bytes after it.
     Read(BytesMut),
     /// The client closed, reset or never started a request (also: the server is shutting down).
     Gone,
@@ -159,14 +161,34 @@ where
     }
 }
 
-/// Whether `buf` holds a whole request head.
-fn head_complete(buf: &[u8]) -> bool {
+/// The length of the request head at the start of `buf` once it has all arrived; `None` while
+/// it has not.
+///
+/// A head httparse refuses counts as arrived only once `buf` holds the end of a head (an empty
+/// line after the request line): pingora refuses most such heads at once (400), but one whose
+/// request line has a bad token or version it percent-escapes and parses again, and if that
+/// parse is partial it goes back to reading the socket itself, bound by its 60 s per-read
+/// timeout only — a slowloris past our deadline (`GET /a b HTTP/1.1`, then a header byte a
+/// minute). With the end of the head in the buffer, pingora has nothing left to read.
+fn head_len(buf: &[u8]) -> Option<usize> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    // An error is "complete" too: pingora then parses the same bytes and answers 400.
-    !matches!(
-        httparse::Request::new(&mut headers).parse(buf),
-        Ok(httparse::Status::Partial)
-    )
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Some(len),
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => end_of_head(buf),
+    }
+}
+
+/// Where the first empty line after the request line ends (line ends may be bare line feeds, as
+/// httparse allows). Leading empty lines, which httparse skips, do not count.
+fn end_of_head(buf: &[u8]) -> Option<usize> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let rest = &buf[start..];
+    (0..rest.len()).find_map(|i| match &rest[i..] {
+        [b'\n', b'\n', ..] => Some(start + i + 2),
+        [b'\n', b'\r', b'\n', ..] => Some(start + i + 3),
+        _ => None,
+    })
 }
 
 /// Reads one request head. `accepted_at`: when the connection was accepted (a new connection);
@@ -184,9 +206,12 @@ async fn read_head(
         let until = deadline.unwrap_or_else(|| Instant::now() + KEEPALIVE_IDLE);
         let idle = buf.is_empty();
         let before = buf.len();
+        // Never more than one byte past the limit: what a read brings is bounded too (a single
+        // read may otherwise bring twice the buffer's size).
+        let mut room = (&mut buf).limit(MAX_HEAD_BYTES + 1 - before);
         tokio::select! {
             biased;
-            read = tokio::time::timeout_at(until, stream.read_buf(&mut buf)) => match read {
+            read = tokio::time::timeout_at(until, stream.read_buf(&mut room)) => match read {
                 Ok(Ok(0)) => return Head::Gone,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -202,8 +227,12 @@ async fn read_head(
         }
         deadline.get_or_insert_with(|| Instant::now() + total);
         // A head ends with an empty line: only a read that brought a line feed can complete it.
-        if buf[before..].contains(&b'\n') && head_complete(&buf) {
-            return Head::Read(buf);
+        if buf[before..].contains(&b'\n') {
+            match head_len(&buf) {
+                Some(len) if len > MAX_HEAD_BYTES => return Head::TooLarge,
+                Some(_) => return Head::Read(buf),
+                None => {}
+            }
         }
         if buf.len() > MAX_HEAD_BYTES {
             return Head::TooLarge;
@@ -240,13 +269,45 @@ mod tests {
 
     #[test]
     fn a_head_is_complete_at_its_empty_line() {
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nX-Slow: aaaa"));
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n"));
+        let complete = |buf: &[u8]| head_len(buf).is_some();
+        assert!(!complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!complete(b"GET / HTTP/1.1\r\nX-Slow: aaaa"));
+        assert_eq!(head_len(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), Some(27));
+        assert_eq!(head_len(b"GET / HTTP/1.1\nHost: a\n\nbody"), Some(24));
         // Leading empty lines are skipped by the parser: they do not end a head early.
-        assert!(!head_complete(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"));
-        // Garbage is pingora's to refuse (400), not ours to wait for.
-        assert!(head_complete(b"\x00\x01 nonsense\r\n\r\n"));
+        assert!(!complete(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"));
+        // Garbage is pingora's to refuse (400), not ours to wait for, once it is all there.
+        assert!(complete(b"\x00\x01 nonsense\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_refused_head_is_complete_only_at_its_end() {
+        // Pingora escapes such a request line and would read the rest itself (the 60 s
+        // per-read slowloris): the head is ours to read until its empty line.
+        for partial in [
+            &b"GET /a b HTTP/1.1\r\n"[..],
+            b"GET /a b HTTP/1.1\r\nX: ",
+            b"GET /a b HTTP/1.1\r\nHost: a\r\n",
+            b"GET /a b HTTP/1.1\nHost: a\n",
+            // Empty lines before the request line are not its end.
+            b"\r\n\r\nGET /a b HTTP/1.1\r\nX: ",
+            b"\n\nGET /a b HTTP/1.1\nX: ",
+        ] {
+            assert!(
+                httparse::Request::new(&mut [httparse::EMPTY_HEADER; 4])
+                    .parse(partial)
+                    .is_err(),
+                "{}",
+                partial.escape_ascii()
+            );
+            assert_eq!(head_len(partial), None, "{}", partial.escape_ascii());
+        }
+        let whole = b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\nbody";
+        assert_eq!(head_len(whole), Some(whole.len() - 4));
+        let lf = b"GET /a b HTTP/1.1\nHost: a\n\nbody";
+        assert_eq!(head_len(lf), Some(lf.len() - 4));
+        let mixed = b"GET /a b HTTP/1.1\nHost: a\n\r\nbody";
+        assert_eq!(head_len(mixed), Some(mixed.len() - 4));
+        assert_eq!(head_len(b"GET /a b HTTP/1.1\r\n\r\n"), Some(21));
     }
 }

@@ -56,7 +56,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     // The upgrade socket and the pid file live in the run directory: the state dir, else a
     // private default (never the shared temp dir, where another user could plant the socket
     // and be handed the listening sockets at the next upgrade).
-    let uid = current_uid()?;
+    // One per service: two services' proxies must not share an upgrade socket.
+    let uid = current_uid();
     let run_dir = match &args.state_dir {
         Some(dir) => dir.clone(),
         None => default_run_dir(
@@ -65,6 +66,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
                 .map(Path::new),
             &std::env::temp_dir(),
             uid,
+            &args.service,
         ),
     };
     ensure_private_dir(&run_dir, uid)?;

@@ -291,7 +291,10 @@ impl ProxyHttp for HaddockProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        let status = upstream_response.status.as_u16();
+        if is_final(status) {
+            ctx.upstream_status = Some(status);
+        }
         Ok(())
     }
 
@@ -398,6 +401,13 @@ fn service_outcome(upstream_status: Option<u16>, e: Option<&Error>) -> Option<u1
     }
 }
 
+/// Whether an instance's status answers the request. An informational one (`100 Continue`,
+/// `103 Early Hints`) comes before the answer: a client leaving after it has no answer from
+/// the service, and must not count as one. `101 Switching Protocols` is final (a tunnel).
+fn is_final(status: u16) -> bool {
+    status >= 200 || status == 101
+}
+
 /// What to do after an error while proxying a request to an instance.
 #[derive(Debug, PartialEq, Eq)]
 enum AfterError {
@@ -474,6 +484,16 @@ mod tests {
         // The proxy's own failures and answers are not the version's.
         assert_eq!(service_outcome(None, Some(&proxy_bug)), None);
         assert_eq!(service_outcome(None, None), None);
+    }
+
+    #[test]
+    fn only_a_final_status_is_the_instance_answer() {
+        for informational in [100, 102, 103] {
+            assert!(!is_final(informational), "{informational}");
+        }
+        for status in [101, 200, 204, 304, 404, 500, 503] {
+            assert!(is_final(status), "{status}");
+        }
     }
 
     #[test]

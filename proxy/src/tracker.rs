@@ -4,7 +4,7 @@
 //! session id's 64-bit hash (the id itself is in the user's cookie, we only need to count), in
 //! a fixed number of mutex-guarded shards so that concurrent requests rarely contend.
 //!
-//! Memory is bounded by `capacity` (about 70 bytes per tracked session at a million, measured by
+//! Memory is bounded by `capacity` (69 bytes per tracked session at a million, measured by
 //! `memory_per_tracked_session` below). At the cap a shard drops its expired entries (at most
 //! once per [`PURGE_INTERVAL_MS`], so that a flood cannot make every request scan the shard) and
 //! otherwise **refuses the new session**; it never evicts a live one. A live session evicted
