@@ -77,7 +77,7 @@ for t in "${targets[@]}"; do
   execs=$(awk '/stat::number_of_executed_units/ {print $NF}' "$log")
   # Our own rate over the wall time: libFuzzer's rounds down to whole seconds.
   rate=$(awk -v n="${execs:-0}" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
-  last=$(grep -E '^#[0-9]+' "$log" | tail -1)
+  last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   edges=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   feats=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
   # This run's findings only (earlier ones stay until moved to regressions/); slow units

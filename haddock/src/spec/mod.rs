@@ -305,7 +305,13 @@ impl Spec {
                     (span, path) = (Some(key_span), key_path);
                 }
             }
-            SpecError::Invalid(vec![issue(span, path, e.message().trim().to_string())])
+            // The toml parser has an empty message for some syntax errors (a lone carriage
+            // return, found by the `deploy_spec` fuzz target): never show a bare position.
+            let message = match e.message().trim() {
+                "" => "invalid TOML syntax".to_string(),
+                m => m.to_string(),
+            };
+            SpecError::Invalid(vec![issue(span, path, message)])
         })?;
         let problems = validate::check(&spec);
         if problems.is_empty() {

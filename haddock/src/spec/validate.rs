@@ -349,6 +349,15 @@ mod tests {
     }
 
     #[test]
+    fn a_syntax_error_without_a_parser_message_still_says_what_is_wrong() {
+        // A lone carriage return: the toml parser's own message for it is empty.
+        let found = issues("\r");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].message, "invalid TOML syntax", "{found:?}");
+        assert_eq!((found[0].line, found[0].col), (1, 1));
+    }
+
+    #[test]
     fn network_modes_without_an_own_address_are_refused() {
         for (net, says) in [
             ("host", "shares the host's ports"),
