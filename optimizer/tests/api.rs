@@ -4,21 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cache_dir, client, eventually, noise, text, Instance};
+use common::{cache_dir, client, error_code, eventually, noise, text, Instance};
 use futures_util::StreamExt;
 use optimizer::chunker::{chunks_of, ChunkParams};
 use optimizer::manifest::{ChunkHash, ChunkRef, Manifest};
 use serde_json::Value;
-
-async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
-    let status = resp.status().as_u16();
-    let v: Value = resp.json().await.unwrap();
-    (
-        status,
-        v["error"]["code"].as_str().unwrap().to_owned(),
-        v["error"]["message"].as_str().unwrap().to_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn objects_round_trip_with_ranges_etags_dedup_and_reclamation() {

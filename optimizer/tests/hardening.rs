@@ -9,23 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    anonymous, cache_dir, client, eventually, noise, peak_rss, peer_routes, text, Canned, FakePeer,
-    Instance, TOKEN,
+    anonymous, cache_dir, client, error_code, eventually, noise, peak_rss, peer_routes, text,
+    Canned, FakePeer, Instance, TOKEN,
 };
 use optimizer::chunker::encode;
 use optimizer::manifest::{ChunkHash, ChunkRef, Manifest};
-use serde_json::Value;
-
-async fn status_and_code(resp: reqwest::Response) -> (u16, String, String) {
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap_or_default();
-    (
-        status,
-        v["error"]["code"].as_str().unwrap_or_default().to_owned(),
-        text,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn range_ends_past_any_size_are_clamped_over_the_wire() {
@@ -58,7 +46,7 @@ async fn range_ends_past_any_size_are_clamped_over_the_wire() {
     assert_eq!(tail.bytes().await.unwrap(), &data[5..]);
     let beyond = get("bytes=99990-99999999999999999999999999".into()).await;
     assert_eq!(beyond.bytes().await.unwrap(), &data[99_990..]);
-    let (status, code, _) = status_and_code(get(format!("bytes={max}-")).await).await;
+    let (status, code, _) = error_code(get(format!("bytes={max}-")).await).await;
     assert_eq!((status, code.as_str()), (416, "range_not_satisfiable"));
 }
 
@@ -122,7 +110,7 @@ async fn mutations_need_the_write_token_reads_do_not() {
             "Bearer",
             "{what}"
         );
-        let (status, code, _) = status_and_code(resp).await;
+        let (status, code, _) = error_code(resp).await;
         assert_eq!((status, code.as_str()), (401, "unauthorized"), "{what}");
     }
     assert_eq!(a.get("obj").await, None);
@@ -147,7 +135,7 @@ async fn mutations_need_the_write_token_reads_do_not() {
                 .query(&[("from", "http://127.0.0.1:1")]),
         ),
     ] {
-        let (status, code, _) = status_and_code(req.send().await.unwrap()).await;
+        let (status, code, _) = error_code(req.send().await.unwrap()).await;
         assert_eq!((status, code.as_str()), (401, "unauthorized"), "{what}");
     }
     // Reads stay public: the object, its manifest, chunks, missing, probes.
@@ -289,7 +277,7 @@ async fn pulls_fetch_only_configured_peers_follow_no_redirect_and_echo_nothing()
     let pull = |key: &'static str, from: String| {
         let url = format!("{}/v1/objects/{key}/pull", a.url);
         async move {
-            status_and_code(
+            error_code(
                 client()
                     .post(url)
                     .query(&[("from", from)])
@@ -373,7 +361,7 @@ async fn lying_peer_manifests_store_nothing_and_never_panic() {
             .send()
             .await
             .unwrap();
-        let (status, code, body) = status_and_code(resp).await;
+        let (status, code, body) = error_code(resp).await;
         assert!(!body.contains("panicked"), "{key}: {body}");
         if *key == "honest" {
             assert_eq!(status, 200, "{body}");

@@ -14,6 +14,16 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+/// An error answer as `(status, error.code, whole body)`; the code is empty when the body is
+/// not our JSON error (the body is there to show what came instead).
+pub async fn error_code(resp: reqwest::Response) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or_default().to_owned();
+    (status, code, text)
+}
+
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
