@@ -19,9 +19,11 @@ pub enum Error {
     #[error("image {image} not found on Docker host {host}: build or load it there first (nothing was changed)")]
     UnknownImage { image: String, host: String },
 
-    /// `image_source = "copy"`: no engine haddock can copy from holds `repo:tag`. Exit 2,
-    /// nothing changed.
-    #[error("image {image} not found on any Docker host haddock can copy it from ({looked}): build or load it on one of them (nothing was changed)")]
+    /// `image_source = "copy"`: no engine haddock can copy from holds `repo:tag`;
+    /// `"registry"`: the registry has no such tag. Exit 2, nothing changed.
+    #[error(
+        "image {image} not found {looked}: build and push or load it first (nothing was changed)"
+    )]
     ImageNowhere { image: String, looked: String },
 
     /// An image copy or pull did not leave the target with the right image (the export or
@@ -149,7 +151,7 @@ mod tests {
         assert_eq!(Error::BadInput("x".into()).exit_code(), 2);
         let nowhere = Error::ImageNowhere {
             image: "a:b".into(),
-            looked: "tcp://h:2376".into(),
+            looked: "in registry r:5000 (asked through tcp://h:2376)".into(),
         };
         assert_eq!((nowhere.exit_code(), nowhere.kind()), (2, "unknown_image"));
         assert!(nowhere.to_string().contains("nothing was changed"));

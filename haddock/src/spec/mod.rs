@@ -36,7 +36,7 @@ pub struct ServiceSection {
     pub name: String,
     /// Image repository without tag; the tag comes at release time.
     pub image: String,
-    /// How `image:TAG` gets onto every target host (`local` or `copy`).
+    /// How `image:TAG` gets onto every target host (`local`, `copy` or `registry`).
     #[serde(default)]
     pub image_source: ImageSource,
     /// Port the service listens on inside the container.
@@ -207,6 +207,9 @@ pub enum ImageSource {
     /// Targets that lack `image:TAG` get it from one that has it (or from the engine of the
     /// machine haddock runs on), exported and imported through the Engine API.
     Copy,
+    /// Every target pulls `image:TAG` from the registry `image` names (Engine API
+    /// `POST /images/create`), with credentials from the environment or a Docker config file.
+    Registry,
 }
 
 impl std::fmt::Display for ImageSource {
@@ -214,6 +217,7 @@ impl std::fmt::Display for ImageSource {
         f.write_str(match self {
             ImageSource::Local => "local",
             ImageSource::Copy => "copy",
+            ImageSource::Registry => "registry",
         })
     }
 }

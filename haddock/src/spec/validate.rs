@@ -599,7 +599,7 @@ mod tests {
             "image = \"haddock/optimizer\"",
             "image = \"haddock/optimizer\"\nimage_source = \"ftp\"",
             "service.image_source",
-            "unknown variant `ftp`, expected `local` or `copy`",
+            "unknown variant `ftp`, expected one of `local`, `copy`, `registry`",
         );
         let text = copy.replacen("\"copy\"", "\"ftp\"", 1);
         let line = text
