@@ -23,6 +23,10 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   command -v fuse-overlayfs >/dev/null 2>&1 || haddock_need+=(fuse-overlayfs)
   command -v nsenter >/dev/null 2>&1 || haddock_need+=(util-linux)
   command -v flock >/dev/null 2>&1 || haddock_need+=(util-linux)
+  # haddock's registry test runs Debian's registry (Distribution 2.8) as plain processes. On a
+  # machine booted with systemd the package also enables its own service on :5000; the tests do
+  # not use it (`systemctl disable --now docker-registry` if unwanted).
+  [ -x /usr/bin/docker-registry ] || haddock_need+=(docker-registry)
 fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run

@@ -11,6 +11,8 @@
 # Host i: netns haddock-hb<i>, veth haddock-hb<i> 10.213.<i>.1/24 on the machine <-> eth0
 # 10.213.<i>.2/24 inside, dockerd (with its own managed containerd) listening on
 # tcp://10.213.<i>.2:2376 (TLS, client certificate required) and unix://…/hb<i>/docker.sock.
+# The engines pull from registries on 10.213.0.0/16 over plain HTTP (--insecure-registry): a
+# test registry on the machine side of a veth (10.213.<i>.1) needs no TLS.
 # Needs root. Exit 2: bad input, nothing changed.
 set -euo pipefail
 
@@ -162,6 +164,7 @@ start_daemon() {
     --tlsverify --tlscacert "$d/tls/ca.pem" --tlscert "$d/tls/server-cert.pem" \
     --tlskey "$d/tls/server-key.pem" \
     --storage-driver fuse-overlayfs --bip "$(bip "$i")" \
+    --insecure-registry 10.213.0.0/16 \
     --log-driver json-file --log-opt max-size=10m \
     </dev/null >"$d/dockerd.log" 2>&1 9>&- &
   # setsid and nsenter exec (no fork): $! is dockerd.

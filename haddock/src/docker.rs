@@ -55,6 +55,17 @@ pub struct Host {
     docker: Docker,
 }
 
+/// What an engine holds under an image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// `sha256:…`: equal on two engines when they hold the same image.
+    pub id: String,
+    /// Bytes of all layers, as the engine reports them.
+    pub size: u64,
+    /// The image has a HEALTHCHECK (its timing then comes from the spec).
+    pub healthcheck: bool,
+}
+
 /// A container of ours, as found by its labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Managed {
@@ -322,15 +333,59 @@ impl Host {
         Ok(hosts)
     }
 
+    /// The engine of the machine haddock runs on, as the `docker` CLI would reach it:
+    /// `DOCKER_HOST` (with `DOCKER_TLS_VERIFY`/`DOCKER_CERT_PATH` for TLS) or the default
+    /// socket. Only ever an image copy source (`image_source = "copy"`), never a target.
+    pub async fn machine() -> Result<Host> {
+        let host = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let tls = std::env::var_os("DOCKER_TLS_VERIFY")
+            .filter(|v| !v.is_empty())
+            .map(|_| {
+                let dir = std::env::var_os("DOCKER_CERT_PATH")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".docker")
+                    });
+                crate::spec::Tls {
+                    ca: dir.join("ca.pem"),
+                    cert: dir.join("cert.pem"),
+                    key: dir.join("key.pem"),
+                }
+            });
+        let target = Target {
+            host,
+            instances: 0,
+            tls,
+        };
+        Host::connect(&target, usize::MAX).await
+    }
+
+    /// The bollard client, for the image module's streams.
+    pub(crate) fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Whether `image` (`repo:tag`) is present; `Some(has_healthcheck)` when it is.
     pub async fn image(&self, image: &str) -> Result<Option<bool>> {
+        Ok(self.image_info(image).await?.map(|i| i.healthcheck))
+    }
+
+    /// What this engine holds under `image` (`repo:tag`); `None` when it does not have it.
+    pub async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
         match self.docker.inspect_image(image).await {
-            Ok(img) => Ok(Some(
-                img.config
+            Ok(img) => Ok(Some(ImageInfo {
+                id: img.id.unwrap_or_default(),
+                size: img.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                healthcheck: img
+                    .config
                     .and_then(|c| c.healthcheck)
                     .and_then(|h| h.test)
                     .is_some_and(|t| !t.is_empty() && t[0] != "NONE"),
-            )),
+            })),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(Error::docker(
                 &self.name,

@@ -19,6 +19,23 @@ pub enum Error {
     #[error("image {image} not found on Docker host {host}: build or load it there first (nothing was changed)")]
     UnknownImage { image: String, host: String },
 
+    /// `image_source = "copy"`: no engine haddock can copy from holds `repo:tag`;
+    /// `"registry"`: the registry has no such tag. Exit 2, nothing changed.
+    #[error(
+        "image {image} not found {looked}: build and push or load it first (nothing was changed)"
+    )]
+    ImageNowhere { image: String, looked: String },
+
+    /// An image copy or pull did not leave the target with the right image (the export or
+    /// the import broke off, or the image id differs from the source's). Exit 3: the release
+    /// fails before any container of it starts.
+    #[error("image {image} to Docker host {host}: {reason}")]
+    ImageTransfer {
+        image: String,
+        host: String,
+        reason: String,
+    },
+
     /// Another release holds the service's release lock. Exit 2, nothing changed.
     #[error(
         "service {service} already has an active release {id} (to {to_version}, state {state}); \
@@ -79,9 +96,13 @@ impl Error {
         match self {
             Error::Spec(_)
             | Error::UnknownImage { .. }
+            | Error::ImageNowhere { .. }
             | Error::ReleaseActive { .. }
             | Error::BadInput(_) => exit::BAD_INPUT,
-            Error::Docker { .. } | Error::Locator(_) | Error::Inconsistent(_) => exit::INFRA,
+            Error::Docker { .. }
+            | Error::ImageTransfer { .. }
+            | Error::Locator(_)
+            | Error::Inconsistent(_) => exit::INFRA,
             Error::Unhealthy { .. } | Error::RolledBack { .. } => exit::ROLLED_BACK,
         }
     }
@@ -90,7 +111,9 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Spec(_) => "bad_spec",
-            Error::UnknownImage { .. } => "unknown_image",
+            // One kind for "the tag is nowhere": pipelines need not know the image source.
+            Error::UnknownImage { .. } | Error::ImageNowhere { .. } => "unknown_image",
+            Error::ImageTransfer { .. } => "image_transfer",
             Error::ReleaseActive { .. } => "release_active",
             Error::BadInput(_) => "bad_input",
             Error::Docker { .. } => "docker",
@@ -126,6 +149,18 @@ mod tests {
         assert_eq!(unknown.exit_code(), 2);
         assert!(unknown.to_string().contains("nothing was changed"));
         assert_eq!(Error::BadInput("x".into()).exit_code(), 2);
+        let nowhere = Error::ImageNowhere {
+            image: "a:b".into(),
+            looked: "in registry r:5000 (asked through tcp://h:2376)".into(),
+        };
+        assert_eq!((nowhere.exit_code(), nowhere.kind()), (2, "unknown_image"));
+        assert!(nowhere.to_string().contains("nothing was changed"));
+        let transfer = Error::ImageTransfer {
+            image: "a:b".into(),
+            host: "tcp://h:2376".into(),
+            reason: "image id differs".into(),
+        };
+        assert_eq!(transfer.exit_code(), 3);
         let docker = Error::docker("local", "ping", bollard::errors::Error::RequestTimeoutError);
         assert_eq!(docker.exit_code(), 3);
         assert_eq!(Error::Inconsistent("x".into()).exit_code(), 3);

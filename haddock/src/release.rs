@@ -22,6 +22,7 @@ use crate::docker::{ContainerEvent, ContainerPlan, Host, Liveness};
 use crate::drain::{self, Until};
 use crate::error::{Error, Result};
 use crate::health::{self, NotHealthy, Probe, Streak};
+use crate::image::Supply;
 use crate::output::{Output, ReleaseReport};
 use crate::spec::Spec;
 use locator::api::{
@@ -140,22 +141,17 @@ impl Deployer {
         &self.spec.service.name
     }
 
-    /// Checks `repo:tag` on every host: `Ok(per-host "image has a HEALTHCHECK")`.
-    async fn check_images(&self, tag: &str) -> Result<Vec<bool>> {
-        let image = self.spec.image_ref(tag);
-        let mut out = Vec::new();
-        for h in &self.hosts {
-            match h.image(&image).await? {
-                Some(hc) => out.push(hc),
-                None => {
-                    return Err(Error::UnknownImage {
-                        image,
-                        host: h.name.clone(),
-                    })
-                }
-            }
-        }
-        Ok(out)
+    /// Looks for `repo:tag` on every host, and (`image_source = "copy"`) for where a host that
+    /// lacks it will get it from. Changes nothing: a tag that cannot reach every host is exit 2.
+    async fn check_images(&self, tag: &str) -> Result<Supply> {
+        Supply::survey(&self.spec, &self.hosts, tag).await
+    }
+
+    /// Brings `repo:tag` to every host that lacks it (copies, with progress lines), then
+    /// `Ok(per-host "image has a HEALTHCHECK")`. Idempotent: hosts that hold it are left alone.
+    async fn supply_images(&self, tag: &str) -> Result<Vec<bool>> {
+        let supply = self.check_images(tag).await?;
+        Ok(supply.fill(&self.hosts, &self.out).await?.healthcheck)
     }
 
     /// `haddock release SERVICE TAG`: a new release, or the continuation of the active one
@@ -542,7 +538,8 @@ impl<'a> Run<'a> {
     // --- the states ---
 
     async fn validate(&mut self) -> Result<()> {
-        self.image_healthcheck = self.d.check_images(&self.rec.to_version).await?;
+        // The only state that moves images: before any container of the release exists.
+        self.image_healthcheck = self.d.supply_images(&self.rec.to_version).await?;
         if let Some(net) = &self.spec().container.network {
             for h in &self.d.hosts {
                 h.ensure_network(net).await?;
@@ -576,7 +573,7 @@ impl<'a> Run<'a> {
     /// Creates and starts every new container that is not there yet (idempotent).
     async fn ensure_containers(&mut self) -> Result<Vec<NewInstance>> {
         if self.image_healthcheck.len() != self.d.hosts.len() {
-            self.image_healthcheck = self.d.check_images(&self.rec.to_version).await?;
+            self.image_healthcheck = self.d.supply_images(&self.rec.to_version).await?;
         }
         let plans = self.plans();
         let starts = plans.iter().map(|(h, plan)| {

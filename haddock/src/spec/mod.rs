@@ -36,6 +36,9 @@ pub struct ServiceSection {
     pub name: String,
     /// Image repository without tag; the tag comes at release time.
     pub image: String,
+    /// How `image:TAG` gets onto every target host (`local`, `copy` or `registry`).
+    #[serde(default)]
+    pub image_source: ImageSource,
     /// Port the service listens on inside the container.
     pub port: u16,
     #[serde(default)]
@@ -191,6 +194,32 @@ pub struct Tls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// How a release's image reaches the target hosts (docs/spec-reference.md, `image_source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageSource {
+    /// Every target must already hold `image:TAG` (built or loaded there); the default, and
+    /// what every spec meant before the key existed.
+    #[default]
+    Local,
+    /// Targets that lack `image:TAG` get it from one that has it (or from the engine of the
+    /// machine haddock runs on), exported and imported through the Engine API.
+    Copy,
+    /// Every target pulls `image:TAG` from the registry `image` names (Engine API
+    /// `POST /images/create`), with credentials from the environment or a Docker config file.
+    Registry,
+}
+
+impl std::fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageSource::Local => "local",
+            ImageSource::Copy => "copy",
+            ImageSource::Registry => "registry",
+        })
+    }
 }
 
 /// A container restart policy, parsed from the spec's string form.

@@ -591,6 +591,35 @@ mod tests {
     }
 
     #[test]
+    fn image_source_defaults_to_local_and_refuses_unknown_values_with_position() {
+        use crate::spec::ImageSource;
+        assert_eq!(
+            crate::spec::example().service.image_source,
+            ImageSource::Local
+        );
+        let copy = GOOD.replacen(
+            "image = \"haddock/optimizer\"",
+            "image = \"haddock/optimizer\"\nimage_source = \"copy\"",
+            1,
+        );
+        let spec = Spec::parse("t.toml", &copy).unwrap();
+        assert_eq!(spec.service.image_source, ImageSource::Copy);
+        let hit = rejects(
+            "image = \"haddock/optimizer\"",
+            "image = \"haddock/optimizer\"\nimage_source = \"ftp\"",
+            "service.image_source",
+            "unknown variant `ftp`, expected one of `local`, `copy`, `registry`",
+        );
+        let text = copy.replacen("\"copy\"", "\"ftp\"", 1);
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("image_source"))
+            .unwrap()
+            + 1;
+        assert_eq!((hit.line, hit.col), (line, "image_source = ".len() + 1));
+    }
+
+    #[test]
     fn docker_hosts_are_parsed() {
         rejects(
             "host = \"unix:///var/run/docker.sock\"",

@@ -770,3 +770,160 @@ impl Drop for TestHosts {
         let _ = self.lock.wait();
     }
 }
+
+/// Debian's `docker-registry` (Distribution 2.8, `apt-get install docker-registry`) as plain
+/// processes with basic auth, sharing one storage directory: one on 127.0.0.1, where the
+/// machine's engine pushes (Docker allows plain HTTP to loopback registries, so the machine's
+/// daemon needs no change), and one on 10.213.<i>.1, the machine side of test host i's veth,
+/// where that host's engine pulls (ci/testhosts.sh starts test engines with
+/// `--insecure-registry 10.213.0.0/16`). Both stop, and the storage goes, on drop.
+pub struct Registry {
+    pub port: u16,
+    /// The address the test host pulls from: `10.213.<i>.1:port`.
+    pub remote: String,
+    /// A `docker --config` directory logged in to the loopback registry (the machine's pushes).
+    pub docker_config: PathBuf,
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub const USER: &'static str = "haddock-ci";
+    pub const PASSWORD: &'static str = "haddock-test-password";
+    /// `USER:bcrypt(PASSWORD)` (Distribution's htpasswd takes bcrypt only; computed once with
+    /// libxcrypt, so that the test needs no htpasswd tool).
+    const HTPASSWD: &'static str =
+        "haddock-ci:$2b$05$haddocktestsaltsaltsaew3QtTgYpzK/0FXlMxCWryt2K3xIeJDG\n";
+    const BIN: &'static str = "/usr/bin/docker-registry";
+
+    /// Starts the registry for test host `host` (which must be up: its veth carries the address).
+    pub fn start(hosts: &TestHosts, host: u32) -> Registry {
+        assert!(
+            Path::new(Self::BIN).exists(),
+            "{} not found: apt-get install docker-registry",
+            Self::BIN
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("htpasswd"), Self::HTPASSWD).unwrap();
+        // A free port on loopback; the veth address is fresh, so free there too.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let remote_ip = std::net::Ipv4Addr::new(10, 213, hosts.ip(host).octets()[2], 1);
+        let mut children = Vec::new();
+        for (name, ip) in [
+            ("loopback", "127.0.0.1".to_string()),
+            ("veth", remote_ip.to_string()),
+        ] {
+            let config = dir.path().join(format!("{name}.yml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n  secret: haddock-test-registry\nauth:\n  htpasswd:\n    realm: haddock-test\n    path: {htpasswd}\n",
+                    data = dir.path().join("data").display(),
+                    htpasswd = dir.path().join("htpasswd").display(),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            children.push(
+                Command::new(Self::BIN)
+                    .arg("serve")
+                    .arg(&config)
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .expect("docker-registry starts"),
+            );
+        }
+        let docker_config = dir.path().join("docker");
+        std::fs::create_dir_all(&docker_config).unwrap();
+        let registry = Registry {
+            port,
+            remote: format!("{remote_ip}:{port}"),
+            docker_config,
+            children,
+            dir,
+        };
+        for addr in [format!("127.0.0.1:{port}"), registry.remote.clone()] {
+            wait_until(
+                &format!("docker-registry on {addr}"),
+                Duration::from_secs(10),
+                || std::net::TcpStream::connect(&addr).is_ok(),
+            );
+        }
+        let mut login = Command::new("docker")
+            .arg("--config")
+            .arg(&registry.docker_config)
+            .args([
+                "login",
+                "-u",
+                Self::USER,
+                "--password-stdin",
+                &registry.local(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = login.stdin.take().unwrap();
+            stdin.write_all(Self::PASSWORD.as_bytes()).unwrap();
+        }
+        let out = login.wait_with_output().unwrap();
+        assert!(out.status.success(), "docker login: {}", text(&out));
+        registry
+    }
+
+    /// The loopback address: `127.0.0.1:port`.
+    pub fn local(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes `image` (`repo:tag` on the machine's engine) as `repo:tag` in this registry, and
+    /// removes the push's own tag from the machine again.
+    pub fn push(&self, image: &str) {
+        let pushed = format!("{}/{image}", self.local());
+        let docker = |args: &[&str]| {
+            run(Command::new("docker")
+                .arg("--config")
+                .arg(&self.docker_config)
+                .args(args))
+        };
+        docker(&["tag", image, &pushed]);
+        docker(&["push", "-q", &pushed]);
+        docker(&["rmi", &pushed]);
+    }
+
+    /// A Docker config file directory (for `DOCKER_CONFIG`) holding `user:password` for the
+    /// address the test host pulls from.
+    pub fn config_for_remote(&self, user: &str, password: &str) -> PathBuf {
+        use base64::Engine;
+        let dir = self.dir.path().join("remote-config");
+        std::fs::create_dir_all(&dir).unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        std::fs::write(
+            dir.join("config.json"),
+            format!(
+                "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+                self.remote
+            ),
+        )
+        .unwrap();
+        dir
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
