@@ -9,8 +9,8 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use locator::api::{
-    Control, NewRelease, RegisterInstance, ReleaseUpdate, ServiceSpec, SessionReport,
-    StateChange, WeightsUpdate,
+    Control, NewRelease, RegisterInstance, ReleaseUpdate, ServiceSpec, SessionReport, StateChange,
+    WeightsUpdate,
 };
 use locator::server::{parse_query, resolve, ROUTES};
 use serde::de::DeserializeOwned;
@@ -37,8 +37,15 @@ fn encoded(text: &str) -> String {
 
 fuzz_target!(|input: Input<'_>| {
     if let Some((template, params)) = resolve(input.path) {
-        assert!(ROUTES.iter().any(|r| r.1 == template), "{template} is no route");
-        assert_eq!(params.len(), template.matches('{').count(), "{template} {params:?}");
+        assert!(
+            ROUTES.iter().any(|r| r.1 == template),
+            "{template} is no route"
+        );
+        assert_eq!(
+            params.len(),
+            template.matches('{').count(),
+            "{template} {params:?}"
+        );
         // The same parameters sent fully encoded name the same route with the same values:
         // decoding is exact, and an escape can never turn into a path separator or literal.
         let mut values = params.iter();

@@ -32,7 +32,10 @@ fuzz_target!(|input: (u64, u64, u16, &[u8])| {
     let mut total = 0u64;
     for &(i, off, len) in &pieces {
         let chunk = &m.chunks[i];
-        assert!(off + len <= chunk.len as usize, "piece {i} {off}+{len} past its chunk");
+        assert!(
+            off + len <= chunk.len as usize,
+            "piece {i} {off}+{len} past its chunk"
+        );
         total += len as u64;
     }
     assert_eq!(total, end - start, "pieces do not cover {start}..{end}");

@@ -9,7 +9,13 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|input: (u64, &str)| {
     let (size, header) = input;
     if let Ok(Some((start, end))) = optimizer::manifest::parse_range(header, size) {
-        assert!(start < end, "empty range {start}..{end} accepted for {header:?}");
-        assert!(end <= size, "range {start}..{end} beyond size {size} for {header:?}");
+        assert!(
+            start < end,
+            "empty range {start}..{end} accepted for {header:?}"
+        );
+        assert!(
+            end <= size,
+            "range {start}..{end} beyond size {size} for {header:?}"
+        );
     }
 });

@@ -28,7 +28,11 @@ enum Input<'a> {
 }
 
 fn keys() -> CookieKeys {
-    CookieKeys::new(b"fuzzing-primary-key-32-bytes....", Some(b"fuzzing-previous-key-32-bytes...")).unwrap()
+    CookieKeys::new(
+        b"fuzzing-primary-key-32-bytes....",
+        Some(b"fuzzing-previous-key-32-bytes..."),
+    )
+    .unwrap()
 }
 
 fuzz_target!(|input: Input<'_>| {
@@ -36,13 +40,29 @@ fuzz_target!(|input: Input<'_>| {
     match input {
         Input::Raw(value) => {
             // A random string cannot carry a valid MAC; anything accepted would be a forgery.
-            assert!(keys.decode("svc", value, NOW_MS, TTL_MS).is_err(), "accepted {value:?}");
+            assert!(
+                keys.decode("svc", value, NOW_MS, TTL_MS).is_err(),
+                "accepted {value:?}"
+            );
         }
-        Input::Minted { id, instance, version, issued_ms, last_seen_ms, flip } => {
+        Input::Minted {
+            id,
+            instance,
+            version,
+            issued_ms,
+            last_seen_ms,
+            flip,
+        } => {
             if instance.len() > usize::from(u16::MAX) {
                 return; // cut by `encode` on purpose: instance ids are short names
             }
-            let token = SessionToken { id: SessionId(id), instance, version, issued_ms, last_seen_ms };
+            let token = SessionToken {
+                id: SessionId(id),
+                instance,
+                version,
+                issued_ms,
+                last_seen_ms,
+            };
             let mut value = keys.encode("svc", &token).into_bytes();
             let flipped = match flip {
                 Some((at, bits)) if bits != 0 => {
@@ -52,7 +72,9 @@ fuzz_target!(|input: Input<'_>| {
                 }
                 _ => false,
             };
-            let Ok(value) = String::from_utf8(value) else { return };
+            let Ok(value) = String::from_utf8(value) else {
+                return;
+            };
             let decoded = keys.decode("svc", &value, NOW_MS, TTL_MS);
             match decoded {
                 // An encoding may have two spellings (hex case): an altered token may be
@@ -60,7 +82,10 @@ fuzz_target!(|input: Input<'_>| {
                 Ok(back) => assert_eq!(back, token, "altered={flipped}: {value:?}"),
                 Err(_) => {}
             }
-            assert!(keys.decode("other", &value, NOW_MS, TTL_MS).is_err(), "token crossed services");
+            assert!(
+                keys.decode("other", &value, NOW_MS, TTL_MS).is_err(),
+                "token crossed services"
+            );
         }
     }
 });

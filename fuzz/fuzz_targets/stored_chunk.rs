@@ -19,7 +19,10 @@ fuzz_target!(|stored: &[u8]| {
     let again = chunker::decode_unverified(&chunker::encode(&data)).expect("own encoding decodes");
     assert_eq!(again, data);
     let hash = ChunkHash::of(&data);
-    assert_eq!(check_upload(&hash, stored).expect("right hash accepted"), data);
+    assert_eq!(
+        check_upload(&hash, stored).expect("right hash accepted"),
+        data
+    );
     let mut wrong = hash;
     wrong.0[0] ^= 1;
     assert!(check_upload(&wrong, stored).is_err());

@@ -5,7 +5,9 @@
 
 use crate::api::*;
 use crate::auth::{Role, Tokens};
-use crate::connections::{shed, shed_response, AcceptWarnings, Clock, Timeouts, Watched, SHED_LINGERING};
+use crate::connections::{
+    shed, shed_response, AcceptWarnings, Clock, Timeouts, Watched, SHED_LINGERING,
+};
 use crate::error::Error;
 use crate::metrics::{method_label, RequestLabels, RouteLabels};
 use crate::state::{Command, Reply};
