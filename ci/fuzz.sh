@@ -52,9 +52,9 @@ printf '%-16s %12s %10s %8s %8s %8s\n' target executions exec/s edges features c
 for t in "${targets[@]}"; do
   # Every kept crash input first: a regression fails the run at once.
   if [ -d "fuzz/regressions/$t" ] && [ -n "$(ls -A "fuzz/regressions/$t")" ]; then
-    if ! "$bin/$t" -rss_limit_mb=2048 "fuzz/regressions/$t"/* >"/tmp/fuzz-$t-regressions.log" 2>&1; then
+    if ! "$bin/$t" -rss_limit_mb=2048 "fuzz/regressions/$t"/* >"${TMPDIR:-/tmp}/fuzz-$t-regressions.$$.log" 2>&1; then
       echo "$t: a regression input fails again:" >&2
-      tail -30 "/tmp/fuzz-$t-regressions.log" >&2
+      tail -30 "${TMPDIR:-/tmp}/fuzz-$t-regressions.$$.log" >&2
       failed=1
       continue
     fi
@@ -63,7 +63,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus" "fuzz/artifacts/$t"
   limit=(-runs="$runs")
   [ -n "$smoke" ] && limit=(-max_total_time=5)
-  log="/tmp/fuzz-$t.log"
+  log="${TMPDIR:-/tmp}/fuzz-$t.$$.log"
   seeds=()
   [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
   marker=$(mktemp)
@@ -77,7 +77,7 @@ for t in "${targets[@]}"; do
   execs=$(awk '/stat::number_of_executed_units/ {print $NF}' "$log")
   # Our own rate over the wall time: libFuzzer's rounds down to whole seconds.
   rate=$(awk -v n="${execs:-0}" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
-  last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
+  last=$(grep -aE '^#[0-9]+' "$log" | tail -1 || true)
   edges=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   feats=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
   # This run's findings only (earlier ones stay until moved to regressions/); slow units
@@ -87,7 +87,7 @@ for t in "${targets[@]}"; do
   printf '%-16s %12s %10s %8s %8s %8s\n' "$t" "${execs:-?}" "${rate:-?}" "${edges:-?}" "${feats:-?}" "$crashes"
   if [ "$rc" -ne 0 ] || [ "$crashes" -gt 0 ]; then
     echo "$t: crashed (exit $rc); input in fuzz/artifacts/$t/, log $log:" >&2
-    grep -A25 -E 'panicked|ERROR: libFuzzer' "$log" | head -40 >&2
+    grep -a -A25 -E 'panicked|ERROR: libFuzzer' "$log" | head -40 >&2
     failed=1
   fi
 done
