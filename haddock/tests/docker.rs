@@ -227,6 +227,35 @@ async fn a_container_that_crashes_is_dead_not_waited_for() {
 /// client certificates): haddock's `Host` connects to it over `tcp://` + TLS, starts a container
 /// there with a published port, the container answers from the machine at the host's address,
 /// and the machine's own engine has no such container.
+/// Starts `plan` on test host 1 (`remote`) with the container's port 8080 published on `port`,
+/// then checks it from the machine at the test host's address: haddock's own probe finds it
+/// healthy, and it answers `/version` with `tag`. Returns the container id.
+async fn run_on_test_host(
+    remote: &Host,
+    hosts: &TestHosts,
+    spec: &Spec,
+    plan: &mut ContainerPlan,
+    port: u16,
+    tag: &str,
+) -> String {
+    plan.publish = vec![(port, 8080)];
+    let id = remote.create_and_start(plan, false).await.unwrap();
+    let addr = std::net::SocketAddr::new(hosts.ip(1).into(), port);
+    let probe = Probe::new(addr, &spec.health);
+    health::wait_healthy(remote, &id, &probe, &spec.health, Instant::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let version = reqwest::get(format!("http://{addr}/version"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(version.trim(), tag);
+    id
+}
+
 #[tokio::test]
 async fn a_container_started_on_a_test_host_over_tls_answers_at_its_address_and_only_there() {
     test_images();
@@ -252,30 +281,13 @@ async fn a_container_started_on_a_test_host_over_tls_answers_at_its_address_and_
     assert_eq!(remote.image(&image).await.unwrap(), Some(false), "loaded");
 
     let mut plan = ContainerPlan::new(&spec, "good-1", "rel-th", 1, 0);
-    let port = 18080;
-    plan.publish = vec![(port, 8080)];
     let t = Instant::now();
-    let id = remote.create_and_start(&plan, false).await.unwrap();
+    let id = run_on_test_host(&remote, &hosts, &spec, &mut plan, 18080, "good-1").await;
+    eprintln!("create+start+healthy+answered in {:?}", t.elapsed());
     let inspect = remote.inspect(&id).await.unwrap().unwrap();
     let labels = inspect.config.unwrap().labels.unwrap();
     assert_eq!(labels["org.haddock.test"], "1");
     assert_eq!(labels["org.haddock.service"], service);
-
-    // Reached from the machine at the test host's address, through haddock's own probe.
-    let addr = std::net::SocketAddr::new(hosts.ip(1).into(), port);
-    let probe = Probe::new(addr, &spec.health);
-    health::wait_healthy(&remote, &id, &probe, &spec.health, Instant::now())
-        .await
-        .unwrap()
-        .unwrap();
-    eprintln!("create+start+healthy at {addr} in {:?}", t.elapsed());
-    let version = reqwest::get(format!("http://{addr}/version"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(version.trim(), "good-1");
 
     // Two engines: the test host has the container, the machine's engine does not.
     let there = remote.find(&service, None).await.unwrap();
@@ -479,22 +491,7 @@ async fn copy_mode_streams_an_image_only_the_machine_has_to_a_test_host_where_it
 
     // A container of the copied image runs on the test host and answers from the machine.
     let mut plan = ContainerPlan::new(&spec, &tag, "rel-copy", 0, 0);
-    let port = 18081;
-    plan.publish = vec![(port, 8080)];
-    let id = remote.create_and_start(&plan, false).await.unwrap();
-    let addr = std::net::SocketAddr::new(hosts.ip(1).into(), port);
-    let probe = Probe::new(addr, &spec.health);
-    health::wait_healthy(&remote, &id, &probe, &spec.health, Instant::now())
-        .await
-        .unwrap()
-        .unwrap();
-    let version = reqwest::get(format!("http://{addr}/version"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(version.trim(), tag);
+    let id = run_on_test_host(&remote, &hosts, &spec, &mut plan, 18081, &tag).await;
     remote
         .stop_and_remove(&id, Duration::from_secs(1))
         .await
@@ -642,22 +639,7 @@ async fn registry_mode_pulls_the_tag_on_a_test_host_with_credentials_from_env_or
     assert_eq!(pulled.id, original.id);
 
     let mut plan = ContainerPlan::new(&spec, &tag, "rel-reg", 0, 0);
-    let port = 18082;
-    plan.publish = vec![(port, 8080)];
-    let id = remote.create_and_start(&plan, false).await.unwrap();
-    let addr = std::net::SocketAddr::new(hosts.ip(1).into(), port);
-    let probe = Probe::new(addr, &spec.health);
-    health::wait_healthy(&remote, &id, &probe, &spec.health, Instant::now())
-        .await
-        .unwrap()
-        .unwrap();
-    let version = reqwest::get(format!("http://{addr}/version"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(version.trim(), tag);
+    let id = run_on_test_host(&remote, &hosts, &spec, &mut plan, 18082, &tag).await;
     remote
         .stop_and_remove(&id, Duration::from_secs(1))
         .await
