@@ -68,11 +68,16 @@ pub struct Forward {
 
 /// The body of a forwarded request, streamed to the writer as it arrives: never buffered
 /// whole, since a reader runs under the same memory cap as the writer (a 200 MB PUT once took
-/// a reader to 565 MB). An attempt that fails before reading any of it (the writer is down:
-/// connection refused) leaves it here for the next attempt; once it has started to flow it
-/// cannot be replayed, and the request fails with 503 (a client may retry a PUT).
+/// a reader to 565 MB). Its first [`REPLAY_BYTES`] are kept, so an attempt that fails part-way
+/// (the writer handed over or died mid-request, as in every release) is sent again whole to
+/// the next writer; a longer body that had started to flow cannot be replayed, and the request
+/// fails with 503 (a client may retry a PUT).
 #[derive(Clone)]
 pub struct ForwardBody(Arc<tokio::sync::Mutex<BodyState>>);
+
+/// How much of a forwarded body is kept for a retry through a failover. Most objects are
+/// smaller; a canary release's writer hand-over failed user PUTs mid-body without it.
+pub const REPLAY_BYTES: u64 = 1 << 20;
 
 struct BodyState {
     body: Option<Incoming>,
@@ -80,6 +85,8 @@ struct BodyState {
     sent: u64,
     limit: u64,
     too_large: bool,
+    /// Every frame read so far while they add up to at most [`REPLAY_BYTES`]; `None` beyond.
+    replay: Option<Vec<Bytes>>,
 }
 
 impl ForwardBody {
@@ -91,6 +98,7 @@ impl ForwardBody {
             sent: 0,
             limit,
             too_large: false,
+            replay: Some(Vec::new()),
         })))
     }
 
@@ -105,8 +113,11 @@ impl ForwardBody {
         }
     }
 
-    async fn started(&self) -> bool {
-        self.0.lock().await.started
+    /// Whether a next attempt can send the whole body: nothing of it read yet, or all that was
+    /// read still kept.
+    async fn replayable(&self) -> bool {
+        let s = self.0.lock().await;
+        !s.started || s.replay.is_some()
     }
 
     async fn too_large(&self) -> Option<u64> {
@@ -114,17 +125,23 @@ impl ForwardBody {
         s.too_large.then_some(s.limit)
     }
 
-    /// The body as a stream of its data frames, enforcing the limit as they pass.
+    /// The body as a stream of its data frames, enforcing the limit as they pass: first what
+    /// an earlier attempt read (kept for replay), then the rest from the client.
     fn stream(
         &self,
     ) -> impl futures_util::Stream<Item = std::result::Result<Bytes, crate::server::BoxError>>
            + Send
            + 'static {
-        futures_util::stream::try_unfold(self.0.clone(), |state| async move {
+        futures_util::stream::try_unfold((self.0.clone(), 0usize), |(state, replayed)| async move {
             let next = {
                 let mut guard = state.lock().await;
                 let s = &mut *guard;
                 s.started = true;
+                if let Some(frame) = s.replay.as_ref().and_then(|r| r.get(replayed)) {
+                    let frame = frame.clone();
+                    drop(guard);
+                    return Ok(Some((frame, (state, replayed + 1))));
+                }
                 let Some(body) = s.body.as_mut() else {
                     return Ok(None);
                 };
@@ -141,12 +158,19 @@ impl ForwardBody {
                                 s.too_large = true;
                                 return Err("request body over the limit".into());
                             }
+                            if s.sent > REPLAY_BYTES {
+                                s.replay = None;
+                            } else if let Some(r) = s.replay.as_mut() {
+                                r.push(data.clone());
+                            }
                             break Some(data);
                         }
                     }
                 }
             };
-            Ok(next.map(|data| (data, state)))
+            // A frame just kept for replay is not to be replayed within this same attempt.
+            let replayed = replayed + usize::from(state.lock().await.replay.is_some());
+            Ok(next.map(|data| (data, (state, replayed))))
         })
     }
 }
@@ -397,9 +421,9 @@ impl Volume {
                     if let Some(limit) = body.too_large().await {
                         return Err(Error::TooLarge { limit });
                     }
-                    if body.started().await {
+                    if !body.replayable().await {
                         return Err(Error::WriterUnavailable(format!(
-                            "{last_problem}; the request body was partly sent, retry the request"
+                            "{last_problem}; the request body (over {REPLAY_BYTES} bytes) was partly sent, retry the request"
                         )));
                     }
                 }

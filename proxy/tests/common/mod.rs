@@ -423,6 +423,19 @@ impl Proxy {
             },
         )
         .await;
+        // The admin port answers before the user port listens (a test's first request was
+        // refused now and then): wait for both.
+        let port = self.port;
+        eventually(
+            Duration::from_secs(20),
+            "the proxy's listener",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
     }
 
     pub fn pid(&self) -> u32 {
