@@ -20,7 +20,7 @@ use http::header::{
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Either, Empty, Full, LengthLimitError, Limited, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -33,14 +33,16 @@ use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
 use crate::metrics::{method_label, Metrics, RequestLabels, RouteLabels};
 use crate::store::Store;
 use crate::sync::{self, Peers};
-use crate::volume::{Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
+use crate::volume::{BodyOverLimit, Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response body of every handler.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Request body of a mutation: the client's, or an empty one for a mutation without a body
 /// whose (empty) body was checked before forwarding.
-type InBody = Either<Incoming, Full<Bytes>>;
+/// A mutation's body where it runs: the client's own, or (when this instance became the writer
+/// while forwarding) the forwarded body replayed from its start (`volume::ForwardBody`).
+type InBody = Body;
 
 /// Bytes of an object verified before its response headers are sent: a corrupt chunk in this
 /// window is answered as a clean 500 `corrupt_chunk`; past it, the connection is aborted (the
@@ -193,16 +195,35 @@ async fn drain<B: hyper::body::Body + Unpin>(mut body: B) {
     }
 }
 
-/// Reads a whole (small) body, at most `limit` bytes.
-async fn read_body<B>(body: B, limit: u64) -> Result<Bytes>
+/// Reads a whole (small) body, at most `limit` bytes. Frame by frame rather than through
+/// `http_body_util::Limited`: over the boxed body of a forwarded request, `Limited`'s error
+/// bound (`Into<BoxError>` of a boxed error) trips rustc's `Send` check of the handler future
+/// ("implementation of `From` is not general enough").
+async fn read_body<B>(mut body: B, limit: u64) -> Result<Bytes>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::TooLarge { limit }),
-        Err(e) => Err(Error::BadRequest(format!("reading the body: {e}"))),
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(e.into(), limit))?;
+        if let Ok(data) = frame.into_data() {
+            if (read.len() + data.len()) as u64 > limit {
+                return Err(Error::TooLarge { limit });
+            }
+            read.extend_from_slice(&data);
+        }
+    }
+    Ok(read.freeze())
+}
+
+/// What a failed body read means for the client: over the limit a forwarded body enforces as
+/// it streams, or a broken body.
+fn body_error(e: BoxError, limit: u64) -> Error {
+    if e.downcast_ref::<BodyOverLimit>().is_some() {
+        Error::TooLarge { limit }
+    } else {
+        Error::BadRequest(format!("reading the body: {e}"))
     }
 }
 
@@ -475,7 +496,10 @@ impl App {
     /// never held whole (see `volume::ForwardBody`).
     async fn on_writer(&self, req: Request<Incoming>, limit: u64) -> Result<Exec> {
         if let Some(store) = self.volume.writer() {
-            return Ok(Exec::Local(store, req.map(Either::Left)));
+            return Ok(Exec::Local(
+                store,
+                req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+            ));
         }
         if req.headers().contains_key(FORWARDED_HEADER) {
             return Err(Error::NotWriter);
@@ -510,13 +534,11 @@ impl App {
         };
         match self.volume.route(&forward).await? {
             Routed::Local(store) => {
+                // We became the writer while forwarding: `route` only gets here with a body
+                // that can still be sent whole, so it is read again from its first byte.
                 let body = match &forward.body {
-                    None => Either::Right(Full::new(Bytes::new())),
-                    Some(b) => Either::Left(b.take().await.ok_or_else(|| {
-                        Error::WriterUnavailable(
-                            "the request body went partly to a writer that failed; retry".into(),
-                        )
-                    })?),
+                    None => empty(),
+                    Some(b) => b.body(),
                 };
                 Ok(Exec::Local(store, Request::from_parts(parts, body)))
             }
@@ -549,7 +571,7 @@ impl App {
         let mut chunker = Chunker::new(store.chunk_params());
         let mut received = 0u64;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+            let frame = frame.map_err(|e| body_error(e, limit))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };

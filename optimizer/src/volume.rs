@@ -102,15 +102,14 @@ impl ForwardBody {
         })))
     }
 
-    /// The body back, for when this instance became the writer meanwhile; `None` if part of
-    /// it already went to a writer.
-    pub async fn take(&self) -> Option<Incoming> {
-        let mut s = self.0.lock().await;
-        if s.started {
-            None
-        } else {
-            s.body.take()
-        }
+    /// The whole body again as a request body, for when this instance became the writer
+    /// meanwhile: what an earlier attempt read (kept for replay), then the rest from the
+    /// client. Only called while [`ForwardBody::replayable`] holds (`Volume::route` checks).
+    pub fn body(&self) -> crate::server::Body {
+        use futures_util::TryStreamExt;
+        use http_body_util::BodyExt;
+        http_body_util::StreamBody::new(self.stream().map_ok(hyper::body::Frame::data))
+            .boxed_unsync()
     }
 
     /// Whether a next attempt can send the whole body: nothing of it read yet, or all that was
@@ -148,7 +147,7 @@ impl ForwardBody {
                 loop {
                     match body.frame().await {
                         None => break None,
-                        Some(Err(e)) => return Err(crate::server::BoxError::from(e)),
+                        Some(Err(e)) => return Err(Box::new(e) as crate::server::BoxError),
                         Some(Ok(frame)) => {
                             let Ok(data) = frame.into_data() else {
                                 continue;
@@ -156,7 +155,9 @@ impl ForwardBody {
                             s.sent += data.len() as u64;
                             if s.sent > s.limit {
                                 s.too_large = true;
-                                return Err("request body over the limit".into());
+                                return Err(
+                                    Box::new(BodyOverLimit(s.limit)) as crate::server::BoxError
+                                );
                             }
                             if s.sent > REPLAY_BYTES {
                                 s.replay = None;
@@ -174,6 +175,11 @@ impl ForwardBody {
         })
     }
 }
+
+/// A forwarded body went over its limit while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is over the limit of {0} bytes")]
+pub struct BodyOverLimit(pub u64);
 
 /// The writer's answer to a forwarded request.
 #[derive(Debug)]
