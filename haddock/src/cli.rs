@@ -2,8 +2,9 @@
 //!
 //! Every verb documented in docs/operations.md; flags are a stable interface.
 
-use crate::error::Error;
-use crate::output::Output;
+use crate::error::{exit, Error};
+use crate::heartbeat;
+use crate::output::{self, Output};
 use crate::release::{self, Deployer, Outcome};
 use crate::spec::{Spec, SpecError};
 use clap::{Args, Parser, Subcommand};
@@ -11,18 +12,6 @@ use locator::api::{Control, Release};
 use locator::client::Client;
 use locator::logging::LogFormat;
 use std::path::{Path, PathBuf};
-
-/// Exit codes of every verb (documented in docs/operations.md).
-pub mod exit {
-    /// Released, or the check passed.
-    pub const OK: u8 = 0;
-    /// The release was rolled back (or failed before any user saw it).
-    pub const ROLLED_BACK: u8 = 1;
-    /// Bad input: a malformed spec, an unknown tag, a bad flag. Nothing was changed.
-    pub const BAD_INPUT: u8 = 2;
-    /// Infrastructure error: Docker or the locator unreachable.
-    pub const INFRA: u8 = 3;
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -251,7 +240,12 @@ async fn run_async(command: Command) -> u8 {
                 out.step(
                     &format!(
                         "release {} is being driven by {}",
-                        active.id, active.status["driver"]["who"]
+                        active.id,
+                        active
+                            .status
+                            .driver
+                            .as_ref()
+                            .map_or("?", |l| l.who.as_str())
                     ),
                     None,
                 );
@@ -284,11 +278,8 @@ async fn run_async(command: Command) -> u8 {
                 Err(e) => return fail(&e),
             };
             let client = conn.client();
-            let mut tick = tokio::time::interval(release::HEARTBEAT);
-            loop {
-                tick.tick().await;
-                release::heartbeat_once(&client, &hosts, &service).await;
-            }
+            // Runs until the process is killed: the agent never returns.
+            match heartbeat::run_agent(&client, &hosts, &service).await {}
         }
     }
 }
@@ -300,7 +291,7 @@ fn finish(
     result: crate::error::Result<(Outcome, Option<Release>)>,
     out: &Output,
 ) -> u8 {
-    let report = release::report(service, tag, &result, out);
+    let report = output::report(service, tag, &result, out);
     if out.json() {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
         if let Err(e) = &result {
@@ -344,7 +335,16 @@ async fn control(conn: &Conn, target: &str, c: Control) -> u8 {
                 r.id, r.state
             )));
         }
-        Ok(client.control(&r.id, c).await?)
+        // The locator refuses a control that means nothing in the release's state (abort
+        // while the old containers are being removed, pause after promotion): bad input,
+        // with its reason, and nothing changed.
+        match client.control(&r.id, c).await {
+            Ok(r) => Ok(r),
+            Err(e) if matches!(e.code(), Some("control_refused" | "release_finished")) => {
+                Err(Error::BadInput(format!("{c:?} refused: {}", e.message())))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
     .await;
     match result {

@@ -3,6 +3,9 @@
 //! One [`Host`] per spec target. Every container haddock creates carries the labels in
 //! [`labels`], so that a resumed or repeated run finds what an earlier (perhaps killed) run
 //! created: nothing is ever orphaned, and nothing haddock did not create is ever touched.
+//! What goes into a container (name, those labels, limits, health timing) is decided from the
+//! spec in [`crate::plan`], without Docker; this module only carries it to the engine and finds
+//! it again by its labels.
 //!
 //! Instance address: the container's IP on the spec's network (from container inspect) plus the
 //! spec's port. No host port is published: the proxy reaches containers over that network (it runs
@@ -10,33 +13,18 @@
 //! versions side by side without port juggling.
 
 use crate::error::{Error, Result};
-use crate::spec::{RestartPolicy, Spec, Target};
-use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EndpointSettings,
-    HealthConfig, HealthStatusEnum, HostConfig, Mount, MountTypeEnum, NetworkCreateRequest,
-    NetworkingConfig, PortBinding, RestartPolicy as DockerRestart, RestartPolicyNameEnum,
-};
+use crate::plan::{labels, ContainerPlan};
+use crate::spec::{Spec, Target};
+use bollard::models::{ContainerInspectResponse, EndpointSettings, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-
-/// The labels haddock puts on every container it creates.
-pub mod labels {
-    /// Always `haddock`: what makes a container ours.
-    pub const MANAGED_BY: &str = "org.haddock.managed-by";
-    pub const SERVICE: &str = "org.haddock.service";
-    pub const VERSION: &str = "org.haddock.version";
-    /// The release that created the container.
-    pub const RELEASE: &str = "org.haddock.release";
-    /// The instance id registered in the locator (also the container name).
-    pub const INSTANCE: &str = "org.haddock.instance";
-}
 
 /// Seconds bollard waits for one Docker API call.
 const API_TIMEOUT_SECS: u64 = 60;
@@ -87,179 +75,6 @@ pub struct ContainerEvent {
     pub instance: String,
     /// The exit code for `die`.
     pub exit_code: Option<String>,
-}
-
-/// Everything needed to create one instance's container; built from the spec by
-/// [`ContainerPlan::new`] so that the translation is unit-tested without Docker.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContainerPlan {
-    /// Unique, deterministic container name; also the locator instance id.
-    pub name: String,
-    pub image: String,
-    pub labels: BTreeMap<String, String>,
-    pub env: Vec<String>,
-    pub cmd: Vec<String>,
-    pub memory: u64,
-    pub cpu_shares: u32,
-    pub restart: RestartPolicy,
-    pub network: Option<String>,
-    /// `(volume name, mount point)`.
-    pub volumes: Vec<(String, String)>,
-    /// Docker HEALTHCHECK timing from the spec: `(interval, timeout, retries, start period)`.
-    pub health: (Duration, Duration, u32, Duration),
-    pub stop_grace: Duration,
-    /// `(host port, container port)`: TCP ports published on every address of the Docker host.
-    /// Empty from a spec (haddock reaches containers by their IP on the spec's network); set by
-    /// callers that reach a container from outside its host (the test hosts' test).
-    pub publish: Vec<(u16, u16)>,
-}
-
-impl ContainerPlan {
-    /// The container of instance `n` (0-based) on target `host_index` for `release` of `tag`.
-    pub fn new(spec: &Spec, tag: &str, release: &str, host_index: usize, n: u32) -> ContainerPlan {
-        let name = instance_name(&spec.service.name, tag, release, host_index, n);
-        let substitute = |s: &str| {
-            s.replace("{port}", &spec.service.port.to_string())
-                .replace("{instance}", &name)
-        };
-        let mut labels: BTreeMap<String, String> = spec.service.labels.clone();
-        labels.insert(labels::MANAGED_BY.into(), "haddock".into());
-        labels.insert(labels::SERVICE.into(), spec.service.name.clone());
-        labels.insert(labels::VERSION.into(), tag.into());
-        labels.insert(labels::RELEASE.into(), release.into());
-        labels.insert(labels::INSTANCE.into(), name.clone());
-        let mut env: Vec<String> = spec
-            .service
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={}", substitute(v)))
-            .collect();
-        env.push(format!("HADDOCK_SERVICE={}", spec.service.name));
-        env.push(format!("HADDOCK_VERSION={tag}"));
-        env.push(format!("HADDOCK_INSTANCE={name}"));
-        let h = &spec.health;
-        ContainerPlan {
-            image: spec.image_ref(tag),
-            labels,
-            env,
-            cmd: spec.service.args.iter().map(|a| substitute(a)).collect(),
-            memory: spec.container.memory.as_u64(),
-            cpu_shares: spec.container.cpu_shares,
-            restart: spec.container.restart_policy(),
-            network: spec.container.network.clone(),
-            volumes: spec
-                .container
-                .volumes
-                .iter()
-                .map(|v| (v.name.clone(), v.mount.clone()))
-                .collect(),
-            health: (h.interval, h.timeout, h.fall, h.start_deadline),
-            stop_grace: spec.container.stop_grace,
-            publish: Vec::new(),
-            name,
-        }
-    }
-
-    /// The create body. `image_has_healthcheck`: the image's HEALTHCHECK command is kept and only
-    /// its timing comes from the spec (an image without one gets none: Docker would need a command).
-    pub fn create_body(&self, image_has_healthcheck: bool) -> ContainerCreateBody {
-        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        let (interval, timeout, retries, start) = self.health;
-        let restart = match self.restart {
-            RestartPolicy::No => DockerRestart {
-                name: Some(RestartPolicyNameEnum::NO),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::Always => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ALWAYS),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::UnlessStopped => DockerRestart {
-                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::OnFailure(n) => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ON_FAILURE),
-                maximum_retry_count: Some(i64::from(n)),
-            },
-        };
-        let mounts = self
-            .volumes
-            .iter()
-            .map(|(name, target)| Mount {
-                typ: Some(MountTypeEnum::VOLUME),
-                source: Some(name.clone()),
-                target: Some(target.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let port = |p: u16| format!("{p}/tcp");
-        let published = !self.publish.is_empty();
-        ContainerCreateBody {
-            image: Some(self.image.clone()),
-            cmd: if self.cmd.is_empty() {
-                None
-            } else {
-                Some(self.cmd.clone())
-            },
-            env: Some(self.env.clone()),
-            labels: Some(self.labels.clone().into_iter().collect()),
-            stop_timeout: Some(i64::try_from(self.stop_grace.as_secs()).unwrap_or(i64::MAX)),
-            exposed_ports: published.then(|| {
-                self.publish
-                    .iter()
-                    .map(|&(_, c)| (port(c), HashMap::new()))
-                    .collect()
-            }),
-            healthcheck: image_has_healthcheck.then(|| HealthConfig {
-                test: None,
-                interval: Some(ns(interval)),
-                timeout: Some(ns(timeout)),
-                retries: Some(i64::from(retries)),
-                start_period: Some(ns(start)),
-                start_interval: None,
-            }),
-            host_config: Some(HostConfig {
-                memory: Some(i64::try_from(self.memory).unwrap_or(i64::MAX)),
-                cpu_shares: Some(i64::from(self.cpu_shares)),
-                restart_policy: Some(restart),
-                mounts: Some(mounts),
-                network_mode: self.network.clone(),
-                port_bindings: published.then(|| {
-                    self.publish
-                        .iter()
-                        .map(|&(h, c)| {
-                            let binding = PortBinding {
-                                host_ip: None,
-                                host_port: Some(h.to_string()),
-                            };
-                            (port(c), Some(vec![binding]))
-                        })
-                        .collect()
-                }),
-                ..Default::default()
-            }),
-            networking_config: self.network.as_ref().map(|n| NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(n.clone(), EndpointSettings::default())])),
-            }),
-            ..Default::default()
-        }
-    }
-}
-
-/// `optimizer-1.4.2-<release>-h0-i1`: unique per release, host and instance; only characters
-/// Docker accepts in names (anything else becomes `-`).
-pub fn instance_name(service: &str, tag: &str, release: &str, host_index: usize, n: u32) -> String {
-    let raw = format!("{service}-{tag}-{release}-h{host_index}-i{n}");
-    raw.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 fn is_not_found(e: &bollard::errors::Error) -> bool {
@@ -703,166 +518,5 @@ pub fn container_ip(c: &ContainerInspectResponse, network: Option<&str>) -> Opti
             .as_deref()
             .and_then(|ip| ip.parse().ok())
             .or_else(|| networks?.values().find_map(from_endpoint)),
-    }
-}
-
-/// What a container's state says about it, for the health checks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
-    /// Running; Docker health (when the image has a HEALTHCHECK) is not `unhealthy`.
-    Running {
-        docker_health: Option<HealthStatusEnum>,
-    },
-    /// Exited, dead, restarting after a crash, or OOM-killed: the reason.
-    Dead(String),
-    /// Running but Docker's HEALTHCHECK says unhealthy (after `fall` failed checks).
-    Unhealthy(String),
-}
-
-fn code(c: Option<i64>) -> String {
-    c.map_or_else(|| "?".into(), |c| c.to_string())
-}
-
-/// Judges an inspected container.
-pub fn liveness(c: &ContainerInspectResponse) -> Liveness {
-    let Some(state) = c.state.as_ref() else {
-        return Liveness::Dead("no state reported".into());
-    };
-    if state.oom_killed == Some(true) {
-        return Liveness::Dead(format!(
-            "killed by the OOM killer (memory cap {:?})",
-            c.host_config.as_ref().and_then(|h| h.memory)
-        ));
-    }
-    let restarts = c.restart_count.unwrap_or(0);
-    match state.status {
-        Some(ContainerStateStatusEnum::RUNNING) if restarts == 0 => {}
-        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => {
-            return Liveness::Dead(format!(
-                "crashed and was restarted {restarts} time(s) (last exit code {})",
-                code(state.exit_code)
-            ));
-        }
-        other => {
-            return Liveness::Dead(format!(
-                "not running ({}; exit code {}{})",
-                other
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "unknown".into()),
-                code(state.exit_code),
-                state
-                    .error
-                    .as_deref()
-                    .filter(|e| !e.is_empty())
-                    .map(|e| format!("; {e}"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-    let health = state.health.as_ref().and_then(|h| h.status);
-    if health == Some(HealthStatusEnum::UNHEALTHY) {
-        let last = state
-            .health
-            .as_ref()
-            .and_then(|h| h.log.as_ref())
-            .and_then(|l| l.last())
-            .and_then(|r| r.output.clone())
-            .unwrap_or_default();
-        return Liveness::Unhealthy(format!(
-            "Docker HEALTHCHECK reports unhealthy: {}",
-            last.trim()
-        ));
-    }
-    Liveness::Running {
-        docker_health: health,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> Spec {
-        crate::spec::example()
-    }
-
-    #[test]
-    fn a_plan_carries_labels_limits_volumes_and_substituted_args() {
-        let plan = ContainerPlan::new(&spec(), "1.4.2", "r42", 0, 1);
-        assert_eq!(plan.name, "optimizer-1.4.2-r42-h0-i1");
-        assert_eq!(plan.image, "haddock/optimizer:1.4.2");
-        assert_eq!(plan.labels[labels::MANAGED_BY], "haddock");
-        assert_eq!(plan.labels[labels::SERVICE], "optimizer");
-        assert_eq!(plan.labels[labels::VERSION], "1.4.2");
-        assert_eq!(plan.labels[labels::RELEASE], "r42");
-        assert_eq!(plan.labels["org.haddock.team"], "wan");
-        assert_eq!(
-            plan.cmd,
-            [
-                "serve",
-                "--listen",
-                "0.0.0.0:8080",
-                "--cache",
-                "/cache",
-                "--instance-id",
-                "optimizer-1.4.2-r42-h0-i1"
-            ]
-        );
-        assert!(plan.env.contains(&"RUST_LOG=info".to_string()));
-        assert!(plan.env.contains(&"HADDOCK_VERSION=1.4.2".to_string()));
-
-        let body = plan.create_body(true);
-        let hc = body.host_config.as_ref().unwrap();
-        assert_eq!(hc.memory, Some(256 * 1024 * 1024));
-        assert_eq!(hc.cpu_shares, Some(512));
-        assert_eq!(
-            hc.restart_policy.as_ref().unwrap().name,
-            Some(RestartPolicyNameEnum::UNLESS_STOPPED)
-        );
-        assert_eq!(hc.network_mode.as_deref(), Some("haddock"));
-        let m = &hc.mounts.as_ref().unwrap()[0];
-        assert_eq!(
-            (m.source.as_deref(), m.target.as_deref()),
-            (Some("optimizer-cache"), Some("/cache"))
-        );
-        assert_eq!(m.typ, Some(MountTypeEnum::VOLUME));
-        let health = body.healthcheck.as_ref().unwrap();
-        assert_eq!(health.test, None, "the image's HEALTHCHECK command is kept");
-        assert_eq!(health.interval, Some(1_000_000_000));
-        assert_eq!(health.retries, Some(3));
-        assert_eq!(body.stop_timeout, Some(10));
-        assert!(plan.create_body(false).healthcheck.is_none());
-        assert_eq!(body.exposed_ports, None, "a spec publishes no port");
-        assert_eq!(hc.port_bindings, None);
-    }
-
-    #[test]
-    fn published_ports_are_exposed_and_bound() {
-        let mut plan = ContainerPlan::new(&spec(), "1", "r", 0, 0);
-        plan.publish = vec![(18080, 8080)];
-        let body = plan.create_body(false);
-        assert!(body.exposed_ports.unwrap().contains_key("8080/tcp"));
-        let bindings = body.host_config.unwrap().port_bindings.unwrap();
-        let b = bindings["8080/tcp"].as_ref().unwrap();
-        assert_eq!(b[0].host_port.as_deref(), Some("18080"));
-        assert_eq!(b[0].host_ip, None);
-    }
-
-    #[test]
-    fn on_failure_restart_keeps_its_retry_count() {
-        let mut s = spec();
-        s.container.restart = "on-failure:4".into();
-        let body = ContainerPlan::new(&s, "1", "r", 0, 0).create_body(false);
-        let rp = body.host_config.unwrap().restart_policy.unwrap();
-        assert_eq!(rp.name, Some(RestartPolicyNameEnum::ON_FAILURE));
-        assert_eq!(rp.maximum_retry_count, Some(4));
-    }
-
-    #[test]
-    fn instance_names_are_docker_safe() {
-        assert_eq!(
-            instance_name("svc", "1.0+b/1", "r:1", 2, 0),
-            "svc-1.0-b-1-r-1-h2-i0"
-        );
     }
 }

@@ -4,9 +4,21 @@
 //! 2 = bad input, nothing changed; 3 = infrastructure (Docker or the locator) failed;
 //! 1 = the release failed or was rolled back (users are all on the old version again).
 
-use crate::cli::exit;
 use crate::spec::SpecError;
 use locator::client::ClientError;
+
+/// Exit codes of every verb (documented in docs/operations.md). They live with [`Error`]
+/// because [`Error::exit_code`] is what maps each failure to one; the CLI only returns them.
+pub mod exit {
+    /// Released, or the check passed.
+    pub const OK: u8 = 0;
+    /// The release was rolled back (or failed before any user saw it).
+    pub const ROLLED_BACK: u8 = 1;
+    /// Bad input: a malformed spec, an unknown tag, a bad flag. Nothing was changed.
+    pub const BAD_INPUT: u8 = 2;
+    /// Infrastructure error: Docker or the locator unreachable.
+    pub const INFRA: u8 = 3;
+}
 
 /// Why a verb failed. [`Error::exit_code`] says which exit code it ends the process with.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +96,16 @@ pub enum Error {
         logs: String,
     },
 
+    /// Another haddock drives this release (it holds the lease, or moved the release first):
+    /// this process stops without changing anything more. Exit 2.
+    #[error("release {release} is driven by another haddock: {detail}; this one stops (`haddock status` follows the release)")]
+    Driven { release: String, detail: String },
+
+    /// An operator aborted the release before any user could reach the new version: its
+    /// containers are removed and it is recorded `failed`. Exit 1.
+    #[error("release {release} aborted by an operator at {state}; its containers are removed")]
+    Aborted { release: String, state: String },
+
     /// The release was rolled back (analysis breach, a container died, or an operator abort):
     /// every user is on the old version again and the new containers are gone. Exit 1.
     #[error("release {release} rolled back: {reason}")]
@@ -98,12 +120,15 @@ impl Error {
             | Error::UnknownImage { .. }
             | Error::ImageNowhere { .. }
             | Error::ReleaseActive { .. }
-            | Error::BadInput(_) => exit::BAD_INPUT,
+            | Error::BadInput(_)
+            | Error::Driven { .. } => exit::BAD_INPUT,
             Error::Docker { .. }
             | Error::ImageTransfer { .. }
             | Error::Locator(_)
             | Error::Inconsistent(_) => exit::INFRA,
-            Error::Unhealthy { .. } | Error::RolledBack { .. } => exit::ROLLED_BACK,
+            Error::Unhealthy { .. } | Error::RolledBack { .. } | Error::Aborted { .. } => {
+                exit::ROLLED_BACK
+            }
         }
     }
 
@@ -121,6 +146,8 @@ impl Error {
             Error::Inconsistent(_) => "inconsistent",
             Error::Unhealthy { .. } => "unhealthy",
             Error::RolledBack { .. } => "rolled_back",
+            Error::Driven { .. } => "driven_elsewhere",
+            Error::Aborted { .. } => "aborted",
         }
     }
 

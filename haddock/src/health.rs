@@ -8,10 +8,14 @@
 //! [`FAST_PROBE`] (at most the spec's interval); further successes toward `rise` are spaced by
 //! the interval. During the canary the same probe runs every interval, and `fall` consecutive
 //! failures count as a breach.
+//!
+//! Docker's view of a container ([`Liveness`]) is judged here, not in `docker`: it is a health
+//! rule (what counts as dead, crashed or unhealthy), and `docker` only fetches the inspect data.
 
-use crate::docker::{liveness, Host, Liveness};
+use crate::docker::Host;
 use crate::error::Result;
 use crate::spec::HealthSection;
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -82,6 +86,78 @@ impl Streak {
 /// Why an instance did not become healthy (the caller adds the log lines).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotHealthy(pub String);
+
+/// What a container's state says about it, for the health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// Running; Docker health (when the image has a HEALTHCHECK) is not `unhealthy`.
+    Running {
+        docker_health: Option<HealthStatusEnum>,
+    },
+    /// Exited, dead, restarting after a crash, or OOM-killed: the reason.
+    Dead(String),
+    /// Running but Docker's HEALTHCHECK says unhealthy (after `fall` failed checks).
+    Unhealthy(String),
+}
+
+fn code(c: Option<i64>) -> String {
+    c.map_or_else(|| "?".into(), |c| c.to_string())
+}
+
+/// Judges an inspected container.
+pub fn liveness(c: &ContainerInspectResponse) -> Liveness {
+    let Some(state) = c.state.as_ref() else {
+        return Liveness::Dead("no state reported".into());
+    };
+    if state.oom_killed == Some(true) {
+        return Liveness::Dead(format!(
+            "killed by the OOM killer (memory cap {:?})",
+            c.host_config.as_ref().and_then(|h| h.memory)
+        ));
+    }
+    let restarts = c.restart_count.unwrap_or(0);
+    match state.status {
+        Some(ContainerStateStatusEnum::RUNNING) if restarts == 0 => {}
+        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => {
+            return Liveness::Dead(format!(
+                "crashed and was restarted {restarts} time(s) (last exit code {})",
+                code(state.exit_code)
+            ));
+        }
+        other => {
+            return Liveness::Dead(format!(
+                "not running ({}; exit code {}{})",
+                other
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                code(state.exit_code),
+                state
+                    .error
+                    .as_deref()
+                    .filter(|e| !e.is_empty())
+                    .map(|e| format!("; {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let health = state.health.as_ref().and_then(|h| h.status);
+    if health == Some(HealthStatusEnum::UNHEALTHY) {
+        let last = state
+            .health
+            .as_ref()
+            .and_then(|h| h.log.as_ref())
+            .and_then(|l| l.last())
+            .and_then(|r| r.output.clone())
+            .unwrap_or_default();
+        return Liveness::Unhealthy(format!(
+            "Docker HEALTHCHECK reports unhealthy: {}",
+            last.trim()
+        ));
+    }
+    Liveness::Running {
+        docker_health: health,
+    }
+}
 
 /// Waits until the container is running, not Docker-unhealthy, and its readiness path has
 /// answered 2xx `rise` times in a row. Fails at once if the container dies, and at the start

@@ -3,8 +3,13 @@
 //! Human mode prints one line per step as it happens, with the time since the verb started and
 //! the step's own duration. `--json` prints exactly one JSON object on stdout at the end (the
 //! [`ReleaseReport`]); the step lines then go to stderr, so that a pipeline can both parse
-//! stdout and keep a readable log.
+//! stdout and keep a readable log. [`report`] builds that object from how a release verb ended;
+//! it sits here, beside [`ReleaseReport`], so that every key `--json` prints is decided in one
+//! file.
 
+use crate::error::{Error, Result};
+use crate::release::{ms, Outcome};
+use locator::api::{Release, ReleaseState};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -98,6 +103,71 @@ pub struct ReleaseReport {
     pub tag_to_full_ms: Option<u64>,
     pub total_ms: u64,
     pub containers: Vec<String>,
+}
+
+/// The `--json` report of a release verb.
+pub fn report(
+    service: &str,
+    tag: &str,
+    result: &Result<(Outcome, Option<Release>)>,
+    out: &Output,
+) -> ReleaseReport {
+    let mut r = ReleaseReport {
+        service: service.to_string(),
+        to_version: tag.to_string(),
+        total_ms: ms(out.elapsed()),
+        ..Default::default()
+    };
+    match result {
+        Ok((outcome, rec)) => {
+            r.outcome = match outcome {
+                Outcome::Released => "released",
+                Outcome::AlreadyCurrent => "already_current",
+            }
+            .into();
+            if let Some(rec) = rec {
+                fill(&mut r, rec);
+                r.tag_to_full_ms = rec.step_ms.get("tag_to_full").copied();
+            }
+        }
+        Err(e) => {
+            r.exit_code = e.exit_code();
+            r.outcome = match e {
+                Error::RolledBack { .. } => "rolled_back",
+                Error::Unhealthy { .. } | Error::Aborted { .. } => "failed",
+                _ => "error",
+            }
+            .into();
+            r.error = Some(e.kind().into());
+            r.reason = Some(e.to_string());
+            // The terminal state an error recorded; other errors left no release ended (bad
+            // input before one began, or an infrastructure error: the release stays active and
+            // `haddock status` / `haddock resume` take it from its recorded state).
+            r.state = match e {
+                Error::RolledBack { .. } => Some(ReleaseState::RolledBack.to_string()),
+                Error::Unhealthy { .. } | Error::Aborted { .. } => {
+                    Some(ReleaseState::Failed.to_string())
+                }
+                _ => None,
+            };
+            if let Error::RolledBack { release, .. }
+            | Error::Unhealthy { release, .. }
+            | Error::Aborted { release, .. } = e
+            {
+                r.release = Some(release.clone());
+            }
+        }
+    }
+    r
+}
+
+fn fill(r: &mut ReleaseReport, rec: &Release) {
+    r.release = Some(rec.id.clone());
+    r.from_version = rec.from_version.clone();
+    r.state = Some(rec.state.to_string());
+    r.reason = rec.reason.clone();
+    r.step_ms = rec.step_ms.clone();
+    r.containers = rec.containers.clone();
 }
 
 #[cfg(test)]

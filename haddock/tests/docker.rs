@@ -4,8 +4,9 @@
 mod support;
 
 use futures_util::StreamExt;
-use haddock::docker::{ContainerPlan, Host};
+use haddock::docker::Host;
 use haddock::health::{self, NotHealthy, Probe};
+use haddock::plan::ContainerPlan;
 use haddock::spec::Spec;
 use std::time::{Duration, Instant};
 use support::*;

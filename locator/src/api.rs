@@ -58,10 +58,11 @@ pub struct WeightsUpdate {
 /// The lifecycle of one instance (one container of one version).
 ///
 /// ```text
-/// starting ──► ready ──► draining ──► gone
-///    │  ▲        │ ▲         │
-///    ▼  │        ▼ │         │
-///  unhealthy ◄───┘ └─────────┘ (heartbeat resumes → ready)
+/// starting  → ready | unhealthy | gone
+/// ready     → draining | unhealthy | gone
+/// unhealthy → ready | draining | gone     (ready: heartbeats resume after a silence)
+/// draining  → ready | unhealthy | gone    (ready: a release aborted after its promotion)
+/// gone      → nothing: a removed instance is history (its id may register anew)
 /// ```
 /// Legal moves are exactly those in [`InstanceState::can_become`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -84,7 +85,9 @@ impl InstanceState {
             (Starting, Ready | Unhealthy | Gone)
                 | (Ready, Draining | Unhealthy | Gone)
                 | (Unhealthy, Ready | Draining | Gone)
-                | (Draining, Gone | Unhealthy)
+                // Back to ready: a release aborted after promotion returns users to the old
+                // version while its containers still run.
+                | (Draining, Ready | Gone | Unhealthy)
         )
     }
 
@@ -200,9 +203,10 @@ pub type TrafficByVersion = BTreeMap<String, VersionTraffic>;
 /// ```text
 /// validating → starting → waiting_healthy → registered → shifting(step..) → promoted
 ///            → draining → removing → done
-/// any non-terminal state ──(failure before any weight moved)──► failed
-/// shifting / promoted ──(breach, abort)──► rolling_back → rolled_back
+/// validating | starting | waiting_healthy | registered ──(failure, abort)──► failed
+/// registered | shifting | promoted | draining ──(breach, abort)──► rolling_back → rolled_back
 /// ```
+/// `removing` is past the point of return: the old version's containers are going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseState {
@@ -237,7 +241,9 @@ impl ReleaseState {
         }
         match next {
             Failed => matches!(self, Validating | Starting | WaitingHealthy | Registered),
-            RollingBack => matches!(self, Registered | Shifting | Promoted),
+            // After promotion too, while the old version's containers still run (`removing`
+            // is where they go): the fast way back Argo Rollouts and Swarm give.
+            RollingBack => matches!(self, Registered | Shifting | Promoted | Draining),
             RolledBack => self == RollingBack,
             _ => {
                 let order = [
@@ -303,12 +309,91 @@ pub struct ReleaseUpdate {
     /// Duration of a finished step, merged into [`Release::step_ms`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub step_ms: BTreeMap<String, u64>,
-    /// Free-form figures shown on the dashboard (bake deadline, analysis numbers).
+    /// What the driver shows on the dashboard (bake, analysis, what it waits for). Replaces
+    /// the recorded one, except `driver`, which only `lease` sets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    pub status: Option<ReleaseStatus>,
     /// Set to acknowledge (clear) a pending operator control.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clear_control: bool,
+    /// Compare and set: the state the sender believes the release is in. A release in
+    /// another state refuses the whole update with 409 `state_conflict`, so two processes
+    /// never both move one release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_state: Option<ReleaseState>,
+    /// Takes or renews the driver lease for this holder (`pid@host`). Refused with 409
+    /// `lease_held` while another holder's lease is younger than [`LEASE_MS`] by the
+    /// locator's clock; the whole update is then refused with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Gives the lease up (a driver that stops), so the next `haddock resume` need not wait
+    /// for it to lapse. Only the holder named in `lease` can give it up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_lease: bool,
+}
+
+/// A driver lease lapses when its holder has not renewed it for this long (haddock renews
+/// every second). Measured by the locator's clock, so drivers' clocks need not agree.
+pub const LEASE_MS: u64 = 5_000;
+
+/// Who drives a release: taken and renewed through `ReleaseUpdate::lease`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// `pid@hostname` of the haddock process.
+    pub who: String,
+    /// When the locator last renewed it.
+    pub at_ms: UnixMillis,
+}
+
+impl Lease {
+    /// Whether the lease is still held at `now` (younger than [`LEASE_MS`]).
+    pub fn is_fresh(&self, now: UnixMillis) -> bool {
+        now.saturating_sub(self.at_ms) < LEASE_MS
+    }
+}
+
+/// A canary bake in progress: the weight, and when it ends. The dashboard counts down from
+/// these recorded times (the same on every screen and after a reload).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BakeStatus {
+    pub weight: u32,
+    pub pause_ms: u64,
+    /// When this bake began.
+    #[serde(default)]
+    pub started_at_ms: UnixMillis,
+    /// When it ends if nothing pauses it; `None` while paused (the timer is frozen).
+    #[serde(default)]
+    pub until_ms: Option<UnixMillis>,
+    /// What is left of the pause (while paused: frozen at the moment of the pause).
+    #[serde(default)]
+    pub remaining_ms: u64,
+}
+
+/// What a release's driver reports beside its state: shown on the dashboard and by
+/// `haddock status`, read by a second haddock to know whether the release is driven.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseStatus {
+    /// The driver lease (set by the locator from `ReleaseUpdate::lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeStatus>,
+    /// The canary analysis' last verdict, as haddock's `analysis::Verdict` serialises it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<serde_json::Value>,
+    /// What a paused release waits for (`promote` in a manual rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+}
+
+/// Reads a recorded status written before it was typed (`null`, or an object with unknown
+/// keys): unknown keys are dropped, `null` is the default.
+fn lenient_status<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ReleaseStatus, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
 }
 
 /// A durable release record.
@@ -332,7 +417,8 @@ pub struct Release {
     pub finished_at: Option<UnixMillis>,
     pub reason: Option<String>,
     pub step_ms: BTreeMap<String, u64>,
-    pub status: serde_json::Value,
+    #[serde(default, deserialize_with = "lenient_status")]
+    pub status: ReleaseStatus,
 }
 
 /// Everything a watcher needs to start from (also the answer to `GET /v1/snapshot`).
@@ -472,7 +558,9 @@ mod tests {
         assert!(Ready.can_become(Draining));
         assert!(Draining.can_become(Gone));
         assert!(!Gone.can_become(Ready));
-        assert!(!Draining.can_become(Ready));
+        // Back to ready: an abort after the promotion returns users to the old version.
+        assert!(Draining.can_become(Ready));
+        assert!(!Draining.can_become(Starting));
         assert!(!Starting.can_become(Draining));
         assert!(!Ready.can_become(Ready));
     }
@@ -484,7 +572,14 @@ mod tests {
         assert!(Shifting.can_become(Promoted));
         assert!(!Validating.can_become(Done));
         assert!(Shifting.can_become(RollingBack));
-        assert!(!Draining.can_become(RollingBack));
+        assert!(
+            Draining.can_become(RollingBack),
+            "abort after the promotion"
+        );
+        assert!(
+            !Removing.can_become(RollingBack),
+            "past the point of return"
+        );
         assert!(!Done.can_become(Failed));
         assert_eq!(WaitingHealthy.to_string(), "waiting_healthy");
     }

@@ -49,6 +49,14 @@ impl ClientError {
         }
     }
 
+    /// The server's message when it answered, else the whole error.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Api { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),

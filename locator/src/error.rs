@@ -65,6 +65,30 @@ pub enum Error {
     /// 409 `instance_exists`: an instance with this id exists with different attributes.
     #[error("instance `{0}` is already registered with different attributes")]
     InstanceExists(String),
+    /// 409 `state_conflict`: a release update expected to leave a state the release is no
+    /// longer in (another process moved it first); names both.
+    #[error("release {id} is {actual}, not {expected} as this update expected")]
+    StateConflict {
+        id: String,
+        expected: String,
+        actual: String,
+    },
+    /// 409 `lease_held`: another process drives this release and renewed its lease
+    /// `age_ms` ago (a lease lapses after `api::LEASE_MS`).
+    #[error("release {id} is driven by {holder} (lease renewed {age_ms} ms ago)")]
+    LeaseHeld {
+        id: String,
+        holder: String,
+        age_ms: u64,
+    },
+    /// 409 `control_refused`: the operator control means nothing in the release's state
+    /// (names the state and why).
+    #[error("release {id} is {state}: {why}")]
+    ControlRefused {
+        id: String,
+        state: String,
+        why: String,
+    },
     /// 412 `revision_mismatch`: `If-Match` named a revision the service is no longer at.
     #[error("service `{service}` is at revision {actual}, not {expected}")]
     RevisionMismatch {
@@ -107,7 +131,10 @@ impl Error {
             IllegalTransition { .. }
             | ReleaseActive { .. }
             | ReleaseFinished(_)
-            | InstanceExists(_) => StatusCode::CONFLICT,
+            | InstanceExists(_)
+            | StateConflict { .. }
+            | LeaseHeld { .. }
+            | ControlRefused { .. } => StatusCode::CONFLICT,
             RevisionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -135,6 +162,9 @@ impl Error {
             ReleaseActive { .. } => "release_active",
             ReleaseFinished(_) => "release_finished",
             InstanceExists(_) => "instance_exists",
+            StateConflict { .. } => "state_conflict",
+            LeaseHeld { .. } => "lease_held",
+            ControlRefused { .. } => "control_refused",
             RevisionMismatch { .. } => "revision_mismatch",
             RequestTimeout(_) => "request_timeout",
             PayloadTooLarge(_) => "payload_too_large",

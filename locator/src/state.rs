@@ -598,20 +598,7 @@ impl State {
         if cur.state == state {
             return Ok(Reply::Instance(cur));
         }
-        if !cur.state.can_become(state) {
-            return Err(Error::IllegalTransition {
-                what: "instance",
-                id: id.to_string(),
-                from: cur.state.to_string(),
-                to: state.to_string(),
-            });
-        }
-        let mut next = Instance { state, ..cur };
-        if state == InstanceState::Ready {
-            // Haddock declaring it ready is proof of life; without this the sweeper could
-            // demote it again at once if heartbeats were paused.
-            next.last_heartbeat = ctx.now;
-        }
+        let next = instance_moved(&cur, state, ctx)?;
         b.push(Change::Instance(next.clone()));
         Ok(Reply::Instance(next))
     }
@@ -623,11 +610,9 @@ impl State {
             InstanceState::Gone => return Ok(Reply::Instance(cur)),
             // Only an instance that went unhealthy by *silence* is revived by a heartbeat; one
             // that haddock marked unhealthy while it kept heartbeating stays so.
-            InstanceState::Unhealthy if age > ctx.heartbeat_ttl_ms => Instance {
-                state: InstanceState::Ready,
-                last_heartbeat: ctx.now,
-                ..cur
-            },
+            InstanceState::Unhealthy if age > ctx.heartbeat_ttl_ms => {
+                instance_moved(&cur, InstanceState::Ready, ctx)?
+            }
             // Heartbeats are persisted at most every TTL/4: enough for the sweeper (on any
             // replica) to see the instance alive, without a disk write per heartbeat.
             _ if age >= ctx.heartbeat_ttl_ms / 4 => Instance {
@@ -734,11 +719,9 @@ impl State {
             if inst.state == InstanceState::Ready
                 && ctx.now.saturating_sub(inst.last_heartbeat) > ctx.heartbeat_ttl_ms
             {
-                let next = Instance {
-                    state: InstanceState::Unhealthy,
-                    ..inst.clone()
-                };
-                changed.insert(inst.id.clone(), next);
+                if let Ok(next) = instance_moved(inst, InstanceState::Unhealthy, ctx) {
+                    changed.insert(inst.id.clone(), next);
+                }
             }
         }
         if ctx.now >= self.reports_since.saturating_add(SESSION_REPORT_TTL_MS) {
@@ -786,7 +769,7 @@ impl State {
             finished_at: None,
             reason: None,
             step_ms: BTreeMap::new(),
-            status: serde_json::Value::Null,
+            status: ReleaseStatus::default(),
         };
         b.push(Change::Release(release.clone()));
         Ok(Reply::Release(release))
@@ -800,6 +783,30 @@ impl State {
         b: &mut Batch,
     ) -> Result<Reply, Error> {
         let cur = self.release(id)?;
+        let held = cur.status.driver.as_ref().filter(|l| l.is_fresh(ctx.now));
+        if let (Some(holder), Some(lease)) = (&u.lease, held) {
+            if *holder != lease.who {
+                return Err(Error::LeaseHeld {
+                    id: id.to_string(),
+                    holder: lease.who.clone(),
+                    age_ms: ctx.now.saturating_sub(lease.at_ms),
+                });
+            }
+        }
+        if let Some(expected) = u.expect_state {
+            if expected != cur.state {
+                // The move this update makes was already made: a retry after an answer lost
+                // on the way (the lease check above shows no one else drives the release).
+                if u.state == Some(cur.state) {
+                    return Ok(Reply::Release(cur));
+                }
+                return Err(Error::StateConflict {
+                    id: id.to_string(),
+                    expected: expected.to_string(),
+                    actual: cur.state.to_string(),
+                });
+            }
+        }
         let mut next = cur.clone();
         if let Some(state) = u.state {
             if state != cur.state {
@@ -832,7 +839,21 @@ impl State {
         next.step_ms
             .extend(u.step_ms.iter().map(|(k, v)| (k.clone(), *v)));
         if let Some(status) = &u.status {
-            next.status = status.clone();
+            // The lease is the locator's to record: a status never sets or clears it.
+            next.status = ReleaseStatus {
+                driver: next.status.driver.take(),
+                ..status.clone()
+            };
+        }
+        if let Some(holder) = &u.lease {
+            next.status.driver = if u.drop_lease || next.state.is_terminal() {
+                None
+            } else {
+                Some(Lease {
+                    who: holder.clone(),
+                    at_ms: ctx.now,
+                })
+            };
         }
         if u.clear_control {
             next.control = None;
@@ -854,6 +875,13 @@ impl State {
         if cur.state.is_terminal() {
             return Err(Error::ReleaseFinished(id.to_string()));
         }
+        if let Some(why) = control_refusal(cur.state, control) {
+            return Err(Error::ControlRefused {
+                id: id.to_string(),
+                state: cur.state.to_string(),
+                why: why.to_string(),
+            });
+        }
         let mut next = cur.clone();
         match control {
             Control::Pause => next.paused = true,
@@ -867,6 +895,55 @@ impl State {
         b.push(Change::Release(next.clone()));
         Ok(Reply::Release(next))
     }
+}
+
+/// Why an operator control means nothing in `state` (of an unfinished release), if it does not.
+/// Pause and promote act on the canary steps, so they end with the promotion; abort sends
+/// users back to the old version as long as its containers run, so it ends at `removing`.
+fn control_refusal(state: ReleaseState, control: Control) -> Option<&'static str> {
+    use ReleaseState::*;
+    let before_promotion = matches!(
+        state,
+        Validating | Starting | WaitingHealthy | Registered | Shifting
+    );
+    match control {
+        Control::Resume => None,
+        Control::Pause | Control::Promote if before_promotion => None,
+        Control::Pause | Control::Promote if state == RollingBack => {
+            Some("it is rolling back to the old version")
+        }
+        Control::Pause => Some("the new version is promoted: there is no canary step left to pause"),
+        Control::Promote => Some("it is already promoted"),
+        Control::Abort if state == Removing => Some(
+            "the old version's containers are being removed, so there is nothing to go back to; release the old tag instead",
+        ),
+        Control::Abort if state == RollingBack => Some("it is already rolling back"),
+        Control::Abort => None,
+    }
+}
+
+/// The only way an existing instance's state changes (`set_state`, a heartbeat's revival, the
+/// sweeper's expiry): the move must be one [`InstanceState::can_become`] allows; becoming
+/// ready is proof of life, so the heartbeat clock restarts (without it the sweeper could
+/// demote it again at once). A registration creates an instance rather than moving one; the
+/// from → to line is logged when the change commits ([`State::log_change`]).
+fn instance_moved(cur: &Instance, to: InstanceState, ctx: Ctx) -> Result<Instance, Error> {
+    if !cur.state.can_become(to) {
+        return Err(Error::IllegalTransition {
+            what: "instance",
+            id: cur.id.clone(),
+            from: cur.state.to_string(),
+            to: to.to_string(),
+        });
+    }
+    let mut next = Instance {
+        state: to,
+        ..cur.clone()
+    };
+    if to == InstanceState::Ready {
+        next.last_heartbeat = ctx.now;
+    }
+    Ok(next)
 }
 
 /// The numeric part of `rel-<revision>`, so that history sorts correctly within a millisecond.
@@ -1063,14 +1140,14 @@ mod tests {
             &mut s,
             Command::SetState {
                 id: "a".into(),
-                state: InstanceState::Ready,
+                state: InstanceState::Starting,
             },
             later,
         )
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "cannot move instance `a` from draining to ready"
+            "cannot move instance `a` from draining to starting"
         );
         // Explicitly unhealthy while heartbeating: a heartbeat does not revive it.
         run(&mut s, inst("b", "1", InstanceState::Ready), later).unwrap();
@@ -1343,6 +1420,220 @@ mod tests {
         let r2 = s.release(&r2.id).unwrap();
         assert!(r2.paused);
         assert_eq!(r2.control, Some(Control::Abort));
+    }
+
+    /// A release of `svc` walked to `state` along the happy path.
+    fn release_at(s: &mut State, state: ReleaseState) -> Release {
+        let Reply::Release(r) = run(
+            s,
+            Command::CreateRelease(NewRelease {
+                service: "svc".into(),
+                from_version: Some("1".into()),
+                to_version: "2".into(),
+                image: "img:2".into(),
+                who: "ci".into(),
+            }),
+            T,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        use ReleaseState::*;
+        let path = [
+            Validating,
+            Starting,
+            WaitingHealthy,
+            Registered,
+            Shifting,
+            Promoted,
+            Draining,
+            Removing,
+        ];
+        for next in path.iter().skip(1) {
+            if s.release(&r.id).unwrap().state == state {
+                break;
+            }
+            let update = ReleaseUpdate {
+                state: Some(*next),
+                ..Default::default()
+            };
+            run(
+                s,
+                Command::UpdateRelease {
+                    id: r.id.clone(),
+                    update,
+                },
+                T,
+            )
+            .unwrap();
+        }
+        s.release(&r.id).unwrap()
+    }
+
+    #[test]
+    fn a_state_update_names_the_state_it_leaves_and_a_stale_one_is_refused() {
+        let mut s = with_service();
+        let r = release_at(&mut s, ReleaseState::Shifting);
+        let cas = |expect, to| Command::UpdateRelease {
+            id: r.id.clone(),
+            update: ReleaseUpdate {
+                expect_state: Some(expect),
+                state: Some(to),
+                ..Default::default()
+            },
+        };
+        run(
+            &mut s,
+            cas(ReleaseState::Shifting, ReleaseState::Promoted),
+            T,
+        )
+        .unwrap();
+        // The same move sent again (its answer was lost) is answered, not refused.
+        run(
+            &mut s,
+            cas(ReleaseState::Shifting, ReleaseState::Promoted),
+            T,
+        )
+        .unwrap();
+        // A second driver that still believes the release is shifting cannot roll it back.
+        let e = run(
+            &mut s,
+            cas(ReleaseState::Shifting, ReleaseState::RollingBack),
+            T,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "state_conflict");
+        assert_eq!(e.status(), http::StatusCode::CONFLICT);
+        assert!(
+            e.to_string().contains("promoted") && e.to_string().contains("shifting"),
+            "{e}"
+        );
+        assert_eq!(s.release(&r.id).unwrap().state, ReleaseState::Promoted);
+    }
+
+    #[test]
+    fn one_holder_drives_a_release_until_its_lease_lapses() {
+        let mut s = with_service();
+        let r = release_at(&mut s, ReleaseState::Shifting);
+        let lease = |who: &str, step| Command::UpdateRelease {
+            id: r.id.clone(),
+            update: ReleaseUpdate {
+                lease: Some(who.into()),
+                step: Some(step),
+                ..Default::default()
+            },
+        };
+        let at = |ms| Ctx {
+            now: T.now + ms,
+            ..T
+        };
+        run(&mut s, lease("1@a", 1), at(0)).unwrap();
+        let e = run(&mut s, lease("2@b", 2), at(LEASE_MS - 1)).unwrap_err();
+        assert_eq!(e.code(), "lease_held");
+        assert!(e.to_string().contains("1@a"), "{e}");
+        assert_eq!(
+            s.release(&r.id).unwrap().step,
+            1,
+            "a refused update changes nothing"
+        );
+        // Renewed by its holder, the lease holds on.
+        run(&mut s, lease("1@a", 1), at(LEASE_MS - 1)).unwrap();
+        assert!(run(&mut s, lease("2@b", 2), at(LEASE_MS + 1)).is_err());
+        // Silent for LEASE_MS, it lapses and the other takes it.
+        run(&mut s, lease("2@b", 2), at(2 * LEASE_MS)).unwrap();
+        let rec = s.release(&r.id).unwrap();
+        assert_eq!(
+            rec.status.driver.as_ref().map(|l| l.who.as_str()),
+            Some("2@b")
+        );
+        assert_eq!(rec.step, 2);
+        // A status never touches the lease; dropping it frees the release at once.
+        let status = Command::UpdateRelease {
+            id: r.id.clone(),
+            update: ReleaseUpdate {
+                status: Some(ReleaseStatus {
+                    waiting_for: Some("promote".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        run(&mut s, status, at(2 * LEASE_MS)).unwrap();
+        assert!(s.release(&r.id).unwrap().status.driver.is_some());
+        let drop = Command::UpdateRelease {
+            id: r.id.clone(),
+            update: ReleaseUpdate {
+                lease: Some("2@b".into()),
+                drop_lease: true,
+                ..Default::default()
+            },
+        };
+        run(&mut s, drop, at(2 * LEASE_MS)).unwrap();
+        assert!(s.release(&r.id).unwrap().status.driver.is_none());
+        run(&mut s, lease("1@a", 3), at(2 * LEASE_MS)).unwrap();
+    }
+
+    #[test]
+    fn controls_are_refused_where_they_mean_nothing() {
+        use ReleaseState::*;
+        let control = |s: &mut State, id: &str, control| {
+            run(
+                s,
+                Command::Control {
+                    id: id.into(),
+                    control,
+                },
+                T,
+            )
+        };
+        for (state, abort_ok, pause_ok) in [
+            (Validating, true, true),
+            (Shifting, true, true),
+            (Promoted, true, false),
+            (Draining, true, false),
+            (Removing, false, false),
+        ] {
+            let mut s = with_service();
+            let r = release_at(&mut s, state);
+            assert_eq!(r.state, state);
+            for (c, ok) in [
+                (Control::Pause, pause_ok),
+                (Control::Promote, pause_ok),
+                (Control::Abort, abort_ok),
+            ] {
+                match control(&mut s, &r.id, c) {
+                    Ok(_) => assert!(ok, "{c:?} in {state}"),
+                    Err(e) => {
+                        assert!(!ok, "{c:?} in {state}: {e}");
+                        assert_eq!(e.code(), "control_refused");
+                        assert!(e.to_string().contains(&state.to_string()), "{e}");
+                    }
+                }
+            }
+            control(&mut s, &r.id, Control::Resume).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_draining_instance_can_return_to_ready() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let set = |state| Command::SetState {
+            id: "a".into(),
+            state,
+        };
+        run(&mut s, set(InstanceState::Draining), T).unwrap();
+        let later = Ctx {
+            now: T.now + 10,
+            ..T
+        };
+        run(&mut s, set(InstanceState::Ready), later).unwrap();
+        let a = s.instance("a").unwrap();
+        assert_eq!(a.state, InstanceState::Ready);
+        assert_eq!(a.last_heartbeat, later.now, "ready again is proof of life");
+        run(&mut s, set(InstanceState::Gone), T).unwrap();
+        let e = run(&mut s, set(InstanceState::Ready), T).unwrap_err();
+        assert_eq!(e.code(), "illegal_transition");
     }
 
     #[test]

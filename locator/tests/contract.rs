@@ -300,7 +300,10 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
                 clear_control: true,
                 containers: Some(vec!["c-b".into()]),
                 step_ms: BTreeMap::from([("starting".to_string(), 12)]),
-                status: Some(serde_json::json!({ "bake_until": 5 })),
+                status: Some(ReleaseStatus {
+                    waiting_for: Some("promote".into()),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         )
@@ -308,6 +311,7 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
         .unwrap();
     assert_eq!(cleared.control, None);
     assert_eq!(cleared.containers, vec!["c-b".to_string()]);
+    assert_eq!(cleared.status.waiting_for.as_deref(), Some("promote"));
     let failed = c
         .update_release(
             &r.id,
@@ -336,6 +340,63 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
         vec![r2.id.clone(), r.id.clone()]
     );
     assert_eq!(code(c.release("rel-0").await).1, "unknown_release");
+
+    // One driver, guaranteed: two processes that both found the lease free race to take it,
+    // many times; the store lets exactly one through each time.
+    for round in 0..40 {
+        let take = |who: String| {
+            let c = c.clone();
+            let id = r2.id.clone();
+            async move {
+                let claim = ReleaseUpdate {
+                    lease: Some(who),
+                    ..Default::default()
+                };
+                c.update_release(&id, &claim).await
+            }
+        };
+        let (a, b) = tokio::join!(take(format!("{round}@a")), take(format!("{round}@b")));
+        let (won, lost) = match (a, b) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            other => panic!("round {round}: exactly one must take the lease: {other:?}"),
+        };
+        let (status, err, msg) = code::<()>(Err(lost));
+        assert_eq!((status, err.as_str()), (409, "lease_held"), "{msg}");
+        let holder = won.status.driver.clone().unwrap().who;
+        assert!(msg.contains(&holder), "the refusal names the holder: {msg}");
+        let drop = ReleaseUpdate {
+            lease: Some(holder),
+            drop_lease: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.update_release(&r2.id, &drop).await.unwrap().status.driver,
+            None
+        );
+    }
+    // Compare and set: two moves out of the same state, one wins, the other is told both states.
+    let cas = |to| ReleaseUpdate {
+        expect_state: Some(ReleaseState::Validating),
+        state: Some(to),
+        ..Default::default()
+    };
+    let (start, fail) = (cas(ReleaseState::Starting), cas(ReleaseState::Failed));
+    let (a, b) = tokio::join!(
+        c.update_release(&r2.id, &start),
+        c.update_release(&r2.id, &fail)
+    );
+    let lost = match (a, b) {
+        (Ok(_), Err(l)) | (Err(l), Ok(_)) => l,
+        other => panic!("exactly one move from validating: {other:?}"),
+    };
+    let (status, err, msg) = code::<()>(Err(lost));
+    assert_eq!((status, err.as_str()), (409, "state_conflict"), "{msg}");
+    assert!(msg.contains("validating"), "{msg}");
+    // When `failed` won, the rest of the suite goes on with a new active release.
+    let r2 = match c.active_release("svc").await.unwrap() {
+        Some(r) => r,
+        None => c.create_release(&new).await.unwrap(),
+    };
 
     // The watcher saw everything, in order: its view equals the locator's snapshot.
     beat.abort();

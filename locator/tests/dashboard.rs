@@ -222,11 +222,23 @@ async fn set_up(client: &Client) -> Release {
             .await
             .unwrap();
     }
-    let status = serde_json::json!({
-        "bake": { "weight": 10, "pause_ms": 120_000 },
-        "analysis": { "verdict": "pass", "requests": 250, "ratio_5xx": 0.0, "p99_ms": 12.5,
-                      "old_ratio_5xx": 0.004, "old_p99_ms": 11.0 },
-    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let status = ReleaseStatus {
+        bake: Some(BakeStatus {
+            weight: 10,
+            pause_ms: 120_000,
+            started_at_ms: now,
+            until_ms: Some(now + 120_000),
+            remaining_ms: 120_000,
+        }),
+        analysis: Some(serde_json::json!({
+            "verdict": "pass", "requests": 250, "ratio_5xx": 0.0, "p99_ms": 12.5,
+            "old_ratio_5xx": 0.004, "old_p99_ms": 11.0 })),
+        ..Default::default()
+    };
     client
         .update_release(
             &release.id,

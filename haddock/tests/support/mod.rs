@@ -238,6 +238,11 @@ pub struct SpecOpts {
     pub volume: Option<String>,
     pub instances: u32,
     pub min_requests: u64,
+    pub auto_rollback: bool,
+    /// `[rollout] manual`: the last step waits for `haddock promote`.
+    pub manual: bool,
+    /// `[sessions] max_drain`: how long the old version may keep live sessions.
+    pub max_drain: &'static str,
     /// More `[[targets]]` tables, appended verbatim.
     pub more_targets: String,
 }
@@ -251,6 +256,9 @@ impl Default for SpecOpts {
             volume: None,
             instances: 1,
             min_requests: 20,
+            auto_rollback: true,
+            manual: false,
+            max_drain: "3s",
             more_targets: String::new(),
         }
     }
@@ -293,7 +301,8 @@ start_deadline = "{deadline}"
 
 [rollout]
 steps = {steps}
-auto_rollback = true
+auto_rollback = {auto_rollback}
+manual = {manual}
 
 [rollout.analysis]
 max_5xx_ratio = 0.05
@@ -302,7 +311,7 @@ min_requests = {min}
 
 [sessions]
 idle_ttl = "1s"
-max_drain = "3s"
+max_drain = "{max_drain}"
 
 [[targets]]
 host = "unix:///var/run/docker.sock"
@@ -311,6 +320,9 @@ instances = {instances}
         deadline = o.start_deadline,
         steps = o.steps,
         min = o.min_requests,
+        auto_rollback = o.auto_rollback,
+        manual = o.manual,
+        max_drain = o.max_drain,
         instances = o.instances,
         more_targets = o.more_targets,
     );

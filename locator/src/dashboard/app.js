@@ -19,7 +19,6 @@
     historyError: new Map(), // service -> message
     controlError: new Map(), // release id -> message
     busy: new Set(), // release ids with a control request in flight
-    bakeSeen: new Map(), // "release/weight" -> local ms when that bake was first seen
     rendered: new Map(), // service -> signature of what its section shows
     gen: 0, // bumped on every (re)connect so that an old watch loop stops
     watch: null, // AbortController of the current watch request
@@ -549,6 +548,10 @@
         onclick: () => control(release, what),
       }, label);
     const err = state.controlError.get(release.id);
+    // What the locator accepts in each state (state.rs `control_refusal`): pause and promote
+    // act on canary steps; abort works until the old version's containers are being removed.
+    const canary = ["validating", "starting", "waiting_healthy", "registered", "shifting"].includes(release.state);
+    const abortable = canary || ["promoted", "draining"].includes(release.state);
     return h(
       "div",
       { class: "block release", "data-release": release.id, "data-state": release.state, "data-paused": String(release.paused) },
@@ -561,35 +564,28 @@
       h(
         "div",
         { class: "controls", role: "group", "aria-label": `Controls of release ${release.id}` },
-        button("promote", "Promote", true, "primary"),
-        button("pause", "Pause", !release.paused),
+        button("promote", "Promote", canary, "primary"),
+        button("pause", "Pause", canary && !release.paused),
         button("resume", "Resume", release.paused),
-        button("abort", "Abort", true, "danger")
+        button("abort", "Abort", abortable, "danger")
       ),
       state.canDeploy ? null : h("p", { class: "hint" }, "Controls need a token with the deploy role."),
       err ? h("p", { class: "error", role: "alert", "data-field": "control_error" }, err) : null
     );
   }
 
-  // Haddock writes `status.bake = {weight, pause_ms}` when a bake starts (and may add
-  // `until_ms` or `started_at_ms`); without a start time the page counts from when it first
-  // saw that bake, which is exact for a page that was open when the bake began.
+  // Haddock records each bake as `status.bake = {weight, pause_ms, started_at_ms, until_ms,
+  // remaining_ms}` (locator api `BakeStatus`): `until_ms` while the timer runs, none while it
+  // is paused (then `remaining_ms` is what is left). Every screen counts down from the same
+  // recorded times, also after a reload.
   function renderBake(release, st) {
     const bake = st.bake;
     if (!bake || typeof bake !== "object") return null;
-    let until = bake.until_ms;
-    if (!until && bake.started_at_ms && bake.pause_ms !== undefined) until = bake.started_at_ms + bake.pause_ms;
-    if (!until && bake.pause_ms !== undefined) {
-      const key = `${release.id}/${bake.weight}`;
-      if (!state.bakeSeen.has(key)) state.bakeSeen.set(key, Date.now());
-      until = state.bakeSeen.get(key) + bake.pause_ms;
-    }
-    return h(
-      "p",
-      { class: "bake", "data-field": "bake" },
-      `Baking at ${bake.weight ?? "?"} % for ${fmtDuration(bake.pause_ms)}: `,
-      until ? countdown(until) : "time unknown"
-    );
+    const head = `Baking at ${bake.weight ?? "?"} % for ${fmtDuration(bake.pause_ms)}: `;
+    const left = bake.until_ms
+      ? countdown(bake.until_ms)
+      : `paused with ${fmtDuration(bake.remaining_ms ?? bake.pause_ms)} left`;
+    return h("p", { class: "bake", "data-field": "bake" }, head, left);
   }
 
   function renderAnalysis(a) {

@@ -1,0 +1,52 @@
+//! Heartbeats: how the locator learns that a service's instances are still alive.
+//!
+//! The locator marks an instance that stops heartbeating unhealthy after its TTL, and its
+//! instances do not heartbeat themselves: haddock does it for them, from whatever host it can
+//! see running. A haddock driving a release does it every [`HEARTBEAT`] (its lease task, in
+//! `release::lease`); between releases `haddock heartbeat SERVICE` runs [`run_agent`]. Both need
+//! only the Docker hosts and the locator client, so this module sits below `release` and `cli`
+//! and depends on neither.
+
+use crate::docker::Host;
+use locator::api::InstanceState;
+use locator::client::Client;
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// How often haddock heartbeats the service's instances and its own lease on the release.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Heartbeats every instance of `service` whose container runs on one of `hosts` (old and new:
+/// the locator marks silent instances unhealthy after its TTL). Best effort.
+pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
+    let mut running = Vec::new();
+    for h in hosts {
+        match h.find(service, None).await {
+            Ok(list) => running.extend(list.into_iter().filter(|c| c.running).map(|c| c.id)),
+            Err(e) => {
+                tracing::debug!(host = %h.name, error = %e, "listing containers for heartbeats")
+            }
+        }
+    }
+    let Ok(instances) = client.instances(service).await else {
+        return;
+    };
+    for i in instances {
+        if i.state != InstanceState::Gone && running.contains(&i.container_id) {
+            if let Err(e) = client.heartbeat(&i.id).await {
+                tracing::debug!(instance = %i.id, error = %e, "heartbeat");
+            }
+        }
+    }
+}
+
+/// The between-releases agent (`haddock heartbeat SERVICE`): [`heartbeat_once`] every
+/// [`HEARTBEAT`], until the process is killed. It never returns, which the `Infallible` result
+/// says to the caller.
+pub async fn run_agent(client: &Client, hosts: &[Host], service: &str) -> Infallible {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tick.tick().await;
+        heartbeat_once(client, hosts, service).await;
+    }
+}

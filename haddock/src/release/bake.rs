@@ -1,0 +1,189 @@
+//! The bake: the watch over one canary weight, from the moment the weight is applied until its
+//! pause is over, an operator steps in, or something says "roll back".
+//!
+//! Every [`TICK`] it looks, in this order, at the Docker events of the new containers, the
+//! readiness probes (every health interval; `fall` failures in a row end the bake), the
+//! analysis of the locator's traffic figures against the bake's baseline, and the operator
+//! controls. The pause only counts down while the release is not paused. A [`Bake`] owns what
+//! only it uses (limits, baseline, probes, what is left of the pause) and is handed the rest by
+//! the run; it never changes the release state: it says what should happen ([`BakeOutcome`])
+//! and the run makes the transition.
+
+use super::controls::Controls;
+use super::events::Events;
+use super::status::Status;
+use super::{ms, now_ms, old_version};
+use crate::analysis::{self, Verdict};
+use crate::error::Result;
+use crate::health::{Probe, Streak};
+use crate::output::{fmt_duration, Output};
+use crate::spec::{Analysis, HealthSection, Spec};
+use locator::api::{BakeStatus, Control, Release, TrafficByVersion};
+use locator::client::Client;
+use std::time::{Duration, Instant};
+
+/// How often a bake looks at events, controls and the traffic figures (also how often a manual
+/// rollout looks for `haddock promote`).
+pub(super) const TICK: Duration = Duration::from_millis(250);
+
+/// How a bake ended.
+pub(super) enum BakeOutcome {
+    /// The pause is over: on to the next step.
+    Continue,
+    /// An operator said `promote`: straight to the last (100 %) step.
+    PromoteNow,
+    /// Roll the release back, for this reason.
+    RollBack(String),
+}
+
+/// The service's traffic figures by version, as the locator aggregates them from the proxies.
+pub(super) async fn traffic(client: &Client, service: &str) -> Result<TrafficByVersion> {
+    let snap = client.snapshot().await?;
+    Ok(snap.traffic.get(service).cloned().unwrap_or_default())
+}
+
+impl Bake {
+    /// Records the bake in the release's status: when it ends while the timer runs, what is
+    /// left while it is paused (the dashboard counts down from these).
+    fn record(&self, status: &Status, started_at_ms: u64, paused: bool) {
+        let remaining_ms = ms(self.remaining);
+        status.update(|s| {
+            s.bake = Some(BakeStatus {
+                weight: self.weight,
+                pause_ms: ms(self.pause),
+                started_at_ms,
+                until_ms: (!paused).then(|| now_ms().saturating_add(remaining_ms)),
+                remaining_ms,
+            })
+        });
+    }
+}
+
+/// One bake at one weight.
+pub(super) struct Bake {
+    client: Client,
+    out: Output,
+    weight: u32,
+    pause: Duration,
+    /// What is left of the pause (it does not count down while the release is paused).
+    remaining: Duration,
+    limits: Analysis,
+    health: HealthSection,
+    auto_rollback: bool,
+    /// The traffic figures when the bake began: only what came after is judged.
+    baseline: TrafficByVersion,
+    /// A readiness probe per new instance, by instance name, with its run of outcomes.
+    probes: Vec<(String, Probe, Streak)>,
+}
+
+impl Bake {
+    /// A bake of `pause` at `weight`, judged against `baseline`, probing each named instance.
+    pub(super) fn new(
+        spec: &Spec,
+        client: &Client,
+        out: &Output,
+        weight: u32,
+        pause: Duration,
+        baseline: TrafficByVersion,
+        probes: Vec<(String, Probe)>,
+    ) -> Bake {
+        Bake {
+            client: client.clone(),
+            out: out.clone(),
+            weight,
+            pause,
+            remaining: pause,
+            limits: spec.rollout.analysis.clone(),
+            health: spec.health.clone(),
+            auto_rollback: spec.rollout.auto_rollback,
+            baseline,
+            probes: probes
+                .into_iter()
+                .map(|(name, probe)| (name, probe, Streak::default()))
+                .collect(),
+        }
+    }
+
+    /// Watches until the bake ends. `rec` is the run's record of the release: reading the
+    /// controls refreshes it. `status` is what the release record shows (the bake and the
+    /// latest analysis verdict).
+    pub(super) async fn run(
+        &mut self,
+        rec: &mut Release,
+        controls: &mut Controls,
+        events: &mut Events,
+        status: &Status,
+    ) -> Result<BakeOutcome> {
+        let mut last_tick = Instant::now();
+        let mut next_probe = Instant::now() + self.health.interval;
+        let started_at_ms = now_ms();
+        self.record(status, started_at_ms, controls.paused());
+        if !self.pause.is_zero() {
+            self.out.step(
+                &format!("baking {} at {} %", fmt_duration(self.pause), self.weight),
+                None,
+            );
+        }
+        loop {
+            if let Some(reason) = events.trouble() {
+                return Ok(BakeOutcome::RollBack(reason));
+            }
+            if Instant::now() >= next_probe {
+                next_probe = Instant::now() + self.health.interval;
+                for (name, probe, streak) in &mut self.probes {
+                    let outcome = probe.check().await;
+                    streak.record(outcome.is_ok());
+                    if streak.failures >= self.health.fall {
+                        return Ok(BakeOutcome::RollBack(format!(
+                            "new instance {name} failed {} readiness probes in a row: {}",
+                            streak.failures,
+                            outcome.err().unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+            let now = traffic(&self.client, &rec.service).await?;
+            let verdict = analysis::judge(
+                &self.baseline,
+                &now,
+                &rec.to_version,
+                old_version(rec),
+                &self.limits,
+            );
+            status.update(|s| s.analysis = serde_json::to_value(&verdict).ok());
+            if let Verdict::Breach { reason, .. } = verdict {
+                if self.auto_rollback {
+                    return Ok(BakeOutcome::RollBack(reason));
+                }
+                if controls.pause_for_breach() {
+                    self.out.step(
+                        &format!("analysis breach, paused (auto_rollback = false): {reason}"),
+                        None,
+                    );
+                }
+            }
+            match controls.take(rec).await? {
+                Some(Control::Abort) => {
+                    return Ok(BakeOutcome::RollBack("aborted by an operator".into()))
+                }
+                Some(Control::Promote) => return Ok(BakeOutcome::PromoteNow),
+                _ => {}
+            }
+            let elapsed = last_tick.elapsed();
+            last_tick = Instant::now();
+            if !controls.paused() {
+                self.remaining = self.remaining.saturating_sub(elapsed);
+            }
+            self.record(status, started_at_ms, controls.paused());
+            if self.remaining.is_zero() && !controls.paused() {
+                return Ok(BakeOutcome::Continue);
+            }
+            tokio::time::sleep(TICK.min(if controls.paused() {
+                TICK
+            } else {
+                self.remaining.max(Duration::from_millis(1))
+            }))
+            .await;
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The release: a durable state machine recorded in the locator.
+//!
+//! ```text
+//! validating → starting → waiting_healthy → registered → shifting(step..) → promoted
+//!            → draining → removing → done
+//! validating | starting | waiting_healthy | registered ──► failed        (no user saw it)
+//! registered | shifting | promoted ──► rolling_back ──► rolled_back        (breach or abort)
+//! ```
+//!
+//! [`Run::transition`] is the only place the state changes: it checks
+//! `ReleaseState::can_become`, records the move (with the duration of the state it leaves) in
+//! the locator, and logs one structured tracing event. The work of each state is idempotent and
+//! depends only on the recorded state and on what Docker and the locator hold (containers are
+//! found by their labels and deterministic names), so a run killed at any point continues with
+//! `haddock release` (same tag) or `haddock resume`: nothing is done twice, nothing is orphaned.
+//!
+//! Infrastructure errors before any user could reach the new version end the release as
+//! `failed` (containers removed); later ones leave it active and resumable (exit 3).
+//!
+//! Reading order: this file ([`Deployer`]: the checks before a release begins, and which
+//! release to drive), then `run.rs` (one method per state), `bake.rs` (the watch at each canary
+//! weight), and what a run hands the bake and keeps going in the background: `controls.rs`
+//! (operator controls, pause), `events.rs` (Docker events of the new containers), `status.rs`
+//! (what the record's `status` shows), `lease.rs` (who drives the release). `weights.rs` is the
+//! arithmetic of a canary step.
+
+mod bake;
+mod controls;
+mod events;
+mod lease;
+mod run;
+mod status;
+mod weights;
+
+pub use lease::{is_driven, LEASE};
+pub use weights::{steps_to_walk, weights_for};
+
+use crate::docker::Host;
+use crate::error::{Error, Result};
+use crate::heartbeat::{heartbeat_once, HEARTBEAT};
+use crate::image::Supply;
+use crate::output::Output;
+use crate::spec::Spec;
+use locator::api::{NewRelease, Release, ReleaseState, ServiceSpec, SessionSettings};
+use locator::client::Client;
+use run::Run;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Everything a release needs: the spec, its Docker hosts, the locator.
+#[derive(Debug)]
+pub struct Deployer {
+    pub client: Client,
+    pub spec: Spec,
+    pub hosts: Vec<Host>,
+    pub out: Output,
+    /// Recorded as the release's `who`.
+    pub who: String,
+}
+
+/// How a release ended when it did not fail (failures are [`Error`]s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Released,
+    /// The service already runs this version: nothing to do.
+    AlreadyCurrent,
+}
+
+/// Milliseconds since the Unix epoch (the lease's clock, as the locator records it).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A duration as the whole milliseconds the locator records (saturating). `pub(crate)`: the
+/// `--json` report (`output::report`) counts its total the same way.
+pub(crate) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The version users are on before `rec`, unless the release is to that same version (then
+/// there is nothing to split traffic with). Shared by the run and its bake.
+fn old_version(rec: &Release) -> Option<&str> {
+    rec.from_version.as_deref().filter(|f| *f != rec.to_version)
+}
+
+impl Deployer {
+    /// Connects to every Docker host of the spec.
+    pub async fn new(client: Client, spec: Spec, out: Output) -> Result<Deployer> {
+        let hosts = Host::connect_all(&spec).await?;
+        let who = std::env::var("HADDOCK_WHO")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "haddock".into());
+        Ok(Deployer {
+            client,
+            spec,
+            hosts,
+            out,
+            who,
+        })
+    }
+
+    fn service(&self) -> &str {
+        &self.spec.service.name
+    }
+
+    /// Looks for `repo:tag` on every host, and (`image_source = "copy"`) for where a host that
+    /// lacks it will get it from. Changes nothing: a tag that cannot reach every host is exit 2.
+    async fn check_images(&self, tag: &str) -> Result<Supply> {
+        Supply::survey(&self.spec, &self.hosts, tag).await
+    }
+
+    /// Brings `repo:tag` to every host that lacks it (copies, with progress lines), then
+    /// `Ok(per-host "image has a HEALTHCHECK")`. Idempotent: hosts that hold it are left alone.
+    async fn supply_images(&self, tag: &str) -> Result<Vec<bool>> {
+        let supply = self.check_images(tag).await?;
+        Ok(supply.fill(&self.hosts, &self.out).await?.healthcheck)
+    }
+
+    /// `haddock release SERVICE TAG`: a new release, or the continuation of the active one
+    /// when it is to the same tag.
+    pub async fn release(&self, tag: &str) -> Result<(Outcome, Option<Release>)> {
+        // Nothing is changed before these checks pass.
+        self.check_images(tag).await?;
+        if let Some(active) = self.client.active_release(self.service()).await? {
+            // A release to the same tag whose driver was killed a moment ago still shows a
+            // fresh lease: wait for it to lapse rather than refuse, so that "run it again"
+            // always continues a crashed release.
+            let active = self.await_lease(active, tag).await?;
+            if active.to_version == tag && !is_driven(&active) {
+                self.out.step(
+                    &format!(
+                        "continuing active release {} (state {})",
+                        active.id, active.state
+                    ),
+                    None,
+                );
+                return self
+                    .drive(active)
+                    .await
+                    .map(|r| (Outcome::Released, Some(r)));
+            }
+            return Err(active_error(&active));
+        }
+        let current = match self.client.service(self.service()).await {
+            Ok(s) => Some(s),
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let from = current.as_ref().and_then(|s| s.primary_version.clone());
+        if from.as_deref() == Some(tag) {
+            let mut running = false;
+            for h in &self.hosts {
+                running |= h
+                    .find(self.service(), None)
+                    .await?
+                    .iter()
+                    .any(|c| c.version == tag && c.running);
+            }
+            if running {
+                heartbeat_once(&self.client, &self.hosts, self.service()).await;
+                self.out.step(
+                    &format!("{} already runs {tag}: nothing to do", self.service()),
+                    None,
+                );
+                return Ok((Outcome::AlreadyCurrent, None));
+            }
+        }
+        let sessions = &self.spec.sessions;
+        let settings = SessionSettings {
+            cookie_name: sessions.cookie.clone(),
+            idle_ttl_ms: ms(sessions.idle_ttl),
+            max_drain_ms: ms(sessions.max_drain),
+        };
+        if current.as_ref().is_none_or(|s| s.sessions != settings) {
+            self.client
+                .put_service(self.service(), &ServiceSpec { sessions: settings })
+                .await?;
+        }
+        let new = NewRelease {
+            service: self.service().to_string(),
+            from_version: from,
+            to_version: tag.to_string(),
+            image: self.spec.image_ref(tag),
+            who: self.who.clone(),
+        };
+        let rec = match self.client.create_release(&new).await {
+            Ok(r) => r,
+            Err(e) if e.code() == Some("release_active") => {
+                return Err(match self.client.active_release(self.service()).await? {
+                    Some(a) => active_error(&a),
+                    None => e.into(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.out.step(
+            &format!(
+                "release {} of {}: {} → {tag}",
+                rec.id,
+                self.service(),
+                rec.from_version.as_deref().unwrap_or("(none)")
+            ),
+            None,
+        );
+        self.drive(rec).await.map(|r| (Outcome::Released, Some(r)))
+    }
+
+    /// `haddock resume SERVICE`: continues the active release from its recorded state.
+    pub async fn resume(&self) -> Result<Release> {
+        let Some(active) = self.client.active_release(self.service()).await? else {
+            return Err(Error::BadInput(format!(
+                "service {} has no active release to resume",
+                self.service()
+            )));
+        };
+        self.check_images(&active.to_version).await?;
+        self.out.step(
+            &format!("resuming release {} at state {}", active.id, active.state),
+            None,
+        );
+        self.drive(active).await
+    }
+
+    /// Walks a release from its recorded state to a terminal one.
+    pub async fn drive(&self, rec: Release) -> Result<Release> {
+        Run::new(self, rec).walk().await
+    }
+
+    /// The version before the current primary (the `from` of the newest finished release that
+    /// made the current primary), for `haddock rollback`.
+    pub async fn previous_version(&self) -> Result<String> {
+        let service = self.client.service(self.service()).await?;
+        let current = service.primary_version.ok_or_else(|| {
+            Error::BadInput(format!("service {} has no current version", self.service()))
+        })?;
+        let history = self.client.history(Some(self.service())).await?;
+        history
+            .iter()
+            .find(|r| r.state == ReleaseState::Done && r.to_version == current)
+            .and_then(|r| r.from_version.clone())
+            .ok_or_else(|| {
+                Error::BadInput(format!(
+                    "no earlier version of {} to roll back to (current {current})",
+                    self.service()
+                ))
+            })
+    }
+}
+
+impl Deployer {
+    /// Waits (at most two lease periods) until nobody drives `active`, when it is a release
+    /// to `tag`; returns the fresh record. A release to another tag is returned at once.
+    async fn await_lease(&self, mut active: Release, tag: &str) -> Result<Release> {
+        if active.to_version != tag || !is_driven(&active) {
+            return Ok(active);
+        }
+        self.out.step(
+            &format!(
+                "release {} is leased by another haddock; waiting up to {}s for the lease to lapse",
+                active.id,
+                (LEASE * 2).as_secs()
+            ),
+            None,
+        );
+        let deadline = Instant::now() + LEASE * 2;
+        while is_driven(&active) && !active.state.is_terminal() && Instant::now() < deadline {
+            tokio::time::sleep(HEARTBEAT).await;
+            active = self.client.release(&active.id).await?;
+        }
+        Ok(active)
+    }
+}
+
+fn active_error(r: &Release) -> Error {
+    Error::ReleaseActive {
+        service: r.service.clone(),
+        id: r.id.clone(),
+        to_version: r.to_version.clone(),
+        state: r.state.to_string(),
+    }
+}
