@@ -459,18 +459,27 @@ impl<'a> Run<'a> {
             .unwrap_or(0)
             .min(steps.len().saturating_sub(1));
         let mut i = first;
+        let mut promoted_by_operator = false;
         while i < steps.len() {
+            // A control sent before this weight (while the instances started, or to a release
+            // whose driver died) acts before any more users are sent to the new version.
+            match self.controls.take(&mut self.rec).await? {
+                Some(Control::Abort) => {
+                    return self.begin_rollback("aborted by an operator".into()).await
+                }
+                Some(Control::Promote) => {
+                    promoted_by_operator = true;
+                    i = steps.len() - 1;
+                }
+                _ => {}
+            }
             let (weight, pause) = steps[i];
             let last = i + 1 == steps.len();
-            if last && self.spec().rollout.manual && self.old_version().is_some() {
+            let manual = self.spec().rollout.manual && self.old_version().is_some();
+            if last && manual && !promoted_by_operator {
                 if let Some(reason) = self.await_promotion().await? {
                     return self.begin_rollback(reason).await;
                 }
-            }
-            // An abort sent before this weight (while the instances started, say) acts before
-            // any more users are sent to the new version.
-            if let Some(Control::Abort) = self.controls.take(&mut self.rec).await? {
-                return self.begin_rollback("aborted by an operator".into()).await;
             }
             let t = Instant::now();
             let update = weights_for(self.old_version(), &self.rec.to_version, weight);
@@ -514,7 +523,10 @@ impl<'a> Run<'a> {
             self.status.update(|s| s.bake = None);
             match outcome {
                 BakeOutcome::Continue => i += 1,
-                BakeOutcome::PromoteNow => i = steps.len() - 1,
+                BakeOutcome::PromoteNow => {
+                    promoted_by_operator = true;
+                    i = steps.len() - 1;
+                }
                 BakeOutcome::RollBack(reason) => return self.begin_rollback(reason).await,
             }
         }
