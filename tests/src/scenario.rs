@@ -147,6 +147,15 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
                         let counts =
                             load::probe_new_sessions(&stack.proxy_url, opts.probes_per_step, 16)
                                 .await;
+                        // A probe that outlasted its step measured two weights at once.
+                        let after = stack.weights().await;
+                        assert_eq!(
+                            after.as_ref(),
+                            timeline.last().map(|(_, w)| w),
+                            "the weights changed during the {s} % probe: make the step pause \
+                             longer than a probe of {} sessions",
+                            opts.probes_per_step
+                        );
                         probes.insert(s, counts);
                     }
                 }

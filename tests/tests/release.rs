@@ -15,7 +15,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn quick() -> StackOptions {
     StackOptions {
-        step_pause: Duration::from_secs(4),
+        // Longer than a probe of 4 000 new sessions on a busy 2-core machine (~2-4 s).
+        step_pause: Duration::from_secs(6),
         session_ttl: Duration::from_secs(3),
         start_deadline: Duration::from_secs(15),
         ..StackOptions::default()
