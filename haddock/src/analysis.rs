@@ -1,14 +1,14 @@
 //! Canary analysis: is the new version worse than the spec tolerates?
 //!
 //! The proxies report cumulative per-version counters (requests, 5xx) and a recent-window p99
-//! to the locator, which sums them ([`locator::api::TrafficByVersion`]). Haddock reads them at
+//! to the locator, which sums them ([`locator_wire::api::TrafficByVersion`]). Haddock reads them at
 //! the start of a bake (the baseline) and then every tick: the new version is judged on the
 //! *difference* (what it served during this release), and only once that difference reaches
 //! `min_requests` — a canary at 10 % with three requests proves nothing either way. The old
 //! version's figures over the same window are reported next to it (the delta a human wants).
 
 use crate::spec::Analysis;
-use locator::api::{TrafficByVersion, VersionTraffic};
+use locator_wire::api::{TrafficByVersion, VersionTraffic};
 use serde::Serialize;
 
 /// The outcome of one look at the figures.

@@ -8,9 +8,9 @@ use crate::output::{self, Output};
 use crate::release::{self, Deployer, Outcome};
 use crate::spec::{Spec, SpecError};
 use clap::{Args, Parser, Subcommand};
-use locator::api::{Control, Release};
-use locator::client::Client;
-use locator::logging::LogFormat;
+use locator_wire::api::{Control, Release};
+use locator_wire::client::Client;
+use locator_wire::logging::LogFormat;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]

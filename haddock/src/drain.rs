@@ -8,8 +8,8 @@
 //! that users leave a bad version at once).
 
 use crate::error::Result;
-use locator::api::{Instance, InstanceLoad};
-use locator::client::Client;
+use locator_wire::api::{Instance, InstanceLoad};
+use locator_wire::client::Client;
 use std::time::{Duration, Instant};
 
 /// How often the locator's figures are read while draining.
@@ -78,7 +78,7 @@ pub async fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use locator::api::InstanceState;
+    use locator_wire::api::InstanceState;
 
     fn inst(id: &str, live_sessions: u64, in_flight: u64) -> Instance {
         Instance {

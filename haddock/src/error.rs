@@ -5,7 +5,7 @@
 //! 1 = the release failed or was rolled back (users are all on the old version again).
 
 use crate::spec::SpecError;
-use locator::client::ClientError;
+use locator_wire::client::ClientError;
 
 /// Exit codes of every verb (documented in docs/operations.md). They live with [`Error`]
 /// because [`Error::exit_code`] is what maps each failure to one; the CLI only returns them.

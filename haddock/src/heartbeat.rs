@@ -8,8 +8,8 @@
 //! and depends on neither.
 
 use crate::docker::Host;
-use locator::api::InstanceState;
-use locator::client::Client;
+use locator_wire::api::InstanceState;
+use locator_wire::client::Client;
 use std::convert::Infallible;
 use std::time::Duration;
 

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::release::{ms, Outcome};
-use locator::api::{Release, ReleaseState};
+use locator_wire::api::{Release, ReleaseState};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -5,7 +5,7 @@
 
 mod support;
 
-use locator::api::{
+use locator_wire::api::{
     InstanceState, NewRelease, Release, ReleaseState, ReleaseUpdate, ServiceSpec, SessionReport,
     SessionSettings, VersionTraffic,
 };
@@ -69,7 +69,7 @@ fn active_when(
     let client = l.client();
     let rt = rt();
     let mut found = None;
-    wait_until(what, Duration::from_secs(60), || {
+    eventually_blocking(what, Duration::from_secs(60), || {
         found = rt
             .block_on(client.active_release(service))
             .unwrap()
@@ -87,7 +87,7 @@ fn report_sessions(
     live: u64,
     traffic: &[(&str, u64, u64)],
 ) {
-    let proxy = locator::client::Client::new(&l.url, Some("test-proxy".into()));
+    let proxy = locator_wire::client::Client::new(&l.url, Some("test-proxy".into()));
     let report = SessionReport {
         proxy_id: "test-proxy-1".into(),
         service: service.into(),
@@ -95,7 +95,7 @@ fn report_sessions(
             .map(|id| {
                 BTreeMap::from([(
                     id.to_string(),
-                    locator::api::InstanceLoad {
+                    locator_wire::api::InstanceLoad {
                         live_sessions: live,
                         in_flight: 0,
                     },
@@ -376,7 +376,10 @@ fn controls_that_mean_nothing_in_a_state_are_refused_with_the_reason() {
     };
     let e = rt.block_on(client.update_release(&id, &stale)).unwrap_err();
     assert_eq!(e.code(), Some("state_conflict"), "{e}");
-    assert!(e.to_string().contains("done") && e.to_string().contains("shifting"), "{e}");
+    assert!(
+        e.to_string().contains("done") && e.to_string().contains("shifting"),
+        "{e}"
+    );
 }
 
 #[test]

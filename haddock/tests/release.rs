@@ -3,7 +3,7 @@
 
 mod support;
 
-use locator::api::{InstanceState, ReleaseState};
+use locator_wire::api::{InstanceState, ReleaseState};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -273,7 +273,7 @@ fn kill_release_at(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_until(
+    eventually_blocking(
         &format!("haddock to record `{state}` and make its next call"),
         Duration::from_secs(60),
         || {
@@ -357,7 +357,7 @@ fn haddock_killed_while_rolling_back_rolls_back_on_the_next_run() {
     let client = l.client();
     let recorded = std::thread::scope(|s| {
         s.spawn(|| {
-            wait_until("the canary bake", Duration::from_secs(60), || {
+            eventually_blocking("the canary bake", Duration::from_secs(60), || {
                 rt().block_on(client.active_release(service))
                     .unwrap()
                     .is_some_and(|r| r.state == ReleaseState::Shifting)

@@ -8,7 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// The `method` label of a request: one of a fixed set, never the method as sent.
@@ -45,11 +45,7 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
-/// The latency buckets of every Haddock component, so that their histograms line up in one
-/// panel: 0.1 ms … ~6.6 s in doublings.
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
-}
+pub use locator_wire::metrics::latency_histogram;
 
 /// Every metric the locator exports.
 pub struct Metrics {

@@ -34,9 +34,7 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// The OpenAPI 3 document served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Period of the empty keep-alive line on watch streams. Clients treat three missed ones as a
-/// dead locator ([`crate::client::Client::with_watch_silence`]).
-pub const WATCH_KEEPALIVE: Duration = Duration::from_secs(10);
+pub use crate::api::WATCH_KEEPALIVE;
 
 /// Default of `--header-read-timeout`: a request head is one packet for any real client, so
 /// 10 s allows a very slow link and still frees a stalled or trickling client's connection soon.

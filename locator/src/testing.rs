@@ -9,11 +9,10 @@ use crate::server::{self, RunningServer, ServerConfig};
 use crate::store::embedded::{self, EmbeddedStore};
 use crate::store::postgres::{self, PostgresStore};
 use crate::store::{spawn_sweeper, Store};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const DEPLOY_TOKEN: &str = "test-deploy-token";
 pub const READ_TOKEN: &str = "test-read-token";
@@ -27,25 +26,7 @@ pub fn tokens() -> Tokens {
         .with(Role::Proxy, PROXY_TOKEN)
 }
 
-/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
-    }
-}
+pub use locator_wire::testing::eventually;
 
 /// A locator served in-process on 127.0.0.1 (a random port), with [`tokens`].
 pub struct TestLocator<S: Store> {

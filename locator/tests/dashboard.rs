@@ -10,11 +10,11 @@ use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use locator::api::*;
 use locator::client::Client;
+use locator::testing::eventually;
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DEPLOY: &str = "deploy-token-for-the-dashboard-test";
 const READ: &str = "read-token-for-the-dashboard-test";
@@ -59,25 +59,6 @@ fn require(names: &[&str]) -> PathBuf {
             names.join(" / ")
         )
     })
-}
-
-/// Polls `check` until it yields `Some`, or panics after `PATIENCE` naming `what` and the last
-/// thing seen (so a failure says what the page showed, not just that it timed out).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {PATIENCE:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// Text of the first element matching `css`, read inside the page (`None`: no such element).
@@ -149,7 +130,7 @@ async fn open_browser(driver_port: u16) -> Browser {
         }),
     );
     let url = format!("http://127.0.0.1:{driver_port}");
-    eventually("chromedriver to start a browser session", || {
+    eventually("chromedriver to start a browser session", PATIENCE, || {
         let caps = caps.clone();
         let url = url.clone();
         async move {
@@ -280,7 +261,7 @@ async fn dashboard_shows_a_release_live_and_its_buttons_work() {
     let _locator = start_locator(dir.path(), port);
     let base = format!("http://127.0.0.1:{port}");
     let client = Client::new(&base, Some(DEPLOY.into()));
-    eventually("the locator to answer", || async {
+    eventually("the locator to answer", PATIENCE, || async {
         client.services().await.map_err(|e| e.to_string())
     })
     .await;
@@ -317,11 +298,11 @@ async fn drive(
 
     // It shows the running release and the instances with their versions' weights.
     let rel = format!("[data-release=\"{}\"]", release.id);
-    eventually("the release to show as shifting", || async {
+    eventually("the release to show as shifting", PATIENCE, || async {
         text_is(browser, &format!("{rel} dd[data-field=state]"), "shifting").await
     })
     .await;
-    eventually("shop-b at 10 %", || async {
+    eventually("shop-b at 10 %", PATIENCE, || async {
         text_is(
             browser,
             "[data-instance=shop-b] [data-field=weight]",
@@ -349,13 +330,13 @@ async fn drive(
         analysis.contains("pass") && analysis.contains("12.5 ms"),
         "{analysis}"
     );
-    eventually("the release in the history", || async {
+    eventually("the release in the history", PATIENCE, || async {
         text(browser, &format!("[data-history=\"{}\"]", release.id))
             .await
             .ok_or_else(|| "no history row".to_string())
     })
     .await;
-    eventually("the deploy role to be recognised", || async {
+    eventually("the deploy role to be recognised", PATIENCE, || async {
         text_is(browser, "#role", "deploy: controls enabled").await
     })
     .await;
@@ -366,7 +347,7 @@ async fn drive(
         .execute("window.__noReload = 42; return null;", vec![])
         .await?;
     set_weights(client, 75, 25).await;
-    eventually("shop-b at 25 % without reload", || async {
+    eventually("shop-b at 25 % without reload", PATIENCE, || async {
         text_is(
             browser,
             "[data-instance=shop-b] [data-field=weight]",
@@ -394,14 +375,18 @@ async fn drive(
         "pause is disabled for a deploy token"
     );
     pause.click().await?;
-    eventually("the locator to hold the release paused", || async {
-        match client.release(&release.id).await {
-            Ok(r) if r.paused => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    eventually(
+        "the locator to hold the release paused",
+        PATIENCE,
+        || async {
+            match client.release(&release.id).await {
+                Ok(r) if r.paused => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
     .await;
-    eventually("the page to show it paused", || async {
+    eventually("the page to show it paused", PATIENCE, || async {
         text_is(browser, &format!("{rel} dd[data-field=paused]"), "yes").await
     })
     .await;
@@ -425,7 +410,7 @@ async fn drive(
         .await?
         .click()
         .await?;
-    eventually("the read-only role to be recognised", || async {
+    eventually("the read-only role to be recognised", PATIENCE, || async {
         text_is(browser, "#role", "read-only").await
     })
     .await;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use locator::logging::LogFormat;
+use locator_wire::logging::LogFormat;
 
 use crate::error::ProxyError;
 use crate::router::Options;

@@ -29,7 +29,7 @@ pub enum ProxyError {
     CorruptState { path: PathBuf, message: String },
     /// The locator could not be reached or refused a call.
     #[error(transparent)]
-    Locator(#[from] locator::client::ClientError),
+    Locator(#[from] locator_wire::client::ClientError),
     /// Pingora refused to set up a listener or the server.
     #[error("server: {0}")]
     Server(String),

@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    locator::logging::init(cli.log_format);
+    locator_wire::logging::init(cli.log_format);
     match cli.command {
         Command::Serve(args) => proxy::server::serve(&args)?,
     }

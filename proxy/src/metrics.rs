@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use locator::api::VersionTraffic;
-use locator::metrics::latency_histogram;
+use locator_wire::api::VersionTraffic;
+use locator_wire::metrics::latency_histogram;
 
 use crate::request_head::HeadCounters;
 use prometheus_client::encoding::EncodeLabelSet;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use locator::api::{InstanceLoad, SessionReport};
-use locator::client::Client;
+use locator_wire::api::{InstanceLoad, SessionReport};
+use locator_wire::client::Client;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
@@ -121,7 +121,7 @@ mod tests {
     use crate::router::Options;
     use crate::routing_table::tests::{instance, snapshot};
     use crate::session::CookieKeys;
-    use locator::api::InstanceState;
+    use locator_wire::api::InstanceState;
 
     #[test]
     fn reports_every_instance_with_its_sessions_and_in_flight() {

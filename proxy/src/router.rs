@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use locator::api::Snapshot;
+use locator_wire::api::Snapshot;
 
 use crate::metrics::Metrics;
 use crate::routing_table::RoutingTable;

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use locator::api::{InstanceState, SessionSettings, Snapshot};
+use locator_wire::api::{InstanceState, SessionSettings, Snapshot};
 use serde::Serialize;
 
 use crate::balancer::{choose_index, choose_version};
@@ -270,7 +270,7 @@ fn resolve(address: &str) -> Option<SocketAddr> {
 pub(crate) mod tests {
     use super::*;
     use crate::session::SessionId;
-    use locator::api::{Instance, InstanceLoad, Service};
+    use locator_wire::api::{Instance, InstanceLoad, Service};
     use std::collections::BTreeMap;
 
     pub(crate) fn instance(id: &str, version: &str, port: u16, state: InstanceState) -> Instance {

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use locator::api::Snapshot;
-use locator::client::Client;
+use locator_wire::api::Snapshot;
+use locator_wire::client::Client;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use locator::api::{Change, Snapshot, WatchEvent};
-use locator::client::Client;
+use locator_wire::api::{Change, Snapshot, WatchEvent};
+use locator_wire::client::Client;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
@@ -169,7 +169,7 @@ impl BackgroundService for Watcher {
 mod tests {
     use super::*;
     use crate::routing_table::tests::{instance, snapshot};
-    use locator::api::InstanceState;
+    use locator_wire::api::InstanceState;
 
     #[test]
     fn state_round_trips_and_missing_state_is_none() {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use locator::api::InstanceState::*;
+use locator_wire::api::InstanceState::*;
 
 /// Not a test: the body of the upstream processes the other tests start (see `common`).
 #[test]
@@ -463,9 +463,7 @@ async fn a_client_hanging_up_does_not_count_as_a_5xx_of_its_version() {
         .await
         .unwrap();
     drop(conn);
-    eventually(
-        Duration::from_secs(5),
-        "the abandoned request in the metrics",
+    eventually("the abandoned request in the metrics", Duration::from_secs(5),
         || async {
             let m = proxy.metrics().await;
             // 502 was how it was counted before (as if the instance had failed it).
@@ -479,7 +477,7 @@ async fn a_client_hanging_up_does_not_count_as_a_5xx_of_its_version() {
     .await;
     // Two reports later, the report is certainly built after the abandoned request was recorded.
     let seen = stub.reports.lock().unwrap().len();
-    eventually(Duration::from_secs(5), "two more reports", || async {
+    eventually("two more reports", Duration::from_secs(5), || async {
         stub.reports.lock().unwrap().len() >= seen + 2
     })
     .await;
@@ -552,8 +550,8 @@ async fn drain_keeps_sessions_until_idle_then_reports_zero() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     eventually(
-        Duration::from_secs(5),
         "a report with a's session",
+        Duration::from_secs(5),
         || async {
             stub.last_report()
                 .is_some_and(|r| r.instances.get("a").is_some_and(|l| l.live_sessions == 1))
@@ -562,8 +560,8 @@ async fn drain_keeps_sessions_until_idle_then_reports_zero() {
     .await;
     // … and once idle past the TTL, the proxy reports `a` empty: haddock may remove it.
     eventually(
-        Duration::from_secs(10),
         "a drained in the reports",
+        Duration::from_secs(10),
         || async {
             stub.last_report().is_some_and(|r| {
                 r.instances
@@ -674,8 +672,8 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
     let new = Proxy::spawn_on(old.port, old.admin, &stub.url, dir.path(), &["--upgrade"]);
     let sock = dir.path().join("upgrade.sock");
     eventually(
-        Duration::from_secs(10),
         "the new proxy's upgrade socket",
+        Duration::from_secs(10),
         || {
             let exists = sock.exists();
             async move { exists }
@@ -764,8 +762,8 @@ async fn a_websocket_stays_open_through_drain_and_holds_the_instance() {
     tokio::time::sleep(Duration::from_millis(2 * ttl)).await;
     assert_eq!(echo(&mut ws, "still there").await, "a:still there");
     eventually(
-        Duration::from_secs(5),
         "a report showing the tunnel in flight on a",
+        Duration::from_secs(5),
         || async {
             stub.last_report()
                 .is_some_and(|r| r.instances.get("a").is_some_and(|l| l.in_flight == 1))
@@ -774,8 +772,8 @@ async fn a_websocket_stays_open_through_drain_and_holds_the_instance() {
     .await;
     drop(ws);
     eventually(
-        Duration::from_secs(10),
         "a drained once the tunnel closed",
+        Duration::from_secs(10),
         || async {
             stub.last_report().is_some_and(|r| {
                 r.instances

@@ -18,8 +18,8 @@ use crate::error::Result;
 use crate::health::{Probe, Streak};
 use crate::output::{fmt_duration, Output};
 use crate::spec::{Analysis, HealthSection, Spec};
-use locator::api::{BakeStatus, Control, Release, TrafficByVersion};
-use locator::client::Client;
+use locator_wire::api::{BakeStatus, Control, Release, TrafficByVersion};
+use locator_wire::client::Client;
 use std::time::{Duration, Instant};
 
 /// How often a bake looks at events, controls and the traffic figures (also how often a manual

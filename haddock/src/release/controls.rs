@@ -9,8 +9,8 @@
 use super::lease::driver_error;
 use crate::error::Result;
 use crate::output::Output;
-use locator::api::{Control, Release, ReleaseUpdate};
-use locator::client::Client;
+use locator_wire::api::{Control, Release, ReleaseUpdate};
+use locator_wire::client::Client;
 
 /// The operator controls of one release, and its pause.
 pub(super) struct Controls {

@@ -13,13 +13,13 @@ use super::status::Status;
 use crate::docker::Host;
 use crate::error::{Error, Result};
 use crate::heartbeat::{heartbeat_once, HEARTBEAT};
-use locator::api::{Release, ReleaseUpdate};
-use locator::client::{Client, ClientError};
+use locator_wire::api::{Release, ReleaseUpdate};
+use locator_wire::client::{Client, ClientError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
 /// A lease not renewed for this long has lapsed (the locator's `api::LEASE_MS`).
-pub const LEASE: Duration = Duration::from_millis(locator::api::LEASE_MS);
+pub const LEASE: Duration = Duration::from_millis(locator_wire::api::LEASE_MS);
 
 /// Whether a haddock process is driving this release right now (its lease is fresh). Read
 /// with this machine's clock, so only a hint for waiting: the locator decides.
@@ -129,7 +129,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use locator::api::{Lease, ReleaseState, ReleaseStatus};
+    use locator_wire::api::{Lease, ReleaseState, ReleaseStatus};
     use std::collections::BTreeMap;
 
     #[test]

@@ -3,9 +3,10 @@
 //! ```text
 //! validating → starting → waiting_healthy → registered → shifting(step..) → promoted
 //!            → draining → removing → done
-//! validating | starting | waiting_healthy | registered ──► failed        (no user saw it)
-//! registered | shifting | promoted ──► rolling_back ──► rolled_back        (breach or abort)
+//! validating | starting | waiting_healthy | registered ──► failed   (no user saw it; abort)
+//! registered | shifting | promoted | draining ──► rolling_back ──► rolled_back (breach, abort)
 //! ```
+//! `removing` is past the point of return: the old version's containers are going.
 //!
 //! [`Run::transition`] is the only place the state changes: it checks
 //! `ReleaseState::can_become`, records the move (with the duration of the state it leaves) in
@@ -41,8 +42,8 @@ use crate::heartbeat::{heartbeat_once, HEARTBEAT};
 use crate::image::Supply;
 use crate::output::Output;
 use crate::spec::Spec;
-use locator::api::{NewRelease, Release, ReleaseState, ServiceSpec, SessionSettings};
-use locator::client::Client;
+use locator_wire::api::{NewRelease, Release, ReleaseState, ServiceSpec, SessionSettings};
+use locator_wire::client::Client;
 use run::Run;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -19,11 +19,11 @@ use crate::health::{self, Liveness, NotHealthy, Probe};
 use crate::heartbeat::heartbeat_once;
 use crate::plan::ContainerPlan;
 use crate::spec::Spec;
-use locator::api::{
+use locator_wire::api::{
     Control, InstanceState, RegisterInstance, Release, ReleaseState, ReleaseUpdate, Service,
     WeightsUpdate,
 };
-use locator::client::Client;
+use locator_wire::client::Client;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -754,7 +754,7 @@ impl<'a> Run<'a> {
 
 #[cfg(test)]
 mod tests {
-    use locator::api::ReleaseState;
+    use locator_wire::api::ReleaseState;
 
     #[test]
     fn the_walk_follows_the_locators_state_machine() {

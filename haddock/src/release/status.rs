@@ -5,7 +5,7 @@
 //! The run and its bake write parts of it; the lease task publishes the whole of it with every
 //! renewal. [`Status`] is the handle they share, so that neither needs the other to write.
 
-use locator::api::ReleaseStatus;
+use locator_wire::api::ReleaseStatus;
 use std::sync::{Arc, Mutex};
 
 /// A shared, cheaply cloned handle on the release's typed status.

@@ -4,7 +4,7 @@
 //! every step writes to the locator are unit-tested without a locator.
 
 use crate::spec::Spec;
-use locator::api::WeightsUpdate;
+use locator_wire::api::WeightsUpdate;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

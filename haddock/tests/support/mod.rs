@@ -218,8 +218,8 @@ impl Locator {
         l
     }
 
-    pub fn client(&self) -> locator::client::Client {
-        locator::client::Client::new(&self.url, Some(DEPLOY_TOKEN.into()))
+    pub fn client(&self) -> locator_wire::client::Client {
+        locator_wire::client::Client::new(&self.url, Some(DEPLOY_TOKEN.into()))
     }
 }
 
@@ -368,7 +368,7 @@ pub struct CrashRelay {
 
 struct Relay {
     upstream: String,
-    state: locator::api::ReleaseState,
+    state: locator_wire::api::ReleaseState,
     tripped: std::sync::atomic::AtomicBool,
     held: AtomicU32,
     http: reqwest::Client,
@@ -377,7 +377,7 @@ struct Relay {
 type RelayResponse = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
 impl CrashRelay {
-    pub fn start(upstream: &str, state: locator::api::ReleaseState) -> CrashRelay {
+    pub fn start(upstream: &str, state: locator_wire::api::ReleaseState) -> CrashRelay {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -477,14 +477,7 @@ impl Relay {
     }
 }
 
-/// Polls `check` every 20 ms until it holds; panics naming `what` after `timeout`.
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use locator_wire::testing::eventually_blocking;
 
 /// The local engine reached a second way: as a `tcp://` host behind TLS with client
 /// certificates (stunnel terminates TLS; openssl makes a throwaway CA). A spec naming both it and
@@ -861,7 +854,7 @@ impl Registry {
             dir,
         };
         for addr in [format!("127.0.0.1:{port}"), registry.remote.clone()] {
-            wait_until(
+            eventually_blocking(
                 &format!("docker-registry on {addr}"),
                 Duration::from_secs(10),
                 || std::net::TcpStream::connect(&addr).is_ok(),

@@ -6,13 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -20,28 +19,14 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use locator::api::*;
+use locator_wire::api::*;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 pub const KEY: &str = "integration-test-cookie-key-0123";
 pub const SERVICE: &str = "svc";
 
-/// Polls `f` until it holds or `timeout` passes (then panics naming `what`).
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+pub use locator_wire::testing::eventually;
 
 /// A free port on 127.0.0.1 (bound then released; the tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
@@ -413,8 +398,8 @@ impl Proxy {
     /// Waits until the proxy serves a table at least as new as `revision`.
     pub async fn wait_revision(&self, revision: u64) {
         eventually(
-            Duration::from_secs(20),
             "the proxy's routing table",
+            Duration::from_secs(20),
             || async {
                 self.routing()
                     .await
@@ -427,8 +412,8 @@ impl Proxy {
         // refused now and then): wait for both.
         let port = self.port;
         eventually(
-            Duration::from_secs(20),
             "the proxy's listener",
+            Duration::from_secs(20),
             || async move {
                 tokio::net::TcpStream::connect(("127.0.0.1", port))
                     .await

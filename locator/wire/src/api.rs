@@ -13,6 +13,10 @@ pub type Revision = u64;
 /// Milliseconds since the Unix epoch (what every timestamp on the wire is).
 pub type UnixMillis = u64;
 
+/// Period of the empty keep-alive line on watch streams. Clients treat three missed ones as a
+/// dead locator ([`crate::client::Client::with_watch_silence`]).
+pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Session settings of a service (from the deploy spec's `[sessions]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -82,7 +82,7 @@ pub struct Client {
 /// Default of [`Client::with_watch_silence`]: three of the locator's keep-alive periods, so one
 /// or two lines delayed by a busy network or locator are not mistaken for a dead one.
 pub const DEFAULT_WATCH_SILENCE: std::time::Duration =
-    std::time::Duration::from_secs(3 * crate::server::WATCH_KEEPALIVE.as_secs());
+    std::time::Duration::from_secs(3 * crate::api::WATCH_KEEPALIVE.as_secs());
 
 impl Client {
     /// `base_url` is e.g. `http://127.0.0.1:7070`; `token` is sent as `Authorization: Bearer`.
