@@ -71,6 +71,13 @@ pub struct Metrics {
     pub untracked_sessions: Counter,
     pub request_heads: HeadCounters,
     pub table_revision: Gauge,
+    /// Routing tables built and installed (a routing change: weights, instance state/address).
+    pub table_installs: Counter,
+    /// `routing.json` writes (each one fsynced).
+    pub state_saves: Counter,
+    /// Events about this service that changed only session sums: no rebuild, no write (each
+    /// was a table and an fsync before).
+    pub load_only_events: Counter,
     windows: RwLock<HashMap<String, Arc<VersionWindow>>>,
 }
 
@@ -100,6 +107,24 @@ impl Metrics {
         let untracked_sessions = Counter::default();
         let request_heads = HeadCounters::default();
         let table_revision = Gauge::default();
+        let table_installs = Counter::default();
+        let state_saves = Counter::default();
+        let load_only_events = Counter::default();
+        registry.register(
+            "routing_load_only_events",
+            "Watch events about this service that changed only session sums (no rebuild)",
+            load_only_events.clone(),
+        );
+        registry.register(
+            "routing_table_installs",
+            "Routing tables built and installed after a routing change",
+            table_installs.clone(),
+        );
+        registry.register(
+            "routing_state_saves",
+            "Writes of the persisted routing snapshot (each fsynced)",
+            state_saves.clone(),
+        );
         registry.register(
             "http_requests",
             "Requests answered, by version, instance and status",
@@ -175,6 +200,9 @@ impl Metrics {
             untracked_sessions,
             request_heads,
             table_revision,
+            table_installs,
+            state_saves,
+            load_only_events,
             windows: RwLock::new(HashMap::new()),
         }
     }

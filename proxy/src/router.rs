@@ -85,6 +85,7 @@ impl Router {
     pub fn install(&self, snapshot: &Snapshot) {
         let table = RoutingTable::build(snapshot, &self.service, &self.tracker, &self.metrics);
         self.metrics.table_revision.set(table.revision as i64);
+        self.metrics.table_installs.inc();
         tracing::info!(
             revision = table.revision,
             instances = table.routes().len(),

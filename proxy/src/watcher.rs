@@ -61,12 +61,25 @@ pub fn save_state(path: &Path, snapshot: &Snapshot) -> Result<(), ProxyError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Whether an event changes what the routing table of `service` is built from.
-fn concerns(event: &WatchEvent, service: &str) -> bool {
+/// Whether an event changes what the routing table of `service` is built from, judged against
+/// the snapshot `before` it. An instance's `load` (the proxies' session sums, rewritten every
+/// second while users are on it) is not: the table routes by state, address and version only,
+/// and rebuilding it (and fsyncing `routing.json`) for every report cost each proxy a table
+/// and a disk write per second.
+fn concerns(event: &WatchEvent, before: &Snapshot, service: &str) -> bool {
     match &event.change {
         Change::Snapshot(_) => true,
         Change::Service(s) => s.name == service,
-        Change::Instance(i) => i.service == service,
+        Change::Instance(i) => {
+            i.service == service
+                && before
+                    .instances
+                    .iter()
+                    .find(|old| old.id == i.id)
+                    .is_none_or(|old| {
+                        (old.state, &old.address, &old.version) != (i.state, &i.address, &i.version)
+                    })
+        }
         Change::Release(_) | Change::Traffic { .. } => false,
     }
 }
@@ -99,6 +112,7 @@ impl Watcher {
 
     fn persist(&self, snapshot: &Snapshot) {
         if let Some(path) = &self.state_file {
+            self.router.metrics.state_saves.inc();
             if let Err(e) = save_state(path, snapshot) {
                 tracing::warn!(error = %e, "could not persist the routing snapshot");
             }
@@ -127,11 +141,14 @@ impl Watcher {
                                     reported_down = false;
                                 }
                                 backoff = MIN_BACKOFF;
-                                let relevant = concerns(&event, &self.router.service);
+                                let relevant = concerns(&event, &snapshot, &self.router.service);
                                 snapshot.apply(&event);
                                 if relevant {
                                     self.router.install(&snapshot);
                                     self.persist(&snapshot);
+                                } else if matches!(&event.change, Change::Instance(i) if i.service == self.router.service)
+                                {
+                                    self.router.metrics.load_only_events.inc();
                                 }
                             }
                             Some(Err(e)) => {
@@ -199,17 +216,31 @@ mod tests {
             revision: 9,
             change,
         };
-        assert!(concerns(&ev(Change::Snapshot(s.clone())), "svc"));
-        assert!(concerns(&ev(Change::Service(s.services[0].clone())), "svc"));
-        assert!(!concerns(&ev(Change::Instance(other)), "svc"));
+        assert!(concerns(&ev(Change::Snapshot(s.clone())), &s, "svc"));
         assert!(concerns(
-            &ev(Change::Instance(instance(
-                "a",
-                "1",
-                1,
-                InstanceState::Draining
-            ))),
+            &ev(Change::Service(s.services[0].clone())),
+            &s,
             "svc"
         ));
+        assert!(!concerns(&ev(Change::Instance(other)), &s, "svc"));
+        let a = instance("a", "1", 1, InstanceState::Ready);
+        assert!(
+            concerns(&ev(Change::Instance(a.clone())), &s, "svc"),
+            "a new instance"
+        );
+        let with_a = snapshot(&[("1", 100)], vec![a.clone()]);
+        let mut busier = a.clone();
+        busier.load.live_sessions = 40;
+        busier.load.in_flight = 3;
+        assert!(
+            !concerns(&ev(Change::Instance(busier)), &with_a, "svc"),
+            "session sums are not a routing change"
+        );
+        let mut draining = a.clone();
+        draining.state = InstanceState::Draining;
+        assert!(concerns(&ev(Change::Instance(draining)), &with_a, "svc"));
+        let mut moved = a;
+        moved.address = "127.0.0.1:9".into();
+        assert!(concerns(&ev(Change::Instance(moved)), &with_a, "svc"));
     }
 }
