@@ -53,7 +53,51 @@ pub struct Outcome {
     pub objects_readable: usize,
     /// Containers of the old version still present when the release returned.
     pub old_containers_left: usize,
+    /// What following the locator cost the proxy over the run.
+    pub routing: RoutingWork,
     pub logs: String,
+}
+
+/// The proxy's routing work over a run (its counters): tables built and `routing.json` fsyncs,
+/// and the events that changed only session sums, each of which was a table and an fsync
+/// before session sums stopped counting as routing changes.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingWork {
+    pub seconds: f64,
+    pub installs: f64,
+    pub saves: f64,
+    pub load_only: f64,
+}
+
+impl RoutingWork {
+    async fn read(stack: &Stack) -> (f64, f64, f64) {
+        (
+            stack
+                .proxy_counter("routing_table_installs")
+                .await
+                .unwrap_or(0.0),
+            stack
+                .proxy_counter("routing_state_saves")
+                .await
+                .unwrap_or(0.0),
+            stack
+                .proxy_counter("routing_load_only_events")
+                .await
+                .unwrap_or(0.0),
+        )
+    }
+
+    /// Per second: (installs, fsyncs) now, and what the old rule would have done.
+    pub fn rates(&self) -> ((f64, f64), (f64, f64)) {
+        let s = self.seconds.max(1e-9);
+        (
+            (self.installs / s, self.saves / s),
+            (
+                (self.installs + self.load_only) / s,
+                (self.saves + self.load_only) / s,
+            ),
+        )
+    }
 }
 
 impl Outcome {
@@ -120,6 +164,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         think: Duration::from_millis(15),
         write_token: stack.write_token.clone(),
     };
+    let routing_start = (Instant::now(), RoutingWork::read(stack).await);
     let load = tokio::spawn(load::run(cfg, control.clone()));
     tokio::time::sleep(opts.warmup).await;
 
@@ -172,6 +217,16 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
 
     control.stop();
     let load = load.await.expect("load task");
+    let routing = {
+        let (i, s, l) = RoutingWork::read(stack).await;
+        let (t0, (i0, s0, l0)) = routing_start;
+        RoutingWork {
+            seconds: t0.elapsed().as_secs_f64(),
+            installs: i - i0,
+            saves: s - s0,
+            load_only: l - l0,
+        }
+    };
     let from_v1: Vec<_> = load
         .objects
         .iter()
@@ -190,6 +245,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         tag_to_full,
         weight_timeline: timeline,
         old_containers_left,
+        routing,
         logs: stack.logs(),
     }
 }

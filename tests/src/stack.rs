@@ -337,6 +337,23 @@ impl Stack {
     }
 
     /// Current weights of the service, as the locator holds them.
+    /// A counter of the proxy's `/metrics` (`haddock_proxy_<name>_total`), summed over labels.
+    pub async fn proxy_counter(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.proxy_admin))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let metric = format!("haddock_proxy_{name}_total");
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(&metric))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     pub async fn weights(&self) -> Option<std::collections::BTreeMap<String, u8>> {
         let client = locator::client::Client::new(&self.locator_url, Some(self.read_token.clone()));
         client.service(&self.service).await.ok().map(|s| s.weights)

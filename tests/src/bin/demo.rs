@@ -101,6 +101,13 @@ async fn main() -> std::process::ExitCode {
         o.objects_readable,
         o.objects_checked
     );
+    let ((installs, saves), (before_installs, before_saves)) = o.routing.rates();
+    println!(
+        "proxy routing work over {:.0} s: {:.2} table builds/s, {:.2} routing.json fsyncs/s \
+         ({} events that changed only session sums skipped; counted as routing changes they \
+         would be {:.2} builds/s and {:.2} fsyncs/s)",
+        o.routing.seconds, installs, saves, o.routing.load_only, before_installs, before_saves
+    );
     let summary = o.summary();
     println!("{summary}");
     let ok = o.release.0 == Some(0)
