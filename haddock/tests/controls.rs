@@ -519,3 +519,72 @@ fn without_auto_rollback_a_breach_pauses_until_an_operator_decides() {
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(containers[0].1, "good-1");
 }
+
+/// How long from a breach to every new session on the old version again: a 5xx burst reported
+/// by a proxy, and the new container killed. Prints the figures (docs/haddock.md keeps them);
+/// asserts only that each release rolled back.
+#[test]
+fn reaction_time_from_a_breach_to_users_back_on_the_old_version() {
+    let scene = Scene::on_good_1(
+        "reaction",
+        r#"[{ weight = 50, pause = "60s" }, { weight = 100 }]"#,
+    );
+    let (l, service, guard, spec) = scene.parts();
+    let client = l.client();
+    let rt = rt();
+    let mut figures = Vec::new();
+    for (round, cause) in ["5xx", "5xx", "5xx", "kill", "kill"]
+        .into_iter()
+        .enumerate()
+    {
+        let release = spawn(&["release", service, "good-2"], spec, l);
+        active_when(l, service, "the bake to begin", |r| r.status.bake.is_some());
+        let t0 = Instant::now();
+        match cause {
+            "5xx" => {
+                // Cumulative figures per proxy: each round reports more than the last.
+                let n = 1000 * (round as u64 + 1);
+                report_sessions(
+                    l,
+                    service,
+                    None,
+                    0,
+                    &[("good-2", n, n / 2), ("good-1", n, 0)],
+                );
+            }
+            _ => {
+                let new = guard
+                    .containers()
+                    .into_iter()
+                    .find(|c| c.1 == "good-2")
+                    .expect("the new container");
+                let killed = std::process::Command::new("docker")
+                    .args(["kill", &new.0])
+                    .output()
+                    .unwrap();
+                assert!(killed.status.success(), "{}", text(&killed));
+            }
+        }
+        eventually_blocking("users back on good-1", Duration::from_secs(30), || {
+            rt.block_on(client.service(service))
+                .is_ok_and(|s| s.weights.get("good-1") == Some(&100))
+        });
+        let took = t0.elapsed();
+        let out = finish(release, Duration::from_secs(60));
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        eprintln!("reaction to {cause}: {} ms", took.as_millis());
+        figures.push((cause, took));
+    }
+    for cause in ["5xx", "kill"] {
+        let mut ms: Vec<u128> = figures
+            .iter()
+            .filter(|f| f.0 == cause)
+            .map(|f| f.1.as_millis())
+            .collect();
+        ms.sort();
+        eprintln!(
+            "reaction to {cause}: median {} ms of {ms:?}",
+            ms[ms.len() / 2]
+        );
+    }
+}

@@ -92,44 +92,141 @@ pub enum Access {
     Needs(Role),
 }
 
-/// Every route: method, path template, access. Templates use `{name}`-style parameters.
-pub const ROUTES: &[(&str, &str, Access)] = &[
-    ("GET", "/healthz", Access::Open),
-    ("GET", "/metrics", Access::Open),
-    ("GET", "/openapi.json", Access::Open),
-    ("GET", "/v1/services", Access::Needs(Role::Read)),
-    ("GET", "/v1/services/{name}", Access::Needs(Role::Read)),
-    ("PUT", "/v1/services/{name}", Access::Needs(Role::Deploy)),
+/// What a request asks for, once its method and path matched a row of [`ROUTES`]: the handler
+/// matches on this (exhaustively), so method and path are written only in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Metrics,
+    OpenApi,
+    ListServices,
+    GetService,
+    PutService,
+    SetWeights,
+    Register,
+    ListInstances,
+    GetInstance,
+    SetState,
+    Heartbeat,
+    Sessions,
+    CreateRelease,
+    ListReleases,
+    GetRelease,
+    UpdateRelease,
+    Control,
+    Snapshot,
+    Watch,
+}
+
+/// Every route: method, path template, access, endpoint — the one place each is written (the
+/// OpenAPI document, the dispatch and the metrics' route label all follow it). Templates use
+/// `{name}`-style parameters.
+pub const ROUTES: &[(&str, &str, Access, Endpoint)] = &[
+    ("GET", "/healthz", Access::Open, Endpoint::Healthz),
+    ("GET", "/metrics", Access::Open, Endpoint::Metrics),
+    ("GET", "/openapi.json", Access::Open, Endpoint::OpenApi),
+    (
+        "GET",
+        "/v1/services",
+        Access::Needs(Role::Read),
+        Endpoint::ListServices,
+    ),
+    (
+        "GET",
+        "/v1/services/{name}",
+        Access::Needs(Role::Read),
+        Endpoint::GetService,
+    ),
+    (
+        "PUT",
+        "/v1/services/{name}",
+        Access::Needs(Role::Deploy),
+        Endpoint::PutService,
+    ),
     (
         "PUT",
         "/v1/services/{name}/weights",
         Access::Needs(Role::Deploy),
+        Endpoint::SetWeights,
     ),
-    ("POST", "/v1/instances", Access::Needs(Role::Deploy)),
-    ("GET", "/v1/instances", Access::Needs(Role::Read)),
-    ("GET", "/v1/instances/{id}", Access::Needs(Role::Read)),
+    (
+        "POST",
+        "/v1/instances",
+        Access::Needs(Role::Deploy),
+        Endpoint::Register,
+    ),
+    (
+        "GET",
+        "/v1/instances",
+        Access::Needs(Role::Read),
+        Endpoint::ListInstances,
+    ),
+    (
+        "GET",
+        "/v1/instances/{id}",
+        Access::Needs(Role::Read),
+        Endpoint::GetInstance,
+    ),
     (
         "PUT",
         "/v1/instances/{id}/state",
         Access::Needs(Role::Deploy),
+        Endpoint::SetState,
     ),
     (
         "POST",
         "/v1/instances/{id}/heartbeat",
         Access::Needs(Role::Deploy),
+        Endpoint::Heartbeat,
     ),
-    ("POST", "/v1/sessions", Access::Needs(Role::Proxy)),
-    ("POST", "/v1/releases", Access::Needs(Role::Deploy)),
-    ("GET", "/v1/releases", Access::Needs(Role::Read)),
-    ("GET", "/v1/releases/{id}", Access::Needs(Role::Read)),
-    ("PATCH", "/v1/releases/{id}", Access::Needs(Role::Deploy)),
+    (
+        "POST",
+        "/v1/sessions",
+        Access::Needs(Role::Proxy),
+        Endpoint::Sessions,
+    ),
+    (
+        "POST",
+        "/v1/releases",
+        Access::Needs(Role::Deploy),
+        Endpoint::CreateRelease,
+    ),
+    (
+        "GET",
+        "/v1/releases",
+        Access::Needs(Role::Read),
+        Endpoint::ListReleases,
+    ),
+    (
+        "GET",
+        "/v1/releases/{id}",
+        Access::Needs(Role::Read),
+        Endpoint::GetRelease,
+    ),
+    (
+        "PATCH",
+        "/v1/releases/{id}",
+        Access::Needs(Role::Deploy),
+        Endpoint::UpdateRelease,
+    ),
     (
         "POST",
         "/v1/releases/{id}/control",
         Access::Needs(Role::Deploy),
+        Endpoint::Control,
     ),
-    ("GET", "/v1/snapshot", Access::Needs(Role::Read)),
-    ("GET", "/v1/watch", Access::Needs(Role::Read)),
+    (
+        "GET",
+        "/v1/snapshot",
+        Access::Needs(Role::Read),
+        Endpoint::Snapshot,
+    ),
+    (
+        "GET",
+        "/v1/watch",
+        Access::Needs(Role::Read),
+        Endpoint::Watch,
+    ),
 ];
 
 /// Finds the route template of a path and its parameters (percent-decoded). Public for the
@@ -267,10 +364,10 @@ impl<S: Store> App<S> {
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Error> {
         let method = req.method().as_str().to_string();
-        let access = ROUTES
+        let (access, endpoint) = ROUTES
             .iter()
-            .find(|(m, t, _)| *m == method && *t == template)
-            .map(|r| r.2)
+            .find(|(m, t, _, _)| *m == method && *t == template)
+            .map(|r| (r.2, r.3))
             .ok_or_else(|| Error::MethodNotAllowed(method.clone()))?;
         if let Access::Needs(role) = access {
             let auth = req
@@ -281,28 +378,28 @@ impl<S: Store> App<S> {
         }
         let p = |i: usize| params.get(i).cloned().unwrap_or_default();
         let committed = self.store.committed();
-        match (method.as_str(), template) {
-            ("GET", "/healthz") => json(&serde_json::json!({
+        match endpoint {
+            Endpoint::Healthz => json(&serde_json::json!({
                 "status": "ok",
                 "revision": committed.revision(),
             })),
-            ("GET", "/metrics") => Ok(full(
+            Endpoint::Metrics => Ok(full(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 committed.metrics.render().into(),
             )),
-            ("GET", "/openapi.json") => Ok(full(
+            Endpoint::OpenApi => Ok(full(
                 StatusCode::OK,
                 "application/json",
                 Bytes::from_static(OPENAPI.as_bytes()),
             )),
-            ("GET", "/v1/services") => json(&committed.read(|s| s.services())),
-            ("GET", "/v1/services/{name}") => json(&committed.read(|s| s.service(&p(0)))?),
-            ("PUT", "/v1/services/{name}") => {
+            Endpoint::ListServices => json(&committed.read(|s| s.services())),
+            Endpoint::GetService => json(&committed.read(|s| s.service(&p(0)))?),
+            Endpoint::PutService => {
                 let spec: ServiceSpec = self.body(req).await?;
                 self.write(Command::PutService { name: p(0), spec }).await
             }
-            ("PUT", "/v1/services/{name}/weights") => {
+            Endpoint::SetWeights => {
                 let if_match = if_match(&req)?;
                 let update: WeightsUpdate = self.body(req).await?;
                 self.write(Command::SetWeights {
@@ -312,17 +409,17 @@ impl<S: Store> App<S> {
                 })
                 .await
             }
-            ("POST", "/v1/instances") => {
+            Endpoint::Register => {
                 let r: RegisterInstance = self.body(req).await?;
                 self.write(Command::Register(r)).await
             }
-            ("GET", "/v1/instances") => {
+            Endpoint::ListInstances => {
                 let q = query(&req);
                 let service = q.get("service").map(String::as_str);
                 json(&committed.read(|s| s.instances(service))?)
             }
-            ("GET", "/v1/instances/{id}") => json(&committed.read(|s| s.instance(&p(0)))?),
-            ("PUT", "/v1/instances/{id}/state") => {
+            Endpoint::GetInstance => json(&committed.read(|s| s.instance(&p(0)))?),
+            Endpoint::SetState => {
                 let c: StateChange = self.body(req).await?;
                 self.write(Command::SetState {
                     id: p(0),
@@ -330,19 +427,19 @@ impl<S: Store> App<S> {
                 })
                 .await
             }
-            ("POST", "/v1/instances/{id}/heartbeat") => {
+            Endpoint::Heartbeat => {
                 self.drain(req).await?;
                 self.write(Command::Heartbeat { id: p(0) }).await
             }
-            ("POST", "/v1/sessions") => {
+            Endpoint::Sessions => {
                 let r: SessionReport = self.body(req).await?;
                 self.write(Command::Sessions(r)).await
             }
-            ("POST", "/v1/releases") => {
+            Endpoint::CreateRelease => {
                 let n: NewRelease = self.body(req).await?;
                 self.write(Command::CreateRelease(n)).await
             }
-            ("GET", "/v1/releases") => {
+            Endpoint::ListReleases => {
                 let q = query(&req);
                 let active = match q.get("active").map(String::as_str) {
                     None | Some("false") | Some("0") => false,
@@ -356,13 +453,13 @@ impl<S: Store> App<S> {
                 let service = q.get("service").map(String::as_str);
                 json(&committed.read(|s| s.releases(service, active)))
             }
-            ("GET", "/v1/releases/{id}") => json(&committed.read(|s| s.release(&p(0)))?),
-            ("PATCH", "/v1/releases/{id}") => {
+            Endpoint::GetRelease => json(&committed.read(|s| s.release(&p(0)))?),
+            Endpoint::UpdateRelease => {
                 let update: ReleaseUpdate = self.body(req).await?;
                 self.write(Command::UpdateRelease { id: p(0), update })
                     .await
             }
-            ("POST", "/v1/releases/{id}/control") => {
+            Endpoint::Control => {
                 let c: ControlBody = self.body(req).await?;
                 self.write(Command::Control {
                     id: p(0),
@@ -370,12 +467,12 @@ impl<S: Store> App<S> {
                 })
                 .await
             }
-            ("GET", "/v1/snapshot") => Ok(full(
+            Endpoint::Snapshot => Ok(full(
                 StatusCode::OK,
                 "application/json",
                 committed.snapshot_json()?,
             )),
-            ("GET", "/v1/watch") => {
+            Endpoint::Watch => {
                 let since = match query(&req).get("since") {
                     None => None,
                     Some(s) => Some(s.parse::<Revision>().map_err(|_| {
@@ -393,7 +490,6 @@ impl<S: Store> App<S> {
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(resp)
             }
-            _ => Err(Error::MethodNotAllowed(method)),
         }
     }
 
@@ -602,7 +698,7 @@ mod tests {
     #[test]
     fn openapi_covers_every_route() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        for (method, template, _) in ROUTES {
+        for (method, template, _, _) in ROUTES {
             let op = &doc["paths"][template][method.to_lowercase()];
             assert!(op.is_object(), "openapi.json lacks {method} {template}");
         }

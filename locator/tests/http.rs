@@ -46,7 +46,7 @@ fn error_code(body: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_checks_its_role() {
     let loc = testing::embedded(Duration::from_secs(10)).await;
-    for (method, template, access) in ROUTES {
+    for (method, template, access, _) in ROUTES {
         let path = template.replace("{name}", "svc").replace("{id}", "x");
         let Access::Needs(role) = access else {
             let (status, _) = call(&loc.url, method, &path, None, None).await;

@@ -37,23 +37,28 @@ impl<T, E: Display> Attempt for Result<T, E> {
     }
 }
 
-/// Polls `check` until it settles (`Some`, `true` or `Ok`), or panics after `timeout` naming
-/// `what` and the last thing an `Err` said. The pause between looks starts at 2 ms and doubles
-/// up to 100 ms: quick conditions are seen at once, slow ones cost little.
-pub async fn eventually<A, F, Fut>(what: &str, timeout: Duration, mut check: F) -> A::Value
-where
-    A: Attempt,
-    F: FnMut() -> Fut,
-    Fut: Future<Output = A>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(2);
-    loop {
-        let last = match check().await.settle() {
-            Ok(v) => return v,
-            Err(last) => last,
-        };
-        if Instant::now() > deadline {
+/// The waiting of both pollers: the deadline, and a pause that starts at 2 ms and doubles up
+/// to 100 ms (quick conditions are seen at once, slow ones cost little).
+struct Patience {
+    timeout: Duration,
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl Patience {
+    fn new(timeout: Duration) -> Patience {
+        Patience {
+            timeout,
+            deadline: Instant::now() + timeout,
+            pause: Duration::from_millis(2),
+        }
+    }
+
+    /// How long to pause before the next look; panics naming `what` (and the last thing an
+    /// `Err` said) once the deadline has passed.
+    fn next(&mut self, what: &str, last: Option<String>) -> Duration {
+        if Instant::now() > self.deadline {
+            let timeout = self.timeout;
             match last {
                 Some(seen) => {
                     panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen}")
@@ -61,22 +66,43 @@ where
                 None => panic!("timed out after {timeout:?} waiting for {what}"),
             }
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(Duration::from_millis(100));
+        pause
     }
 }
 
-/// [`eventually`] for synchronous tests (processes, files): `check` runs on this thread.
+/// Polls `check` until it settles (`Some`, `true` or `Ok`), or panics after `timeout` naming
+/// `what` and the last thing an `Err` said.
+pub async fn eventually<A, F, Fut>(what: &str, timeout: Duration, mut check: F) -> A::Value
+where
+    A: Attempt,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = A>,
+{
+    let mut patience = Patience::new(timeout);
+    loop {
+        match check().await.settle() {
+            Ok(v) => return v,
+            Err(last) => tokio::time::sleep(patience.next(what, last)).await,
+        }
+    }
+}
+
+/// [`eventually`] for synchronous tests (processes, files): `check` runs on this thread, and
+/// may block on a runtime of its own.
 pub fn eventually_blocking<A: Attempt>(
     what: &str,
     timeout: Duration,
     mut check: impl FnMut() -> A,
 ) -> A::Value {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("a current-thread runtime builds")
-        .block_on(eventually(what, timeout, || std::future::ready(check())))
+    let mut patience = Patience::new(timeout);
+    loop {
+        match check().settle() {
+            Ok(v) => return v,
+            Err(last) => std::thread::sleep(patience.next(what, last)),
+        }
+    }
 }
 
 #[cfg(test)]
