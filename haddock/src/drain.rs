@@ -8,12 +8,10 @@
 //! that users leave a bad version at once).
 
 use crate::error::Result;
+use crate::view::View;
 use locator_wire::api::{Instance, InstanceLoad};
 use locator_wire::client::Client;
 use std::time::{Duration, Instant};
-
-/// How often the locator's figures are read while draining.
-pub const POLL: Duration = Duration::from_millis(250);
 
 /// What to wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +50,7 @@ pub fn is_drained(instances: &[&Instance], until: Until) -> (bool, InstanceLoad)
 /// Polls the locator until the instances `ids` of `service` are drained or `max` has passed.
 /// Instances the locator no longer knows count as drained.
 pub async fn wait(
+    view: &mut View,
     client: &Client,
     service: &str,
     ids: &[String],
@@ -60,7 +59,13 @@ pub async fn wait(
 ) -> Result<Drained> {
     let start = Instant::now();
     loop {
-        let all = client.instances(service).await?;
+        // The proxies' session sums arrive on the watch stream the moment they change; the
+        // locator is asked directly only before the view has seen it.
+        let all = if view.is_live() {
+            view.instances(service)
+        } else {
+            client.instances(service).await?
+        };
         let ours: Vec<&Instance> = all.iter().filter(|i| ids.contains(&i.id)).collect();
         let (done, left) = is_drained(&ours, until);
         let waited = start.elapsed();
@@ -71,7 +76,7 @@ pub async fn wait(
                 left,
             });
         }
-        tokio::time::sleep(POLL.min(max - waited)).await;
+        view.changed(max - waited).await;
     }
 }
 

@@ -24,3 +24,4 @@ pub mod output;
 pub mod plan;
 pub mod release;
 pub mod spec;
+pub mod view;

@@ -1,10 +1,12 @@
 //! The bake: the watch over one canary weight, from the moment the weight is applied until its
 //! pause is over, an operator steps in, or something says "roll back".
 //!
-//! Every [`TICK`] it looks, in this order, at the Docker events of the new containers, the
-//! readiness probes (every health interval; `fall` failures in a row end the bake), the
-//! analysis of the locator's traffic figures against the bake's baseline, and the operator
-//! controls. The pause only counts down while the release is not paused. A [`Bake`] owns what
+//! It looks, in this order, at the Docker events of the new containers, the readiness probes
+//! (every health interval; `fall` failures in a row end the bake), the analysis of the
+//! locator's traffic figures against the bake's baseline, and the operator controls — each
+//! time the locator changes (pushed on the watch stream, [`View`]), a Docker event arrives, a
+//! probe is due, or [`SAFETY`] passed. The pause only counts down while the release is not
+//! paused. A [`Bake`] owns what
 //! only it uses (limits, baseline, probes, what is left of the pause) and is handed the rest by
 //! the run; it never changes the release state: it says what should happen ([`BakeOutcome`])
 //! and the run makes the transition.
@@ -18,12 +20,12 @@ use crate::error::Result;
 use crate::health::{Probe, Streak};
 use crate::output::{fmt_duration, Output};
 use crate::spec::{Analysis, HealthSection, Spec};
+use crate::view::{View, SAFETY};
 use locator_wire::api::{BakeStatus, Control, Release, TrafficByVersion};
 use locator_wire::client::Client;
 use std::time::{Duration, Instant};
 
-/// How often a bake looks at events, controls and the traffic figures (also how often a manual
-/// rollout looks for `haddock promote`).
+/// How often a manual rollout looks for `haddock promote`.
 pub(super) const TICK: Duration = Duration::from_millis(250);
 
 /// How a bake ended.
@@ -113,11 +115,15 @@ impl Bake {
         controls: &mut Controls,
         events: &mut Events,
         status: &Status,
+        view: &mut View,
     ) -> Result<BakeOutcome> {
         let mut last_tick = Instant::now();
         let mut next_probe = Instant::now() + self.health.interval;
         let started_at_ms = now_ms();
         self.record(status, started_at_ms, controls.paused());
+        // The controls over HTTP at once, then whenever the watch stream shows one pending,
+        // and at least every SAFETY.
+        let mut controls_read = Instant::now() - SAFETY;
         if !self.pause.is_zero() {
             self.out.step(
                 &format!("baking {} at {} %", fmt_duration(self.pause), self.weight),
@@ -142,7 +148,11 @@ impl Bake {
                     }
                 }
             }
-            let now = traffic(&self.client, &rec.service).await?;
+            let now = if view.is_live() {
+                view.traffic(&rec.service)
+            } else {
+                traffic(&self.client, &rec.service).await?
+            };
             let verdict = analysis::judge(
                 &self.baseline,
                 &now,
@@ -162,12 +172,16 @@ impl Bake {
                     );
                 }
             }
-            match controls.take(rec).await? {
-                Some(Control::Abort) => {
-                    return Ok(BakeOutcome::RollBack("aborted by an operator".into()))
+            if controls.pending(view.release(&rec.id).as_ref()) || controls_read.elapsed() >= SAFETY
+            {
+                controls_read = Instant::now();
+                match controls.take(rec).await? {
+                    Some(Control::Abort) => {
+                        return Ok(BakeOutcome::RollBack("aborted by an operator".into()))
+                    }
+                    Some(Control::Promote) => return Ok(BakeOutcome::PromoteNow),
+                    _ => {}
                 }
-                Some(Control::Promote) => return Ok(BakeOutcome::PromoteNow),
-                _ => {}
             }
             let elapsed = last_tick.elapsed();
             last_tick = Instant::now();
@@ -178,12 +192,14 @@ impl Bake {
             if self.remaining.is_zero() && !controls.paused() {
                 return Ok(BakeOutcome::Continue);
             }
-            tokio::time::sleep(TICK.min(if controls.paused() {
-                TICK
-            } else {
-                self.remaining.max(Duration::from_millis(1))
-            }))
-            .await;
+            let mut wait = next_probe.saturating_duration_since(Instant::now());
+            if !controls.paused() {
+                wait = wait.min(self.remaining);
+            }
+            tokio::select! {
+                () = view.changed(wait.max(Duration::from_millis(1))) => {}
+                reason = events.next_trouble() => return Ok(BakeOutcome::RollBack(reason)),
+            }
         }
     }
 }

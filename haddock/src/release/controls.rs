@@ -9,8 +9,10 @@
 use super::lease::driver_error;
 use crate::error::Result;
 use crate::output::Output;
-use locator_wire::api::{Control, Release, ReleaseUpdate};
+use crate::view::SAFETY;
+use locator_wire::api::{Control, Release, ReleaseUpdate, Snapshot};
 use locator_wire::client::Client;
+use tokio::sync::watch;
 
 /// The operator controls of one release, and its pause.
 pub(super) struct Controls {
@@ -20,6 +22,8 @@ pub(super) struct Controls {
     holder: String,
     /// Paused by an operator (recorded in the locator) or by a breach without auto-rollback.
     paused: bool,
+    /// The operator's pause as last read from the locator.
+    operator_paused: bool,
     breach_paused: bool,
 }
 
@@ -31,6 +35,7 @@ impl Controls {
             out,
             holder,
             paused,
+            operator_paused: paused,
             breach_paused: false,
         }
     }
@@ -51,6 +56,12 @@ impl Controls {
         true
     }
 
+    /// Whether `seen` (the release as the watch stream shows it; `None`: not shown) asks for
+    /// something this run has not taken yet: a control to acknowledge, or a pause or resume.
+    pub(super) fn pending(&self, seen: Option<&Release>) -> bool {
+        seen.is_none_or(|r| r.control.is_some() || r.paused != self.operator_paused)
+    }
+
     /// Reads and acknowledges an operator control. `rec` becomes the release as the locator
     /// holds it now (and again after the acknowledgement), so that the run's record stays
     /// current; it is updated in place so that a failed acknowledgement still leaves it as read.
@@ -67,6 +78,7 @@ impl Controls {
             );
         }
         // Pause and resume are recorded by the locator itself; promote and abort wait for us.
+        self.operator_paused = fresh.paused;
         self.paused = fresh.paused || self.breach_paused;
         *rec = fresh;
         let Some(c) = rec.control else {
@@ -89,16 +101,28 @@ impl Controls {
     }
 }
 
-/// Resolves once an operator has asked to abort `release` (read every `bake::TICK`; a locator
-/// that does not answer is asked again). For the states whose work must stop at once: the
-/// caller races its work against this, and the abort is acknowledged by the state it records.
-pub(super) async fn abort_requested(client: Client, release: String) {
+/// Resolves once an operator has asked to abort `release`: seen on the watch stream the moment
+/// it is recorded, or over HTTP after [`SAFETY`] without any change (a stalled stream). For the
+/// states whose work must stop at once: the caller races its work against this, and the abort
+/// is acknowledged by the state it records.
+pub(super) async fn abort_requested(
+    mut view: watch::Receiver<Snapshot>,
+    client: Client,
+    release: String,
+) {
+    let asked = |r: &Release| r.id == release && r.control == Some(Control::Abort);
     loop {
-        if let Ok(r) = client.release(&release).await {
-            if r.control == Some(Control::Abort) {
-                return;
-            }
+        if view.borrow_and_update().releases.iter().any(asked) {
+            return;
         }
-        tokio::time::sleep(super::bake::TICK).await;
+        match tokio::time::timeout(SAFETY, view.changed()).await {
+            Ok(Ok(())) => continue,
+            // The view stopped (its run is ending): only HTTP is left.
+            Ok(Err(_)) => tokio::time::sleep(SAFETY).await,
+            Err(_) => {}
+        }
+        if client.release(&release).await.is_ok_and(|r| asked(&r)) {
+            return;
+        }
     }
 }

@@ -45,6 +45,33 @@ impl Events {
     /// A die/oom/unhealthy event of a new container, if any arrived.
     pub(super) fn trouble(&mut self) -> Option<String> {
         let ev = self.rx.as_mut()?.try_recv().ok()?;
+        Some(describe(ev))
+    }
+
+    /// Waits for the next die/oom/unhealthy event of a new container (forever, when nothing
+    /// is watched): the bake waits on this beside the locator's changes, so a container's
+    /// death is acted on the moment Docker reports it.
+    pub(super) async fn next_trouble(&mut self) -> String {
+        match self.rx.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(ev) => describe(ev),
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the forwarding tasks (events already received can still be read).
+    pub(super) fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// What an event says about the new instance, as a reason to roll back.
+fn describe(ev: ContainerEvent) -> String {
+    {
         let what = match ev.action.as_str() {
             "die" => format!(
                 "exited with code {}",
@@ -58,14 +85,7 @@ impl Events {
         } else {
             &ev.instance
         };
-        Some(format!("new instance {who} {what}"))
-    }
-
-    /// Stops the forwarding tasks (events already received can still be read).
-    pub(super) fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+        format!("new instance {who} {what}")
     }
 }
 

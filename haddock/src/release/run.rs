@@ -19,6 +19,7 @@ use crate::health::{self, Liveness, NotHealthy, Probe};
 use crate::heartbeat::heartbeat_once;
 use crate::plan::ContainerPlan;
 use crate::spec::Spec;
+use crate::view::View;
 use locator_wire::api::{
     Control, InstanceState, RegisterInstance, Release, ReleaseState, ReleaseUpdate, Service,
     WeightsUpdate,
@@ -51,6 +52,9 @@ pub(super) struct Run<'a> {
     events: Events,
     /// Renews the driver lease and heartbeats the instances while `walk` runs.
     lease: Option<Lease>,
+    /// The locator as the watch stream shows it: what the bake, the drain and the abort watch
+    /// react to.
+    view: View,
     image_healthcheck: Vec<bool>,
     /// Operator controls, and whether the release is paused (by an operator or a breach).
     controls: Controls,
@@ -69,6 +73,7 @@ impl<'a> Run<'a> {
             status: Status::default(),
             events: Events::default(),
             lease: None,
+            view: View::follow(d.client.clone()),
             image_healthcheck: Vec::new(),
             controls,
             holder,
@@ -151,7 +156,11 @@ impl<'a> Run<'a> {
                 | ReleaseState::Starting
                 | ReleaseState::WaitingHealthy => {
                     let id = self.rec.id.clone();
-                    let abort = controls::abort_requested(self.client().clone(), id.clone());
+                    let abort = controls::abort_requested(
+                        self.view.subscribe(),
+                        self.client().clone(),
+                        id.clone(),
+                    );
                     tokio::select! {
                         r = self.early(state) => r,
                         () = abort => Err(Error::Aborted {
@@ -579,6 +588,7 @@ impl<'a> Run<'a> {
                 &mut self.controls,
                 &mut self.events,
                 &self.status,
+                &mut self.view,
             )
             .await
     }
@@ -621,11 +631,12 @@ impl<'a> Run<'a> {
         let ids: Vec<String> = self.plans().into_iter().map(|(_, p)| p.name).collect();
         self.set_instances(&ids, InstanceState::Draining).await?;
         drain::wait(
-            self.client(),
+            &mut self.view,
+            &self.d.client,
             &self.rec.service,
             &ids,
             Until::RequestsFinished,
-            self.spec().container.stop_grace,
+            self.d.spec.container.stop_grace,
         )
         .await?;
         self.remove_new().await?;
@@ -698,9 +709,14 @@ impl<'a> Run<'a> {
         let old = self.old_instance_ids().await?;
         let max = self.spec().sessions.max_drain;
         // The drain can last as long as sessions do: an abort meanwhile ends it at once.
-        let abort = controls::abort_requested(self.client().clone(), self.rec.id.clone());
+        let abort = controls::abort_requested(
+            self.view.subscribe(),
+            self.d.client.clone(),
+            self.rec.id.clone(),
+        );
         let drain = drain::wait(
-            self.client(),
+            &mut self.view,
+            &self.d.client,
             &self.rec.service,
             &old,
             Until::SessionsExpired,
