@@ -181,7 +181,7 @@ fn two_haddocks_at_a_lapsed_lease_drive_the_release_once() {
 
 #[test]
 fn abort_after_the_promotion_sends_users_back_to_the_old_version() {
-    let scene = Scene::new(
+    let scene = Scene::on_good_1_with(
         "late-abort",
         &SpecOpts {
             steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
@@ -190,17 +190,6 @@ fn abort_after_the_promotion_sends_users_back_to_the_old_version() {
         },
     );
     let (l, service, guard, spec) = scene.parts();
-    let first = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--spec",
-            spec.to_str().unwrap(),
-        ],
-        Some(l),
-    );
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let client = l.client();
     let old = rt()
         .block_on(client.instances(service))
@@ -244,7 +233,7 @@ fn abort_after_the_promotion_sends_users_back_to_the_old_version() {
 
 #[test]
 fn abort_while_the_new_version_starts_stops_at_once() {
-    let scene = Scene::new(
+    let scene = Scene::on_good_1_with(
         "early-abort",
         &SpecOpts {
             start_deadline: "120s",
@@ -252,17 +241,6 @@ fn abort_while_the_new_version_starts_stops_at_once() {
         },
     );
     let (l, service, guard, spec) = scene.parts();
-    let first = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--spec",
-            spec.to_str().unwrap(),
-        ],
-        Some(l),
-    );
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     // `never-ready` never passes its probe: without the abort this waits 120 s.
     let release = spawn(&["release", service, "never-ready"], spec, l);
     active_when(l, service, "the new container to be waited on", |r| {
@@ -421,7 +399,8 @@ fn pause_freezes_the_bake_and_resume_continues_it() {
 
 #[test]
 fn a_manual_rollout_waits_for_promote() {
-    let scene = Scene::new(
+    // The first release (good-1, no old version) goes through without a promote.
+    let scene = Scene::on_good_1_with(
         "manual",
         &SpecOpts {
             steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
@@ -430,22 +409,6 @@ fn a_manual_rollout_waits_for_promote() {
         },
     );
     let (l, service, _guard, spec) = scene.parts();
-    let first = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--spec",
-            spec.to_str().unwrap(),
-        ],
-        Some(l),
-    );
-    assert_eq!(
-        first.status.code(),
-        Some(0),
-        "a first release needs no promote: {}",
-        text(&first)
-    );
     let release = spawn(&["release", service, "good-2"], spec, l);
     let waiting = active_when(l, service, "the rollout to wait for promote", |r| {
         r.status.waiting_for.as_deref() == Some("promote")
@@ -467,7 +430,7 @@ fn a_manual_rollout_waits_for_promote() {
 
 #[test]
 fn without_auto_rollback_a_breach_pauses_until_an_operator_decides() {
-    let scene = Scene::new(
+    let scene = Scene::on_good_1_with(
         "breach",
         &SpecOpts {
             steps: r#"[{ weight = 50, pause = "2s" }, { weight = 100 }]"#,
@@ -476,17 +439,6 @@ fn without_auto_rollback_a_breach_pauses_until_an_operator_decides() {
         },
     );
     let (l, service, guard, spec) = scene.parts();
-    let first = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--spec",
-            spec.to_str().unwrap(),
-        ],
-        Some(l),
-    );
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let release = spawn(&["release", service, "good-2"], spec, l);
     let baking = active_when(l, service, "the bake to begin", |r| r.status.bake.is_some());
     // Half the new version's answers are 5xx (the spec allows 5 %).

@@ -316,16 +316,9 @@ fn haddock_killed_in_every_state_is_finished_by_the_next_run() {
     let (l, service, guard, spec) = scene.parts();
     // Each state in turn, alternating the two good tags: crash there, run the release again.
     let mut current = "good-1";
-    for state in [
-        ReleaseState::Validating,
-        ReleaseState::Starting,
-        ReleaseState::WaitingHealthy,
-        ReleaseState::Registered,
-        ReleaseState::Shifting,
-        ReleaseState::Promoted,
-        ReleaseState::Draining,
-        ReleaseState::Removing,
-    ] {
+    // Every state of the happy path but the last (`done` ends the run).
+    let states = &ReleaseState::HAPPY_PATH[..ReleaseState::HAPPY_PATH.len() - 1];
+    for &state in states {
         let next = if current == "good-1" {
             "good-2"
         } else {

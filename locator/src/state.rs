@@ -1438,17 +1438,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        use ReleaseState::*;
-        let path = [
-            Validating,
-            Starting,
-            WaitingHealthy,
-            Registered,
-            Shifting,
-            Promoted,
-            Draining,
-            Removing,
-        ];
+        let path = ReleaseState::HAPPY_PATH;
         for next in path.iter().skip(1) {
             if s.release(&r.id).unwrap().state == state {
                 break;

@@ -776,17 +776,7 @@ mod tests {
     fn the_walk_follows_the_locators_state_machine() {
         use ReleaseState::*;
         // The happy path this module walks, and the two exits; each move must be legal.
-        let path = [
-            Validating,
-            Starting,
-            WaitingHealthy,
-            Registered,
-            Shifting,
-            Promoted,
-            Draining,
-            Removing,
-            Done,
-        ];
+        let path = ReleaseState::HAPPY_PATH;
         for w in path.windows(2) {
             assert!(w[0].can_become(w[1]), "{:?} → {:?}", w[0], w[1]);
         }

@@ -639,13 +639,18 @@ impl Scene {
 impl Scene {
     /// A scene whose service already runs `good-1`, released with these rollout `steps`.
     pub fn on_good_1(prefix: &str, steps: &'static str) -> Scene {
-        let scene = Scene::new(
+        Scene::on_good_1_with(
             prefix,
             &SpecOpts {
                 steps,
                 ..Default::default()
             },
-        );
+        )
+    }
+
+    /// [`Scene::on_good_1`] with a spec of these options.
+    pub fn on_good_1_with(prefix: &str, opts: &SpecOpts) -> Scene {
+        let scene = Scene::new(prefix, opts);
         let first = haddock(
             &[
                 "release",

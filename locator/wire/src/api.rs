@@ -229,6 +229,20 @@ pub enum ReleaseState {
 }
 
 impl ReleaseState {
+    /// The states a release that succeeds walks, in order (each a legal move from the one
+    /// before).
+    pub const HAPPY_PATH: [ReleaseState; 9] = [
+        ReleaseState::Validating,
+        ReleaseState::Starting,
+        ReleaseState::WaitingHealthy,
+        ReleaseState::Registered,
+        ReleaseState::Shifting,
+        ReleaseState::Promoted,
+        ReleaseState::Draining,
+        ReleaseState::Removing,
+        ReleaseState::Done,
+    ];
+
     /// A terminal release no longer holds the service's release lock.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -250,18 +264,7 @@ impl ReleaseState {
             RollingBack => matches!(self, Registered | Shifting | Promoted | Draining),
             RolledBack => self == RollingBack,
             _ => {
-                let order = [
-                    Validating,
-                    Starting,
-                    WaitingHealthy,
-                    Registered,
-                    Shifting,
-                    Promoted,
-                    Draining,
-                    Removing,
-                    Done,
-                ];
-                let at = |s| order.iter().position(|x| *x == s);
+                let at = |s| Self::HAPPY_PATH.iter().position(|x| *x == s);
                 matches!((at(self), at(next)), (Some(a), Some(b)) if b == a + 1)
             }
         }
