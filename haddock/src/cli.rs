@@ -291,7 +291,8 @@ fn finish(
     result: crate::error::Result<(Outcome, Option<Release>)>,
     out: &Output,
 ) -> u8 {
-    let report = output::report(service, tag, &result, out);
+    let named = result.as_ref().map(|(o, rec)| (o.as_str(), rec.as_ref()));
+    let report = output::report(service, tag, named, out);
     if out.json() {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
         if let Err(e) = &result {

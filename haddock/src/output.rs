@@ -7,8 +7,7 @@
 //! it sits here, beside [`ReleaseReport`], so that every key `--json` prints is decided in one
 //! file.
 
-use crate::error::{Error, Result};
-use crate::release::{ms, Outcome};
+use crate::error::Error;
 use locator_wire::api::{Release, ReleaseState};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -105,11 +104,18 @@ pub struct ReleaseReport {
     pub containers: Vec<String>,
 }
 
-/// The `--json` report of a release verb.
+/// A duration as the whole milliseconds the locator records (saturating): the release's step
+/// times and this report's total are counted the same way.
+pub fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `--json` report of a release verb: how it ended (`outcome`, e.g. `released`, with the
+/// release record) or the error it failed with.
 pub fn report(
     service: &str,
     tag: &str,
-    result: &Result<(Outcome, Option<Release>)>,
+    result: std::result::Result<(&str, Option<&Release>), &Error>,
     out: &Output,
 ) -> ReleaseReport {
     let mut r = ReleaseReport {
@@ -120,11 +126,7 @@ pub fn report(
     };
     match result {
         Ok((outcome, rec)) => {
-            r.outcome = match outcome {
-                Outcome::Released => "released",
-                Outcome::AlreadyCurrent => "already_current",
-            }
-            .into();
+            r.outcome = outcome.into();
             if let Some(rec) = rec {
                 fill(&mut r, rec);
                 r.tag_to_full_ms = rec.step_ms.get("tag_to_full").copied();

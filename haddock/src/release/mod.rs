@@ -45,7 +45,7 @@ use crate::spec::Spec;
 use locator_wire::api::{NewRelease, Release, ReleaseState, ServiceSpec, SessionSettings};
 use locator_wire::client::Client;
 use run::Run;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Everything a release needs: the spec, its Docker hosts, the locator.
 #[derive(Debug)]
@@ -66,6 +66,16 @@ pub enum Outcome {
     AlreadyCurrent,
 }
 
+impl Outcome {
+    /// Its name in the `--json` report.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Released => "released",
+            Outcome::AlreadyCurrent => "already_current",
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch (the lease's clock, as the locator records it).
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -74,11 +84,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A duration as the whole milliseconds the locator records (saturating). `pub(crate)`: the
-/// `--json` report (`output::report`) counts its total the same way.
-pub(crate) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use crate::output::ms;
 
 /// The version users are on before `rec`, unless the release is to that same version (then
 /// there is nothing to split traffic with). Shared by the run and its bake.
