@@ -15,6 +15,26 @@ fn spec_for(dir: &std::path::Path, service: &str, opts: &SpecOpts) -> Spec {
     Spec::load(&write_spec(dir, service, opts)).unwrap()
 }
 
+/// `haddock release SERVICE no-such-tag --spec SPEC` against a locator address where none
+/// runs (the tag check comes first, so it is never asked), with `extra` flags.
+fn release_unknown_tag(
+    service: &str,
+    spec: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "release",
+        service,
+        "no-such-tag",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--locator",
+        "http://127.0.0.1:9",
+    ];
+    args.extend_from_slice(extra);
+    haddock(&args, None)
+}
+
 #[test]
 fn an_unknown_tag_is_bad_input_and_changes_nothing() {
     test_images();
@@ -23,18 +43,7 @@ fn an_unknown_tag_is_bad_input_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), &service, &SpecOpts::default());
     // No locator is running at this address: the tag check comes before anything else.
-    let out = haddock(
-        &[
-            "release",
-            &service,
-            "no-such-tag",
-            "--spec",
-            spec.to_str().unwrap(),
-            "--locator",
-            "http://127.0.0.1:9",
-        ],
-        None,
-    );
+    let out = release_unknown_tag(&service, &spec, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -43,19 +52,7 @@ fn an_unknown_tag_is_bad_input_and_changes_nothing() {
     );
     assert!(guard.containers().is_empty());
 
-    let json = haddock(
-        &[
-            "release",
-            &service,
-            "no-such-tag",
-            "--spec",
-            spec.to_str().unwrap(),
-            "--locator",
-            "http://127.0.0.1:9",
-            "--json",
-        ],
-        None,
-    );
+    let json = release_unknown_tag(&service, &spec, &["--json"]);
     assert_eq!(json.status.code(), Some(2));
     let v: serde_json::Value =
         serde_json::from_slice(&json.stdout).expect("one JSON object on stdout");
@@ -397,19 +394,7 @@ async fn copy_mode_streams_an_image_only_the_machine_has_to_a_test_host_where_it
 
     // A tag that no engine has: exit 2 before the locator (none at :9) is asked, nothing made.
     let both = copy_spec(dir.path(), &service, &hosts, true);
-    let out = haddock(
-        &[
-            "release",
-            &service,
-            "no-such-tag",
-            "--spec",
-            both.to_str().unwrap(),
-            "--locator",
-            "http://127.0.0.1:9",
-            "--json",
-        ],
-        None,
-    );
+    let out = release_unknown_tag(&service, &both, &["--json"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(v["error"], "unknown_image");

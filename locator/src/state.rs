@@ -345,11 +345,19 @@ impl State {
     /// counted from the proxy's next report (one a second).
     pub fn known_report(&self, report: &SessionReport) -> SessionReport {
         let service = self.services.get(&report.service);
-        let of_service = || {
-            self.instances
-                .values()
-                .filter(|i| i.service == report.service)
-        };
+        // The service's versions once, not a scan of every instance per reported version
+        // (a report of V versions against I instances was O(V × I), three times per report).
+        let known_versions: std::collections::BTreeSet<&str> = self
+            .instances
+            .values()
+            .filter(|i| i.service == report.service)
+            .map(|i| i.version.as_str())
+            .chain(
+                service
+                    .iter()
+                    .flat_map(|s| s.weights.keys().map(String::as_str)),
+            )
+            .collect();
         let instances = report
             .instances
             .iter()
@@ -363,10 +371,7 @@ impl State {
         let versions = report
             .versions
             .iter()
-            .filter(|(version, _)| {
-                service.is_some_and(|s| s.weights.contains_key(*version))
-                    || of_service().any(|i| &i.version == *version)
-            })
+            .filter(|(version, _)| known_versions.contains(version.as_str()))
             .map(|(version, traffic)| (version.clone(), *traffic))
             .collect();
         SessionReport {
