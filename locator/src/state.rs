@@ -788,6 +788,17 @@ impl State {
         b: &mut Batch,
     ) -> Result<Reply, Error> {
         let cur = self.release(id)?;
+        if let Some(holder) = &u.lease {
+            if holder.trim().is_empty() || holder.len() > 256 {
+                return Err(Error::InvalidInput(
+                    "lease must name its holder (1..=256 characters, e.g. pid@host)".into(),
+                ));
+            }
+        } else if u.drop_lease {
+            return Err(Error::InvalidInput(
+                "drop_lease needs the holder giving it up in lease".into(),
+            ));
+        }
         let held = cur.status.driver.as_ref().filter(|l| l.is_fresh(ctx.now));
         if let (Some(holder), Some(lease)) = (&u.lease, held) {
             if *holder != lease.who {

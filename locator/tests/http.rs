@@ -167,6 +167,56 @@ async fn bad_input_is_refused_and_changes_nothing() {
         before,
         "nothing changed"
     );
+
+    // The driver's fields of a release update, on a release that exists.
+    let new = br#"{"service":"svc","from_version":null,"to_version":"2","image":"i:2","who":"me"}"#;
+    let (got, text) = call(url, "POST", "/v1/releases", t, Some(new)).await;
+    assert_eq!(got, 200, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = loc.deploy().release(&id).await.unwrap();
+    let path = format!("/v1/releases/{id}");
+    let cases: &[(&[u8], u16, &str)] = &[
+        (
+            br#"{"status":{"bake":{"weight":10,"pause_ms":1},"bogus":1}}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            br#"{"status":{"driver":{"who":"me","at_ms":1}},"extra":true}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            br#"{"expect_state":"sideways","state":"starting"}"#,
+            400,
+            "invalid_json",
+        ),
+        (br#"{"lease":""}"#, 400, "invalid_input"),
+        (br#"{"lease":"  "}"#, 400, "invalid_input"),
+        (br#"{"drop_lease":true}"#, 400, "invalid_input"),
+        (
+            br#"{"expect_state":"shifting","state":"starting"}"#,
+            409,
+            "state_conflict",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, text) = call(url, "PATCH", &path, t, Some(body)).await;
+        let shown = String::from_utf8_lossy(body);
+        assert_eq!(
+            (got, error_code(&text).as_str()),
+            (*status, *code),
+            "{shown}: {text}"
+        );
+    }
+    assert_eq!(
+        loc.deploy().release(&id).await.unwrap(),
+        before,
+        "the release is as it was"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
