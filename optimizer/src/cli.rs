@@ -16,9 +16,9 @@ use crate::bench::{self, BenchConfig};
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::peers::{self, Discovery, Peers};
 use crate::server::{self, App, ServerConfig};
 use crate::store::StoreOptions;
-use crate::sync::Peers;
 use crate::volume::{Volume, VolumeConfig};
 
 #[derive(Debug, Parser)]
@@ -135,6 +135,22 @@ pub struct ServeArgs {
     /// the environment variable). A pull's `from=` must name one of them; none: pulls are off.
     #[arg(long = "peer", env = "OPTIMIZER_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// The locator to discover peers from: the ready or draining instances of --service on
+    /// other Docker hosts than --docker-host, whose caches a local miss reads through. Its
+    /// `read` token, if it wants one, is taken from OPTIMIZER_LOCATOR_TOKEN (never a flag).
+    #[arg(long, env = "OPTIMIZER_LOCATOR")]
+    pub locator: Option<String>,
+    /// The service this instance belongs to in the locator (haddock sets HADDOCK_SERVICE in
+    /// every container); needed with --locator.
+    #[arg(long, env = "HADDOCK_SERVICE")]
+    pub service: Option<String>,
+    /// The Docker host this instance runs on, as the locator records it (haddock sets
+    /// HADDOCK_HOST): its instances share our cache volume, so they are not peers.
+    #[arg(long, env = "HADDOCK_HOST")]
+    pub docker_host: Option<String>,
+    /// How often the peers are listed from the locator.
+    #[arg(long, env = "OPTIMIZER_PEER_REFRESH", default_value = "2s", value_parser = duration)]
+    pub peer_refresh: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -242,6 +258,34 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         (Some(_), false) => {}
     }
     let peers = Peers::new(&args.peers)?;
+    let locator = match args.locator.as_deref() {
+        None => None,
+        Some(url) => {
+            reqwest::Url::parse(url)
+                .map_err(|e| Error::Config(format!("--locator {url:?}: {e}")))?;
+            let service = args
+                .service
+                .clone()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    Error::Config(
+                        "--locator needs --service (or HADDOCK_SERVICE): the service whose \
+                         instances are the peers"
+                            .into(),
+                    )
+                })?;
+            if args.peer_refresh.is_zero() {
+                return Err(Error::Config("--peer-refresh must be more than 0".into()));
+            }
+            if args.docker_host.as_deref().unwrap_or_default().is_empty() {
+                tracing::warn!(
+                    "--locator without --docker-host (HADDOCK_HOST): the instances of this \
+                     host, which share our cache, are taken for peers too (useless round trips)"
+                );
+            }
+            Some((url.to_owned(), service))
+        }
+    };
     std::fs::create_dir_all(&args.cache)?;
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
@@ -270,6 +314,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         forward_timeout: args.forward_timeout,
         write_token: write_token.clone(),
     });
+    let discovery = locator.map(|(url, service)| Discovery {
+        locator: locator_wire::client::Client::new(
+            &url,
+            std::env::var(peers::LOCATOR_TOKEN_ENV)
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()),
+        ),
+        service,
+        own_host: args.docker_host.clone().unwrap_or_default(),
+        own_id: instance_id.clone(),
+        every: args.peer_refresh,
+    });
     let app = App::new(
         volume.clone(),
         Arc::new(Metrics::new()),
@@ -278,10 +335,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             version: args.version_label.clone(),
             instance_id: instance_id.clone(),
             write_token,
-            peers,
+            peers: peers.clone(),
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Shares its list with the server's `peers` (a clone), stopped with the server.
+    let discover = discovery.map(|d| tokio::spawn(peers.discover(d, stop_rx.clone())));
     let maintain = tokio::spawn(volume.clone().maintain(stop_rx));
     // Machine-readable first line of stdout: tests and scripts read the bound address here.
     println!("optimizer listening on http://{local}");
@@ -289,6 +348,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     server::run(listener, app, shutdown_signal(), args.grace).await;
     let _ = stop_tx.send(true);
     let _ = maintain.await;
+    if let Some(discover) = discover {
+        let _ = discover.await;
+    }
     tokio::task::spawn_blocking(move || volume.close())
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -333,6 +395,42 @@ mod tests {
                 .unwrap()
                 .allow_anonymous_writes
         );
+    }
+
+    #[test]
+    fn locator_discovery_flags() {
+        let d = serve(&[
+            "--locator",
+            "http://locator:7070",
+            "--service",
+            "optimizer",
+            "--docker-host",
+            "tcp://h1:2376",
+        ])
+        .unwrap();
+        assert_eq!(d.locator.as_deref(), Some("http://locator:7070"));
+        assert_eq!(d.service.as_deref(), Some("optimizer"));
+        assert_eq!(d.docker_host.as_deref(), Some("tcp://h1:2376"));
+        assert_eq!(d.peer_refresh, Duration::from_secs(2));
+        let refresh = serve(&["--peer-refresh", "500ms"]).unwrap().peer_refresh;
+        assert_eq!(refresh, Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn locator_without_service_stops_the_start() {
+        let args = serve(&[
+            "--allow-anonymous-writes",
+            "--locator",
+            "http://locator:7070",
+        ]);
+        // HADDOCK_SERVICE may be set where the tests run.
+        let args = ServeArgs {
+            service: None,
+            ..args.unwrap()
+        };
+        let err = super::serve(args).await.unwrap_err();
+        assert_eq!(err.code(), "config");
+        assert!(err.to_string().contains("--service"), "{err}");
     }
 
     #[test]

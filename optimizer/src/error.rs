@@ -34,9 +34,10 @@ pub enum Error {
     /// wrong one. One answer for both, so that a client learns nothing about the token.
     #[error("this request needs the write token: send Authorization: Bearer <token>")]
     Unauthorized,
-    /// A pull names a peer that is not among the configured ones (`--peer`): the server fetches
-    /// only from peers its operator named, never from a URL a client chose.
-    #[error("{0:?} is not a configured peer (see --peer)")]
+    /// A pull names a peer that is not among the known ones (`--peer`, or discovered from the
+    /// locator): the server fetches only from peers its operator named or its locator lists,
+    /// never from a URL a client chose.
+    #[error("{0:?} is not a known peer (see --peer and --locator)")]
     UnknownPeer(String),
     /// The route exists but not with this method.
     #[error("method not allowed")]

@@ -1,9 +1,10 @@
 //! The optimizer: Haddock's WAN-optimization data plane, the service Haddock releases. It
 //! stores byte streams deduplicated (FastCDC chunks, BLAKE3-addressed, lz4-compressed, in
 //! RocksDB) behind an HTTP API, syncs objects between sites by transferring only missing
-//! chunks, and lets several instances (old and new version during a release) share one cache
-//! volume. Start reading at `cli::serve`, then `server` (routes), `store` (the data and its
-//! invariants) and `volume` (how instances share the cache; also docs/optimizer.md).
+//! chunks (on request, and on a local miss from its `peers` on other hosts), and lets several
+//! instances (old and new version during a release) share one cache volume. Start reading at
+//! `cli::serve`, then `server` (routes), `store` (the data and its invariants) and `volume`
+//! (how instances share the cache; also docs/optimizer.md).
 
 pub mod auth;
 pub mod bench;
@@ -12,6 +13,8 @@ pub mod cli;
 pub mod error;
 pub mod manifest;
 pub mod metrics;
+/// The peer optimizers pulls and read-through fetch from: `--peer` and locator discovery.
+pub mod peers;
 pub mod server;
 pub mod store;
 pub mod sync;

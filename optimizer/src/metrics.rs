@@ -28,6 +28,22 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The `outcome` of a read-through (a local miss of `GET`/`HEAD` asked of the peers): one of
+/// these, a fixed set like `method`.
+pub mod read_through {
+    /// A peer had the object; it is now stored here too.
+    pub const HIT: &str = "hit";
+    /// Every peer asked answered that it does not have it.
+    pub const MISS: &str = "miss";
+    /// No peer asked had it, and at least one of them failed (unreachable, bad answer).
+    pub const FAILED: &str = "failed";
+}
+
 /// The `method` label of a request: one of a fixed set, so that a client inventing methods
 /// (HTTP allows any token) cannot grow `/metrics` and the process's memory without bound.
 /// The same set as `locator::metrics::method_label`, not shared for the reason the buckets
@@ -67,6 +83,8 @@ pub struct Metrics {
     pub corrupt_chunks: Counter,
     pub writer: Gauge,
     pub pull_transferred_bytes: Counter,
+    /// Local misses of object reads asked of the peers, by outcome ([`read_through`]).
+    pub read_through: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,6 +109,7 @@ impl Metrics {
             corrupt_chunks: Counter::default(),
             writer: Gauge::default(),
             pull_transferred_bytes: Counter::default(),
+            read_through: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,8 +169,13 @@ impl Metrics {
         );
         registry.register(
             "pull_transferred_bytes",
-            "Chunk bytes fetched from peers by pulls",
+            "Chunk bytes fetched from peers by pulls (read-through included)",
             m.pull_transferred_bytes.clone(),
+        );
+        registry.register(
+            "read_through",
+            "Local misses of object reads asked of the peers, by outcome",
+            m.read_through.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -202,6 +226,11 @@ mod tests {
                 status: 200,
             })
             .inc();
+        m.read_through
+            .get_or_create(&OutcomeLabels {
+                outcome: read_through::HIT,
+            })
+            .inc();
         let text = m.encode(
             Some(StoreStats {
                 chunk_bytes: 42,
@@ -214,6 +243,7 @@ mod tests {
             "haddock_optimizer_dedup_ratio 10",
             "haddock_optimizer_chunk_store_bytes 42",
             "haddock_optimizer_writer 1",
+            "haddock_optimizer_read_through_total{outcome=\"hit\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} not in\n{text}");
         }

@@ -1,9 +1,10 @@
 //! The HTTP/1.1 API on hyper: routing, handlers, and the accept loop with graceful shutdown.
 //!
 //! Reads (objects, manifests, chunks, missing) are answered from the local store, whatever the
-//! instance's role, to anyone. Mutations (object PUT/DELETE, chunk PUT, pull) need the write
-//! token (`auth`) and run where the writer is: locally if this instance is the writer, else
-//! streamed to it (see `volume`).
+//! instance's role, to anyone; an object missing there is first fetched from the peers on other
+//! hosts and kept (read-through, `App::read_through`). Mutations (object PUT/DELETE, chunk PUT,
+//! pull) need the write token (`auth`) and run where the writer is: locally if this instance is
+//! the writer, else streamed to it (see `volume`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,9 +31,12 @@ use crate::auth::WriteToken;
 use crate::chunker::{self, Chunker};
 use crate::error::{task_failed, Error, Result};
 use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
-use crate::metrics::{method_label, Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{
+    method_label, read_through, Metrics, OutcomeLabels, RequestLabels, RouteLabels,
+};
+use crate::peers::Peers;
 use crate::store::Store;
-use crate::sync::{self, Peers};
+use crate::sync;
 use crate::volume::{BodyOverLimit, Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,6 +64,12 @@ const MISSING_BODY_LIMIT: u64 = 8 << 20;
 /// An oversized body is read and discarded up to this much before answering 413, so that the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 64 << 20;
+/// Peers asked per local miss, at most (the first ones of `Peers::read_through_order`). A key
+/// no host has (a typo, a deleted object, a client probing) costs one manifest round trip
+/// across the WAN per peer asked before its 404, and any client can ask for such keys: the
+/// cost must not grow with the number of hosts. Three still finds an object while a peer or two
+/// are down or lack it.
+const READ_THROUGH_PEERS: usize = 3;
 
 /// Per-instance HTTP settings.
 #[derive(Clone, Debug)]
@@ -70,7 +80,7 @@ pub struct ServerConfig {
     pub instance_id: String,
     /// The credential of mutations; `None` only with `--allow-anonymous-writes`.
     pub write_token: Option<Arc<WriteToken>>,
-    /// The peers a pull may fetch from (`--peer`).
+    /// The peers a pull or a read-through may fetch from (`--peer`, discovered).
     pub peers: Peers,
 }
 
@@ -560,6 +570,103 @@ impl App {
         }
     }
 
+    /// On a local miss of `key`, fetches it from the first [`READ_THROUGH_PEERS`] peers of
+    /// [`Peers::read_through_order`] into the volume (a pull, on the writer) until one has it.
+    /// Whether one had it. Failures are logged and counted, never answered: the client gets the
+    /// 404 it would have had without peers. Only object reads come here, never the manifest
+    /// route, which is what peers ask: reading through there would bounce a miss between hosts.
+    async fn read_through(&self, key: &str) -> bool {
+        let peers = self.cfg.peers.read_through_order();
+        if peers.is_empty() {
+            return false;
+        }
+        let mut failed = false;
+        for peer in peers.iter().take(READ_THROUGH_PEERS) {
+            match self.pull_for_read(key, peer).await {
+                Ok(()) => {
+                    tracing::info!(%key, %peer, "read through a peer");
+                    self.count_read_through(read_through::HIT);
+                    return true;
+                }
+                Err(Error::NotFound(_)) => {
+                    tracing::debug!(%key, %peer, "the peer does not have it either");
+                }
+                Err(e @ Error::WriterUnavailable(_)) => {
+                    // Waited `--forward-timeout` already; the next peer would wait as long.
+                    failed = true;
+                    tracing::warn!(%key, error = %e, "read-through needs the volume's writer; none answers");
+                    break;
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(%key, %peer, error = %e, "read-through from a peer failed; trying the next");
+                }
+            }
+        }
+        self.count_read_through(if failed {
+            read_through::FAILED
+        } else {
+            read_through::MISS
+        });
+        false
+    }
+
+    fn count_read_through(&self, outcome: &'static str) {
+        self.metrics
+            .read_through
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Pulls `key` from `peer` into the volume: here if this instance is (or becomes) the
+    /// writer, else by the writer, asked with a pull like a client's. `Error::NotFound` when
+    /// the peer does not have it.
+    async fn pull_for_read(&self, key: &str, peer: &str) -> Result<()> {
+        let store = match self.volume.writer() {
+            Some(store) => store,
+            None => {
+                // The peer URL as a query value, encoded by `url` (what reqwest builds URLs with).
+                let mut url = reqwest::Url::parse("http://writer/")
+                    .map_err(|e| Error::Config(format!("pull URL: {e}")))?;
+                url.set_path(&format!("/v1/objects/{key}/pull"));
+                url.query_pairs_mut().append_pair("from", peer);
+                let forward = Forward {
+                    method: Method::POST,
+                    path_and_query: format!("{}?{}", url.path(), url.query().unwrap_or_default()),
+                    content_type: None,
+                    content_length: None,
+                    body: None,
+                };
+                match self.volume.route(&forward).await? {
+                    Routed::Local(store) => store,
+                    Routed::Remote(answer) if answer.status.is_success() => return Ok(()),
+                    Routed::Remote(answer) if answer.status == StatusCode::NOT_FOUND => {
+                        return Err(Error::NotFound(format!("object {key} on peer {peer}")))
+                    }
+                    Routed::Remote(answer) => {
+                        // The writer's own error body (ours, so safe to log): its code says why.
+                        let code = serde_json::from_slice::<serde_json::Value>(&answer.body)
+                            .ok()
+                            .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        return Err(Error::PeerError {
+                            peer: peer.to_owned(),
+                            status: answer.status.as_u16(),
+                            message: format!("the writer's pull failed ({code})"),
+                        });
+                    }
+                }
+            }
+        };
+        let report = sync::pull(&self.client, &store, key, peer, self.cfg.max_body_bytes).await?;
+        self.metrics
+            .ingested(report.ingest.size, report.ingest.stored_bytes);
+        self.metrics
+            .pull_transferred_bytes
+            .inc_by(report.bytes_transferred);
+        Ok(())
+    }
+
     async fn put_object(
         &self,
         store: Arc<Store>,
@@ -600,11 +707,17 @@ impl App {
     }
 
     async fn get_object(&self, key: &str, req: &Request<Incoming>) -> Result<Response<Body>> {
-        let store = self.volume.store()?;
+        let mut store = self.volume.store()?;
         let (s, k) = (store.clone(), key.to_owned());
-        let manifest = blocking(move || s.manifest(&k))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("object {key}")))?;
+        let mut manifest = blocking(move || s.manifest(&k)).await?;
+        if manifest.is_none() && self.read_through(key).await {
+            // Read again where the object now is: the writer's store, which may have become
+            // ours meanwhile (a reader's `manifest` catches up with the writer on a miss).
+            store = self.volume.store()?;
+            let (s, k) = (store.clone(), key.to_owned());
+            manifest = blocking(move || s.manifest(&k)).await?;
+        }
+        let manifest = manifest.ok_or_else(|| Error::NotFound(format!("object {key}")))?;
         let etag = manifest.etag();
         let header = |name: http::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
         if header(IF_NONE_MATCH)

@@ -1,4 +1,5 @@
-//! WAN sync: pulling an object from a peer optimizer, transferring only the chunks we lack.
+//! WAN sync: pulling an object from a peer optimizer (one of `peers`), transferring only the
+//! chunks we lack.
 
 use std::sync::Arc;
 
@@ -35,48 +36,6 @@ pub struct PullReport {
 /// 1 GiB object at 4 KiB minimum chunks with room to spare, and nothing a 256 MiB container
 /// cannot hold while it parses one.
 pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
-
-/// The peers a pull may fetch from (`--peer`), by their canonical base URL. Pulling from a URL
-/// a client chose was a server-side request forgery: any host, path and query of the
-/// instance's network, fetched with its address.
-#[derive(Clone, Debug, Default)]
-pub struct Peers(Vec<String>);
-
-impl Peers {
-    /// Checks the configured peer URLs (`http(s)://host[:port][/path]`, nothing else).
-    pub fn new(urls: &[String]) -> Result<Peers> {
-        urls.iter()
-            .map(|u| canonical(u).map_err(|why| Error::Config(format!("--peer {u:?}: {why}"))))
-            .collect::<Result<Vec<_>>>()
-            .map(Peers)
-    }
-
-    /// The configured peer a pull's `from=` names, as its base URL without a trailing slash.
-    pub fn resolve(&self, from: &str) -> Result<String> {
-        let wanted = canonical(from).map_err(|_| Error::UnknownPeer(from.to_owned()))?;
-        self.0
-            .iter()
-            .find(|p| **p == wanted)
-            .cloned()
-            .ok_or_else(|| Error::UnknownPeer(from.to_owned()))
-    }
-}
-
-/// One spelling per peer (lowercase host, no default port, no trailing slash), so that
-/// `from=` matches however a client writes the same URL.
-fn canonical(url: &str) -> std::result::Result<String, String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
-    if !matches!(parsed.scheme(), "http" | "https")
-        || parsed.host_str().is_none()
-        || !parsed.username().is_empty()
-        || parsed.password().is_some()
-        || parsed.query().is_some()
-        || parsed.fragment().is_some()
-    {
-        return Err("must be http(s)://host[:port][/path], without credentials or query".into());
-    }
-    Ok(parsed.as_str().trim_end_matches('/').to_owned())
-}
 
 fn unreachable(peer: &str, e: &reqwest::Error) -> Error {
     // reqwest's Display hides the cause ("error sending request"); the chain says why.
@@ -277,40 +236,4 @@ pub async fn pull(
         bytes_transferred,
         transfer_ratio,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_configured_peers_resolve() {
-        let peers =
-            Peers::new(&["http://Site-B:8080/".into(), "https://c.example".into()]).unwrap();
-        assert_eq!(
-            peers.resolve("http://site-b:8080").unwrap(),
-            "http://site-b:8080"
-        );
-        assert_eq!(
-            peers.resolve("https://c.example:443/").unwrap(),
-            "https://c.example"
-        );
-        for other in [
-            "http://site-b:8081",
-            "http://169.254.169.254",
-            "http://site-b:8080/admin",
-            "http://site-b:8080/?x=1",
-            "nonsense",
-        ] {
-            assert_eq!(
-                peers.resolve(other).unwrap_err().code(),
-                "unknown_peer",
-                "{other}"
-            );
-        }
-        assert!(Peers::default().resolve("http://site-b:8080").is_err());
-        for bad in ["ftp://a", "nonsense", "http://u:p@a", "http://a/?q=1"] {
-            assert!(Peers::new(&[bad.into()]).is_err(), "{bad}");
-        }
-    }
 }

@@ -1,0 +1,303 @@
+//! The peer optimizers of this instance: those its operator named (`--peer`) and those found
+//! in the locator (`--locator`: instances of the same service on other Docker hosts). A pull
+//! fetches only from them, and a local miss of a GET reads through them (`server`), never
+//! from a URL a client chose.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use locator_wire::api::{Instance, InstanceState};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// The environment variable holding the locator's `read` token of the discovery. Never a
+/// flag (argv is readable by every local user), never logged.
+pub const LOCATOR_TOKEN_ENV: &str = "OPTIMIZER_LOCATOR_TOKEN";
+
+/// Longest wait for one listing of the locator: `locator_wire`'s client bounds only the
+/// connect, and a hung listing must neither freeze the peer list's refresh nor the shutdown.
+const LOCATOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one warning per this period while the locator fails: it is listed every
+/// `--peer-refresh` (2 s), and a locator down for an hour must not fill the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The peers an instance may fetch from, by their canonical base URL. Pulling from a URL a
+/// client chose was a server-side request forgery: any host, path and query of the
+/// instance's network, fetched with its address. Clones share the discovered list and the
+/// rotation, so the discovery task updates what the server reads.
+#[derive(Clone, Debug, Default)]
+pub struct Peers {
+    /// `--peer`, checked at startup.
+    configured: Vec<String>,
+    /// From the locator, canonical, sorted; replaced whole by each successful listing.
+    discovered: Arc<RwLock<Vec<String>>>,
+    /// Start of the next read-through order, so that misses spread over the peers.
+    next: Arc<AtomicUsize>,
+}
+
+impl Peers {
+    /// Checks the configured peer URLs (`http(s)://host[:port][/path]`, nothing else).
+    pub fn new(urls: &[String]) -> Result<Peers> {
+        let configured = urls
+            .iter()
+            .map(|u| canonical(u).map_err(|why| Error::Config(format!("--peer {u:?}: {why}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Peers {
+            configured,
+            ..Peers::default()
+        })
+    }
+
+    /// The known peer (configured or discovered) a pull's `from=` names, as its base URL
+    /// without a trailing slash.
+    pub fn resolve(&self, from: &str) -> Result<String> {
+        let wanted = canonical(from).map_err(|_| Error::UnknownPeer(from.to_owned()))?;
+        if self.configured.contains(&wanted) || self.discovered_read().contains(&wanted) {
+            Ok(wanted)
+        } else {
+            Err(Error::UnknownPeer(from.to_owned()))
+        }
+    }
+
+    /// Replaces the discovered peers with `urls` (those that are not a valid base URL are
+    /// dropped). Whether the list changed.
+    pub fn set_discovered(&self, urls: &[String]) -> bool {
+        let mut found: Vec<String> = urls
+            .iter()
+            .filter_map(|u| match canonical(u) {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    tracing::debug!(url = %u, %why, "ignoring a discovered peer");
+                    None
+                }
+            })
+            .collect();
+        // Sorted: the locator's order is not promised, and the rotation wants a stable one.
+        found.sort();
+        found.dedup();
+        let mut current = self.discovered.write().unwrap_or_else(|p| p.into_inner());
+        if *current == found {
+            return false;
+        }
+        *current = found;
+        true
+    }
+
+    /// The discovered peers now.
+    pub fn discovered(&self) -> Vec<String> {
+        self.discovered_read().clone()
+    }
+
+    /// Every known peer (configured, then discovered, each once), rotated by one more place
+    /// at each call so that the misses of all clients do not all land on the first peer.
+    pub fn read_through_order(&self) -> Vec<String> {
+        let mut all = self.configured.clone();
+        for p in self.discovered_read().iter() {
+            if !all.contains(p) {
+                all.push(p.clone());
+            }
+        }
+        if !all.is_empty() {
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % all.len();
+            all.rotate_left(start);
+        }
+        all
+    }
+
+    fn discovered_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+        self.discovered.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the discovered peers current until `stop` turns true: lists the instances of the
+    /// service every `d.every`; on a locator failure keeps the last list.
+    pub async fn discover(self, d: Discovery, mut stop: watch::Receiver<bool>) {
+        tracing::info!(service = %d.service, docker_host = %d.own_host, every = ?d.every, "discovering peers from the locator");
+        // When the last warning was logged, kept across recoveries: a flapping locator too
+        // warns once a minute at most.
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            let listed = tokio::select! {
+                listed = tokio::time::timeout(LOCATOR_TIMEOUT, d.locator.instances(&d.service)) => listed,
+                _ = stop.changed() => return,
+            };
+            let problem = match listed {
+                Ok(Ok(instances)) => {
+                    let found = peers_from(&instances, &d.own_host, &d.own_id);
+                    if self.set_discovered(&found) {
+                        tracing::info!(peers = ?self.discovered(), "discovered peers changed");
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {LOCATOR_TIMEOUT:?}")),
+            };
+            if let Some(problem) = problem {
+                if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    last_warning = Some(Instant::now());
+                    tracing::warn!(%problem, service = %d.service, "listing peers from the locator failed; keeping the last list");
+                } else {
+                    tracing::debug!(%problem, "listing peers from the locator failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(d.every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// Where and as whom [`Peers::discover`] looks for peers.
+pub struct Discovery {
+    /// A client of the locator, with its `read` token if it needs one.
+    pub locator: locator_wire::client::Client,
+    pub service: String,
+    /// The Docker host this instance runs on, as the locator records it.
+    pub own_host: String,
+    /// This instance's `--instance-id`.
+    pub own_id: String,
+    /// Period of the listing (`--peer-refresh`).
+    pub every: Duration,
+}
+
+/// The peers among the instances of our service: those serving (ready, or draining: still
+/// up with the cache of their host), on another Docker host (the instances of our host share
+/// our cache volume, asking them would only cost a round trip), and not ourselves.
+pub fn peers_from(instances: &[Instance], own_host: &str, own_id: &str) -> Vec<String> {
+    instances
+        .iter()
+        .filter(|i| matches!(i.state, InstanceState::Ready | InstanceState::Draining))
+        .filter(|i| i.docker_host != own_host && i.id != own_id)
+        .map(|i| format!("http://{}", i.address))
+        .collect()
+}
+
+/// One spelling per peer (lowercase host, no default port, no trailing slash), so that
+/// `from=` matches however a client writes the same URL.
+fn canonical(url: &str) -> std::result::Result<String, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https")
+        || parsed.host_str().is_none()
+        || !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err("must be http(s)://host[:port][/path], without credentials or query".into());
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configured_peers_resolve() {
+        let peers =
+            Peers::new(&["http://Site-B:8080/".into(), "https://c.example".into()]).unwrap();
+        assert_eq!(
+            peers.resolve("http://site-b:8080").unwrap(),
+            "http://site-b:8080"
+        );
+        assert_eq!(
+            peers.resolve("https://c.example:443/").unwrap(),
+            "https://c.example"
+        );
+        for other in [
+            "http://site-b:8081",
+            "http://169.254.169.254",
+            "http://site-b:8080/admin",
+            "http://site-b:8080/?x=1",
+            "nonsense",
+        ] {
+            assert_eq!(
+                peers.resolve(other).unwrap_err().code(),
+                "unknown_peer",
+                "{other}"
+            );
+        }
+        assert!(Peers::default().resolve("http://site-b:8080").is_err());
+        for bad in ["ftp://a", "nonsense", "http://u:p@a", "http://a/?q=1"] {
+            assert!(Peers::new(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn discovered_peers_resolve_until_replaced() {
+        let peers = Peers::new(&["http://a:1".into()]).unwrap();
+        // The discovery task holds a clone: what it sets, the server's copy sees.
+        let task = peers.clone();
+        assert!(peers.resolve("http://10.0.0.7:8080").is_err());
+        assert!(task.set_discovered(&["http://10.0.0.7:8080".into(), "nonsense".into()]));
+        assert_eq!(
+            peers.resolve("http://10.0.0.7:8080/").unwrap(),
+            "http://10.0.0.7:8080"
+        );
+        assert_eq!(peers.resolve("http://a:1").unwrap(), "http://a:1");
+        assert!(!task.set_discovered(&["http://10.0.0.7:8080".into()]));
+        assert!(task.set_discovered(&["http://10.0.0.8:8080".into()]));
+        assert_eq!(
+            peers.resolve("http://10.0.0.7:8080").unwrap_err().code(),
+            "unknown_peer"
+        );
+        assert_eq!(peers.discovered(), ["http://10.0.0.8:8080"]);
+    }
+
+    #[test]
+    fn read_through_order_rotates_over_each_peer_once() {
+        assert!(Peers::default().read_through_order().is_empty());
+        let peers = Peers::new(&["http://a:1".into(), "http://b:2".into()]).unwrap();
+        peers.set_discovered(&["http://c:3".into(), "http://B:2/".into()]);
+        let orders: Vec<Vec<String>> = (0..4).map(|_| peers.read_through_order()).collect();
+        assert_eq!(orders[0], ["http://a:1", "http://b:2", "http://c:3"]);
+        assert_eq!(orders[1], ["http://b:2", "http://c:3", "http://a:1"]);
+        assert_eq!(orders[2], ["http://c:3", "http://a:1", "http://b:2"]);
+        assert_eq!(orders[3], orders[0]);
+    }
+
+    fn instance(id: &str, host: &str, address: &str, state: InstanceState) -> Instance {
+        Instance {
+            id: id.into(),
+            service: "optimizer".into(),
+            version: "1.0.0".into(),
+            address: address.into(),
+            docker_host: host.into(),
+            container_id: String::new(),
+            labels: Default::default(),
+            state,
+            registered_at: 0,
+            last_heartbeat: 0,
+            load: Default::default(),
+        }
+    }
+
+    #[test]
+    fn peers_are_serving_instances_of_other_hosts_but_ourselves() {
+        use InstanceState::*;
+        let instances = [
+            instance("me", "tcp://h1:2376", "10.0.0.1:8080", Ready),
+            instance("sibling", "tcp://h1:2376", "10.0.0.2:8080", Ready),
+            instance("b-ready", "tcp://h2:2376", "10.0.1.1:8080", Ready),
+            instance("b-draining", "tcp://h2:2376", "10.0.1.2:8080", Draining),
+            instance("b-starting", "tcp://h2:2376", "10.0.1.3:8080", Starting),
+            instance("b-unhealthy", "tcp://h2:2376", "10.0.1.4:8080", Unhealthy),
+            instance("b-gone", "tcp://h2:2376", "10.0.1.5:8080", Gone),
+            instance("c", "tcp://h3:2376", "10.0.2.1:8080", Ready),
+            // Our own id on a host name we do not know: still ourselves.
+            instance("me", "unix:///var/run/docker.sock", "10.0.0.1:8080", Ready),
+        ];
+        assert_eq!(
+            peers_from(&instances, "tcp://h1:2376", "me"),
+            [
+                "http://10.0.1.1:8080",
+                "http://10.0.1.2:8080",
+                "http://10.0.2.1:8080"
+            ]
+        );
+        assert!(peers_from(&[], "tcp://h1:2376", "me").is_empty());
+    }
+}
