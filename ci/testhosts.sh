@@ -7,17 +7,23 @@
 #   ci/testhosts.sh down          stops every test host, unmounts, removes netns, veths and all state
 #   ci/testhosts.sh status        what is up
 #   ci/testhosts.sh load IMAGE…   copies images from the machine's engine onto every running host
+#   ci/testhosts.sh cut I         takes host I off the network (its veth down): a host lost
+#                                 mid-release, its engine and containers still running
+#   ci/testhosts.sh heal I        puts host I back on the network
 #
 # Host i: netns haddock-hb<i>, veth haddock-hb<i> 10.213.<i>.1/24 on the machine <-> eth0
 # 10.213.<i>.2/24 inside, dockerd (with its own managed containerd) listening on
 # tcp://10.213.<i>.2:2376 (TLS, client certificate required) and unix://…/hb<i>/docker.sock.
 # The engines pull from registries on 10.213.0.0/16 over plain HTTP (--insecure-registry): a
 # test registry on the machine side of a veth (10.213.<i>.1) needs no TLS.
+# The hosts reach each other (and services on the machine's 10.213.<i>.1) through the
+# machine: a route to 10.213.0.0/16 in each netns and one forwarding rule in DOCKER-USER, so
+# that a container on host 1 reaches a port published on host 2 as a peer on another host would.
 # Needs root. Exit 2: bad input, nothing changed.
 set -euo pipefail
 
 usage() {
-  echo "usage: ci/testhosts.sh up N (1..8) | down | status | load IMAGE..." >&2
+  echo "usage: ci/testhosts.sh up N (1..8) | down | status | load IMAGE... | cut I | heal I" >&2
   exit 2
 }
 
@@ -36,6 +42,10 @@ case "$verb" in
     ;;
   down | status) [ $# -eq 0 ] || usage ;;
   load) [ $# -ge 1 ] || usage ;;
+  cut | heal)
+    [ $# -eq 1 ] || usage
+    case "$1" in [1-8]) n="$1" ;; *) echo "error: I must be a host number 1..8, got '$1'" >&2; usage ;; esac
+    ;;
   *)
     [ -n "$verb" ] && echo "error: unknown verb '$verb'" >&2
     usage
@@ -136,6 +146,10 @@ make_netns() {
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
   fi
+  ip -n "$ns" route replace 10.213.0.0/16 via "$(addr_machine "$i")"
+  # The machine's engine sets FORWARD's policy to DROP: let the test hosts reach each other.
+  iptables -C DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null ||
+    iptables -I DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT
 }
 
 daemon_pid() {
@@ -267,10 +281,12 @@ cmd_down() {
     exit 1
   fi
   for i in $hosts; do
+    ip route del unreachable "10.213.$i.0/24" 2>/dev/null || true
     ip link del "$NS_PREFIX$i" 2>/dev/null || true
     ip netns del "$NS_PREFIX$i" 2>/dev/null || true
   done
   rm -rf --one-file-system "$ROOT"
+  while iptables -D DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null; do :; done
   # containerd's shims put their sockets in /run/containerd/s whatever the state dir; the
   # machine's engine had none there if it is empty now.
   rmdir /run/containerd/s /run/containerd 2>/dev/null || true
@@ -313,8 +329,26 @@ cmd_load() {
   fi
 }
 
+# A lost host as a LAN shows it: its link goes down and its subnet answers "no route to host"
+# at once (as after a failed ARP lookup), rather than leaking to the default route and hanging.
+cmd_cut() {
+  ip link show "$NS_PREFIX$1" >/dev/null 2>&1 || { echo "error: test host $1 is not up" >&2; exit 2; }
+  local net="10.213.$1.0/24"
+  if [ "$2" = down ]; then
+    ip link set "$NS_PREFIX$1" down
+    ip route replace unreachable "$net"
+  else
+    ip route del unreachable "$net" 2>/dev/null || true
+    ip link set "$NS_PREFIX$1" up
+    ip addr replace "$(addr_machine "$1")/24" dev "$NS_PREFIX$1"
+  fi
+  echo "ci/testhosts.sh: hb$1 link $2" >&2
+}
+
 case "$verb" in
   up) cmd_up "$n" ;;
+  cut) cmd_cut "$n" down ;;
+  heal) cmd_cut "$n" up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   load) cmd_load "$@" ;;

@@ -7,10 +7,12 @@
 //! spec in [`crate::plan`], without Docker; this module only carries it to the engine and finds
 //! it again by its labels.
 //!
-//! Instance address: the container's IP on the spec's network (from container inspect) plus the
-//! spec's port. No host port is published: the proxy reaches containers over that network (it runs
-//! on the Docker host, or in a container on the same network), which leaves any number of
-//! versions side by side without port juggling.
+//! Instance address, two ways (see [`Host::address`]):
+//! - a target with an `address` (another host's proxies must reach it): the service port is
+//!   published on an ephemeral port of the host, read back from inspect, and the instance is
+//!   `address:published-port`. Ephemeral ports leave any number of versions side by side;
+//! - otherwise the container's IP on the spec's network plus the spec's port, reachable from
+//!   the same host only (the proxy runs there, or in a container on that network).
 
 use crate::error::{Error, Result};
 use crate::plan::{labels, ContainerPlan};
@@ -28,6 +30,9 @@ use std::time::Duration;
 
 /// Seconds bollard waits for one Docker API call.
 const API_TIMEOUT_SECS: u64 = 60;
+/// Seconds a host gets to answer its first request (the API version): an engine that cannot
+/// be reached fails the verb quickly, naming the host, rather than after [`API_TIMEOUT_SECS`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a name conflict whose container cannot be found yet is retried (every 250 ms).
 const CREATE_CONFLICT_RETRIES: u32 = 40;
 
@@ -40,6 +45,8 @@ pub struct Host {
     pub index: usize,
     /// Instances of the service on this host.
     pub instances: u32,
+    /// The spec's `address` of the target: instances publish their port and are reached there.
+    pub address: Option<String>,
     docker: Docker,
 }
 
@@ -127,25 +134,29 @@ impl Host {
             Docker::connect_with_http(&name, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
         }
         .map_err(|e| Error::docker(&name, "connect", e))?;
-        let docker = docker
-            .negotiate_version()
+        let docker = tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
             .await
+            .unwrap_or(Err(bollard::errors::Error::RequestTimeoutError))
             .map_err(|e| Error::docker(&name, "negotiate the API version", e))?;
         Ok(Host {
             name,
             index,
             instances: target.instances,
+            address: target.address.clone(),
             docker,
         })
     }
 
-    /// Connects to every target of a spec, in order.
+    /// Connects to every target of a spec at once (in the spec's order); the first host that
+    /// cannot be reached fails the verb, named in the error, before anything changes.
     pub async fn connect_all(spec: &Spec) -> Result<Vec<Host>> {
-        let mut hosts = Vec::with_capacity(spec.targets.len());
-        for (i, t) in spec.targets.iter().enumerate() {
-            hosts.push(Host::connect(t, i).await?);
-        }
-        Ok(hosts)
+        futures_util::future::try_join_all(
+            spec.targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Host::connect(t, i)),
+        )
+        .await
     }
 
     /// The engine of the machine haddock runs on, as the `docker` CLI would reach it:
@@ -175,6 +186,7 @@ impl Host {
             host,
             instances: 0,
             tls,
+            address: None,
         };
         Host::connect(&target, usize::MAX).await
     }
@@ -328,17 +340,37 @@ impl Host {
         }
     }
 
-    /// The address the proxy connects to: the container's IP on `network` (or the default
-    /// bridge) and the service port.
+    /// The address proxies and probes connect to: with a target `address`, that address and
+    /// the host port Docker published for the service `port`; otherwise the container's IP on
+    /// `network` (or the default bridge) and the service port.
     pub async fn address(&self, id: &str, network: Option<&str>, port: u16) -> Result<SocketAddr> {
         let c = self.inspect(id).await?.ok_or_else(|| {
             Error::Inconsistent(format!("container {id} vanished on {}", self.name))
         })?;
-        container_ip(&c, network)
-            .map(|ip| SocketAddr::new(ip, port))
+        let Some(address) = &self.address else {
+            return container_ip(&c, network)
+                .map(|ip| SocketAddr::new(ip, port))
+                .ok_or_else(|| {
+                    Error::Inconsistent(format!(
+                        "container {id} has no IP address on network {network:?}"
+                    ))
+                });
+        };
+        let published = published_port(&c, port).ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "container {id} on {} has no host port published for {port}/tcp",
+                self.name
+            ))
+        })?;
+        // A DNS name is resolved once, here: proxies dial the registered IP.
+        tokio::net::lookup_host((address.as_str(), published))
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| {
                 Error::Inconsistent(format!(
-                    "container {id} has no IP address on network {network:?}"
+                    "address {address:?} of Docker host {} does not resolve",
+                    self.name
                 ))
             })
     }
@@ -505,6 +537,19 @@ impl Host {
     }
 }
 
+/// The host port Docker published for the container's `port`/tcp (the first binding: with
+/// IPv6 enabled there is one per address family, on the same port).
+pub fn published_port(c: &ContainerInspectResponse, port: u16) -> Option<u16> {
+    c.network_settings
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .get(&format!("{port}/tcp"))?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.as_deref()?.parse().ok())
+}
+
 /// The container's IP on `network` (or on whatever network it has when `None`).
 pub fn container_ip(c: &ContainerInspectResponse, network: Option<&str>) -> Option<IpAddr> {
     let settings = c.network_settings.as_ref()?;
@@ -518,5 +563,49 @@ pub fn container_ip(c: &ContainerInspectResponse, network: Option<&str>) -> Opti
             .as_deref()
             .and_then(|ip| ip.parse().ok())
             .or_else(|| networks?.values().find_map(from_endpoint)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{NetworkSettings, PortBinding};
+
+    fn with_ports(ports: Vec<(&str, Option<Vec<PortBinding>>)>) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            network_settings: Some(NetworkSettings {
+                ports: Some(ports.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn binding(ip: &str, port: &str) -> PortBinding {
+        PortBinding {
+            host_ip: Some(ip.into()),
+            host_port: Some(port.into()),
+        }
+    }
+
+    #[test]
+    fn the_published_port_is_read_from_inspect() {
+        let c = with_ports(vec![
+            ("9000/tcp", Some(vec![binding("0.0.0.0", "1111")])),
+            (
+                "8080/tcp",
+                Some(vec![binding("0.0.0.0", "49153"), binding("::", "49153")]),
+            ),
+        ]);
+        assert_eq!(published_port(&c, 8080), Some(49153));
+        assert_eq!(published_port(&c, 9000), Some(1111));
+        // Exposed but not published, or not there at all.
+        let c = with_ports(vec![("8080/tcp", None)]);
+        assert_eq!(published_port(&c, 8080), None);
+        assert_eq!(published_port(&c, 8081), None);
+        assert_eq!(
+            published_port(&ContainerInspectResponse::default(), 8080),
+            None
+        );
     }
 }

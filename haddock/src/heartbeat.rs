@@ -16,15 +16,30 @@ use std::time::Duration;
 /// How often haddock heartbeats the service's instances and its own lease on the release.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long one host may take to list its containers for a heartbeat round. A host that does
+/// not answer by then (lost, or its engine hung) gets no heartbeats this round, so its
+/// instances turn unhealthy; it must never hold back the heartbeats of the hosts that answer.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Heartbeats every instance of `service` whose container runs on one of `hosts` (old and new:
-/// the locator marks silent instances unhealthy after its TTL). Best effort.
+/// the locator marks silent instances unhealthy after its TTL). Best effort; the hosts are
+/// asked at once, each within [`LIST_TIMEOUT`].
 pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
+    let lists = hosts
+        .iter()
+        .map(|h| tokio::time::timeout(LIST_TIMEOUT, h.find(service, None)));
     let mut running = Vec::new();
-    for h in hosts {
-        match h.find(service, None).await {
-            Ok(list) => running.extend(list.into_iter().filter(|c| c.running).map(|c| c.id)),
-            Err(e) => {
+    for (h, listed) in hosts
+        .iter()
+        .zip(futures_util::future::join_all(lists).await)
+    {
+        match listed {
+            Ok(Ok(list)) => running.extend(list.into_iter().filter(|c| c.running).map(|c| c.id)),
+            Ok(Err(e)) => {
                 tracing::debug!(host = %h.name, error = %e, "listing containers for heartbeats")
+            }
+            Err(_) => {
+                tracing::debug!(host = %h.name, "no container list within the heartbeat timeout")
             }
         }
     }

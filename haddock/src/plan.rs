@@ -48,9 +48,10 @@ pub struct ContainerPlan {
     /// Docker HEALTHCHECK timing from the spec: `(interval, timeout, retries, start period)`.
     pub health: (Duration, Duration, u32, Duration),
     pub stop_grace: Duration,
-    /// `(host port, container port)`: TCP ports published on every address of the Docker host.
-    /// Empty from a spec (haddock reaches containers by their IP on the spec's network); set by
-    /// callers that reach a container from outside its host (the test hosts' test).
+    /// `(host port, container port)`: TCP ports published on every address of the Docker host;
+    /// host port 0 lets Docker pick a free one (read back by `docker::Host::address`). The
+    /// service port, when the spec gives the target an `address` (proxies on other hosts reach
+    /// the instance there); empty otherwise (reached by its IP on the spec's network).
     pub publish: Vec<(u16, u16)>,
 }
 
@@ -77,6 +78,16 @@ impl ContainerPlan {
         env.push(format!("HADDOCK_SERVICE={}", spec.service.name));
         env.push(format!("HADDOCK_VERSION={tag}"));
         env.push(format!("HADDOCK_INSTANCE={name}"));
+        let target = spec.targets.get(host_index);
+        // Which host the instance runs on, as the locator records it (`docker_host`): a
+        // service that reads through its peers skips the instances of its own host.
+        if let Some(t) = target {
+            env.push(format!("HADDOCK_HOST={}", t.host));
+        }
+        let publish = match target {
+            Some(t) if t.address.is_some() => vec![(0, spec.service.port)],
+            _ => Vec::new(),
+        };
         let h = &spec.health;
         ContainerPlan {
             image: spec.image_ref(tag),
@@ -95,7 +106,7 @@ impl ContainerPlan {
                 .collect(),
             health: (h.interval, h.timeout, h.fall, h.start_deadline),
             stop_grace: spec.container.stop_grace,
-            publish: Vec::new(),
+            publish,
             name,
         }
     }
@@ -169,9 +180,11 @@ impl ContainerPlan {
                     self.publish
                         .iter()
                         .map(|&(h, c)| {
+                            // An empty host port is Docker's "pick one" (what `-p 8080` sends).
+                            let host_port = if h == 0 { String::new() } else { h.to_string() };
                             let binding = PortBinding {
                                 host_ip: None,
-                                host_port: Some(h.to_string()),
+                                host_port: Some(host_port),
                             };
                             (port(c), Some(vec![binding]))
                         })
@@ -270,6 +283,29 @@ mod tests {
         let b = bindings["8080/tcp"].as_ref().unwrap();
         assert_eq!(b[0].host_port.as_deref(), Some("18080"));
         assert_eq!(b[0].host_ip, None);
+    }
+
+    #[test]
+    fn a_target_with_an_address_publishes_the_service_port_on_an_ephemeral_port() {
+        let mut s = spec();
+        s.targets[0].address = Some("10.213.1.2".into());
+        let plan = ContainerPlan::new(&s, "1", "r", 0, 0);
+        assert_eq!(plan.publish, [(0, 8080)]);
+        assert!(plan
+            .env
+            .contains(&"HADDOCK_HOST=unix:///var/run/docker.sock".to_string()));
+        let bindings = plan
+            .create_body(false)
+            .host_config
+            .unwrap()
+            .port_bindings
+            .unwrap();
+        let b = bindings["8080/tcp"].as_ref().unwrap();
+        assert_eq!(b[0].host_port.as_deref(), Some(""), "Docker picks the port");
+        // Without an address: reached on the network, nothing published.
+        assert!(ContainerPlan::new(&spec(), "1", "r", 0, 0)
+            .publish
+            .is_empty());
     }
 
     #[test]

@@ -312,10 +312,20 @@ impl<'a> Run<'a> {
 
     /// Creates and starts every new container that is not there yet (idempotent).
     async fn ensure_containers(&mut self) -> Result<Vec<NewInstance>> {
+        let all: Vec<usize> = self.d.hosts.iter().map(|h| h.index).collect();
+        self.ensure_containers_on(&all).await
+    }
+
+    /// [`Self::ensure_containers`] on the given hosts only (one batch of a rolling start).
+    async fn ensure_containers_on(&mut self, hosts: &[usize]) -> Result<Vec<NewInstance>> {
         if self.image_healthcheck.len() != self.d.hosts.len() {
             self.image_healthcheck = self.d.supply_images(&self.rec.to_version).await?;
         }
-        let plans = self.plans();
+        let plans: Vec<_> = self
+            .plans()
+            .into_iter()
+            .filter(|(h, _)| hosts.contains(h))
+            .collect();
         let starts = plans.iter().map(|(h, plan)| {
             let host = &self.d.hosts[*h];
             let hc = self.image_healthcheck[*h];
@@ -327,6 +337,17 @@ impl<'a> Run<'a> {
             .zip(ids)
             .map(|((host, plan), id)| NewInstance { host, plan, id })
             .collect())
+    }
+
+    /// The hosts in start order, cut into batches of `rollout.max_parallel_hosts` (one batch
+    /// of every host when it is 0).
+    fn host_batches(&self) -> Vec<Vec<usize>> {
+        let hosts: Vec<usize> = self.d.hosts.iter().map(|h| h.index).collect();
+        let size = match self.spec().rollout.max_parallel_hosts {
+            0 => hosts.len().max(1),
+            n => n as usize,
+        };
+        hosts.chunks(size).map(<[usize]>::to_vec).collect()
     }
 
     /// The new containers as they are (no creation): `None` for one that vanished.
@@ -343,19 +364,44 @@ impl<'a> Run<'a> {
         Ok(out)
     }
 
+    /// Starts the new containers, host batch by host batch: every batch but the last must
+    /// pass the health gate before the next starts (a batch that fails it fails the release,
+    /// whose containers on every host are then removed); `waiting_healthy` gates the last.
     async fn start(&mut self) -> Result<()> {
         let t = Instant::now();
-        let new = self.ensure_containers().await?;
+        let batches = self.host_batches();
+        let mut started = 0;
+        for (i, batch) in batches.iter().enumerate() {
+            let since = Instant::now();
+            let new = self.ensure_containers_on(batch).await?;
+            started += new.len();
+            if i + 1 == batches.len() {
+                break;
+            }
+            self.gate(&new, since).await?;
+            let names: Vec<&str> = batch
+                .iter()
+                .map(|h| self.d.hosts[*h].name.as_str())
+                .collect();
+            self.d.out.step(
+                &format!(
+                    "host batch {}/{} healthy ({})",
+                    i + 1,
+                    batches.len(),
+                    names.join(", ")
+                ),
+                Some(since.elapsed()),
+            );
+        }
         self.d.out.step(
             &format!(
-                "started {} container(s) of {}",
-                new.len(),
+                "started {started} container(s) of {}",
                 self.spec().image_ref(&self.rec.to_version)
             ),
             Some(t.elapsed()),
         );
         let mut update = ReleaseUpdate {
-            containers: Some(new.iter().map(|n| n.plan.name.clone()).collect()),
+            containers: Some(self.plans().into_iter().map(|(_, p)| p.name).collect()),
             ..Default::default()
         };
         update
@@ -374,12 +420,12 @@ impl<'a> Run<'a> {
             .await
     }
 
-    async fn wait_healthy(&mut self) -> Result<()> {
-        let new = self.ensure_containers().await?;
-        let started = self.entered;
+    /// The health gate of `new` (the deadline counts from `since`): every instance healthy,
+    /// or the first that is not, with its last log lines. Returns their addresses.
+    async fn gate(&self, new: &[NewInstance], since: Instant) -> Result<Vec<SocketAddr>> {
         let hs = self.spec().health.clone();
         let mut addrs = Vec::new();
-        for n in &new {
+        for n in new {
             addrs.push(self.address(n).await?);
         }
         let checks = new.iter().zip(&addrs).map(|(n, addr)| {
@@ -387,7 +433,7 @@ impl<'a> Run<'a> {
             let hs = &hs;
             async move {
                 let probe = Probe::new(*addr, hs);
-                health::wait_healthy(host, &n.id, &probe, hs, started).await
+                health::wait_healthy(host, &n.id, &probe, hs, since).await
             }
         });
         let results = futures_util::future::join_all(checks).await;
@@ -399,12 +445,19 @@ impl<'a> Run<'a> {
                     return Err(Error::Unhealthy {
                         release: self.rec.id.clone(),
                         container: n.plan.name.clone(),
-                        reason,
+                        reason: format!("{reason} (on {})", self.d.hosts[n.host].name),
                         logs,
                     });
                 }
             }
         }
+        Ok(addrs)
+    }
+
+    async fn wait_healthy(&mut self) -> Result<()> {
+        let new = self.ensure_containers().await?;
+        let started = self.entered;
+        let addrs = self.gate(&new, started).await?;
         let healthy = started.elapsed();
         self.d
             .out
@@ -647,16 +700,37 @@ impl<'a> Run<'a> {
         self.transition(ReleaseState::RolledBack, update).await
     }
 
-    /// Stops and removes the new containers and marks their instances gone.
+    /// Stops and removes the new containers and marks their instances gone, on every host it
+    /// can reach: a host that fails (its engine is down) does not keep the others' containers
+    /// running. Its error is returned after the others are done, and the release stays where
+    /// it is: run again once the host is back, it removes what is left there.
     async fn remove_new(&mut self) -> Result<()> {
         let grace = self.spec().container.stop_grace;
-        for h in &self.d.hosts {
-            for c in h.find(&self.rec.service, Some(&self.rec.id)).await? {
+        let (service, release) = (&self.rec.service, &self.rec.id);
+        let removals = self.d.hosts.iter().map(|h| async move {
+            for c in h.find(service, Some(release)).await? {
                 h.stop_and_remove(&c.id, grace).await?;
             }
+            Ok::<(), Error>(())
+        });
+        let results = futures_util::future::join_all(removals).await;
+        let mut failed_hosts = Vec::new();
+        let mut first_error = None;
+        for (h, r) in self.d.hosts.iter().zip(results) {
+            if let Err(e) = r {
+                tracing::warn!(release = %self.rec.id, host = %h.name, error = %e, "cannot remove the new containers there");
+                failed_hosts.push(h.index);
+                first_error.get_or_insert(e);
+            }
         }
-        let ids: Vec<String> = self.plans().into_iter().map(|(_, p)| p.name).collect();
-        self.set_instances(&ids, InstanceState::Gone).await
+        let ids: Vec<String> = self
+            .plans()
+            .into_iter()
+            .filter(|(h, _)| !failed_hosts.contains(h))
+            .map(|(_, p)| p.name)
+            .collect();
+        self.set_instances(&ids, InstanceState::Gone).await?;
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Moves the given instances (those the locator knows) to `state`, skipping illegal moves.

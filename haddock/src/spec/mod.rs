@@ -125,6 +125,10 @@ pub struct RolloutSection {
     /// When true the release waits for `haddock promote` after the last canary step.
     #[serde(default)]
     pub manual: bool,
+    /// Hosts that start their new instances at once: a batch starts and passes the health gate
+    /// before the next batch starts. 0 (the default) starts every host at once.
+    #[serde(default)]
+    pub max_parallel_hosts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +190,12 @@ pub struct Target {
     /// TLS files for `tcp://` hosts.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// The address (IP or DNS name, no port) by which proxies on other hosts and haddock reach
+    /// this host's instances. Set: the service port is published on an ephemeral port of the
+    /// host and each instance registers at `address:published-port`. Unset: the container's
+    /// IP on the spec's network, reachable only from the same host (a proxy there).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +385,7 @@ fn default_targets() -> Vec<Target> {
         host: default_host(),
         instances: 1,
         tls: None,
+        address: None,
     }]
 }
 fn default_host() -> String {

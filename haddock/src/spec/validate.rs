@@ -196,6 +196,9 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
                 "must be at least 1".into(),
             );
         }
+        if let Some(msg) = t.address.as_deref().and_then(address_problem) {
+            bad(&format!("targets[{i}].address"), msg);
+        }
         if let Some(tls) = &t.tls {
             for (key, file) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
                 if !file.is_file() {
@@ -208,6 +211,26 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Why a target's `address` cannot be dialled as `address:port`, if it cannot: an IP literal
+/// or a DNS name, without scheme or port (the port is the one Docker publishes).
+fn address_problem(address: &str) -> Option<String> {
+    if address.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let name = address.strip_suffix('.').unwrap_or(address);
+    let labels_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|l| is_dns_label(&l.to_ascii_lowercase()));
+    if labels_ok {
+        return None;
+    }
+    Some(format!(
+        "{address:?} is not an address: give an IP or a DNS name without scheme or port (e.g. \"10.0.0.2\" or \"host-b.internal\"); the port is the one Docker publishes"
+    ))
 }
 
 fn positive(bad: &mut impl FnMut(&str, String), path: &str, d: Duration) {
@@ -639,6 +662,34 @@ mod tests {
             "targets[0].instances",
             "at least 1",
         );
+    }
+
+    #[test]
+    fn target_addresses_are_ips_or_dns_names() {
+        let with = |a: &str| {
+            GOOD.replacen(
+                "instances = 1",
+                &format!("instances = 1\naddress = \"{a}\""),
+                1,
+            )
+        };
+        for good in [
+            "10.213.1.2",
+            "fd00::2",
+            "host-b.internal",
+            "Host-B.example.com.",
+        ] {
+            let spec = Spec::parse("t.toml", &with(good)).unwrap();
+            assert_eq!(spec.targets[0].address.as_deref(), Some(good));
+        }
+        for bad in ["", "10.0.0.2:8080", "http://host", "host_b", "-x.example"] {
+            let found = issues(&with(bad));
+            let hit = found.iter().find(|i| i.path == "targets[0].address");
+            assert!(
+                hit.is_some_and(|i| i.message.contains("not an address")),
+                "{bad:?}: {found:#?}"
+            );
+        }
     }
 
     #[test]
