@@ -30,9 +30,11 @@ use std::time::Duration;
 
 /// Seconds bollard waits for one Docker API call.
 const API_TIMEOUT_SECS: u64 = 60;
-/// Seconds a host gets to answer its first request (the API version): an engine that cannot
-/// be reached fails the verb quickly, naming the host, rather than after [`API_TIMEOUT_SECS`].
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a small question to an engine (its API version, inspect one container,
+/// list a service's): an engine that cannot be reached fails the verb in seconds, naming the
+/// host, and a host lost mid-release (its connection silently dead) makes the release roll
+/// back, not after bollard's [`API_TIMEOUT_SECS`] for every call.
+const QUICK_CALL: Duration = Duration::from_secs(10);
 /// How often a name conflict whose container cannot be found yet is retried (every 250 ms).
 const CREATE_CONFLICT_RETRIES: u32 = 40;
 
@@ -134,9 +136,8 @@ impl Host {
             Docker::connect_with_http(&name, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
         }
         .map_err(|e| Error::docker(&name, "connect", e))?;
-        let docker = tokio::time::timeout(CONNECT_TIMEOUT, docker.negotiate_version())
+        let docker = quick(docker.negotiate_version())
             .await
-            .unwrap_or(Err(bollard::errors::Error::RequestTimeoutError))
             .map_err(|e| Error::docker(&name, "negotiate the API version", e))?;
         Ok(Host {
             name,
@@ -325,11 +326,10 @@ impl Host {
 
     /// Container inspect; `None` when it does not exist.
     pub async fn inspect(&self, id: &str) -> Result<Option<ContainerInspectResponse>> {
-        match self
+        let inspected = self
             .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-        {
+            .inspect_container(id, None::<InspectContainerOptions>);
+        match quick(inspected).await {
             Ok(c) => Ok(Some(c)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(Error::docker(
@@ -452,10 +452,9 @@ impl Host {
             filters: Some(HashMap::from([("label".to_string(), label)])),
             ..Default::default()
         };
-        let list =
-            self.docker.list_containers(Some(opts)).await.map_err(|e| {
-                Error::docker(&self.name, format!("list containers of {service}"), e)
-            })?;
+        let list = quick(self.docker.list_containers(Some(opts)))
+            .await
+            .map_err(|e| Error::docker(&self.name, format!("list containers of {service}"), e))?;
         Ok(list
             .into_iter()
             .map(|c| {
@@ -535,6 +534,15 @@ impl Host {
                 }))
             })
     }
+}
+
+/// A small engine call bounded by [`QUICK_CALL`] (then bollard's own timeout error).
+async fn quick<T>(
+    call: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, bollard::errors::Error> {
+    tokio::time::timeout(QUICK_CALL, call)
+        .await
+        .unwrap_or(Err(bollard::errors::Error::RequestTimeoutError))
 }
 
 /// The host port Docker published for the container's `port`/tcp (the first binding: with

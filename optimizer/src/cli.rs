@@ -327,6 +327,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         own_id: instance_id.clone(),
         every: args.peer_refresh,
     });
+    let peers = match discovery {
+        Some(d) => peers.discovering(d),
+        None => peers,
+    };
     let app = App::new(
         volume.clone(),
         Arc::new(Metrics::new()),
@@ -340,7 +344,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     // Shares its list with the server's `peers` (a clone), stopped with the server.
-    let discover = discovery.map(|d| tokio::spawn(peers.discover(d, stop_rx.clone())));
+    let discover = tokio::spawn(peers.discover(stop_rx.clone()));
     let maintain = tokio::spawn(volume.clone().maintain(stop_rx));
     // Machine-readable first line of stdout: tests and scripts read the bound address here.
     println!("optimizer listening on http://{local}");
@@ -348,9 +352,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     server::run(listener, app, shutdown_signal(), args.grace).await;
     let _ = stop_tx.send(true);
     let _ = maintain.await;
-    if let Some(discover) = discover {
-        let _ = discover.await;
-    }
+    let _ = discover.await;
     tokio::task::spawn_blocking(move || volume.close())
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;

@@ -20,6 +20,13 @@ pub const LOCATOR_TOKEN_ENV: &str = "OPTIMIZER_LOCATOR_TOKEN";
 /// connect, and a hung listing must neither freeze the peer list's refresh nor the shutdown.
 const LOCATOR_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A local miss lists the locator again when its last listing is older than this: a peer that
+/// registered a moment ago (all hosts of a first release register together, and users reach
+/// them some 50 ms later, once haddock sets the weights) must not cost a user a 404 for up to
+/// `--peer-refresh`. Bounds the listings misses cause to twenty a second per instance (at
+/// 500 ms, one read in a 3-host demo still missed an object its peer had just stored).
+pub const FRESH_ENOUGH: Duration = Duration::from_millis(50);
+
 /// At most one warning per this period while the locator fails: it is listed every
 /// `--peer-refresh` (2 s), and a locator down for an hour must not fill the log.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -32,10 +39,16 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Peers {
     /// `--peer`, checked at startup.
     configured: Vec<String>,
-    /// From the locator, canonical, sorted; replaced whole by each successful listing.
-    discovered: Arc<RwLock<Vec<String>>>,
+    /// From the locator: `(Docker host, canonical URL)`, sorted; replaced whole by each
+    /// successful listing. The instances of one host share its volume: one answer per host.
+    discovered: Arc<RwLock<Vec<(String, String)>>>,
     /// Start of the next read-through order, so that misses spread over the peers.
     next: Arc<AtomicUsize>,
+    /// Where to list the discovered peers, if anywhere (`--locator`).
+    discovery: Option<Arc<Discovery>>,
+    /// When the last listing answered. A tokio mutex: concurrent misses that want a fresh
+    /// list wait for the one listing in flight instead of each sending their own.
+    listed_at: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 impl Peers {
@@ -51,24 +64,59 @@ impl Peers {
         })
     }
 
+    /// These peers, also discovered from the locator (`Peers::discover` keeps them current).
+    pub fn discovering(mut self, discovery: Discovery) -> Peers {
+        self.discovery = Some(Arc::new(discovery));
+        self
+    }
+
+    /// Lists the locator now unless a listing answered within `age`; whether the discovered
+    /// peers changed. Without discovery, or when the locator fails, nothing changes.
+    pub async fn refresh_if_older(&self, age: Duration) -> bool {
+        let Some(d) = &self.discovery else {
+            return false;
+        };
+        let mut listed_at = self.listed_at.lock().await;
+        if listed_at.is_some_and(|at| at.elapsed() < age) {
+            return false;
+        }
+        match tokio::time::timeout(LOCATOR_TIMEOUT, d.locator.instances(&d.service)).await {
+            Ok(Ok(instances)) => {
+                *listed_at = Some(Instant::now());
+                let changed = self.set_discovered(&peers_from(&instances, &d.own_host, &d.own_id));
+                if changed {
+                    tracing::info!(peers = ?self.discovered(), "discovered peers changed");
+                }
+                changed
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "listing peers from the locator failed");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The known peer (configured or discovered) a pull's `from=` names, as its base URL
     /// without a trailing slash.
     pub fn resolve(&self, from: &str) -> Result<String> {
         let wanted = canonical(from).map_err(|_| Error::UnknownPeer(from.to_owned()))?;
-        if self.configured.contains(&wanted) || self.discovered_read().contains(&wanted) {
+        if self.configured.contains(&wanted)
+            || self.discovered_read().iter().any(|(_, url)| *url == wanted)
+        {
             Ok(wanted)
         } else {
             Err(Error::UnknownPeer(from.to_owned()))
         }
     }
 
-    /// Replaces the discovered peers with `urls` (those that are not a valid base URL are
-    /// dropped). Whether the list changed.
-    pub fn set_discovered(&self, urls: &[String]) -> bool {
-        let mut found: Vec<String> = urls
+    /// Replaces the discovered peers with `found`, `(Docker host, URL)` pairs (those whose URL
+    /// is not a valid base URL are dropped). Whether the list changed.
+    pub fn set_discovered(&self, found: &[(String, String)]) -> bool {
+        let mut found: Vec<(String, String)> = found
             .iter()
-            .filter_map(|u| match canonical(u) {
-                Ok(c) => Some(c),
+            .filter_map(|(host, u)| match canonical(u) {
+                Ok(c) => Some((host.clone(), c)),
                 Err(why) => {
                     tracing::debug!(url = %u, %why, "ignoring a discovered peer");
                     None
@@ -86,61 +134,76 @@ impl Peers {
         true
     }
 
-    /// The discovered peers now.
+    /// The discovered peers' URLs now.
     pub fn discovered(&self) -> Vec<String> {
-        self.discovered_read().clone()
+        self.discovered_read()
+            .iter()
+            .map(|(_, url)| url.clone())
+            .collect()
     }
 
-    /// Every known peer (configured, then discovered, each once), rotated by one more place
-    /// at each call so that the misses of all clients do not all land on the first peer.
-    pub fn read_through_order(&self) -> Vec<String> {
-        let mut all = self.configured.clone();
-        for p in self.discovered_read().iter() {
-            if !all.contains(p) {
-                all.push(p.clone());
+    /// Every known peer once, grouped by the host whose volume it serves (each configured peer
+    /// is a host of its own), in an order rotated by one more place at each call, the hosts and
+    /// the instances within each, so that the misses of all clients do not all land on the
+    /// first peer.
+    pub fn read_through_order(&self) -> Vec<Vec<String>> {
+        let mut groups: Vec<(String, Vec<String>)> = self
+            .configured
+            .iter()
+            .map(|u| (u.clone(), vec![u.clone()]))
+            .collect();
+        for (host, url) in self.discovered_read().iter() {
+            if self.configured.contains(url) {
+                continue;
+            }
+            match groups.iter_mut().find(|(h, _)| h == host) {
+                Some((_, urls)) => urls.push(url.clone()),
+                None => groups.push((host.clone(), vec![url.clone()])),
             }
         }
-        if !all.is_empty() {
-            let start = self.next.fetch_add(1, Ordering::Relaxed) % all.len();
-            all.rotate_left(start);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        if !groups.is_empty() {
+            let by = turn % groups.len();
+            groups.rotate_left(by);
         }
-        all
+        groups
+            .into_iter()
+            .map(|(_, mut urls)| {
+                let by = turn % urls.len();
+                urls.rotate_left(by);
+                urls
+            })
+            .collect()
     }
 
-    fn discovered_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+    fn discovered_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, String)>> {
         self.discovered.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keeps the discovered peers current until `stop` turns true: lists the instances of the
-    /// service every `d.every`; on a locator failure keeps the last list.
-    pub async fn discover(self, d: Discovery, mut stop: watch::Receiver<bool>) {
+    /// service every `--peer-refresh` (see [`Peers::discovering`]); on a locator failure keeps
+    /// the last list. Returns at once without discovery.
+    pub async fn discover(self, mut stop: watch::Receiver<bool>) {
+        let Some(d) = self.discovery.clone() else {
+            return;
+        };
         tracing::info!(service = %d.service, docker_host = %d.own_host, every = ?d.every, "discovering peers from the locator");
         // When the last warning was logged, kept across recoveries: a flapping locator too
         // warns once a minute at most.
         let mut last_warning: Option<Instant> = None;
         loop {
-            let listed = tokio::select! {
-                listed = tokio::time::timeout(LOCATOR_TIMEOUT, d.locator.instances(&d.service)) => listed,
+            tokio::select! {
+                _ = self.refresh_if_older(Duration::ZERO) => {}
                 _ = stop.changed() => return,
-            };
-            let problem = match listed {
-                Ok(Ok(instances)) => {
-                    let found = peers_from(&instances, &d.own_host, &d.own_id);
-                    if self.set_discovered(&found) {
-                        tracing::info!(peers = ?self.discovered(), "discovered peers changed");
-                    }
-                    None
-                }
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within {LOCATOR_TIMEOUT:?}")),
-            };
-            if let Some(problem) = problem {
-                if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                    last_warning = Some(Instant::now());
-                    tracing::warn!(%problem, service = %d.service, "listing peers from the locator failed; keeping the last list");
-                } else {
-                    tracing::debug!(%problem, "listing peers from the locator failed");
-                }
+            }
+            let stale = self
+                .listed_at
+                .lock()
+                .await
+                .is_none_or(|at| at.elapsed() >= d.every + LOCATOR_TIMEOUT);
+            if stale && last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(service = %d.service, "listing peers from the locator fails; keeping the last list");
             }
             tokio::select! {
                 _ = tokio::time::sleep(d.every) => {}
@@ -151,6 +214,7 @@ impl Peers {
 }
 
 /// Where and as whom [`Peers::discover`] looks for peers.
+#[derive(Debug)]
 pub struct Discovery {
     /// A client of the locator, with its `read` token if it needs one.
     pub locator: locator_wire::client::Client,
@@ -163,15 +227,16 @@ pub struct Discovery {
     pub every: Duration,
 }
 
-/// The peers among the instances of our service: those serving (ready, or draining: still
-/// up with the cache of their host), on another Docker host (the instances of our host share
-/// our cache volume, asking them would only cost a round trip), and not ourselves.
-pub fn peers_from(instances: &[Instance], own_host: &str, own_id: &str) -> Vec<String> {
+/// The peers among the instances of our service, as `(Docker host, URL)`: those serving
+/// (ready, or draining: still up with the cache of their host), on another Docker host (the
+/// instances of our host share our cache volume, asking them would only cost a round trip),
+/// and not ourselves.
+pub fn peers_from(instances: &[Instance], own_host: &str, own_id: &str) -> Vec<(String, String)> {
     instances
         .iter()
         .filter(|i| matches!(i.state, InstanceState::Ready | InstanceState::Draining))
         .filter(|i| i.docker_host != own_host && i.id != own_id)
-        .map(|i| format!("http://{}", i.address))
+        .map(|i| (i.docker_host.clone(), format!("http://{}", i.address)))
         .collect()
 }
 
@@ -232,14 +297,15 @@ mod tests {
         // The discovery task holds a clone: what it sets, the server's copy sees.
         let task = peers.clone();
         assert!(peers.resolve("http://10.0.0.7:8080").is_err());
-        assert!(task.set_discovered(&["http://10.0.0.7:8080".into(), "nonsense".into()]));
+        let on_b = |u: &str| ("tcp://b:2376".to_string(), u.to_string());
+        assert!(task.set_discovered(&[on_b("http://10.0.0.7:8080"), on_b("nonsense")]));
         assert_eq!(
             peers.resolve("http://10.0.0.7:8080/").unwrap(),
             "http://10.0.0.7:8080"
         );
         assert_eq!(peers.resolve("http://a:1").unwrap(), "http://a:1");
-        assert!(!task.set_discovered(&["http://10.0.0.7:8080".into()]));
-        assert!(task.set_discovered(&["http://10.0.0.8:8080".into()]));
+        assert!(!task.set_discovered(&[on_b("http://10.0.0.7:8080")]));
+        assert!(task.set_discovered(&[on_b("http://10.0.0.8:8080")]));
         assert_eq!(
             peers.resolve("http://10.0.0.7:8080").unwrap_err().code(),
             "unknown_peer"
@@ -248,15 +314,41 @@ mod tests {
     }
 
     #[test]
-    fn read_through_order_rotates_over_each_peer_once() {
+    fn read_through_order_groups_by_host_and_rotates() {
         assert!(Peers::default().read_through_order().is_empty());
         let peers = Peers::new(&["http://a:1".into(), "http://b:2".into()]).unwrap();
-        peers.set_discovered(&["http://c:3".into(), "http://B:2/".into()]);
-        let orders: Vec<Vec<String>> = (0..4).map(|_| peers.read_through_order()).collect();
-        assert_eq!(orders[0], ["http://a:1", "http://b:2", "http://c:3"]);
-        assert_eq!(orders[1], ["http://b:2", "http://c:3", "http://a:1"]);
-        assert_eq!(orders[2], ["http://c:3", "http://a:1", "http://b:2"]);
-        assert_eq!(orders[3], orders[0]);
+        let at = |h: &str, u: &str| (h.to_string(), u.to_string());
+        peers.set_discovered(&[
+            at("tcp://h3", "http://c:3"),
+            at("tcp://h3", "http://c:4"),
+            at("tcp://h2", "http://B:2/"), // configured already: asked as such, once
+        ]);
+        let orders: Vec<Vec<Vec<String>>> = (0..4).map(|_| peers.read_through_order()).collect();
+        assert_eq!(
+            orders[0],
+            [
+                vec!["http://a:1"],
+                vec!["http://b:2"],
+                vec!["http://c:3", "http://c:4"]
+            ]
+        );
+        assert_eq!(
+            orders[1],
+            [
+                vec!["http://b:2"],
+                vec!["http://c:4", "http://c:3"],
+                vec!["http://a:1"]
+            ]
+        );
+        assert_eq!(
+            orders[2],
+            [
+                vec!["http://c:3", "http://c:4"],
+                vec!["http://a:1"],
+                vec!["http://b:2"]
+            ]
+        );
+        assert_eq!(orders[3][0], ["http://a:1"]);
     }
 
     fn instance(id: &str, host: &str, address: &str, state: InstanceState) -> Instance {
@@ -293,9 +385,18 @@ mod tests {
         assert_eq!(
             peers_from(&instances, "tcp://h1:2376", "me"),
             [
-                "http://10.0.1.1:8080",
-                "http://10.0.1.2:8080",
-                "http://10.0.2.1:8080"
+                (
+                    "tcp://h2:2376".to_string(),
+                    "http://10.0.1.1:8080".to_string()
+                ),
+                (
+                    "tcp://h2:2376".to_string(),
+                    "http://10.0.1.2:8080".to_string()
+                ),
+                (
+                    "tcp://h3:2376".to_string(),
+                    "http://10.0.2.1:8080".to_string()
+                ),
             ]
         );
         assert!(peers_from(&[], "tcp://h1:2376", "me").is_empty());

@@ -34,7 +34,7 @@ use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
 use crate::metrics::{
     method_label, read_through, Metrics, OutcomeLabels, RequestLabels, RouteLabels,
 };
-use crate::peers::Peers;
+use crate::peers::{Peers, FRESH_ENOUGH};
 use crate::store::Store;
 use crate::sync;
 use crate::volume::{BodyOverLimit, Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
@@ -64,12 +64,12 @@ const MISSING_BODY_LIMIT: u64 = 8 << 20;
 /// An oversized body is read and discarded up to this much before answering 413, so that the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 64 << 20;
-/// Peers asked per local miss, at most (the first ones of `Peers::read_through_order`). A key
-/// no host has (a typo, a deleted object, a client probing) costs one manifest round trip
-/// across the WAN per peer asked before its 404, and any client can ask for such keys: the
-/// cost must not grow with the number of hosts. Three still finds an object while a peer or two
-/// are down or lack it.
-const READ_THROUGH_PEERS: usize = 3;
+/// Peer hosts asked per local miss, at most (the first ones of `Peers::read_through_order`). A
+/// key no host has (a typo, a deleted object, a client probing) costs one manifest round trip
+/// across the WAN per host asked before its 404, and any client can ask for such keys: the
+/// cost must not grow with the number of hosts. Three still finds an object while a host or
+/// two are down or lack it.
+const READ_THROUGH_HOSTS: usize = 3;
 
 /// Per-instance HTTP settings.
 #[derive(Clone, Debug)]
@@ -417,7 +417,15 @@ impl App {
                             .map(|(_, v)| v.into_owned())
                     })
                     .ok_or_else(|| Error::BadRequest("pull needs ?from=<peer url>".into()))?;
-                let peer = self.cfg.peers.resolve(&from)?;
+                // A peer that registered a moment ago may be known to the reader that forwarded
+                // this pull and not yet to us: one fresh listing before refusing it.
+                let peer = match self.cfg.peers.resolve(&from) {
+                    Ok(peer) => peer,
+                    Err(_) => {
+                        self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await;
+                        self.cfg.peers.resolve(&from)?
+                    }
+                };
                 match self.on_writer(req, 0).await? {
                     Exec::Local(store, _) => {
                         let report =
@@ -570,38 +578,68 @@ impl App {
         }
     }
 
-    /// On a local miss of `key`, fetches it from the first [`READ_THROUGH_PEERS`] peers of
+    /// On a local miss of `key`, fetches it from the first [`READ_THROUGH_HOSTS`] peer hosts of
     /// [`Peers::read_through_order`] into the volume (a pull, on the writer) until one has it.
-    /// Whether one had it. Failures are logged and counted, never answered: the client gets the
+    /// When none had it and discovery is on, the locator is listed again (if its last listing
+    /// is older than [`FRESH_ENOUGH`]) and the peers that brings are asked too, within the
+    /// same bound. Whether one had it. Failures are logged and counted, never answered: the client gets the
     /// 404 it would have had without peers. Only object reads come here, never the manifest
     /// route, which is what peers ask: reading through there would bounce a miss between hosts.
     async fn read_through(&self, key: &str) -> bool {
-        let peers = self.cfg.peers.read_through_order();
-        if peers.is_empty() {
-            return false;
-        }
+        let mut asked: Vec<String> = Vec::new();
+        let mut hosts_asked = 0;
         let mut failed = false;
-        for peer in peers.iter().take(READ_THROUGH_PEERS) {
-            match self.pull_for_read(key, peer).await {
-                Ok(()) => {
-                    tracing::info!(%key, %peer, "read through a peer");
-                    self.count_read_through(read_through::HIT);
-                    return true;
-                }
-                Err(Error::NotFound(_)) => {
-                    tracing::debug!(%key, %peer, "the peer does not have it either");
-                }
-                Err(e @ Error::WriterUnavailable(_)) => {
-                    // Waited `--forward-timeout` already; the next peer would wait as long.
-                    failed = true;
-                    tracing::warn!(%key, error = %e, "read-through needs the volume's writer; none answers");
-                    break;
-                }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(%key, %peer, error = %e, "read-through from a peer failed; trying the next");
-                }
+        // The known peers first; when none had it, once more with a fresh list from the
+        // locator if that brought peers not asked yet (one that registered a moment ago).
+        'rounds: for round in 0..2 {
+            if round == 1 && !self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await {
+                break;
             }
+            let hosts: Vec<Vec<String>> = self
+                .cfg
+                .peers
+                .read_through_order()
+                .into_iter()
+                .map(|urls| urls.into_iter().filter(|u| !asked.contains(u)).collect())
+                .filter(|urls: &Vec<String>| !urls.is_empty())
+                .collect();
+            for urls in hosts {
+                if hosts_asked == READ_THROUGH_HOSTS {
+                    break 'rounds;
+                }
+                hosts_asked += 1;
+                // One answer per host: its instances share one volume. Another instance of
+                // the host is asked only when one fails (stopping, as old ones at a release).
+                let mut answered = false;
+                for peer in urls {
+                    asked.push(peer.clone());
+                    match self.pull_for_read(key, &peer).await {
+                        Ok(()) => {
+                            tracing::info!(%key, %peer, "read through a peer");
+                            self.count_read_through(read_through::HIT);
+                            return true;
+                        }
+                        Err(Error::NotFound(_)) => {
+                            tracing::debug!(%key, %peer, "the peer's host does not have it either");
+                            answered = true;
+                            break;
+                        }
+                        Err(e @ Error::WriterUnavailable(_)) => {
+                            // Waited `--forward-timeout` already; the next would wait as long.
+                            failed = true;
+                            tracing::warn!(%key, error = %e, "read-through needs the volume's writer; none answers");
+                            break 'rounds;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%key, %peer, error = %e, "read-through from a peer failed; trying another");
+                        }
+                    }
+                }
+                failed |= !answered;
+            }
+        }
+        if asked.is_empty() {
+            return false; // no peer at all: a plain miss, nothing to count
         }
         self.count_read_through(if failed {
             read_through::FAILED

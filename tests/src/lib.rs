@@ -3,12 +3,14 @@
 //!
 //! Start with [`stack`] (a locator, a proxy, a Docker network and volume for one test),
 //! then [`load`] (many users with their own cookie jars) and [`scenario`] (the canary release
-//! under load that the demo prints and the tests assert). Tests wait with [`eventually`],
+//! under load that the demo prints and the tests assert). A stack may span [`testhosts`]:
+//! extra Docker engines in their own network namespaces. Tests wait with [`eventually`],
 //! never a bare sleep.
 
 pub mod load;
 pub mod scenario;
 pub mod stack;
+pub mod testhosts;
 
 /// The same poller as the locator's, proxy's and haddock's tests use.
 pub use locator::testing::eventually;

@@ -20,8 +20,9 @@ use rand::{Rng, SeedableRng};
 /// What the load looks like.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// The proxy, e.g. `http://127.0.0.1:8480`.
-    pub target: String,
+    /// The proxies, e.g. `http://127.0.0.1:8480`: a user's requests go to each in turn, so
+    /// that its session must hold whichever proxy a request enters.
+    pub targets: Vec<String>,
     /// Concurrent users.
     pub users: usize,
     /// The sticky-session cookie's name (the service's `sessions.cookie`).
@@ -53,6 +54,17 @@ pub struct StoredObject {
     pub digest: blake3::Hash,
     pub len: usize,
     pub version: String,
+    /// The instance the storing session was on (its last `/version` answer), if known.
+    pub instance: Option<String>,
+}
+
+/// Where a failed request was headed: the instance its session was on, and for a read, the
+/// instance that stored the object (both as last seen by the session's `/version` probes).
+#[derive(Debug, Clone, Default)]
+pub struct FailedRequest {
+    pub session_instance: Option<String>,
+    pub object_instance: Option<String>,
+    pub message: String,
 }
 
 /// Everything measured during one run.
@@ -62,6 +74,8 @@ pub struct LoadReport {
     pub failed: u64,
     /// The first few failures, for the report.
     pub failures: Vec<String>,
+    /// Every failure, by where it was headed (to tell a lost host's own failures apart).
+    pub failed_requests: Vec<FailedRequest>,
     pub latencies_us: Vec<u64>,
     pub sessions: Vec<SessionRecord>,
     pub objects: Vec<StoredObject>,
@@ -159,6 +173,8 @@ pub async fn run(cfg: LoadConfig, control: Arc<LoadControl>) -> LoadReport {
 
 struct Session {
     cookie: Option<String>,
+    /// The instance that answered the session's last `/version`.
+    instance: Option<String>,
     record: SessionRecord,
     requests: u32,
 }
@@ -177,6 +193,7 @@ async fn user_loop(
     while !control.stop.load(Ordering::SeqCst) {
         let s = session.get_or_insert_with(|| Session {
             cookie: None,
+            instance: None,
             record: SessionRecord {
                 step: control.step(),
                 versions: Vec::new(),
@@ -196,7 +213,8 @@ async fn user_loop(
             Op::Get(rng.gen_range(0..mine.len()))
         };
         let started = Instant::now();
-        let outcome = request(&client, &cfg.target, &cfg.cookie, s, &op, &mine).await;
+        let target = &cfg.targets[(user + s.requests as usize) % cfg.targets.len()];
+        let outcome = request(&client, target, &cfg.cookie, s, &op, &mine).await;
         let elapsed = started.elapsed();
         s.requests += 1;
         {
@@ -208,7 +226,7 @@ async fn user_loop(
                     if s.record.versions.last() != Some(&version) {
                         s.record.versions.push(version.clone());
                     }
-                    if let Some(obj) = op.stored(version) {
+                    if let Some(obj) = op.stored(version, s.instance.clone()) {
                         mine.push(obj.clone());
                         r.objects.push(obj);
                     }
@@ -219,6 +237,14 @@ async fn user_loop(
                     if r.failures.len() < 20 {
                         r.failures.push(format!("user {user}: {e}"));
                     }
+                    r.failed_requests.push(FailedRequest {
+                        message: e.clone(),
+                        session_instance: s.instance.clone(),
+                        object_instance: match &op {
+                            Op::Get(i) => mine[*i].instance.clone(),
+                            _ => None,
+                        },
+                    });
                 }
             }
             if s.requests >= cfg.requests_per_session {
@@ -246,13 +272,14 @@ enum Op {
 
 impl Op {
     /// What a successful PUT stored, served by `version`.
-    fn stored(&self, version: String) -> Option<StoredObject> {
+    fn stored(&self, version: String, instance: Option<String>) -> Option<StoredObject> {
         match self {
             Op::Put(key, body) => Some(StoredObject {
                 key: key.clone(),
                 digest: blake3::hash(body),
                 len: body.len(),
                 version,
+                instance,
             }),
             _ => None,
         }
@@ -330,6 +357,7 @@ async fn request(
             let version = v["version"]
                 .as_str()
                 .ok_or(format!("{url}: no version in {v}"))?;
+            s.instance = v["instance_id"].as_str().map(str::to_owned);
             Ok(Some(version.to_string()))
         }
         Op::Get(i) => {
@@ -418,8 +446,9 @@ pub async fn probe_new_sessions(
 /// leaves after `requests_per_session` (a new session takes its place).
 #[derive(Debug, Clone)]
 pub struct RateConfig {
-    /// The proxy, e.g. `http://127.0.0.1:8480`.
-    pub target: String,
+    /// The proxies, e.g. `http://127.0.0.1:8480`: a user's requests go to each in turn, so
+    /// that its session must hold whichever proxy a request enters.
+    pub targets: Vec<String>,
     /// The sticky-session cookie's name.
     pub cookie: String,
     /// Users; each sends its requests one after the other, so this bounds the requests in flight.
@@ -694,6 +723,7 @@ async fn rate_user(
         control.sent.fetch_add(1, Ordering::Relaxed);
         let s = session.get_or_insert_with(|| Session {
             cookie: None,
+            instance: None,
             record: SessionRecord {
                 step: None,
                 versions: Vec::new(),
@@ -711,7 +741,8 @@ async fn rate_user(
         } else {
             Op::Get(rng.gen_range(0..mine.len()))
         };
-        let outcome = request(&client, &cfg.target, &cfg.cookie, s, &op, &mine).await;
+        let target = &cfg.targets[(user + s.requests as usize) % cfg.targets.len()];
+        let outcome = request(&client, target, &cfg.cookie, s, &op, &mine).await;
         let done = Instant::now();
         let done_us = control.us(done);
         t.requests += 1;
@@ -734,7 +765,9 @@ async fn rate_user(
                         *t.versions.entry(v).or_default() += 1;
                     }
                     (Op::Put(..), v) => {
-                        let obj = op.stored(v.unwrap_or_default()).expect("a PUT");
+                        let obj = op
+                            .stored(v.unwrap_or_default(), s.instance.clone())
+                            .expect("a PUT");
                         t.stored += 1;
                         if mine.len() < REMEMBERED {
                             mine.push(obj);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::load::{self, LoadConfig, LoadControl, LoadReport};
+use crate::load::{self, FailedRequest, LoadConfig, LoadControl, LoadReport};
 use crate::stack::{Stack, StackOptions};
 
 #[derive(Debug, Clone)]
@@ -20,6 +20,10 @@ pub struct ScenarioOptions {
     pub warmup: Duration,
     /// New sessions started at each canary step to measure the split (0: none).
     pub probes_per_step: usize,
+    /// Test host to take off the network at the first canary step (a host lost mid-release);
+    /// it is put back once the release returned, and the release run again if it was left
+    /// unfinished.
+    pub cut_host: Option<u32>,
 }
 
 impl Default for ScenarioOptions {
@@ -31,6 +35,7 @@ impl Default for ScenarioOptions {
             users: 24,
             warmup: Duration::from_secs(3),
             probes_per_step: 4000,
+            cut_host: None,
         }
     }
 }
@@ -55,7 +60,56 @@ pub struct Outcome {
     pub old_containers_left: usize,
     /// What following the locator cost the proxy over the run.
     pub routing: RoutingWork,
+    /// With [`ScenarioOptions::cut_host`]: what losing the host did.
+    pub cut: Option<HostCut>,
     pub logs: String,
+}
+
+/// A test host taken off the network at the first canary step.
+#[derive(Debug)]
+pub struct HostCut {
+    pub host: u32,
+    /// Since `haddock release`.
+    pub at: Duration,
+    /// The same `haddock release` once the host was back, when the first run left the
+    /// release unfinished (exit 3): (exit code, JSON line, output).
+    pub rerun: Option<(Option<i32>, serde_json::Value, String)>,
+    /// Containers of the new version left on any host at the end.
+    pub new_containers_left: usize,
+}
+
+impl Outcome {
+    /// Failed requests by where they were headed, for a run that lost test host `host`
+    /// (instance names carry `-h<target index>-`, and test host i is target i):
+    /// (the lost host's own: its instances' sessions or its objects; elsewhere; unknown).
+    pub fn failures_by_host(&self, host: u32) -> (usize, usize, usize) {
+        let (lost, elsewhere, unknown) = self.failures_split(host);
+        (lost.len(), elsewhere.len(), unknown.len())
+    }
+
+    /// The failed requests themselves, split as [`Outcome::failures_by_host`] counts them.
+    pub fn failures_split(
+        &self,
+        host: u32,
+    ) -> (
+        Vec<&FailedRequest>,
+        Vec<&FailedRequest>,
+        Vec<&FailedRequest>,
+    ) {
+        let mark = format!("-h{host}-");
+        let on_lost = |i: &Option<String>| i.as_deref().is_some_and(|i| i.contains(&mark));
+        let (mut lost, mut elsewhere, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        for f in &self.load.failed_requests {
+            if on_lost(&f.session_instance) || on_lost(&f.object_instance) {
+                lost.push(f);
+            } else if f.session_instance.is_none() {
+                unknown.push(f);
+            } else {
+                elsewhere.push(f);
+            }
+        }
+        (lost, elsewhere, unknown)
+    }
 }
 
 /// The proxy's routing work over a run (its counters): tables built and `routing.json` fsyncs,
@@ -156,7 +210,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
 
     let control = Arc::new(LoadControl::default());
     let cfg = LoadConfig {
-        target: stack.proxy_url.clone(),
+        targets: stack.proxy_urls.clone(),
         users: opts.users,
         cookie: stack.cookie.clone(),
         requests_per_session: 12,
@@ -177,10 +231,16 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
     let mut timeline: Vec<(Duration, BTreeMap<String, u8>)> = Vec::new();
     let mut tag_to_full = None;
     let mut probes = BTreeMap::new();
+    let mut cut_at = None;
     while !release.is_finished() {
         if let Some(w) = stack.weights().await {
             if timeline.last().map(|(_, last)| last) != Some(&w) {
                 let share = w.get(&opts.to).copied().map(u32::from);
+                if let (Some(host), None, Some(1..)) = (opts.cut_host, cut_at, share) {
+                    let hosts = stack.test_hosts.as_ref().expect("a stack with test hosts");
+                    hosts.link(host, false);
+                    cut_at = Some(started.elapsed());
+                }
                 control.set_step(share.filter(|s| *s > 0));
                 if share == Some(100) && tag_to_full.is_none() {
                     tag_to_full = Some(started.elapsed());
@@ -213,7 +273,27 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         .expect("release thread")
         .expect("haddock runs");
     let release = crate::stack::release_result(&out);
-    let old_containers_left = stack.containers(Some(&opts.from)).len();
+    let cut = match (opts.cut_host, cut_at) {
+        (Some(host), Some(at)) => {
+            let hosts = stack.test_hosts.as_ref().expect("a stack with test hosts");
+            hosts.link(host, true);
+            let rerun = (release.0 == Some(3)).then(|| {
+                let cmd = stack.release_command(&opts.to);
+                tokio::task::block_in_place(move || {
+                    let mut cmd = cmd;
+                    crate::stack::release_result(&cmd.output().expect("haddock runs"))
+                })
+            });
+            Some(HostCut {
+                host,
+                at,
+                rerun,
+                new_containers_left: stack.containers_everywhere(Some(&opts.to)).len(),
+            })
+        }
+        _ => None,
+    };
+    let old_containers_left = stack.containers_everywhere(Some(&opts.from)).len();
 
     control.stop();
     let load = load.await.expect("load task");
@@ -233,7 +313,10 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         .filter(|o| o.version == opts.from)
         .cloned()
         .collect();
-    let objects_readable = load::verify_objects(&stack.proxy_url, &from_v1).await;
+    // Through the last proxy, on fresh sessions: on a stack over several hosts most objects
+    // are read on another host than the one that stored them.
+    let last = stack.proxy_urls.last().unwrap_or(&stack.proxy_url);
+    let objects_readable = load::verify_objects(last, &from_v1).await;
     Outcome {
         to: opts.to.clone(),
         probes,
@@ -246,6 +329,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
         weight_timeline: timeline,
         old_containers_left,
         routing,
+        cut,
         logs: stack.logs(),
     }
 }

@@ -31,6 +31,14 @@ pub struct StackOptions {
     /// at random), so that a container can be given a fixed address on it (`docker run --ip`),
     /// as the proof benchmark's naive redeploy does.
     pub fixed_subnet: bool,
+    /// Extra Docker engines (`ci/testhosts.sh`) the service also runs on, one instance each,
+    /// beside the machine's engine. With any, every target publishes the service port on its
+    /// address, the image is copied to the hosts by haddock (`image_source = "copy"`), and the
+    /// optimizers find their peers on other hosts through the locator.
+    pub test_hosts: u32,
+    /// Proxies started (sharing one cookie key); the load sends each user's requests to each in
+    /// turn.
+    pub proxies: usize,
 }
 
 impl Default for StackOptions {
@@ -43,6 +51,8 @@ impl Default for StackOptions {
             start_deadline: Duration::from_secs(30),
             database_url: None,
             fixed_subnet: false,
+            test_hosts: 0,
+            proxies: 1,
         }
     }
 }
@@ -58,17 +68,21 @@ pub struct Stack {
     pub read_token: String,
     /// The optimizer's write token (in the spec's env): the load's PUTs send it.
     pub write_token: String,
+    /// The first proxy (every proxy's URL is in `proxy_urls`).
     pub proxy_url: String,
     pub proxy_admin: String,
+    pub proxy_urls: Vec<String>,
     pub spec_path: PathBuf,
     pub network: String,
     pub volume: String,
     pub cookie: String,
     locator: Option<Child>,
-    proxy: Option<Child>,
+    proxies: Vec<Child>,
     heartbeat: Option<Child>,
     locator_port: u16,
     database_url: Option<String>,
+    /// Dropped after the stack's own cleanup (`down` removes everything on those hosts).
+    pub test_hosts: Option<crate::testhosts::TestHosts>,
 }
 
 /// The directory holding the release binaries (next to the running test or demo binary).
@@ -177,20 +191,24 @@ impl Stack {
             String::from_utf8_lossy(&out.stderr)
         );
 
+        // Empty engines: haddock copies each release's image to them (`image_source = "copy"`).
+        let test_hosts =
+            (opts.test_hosts > 0).then(|| crate::testhosts::TestHosts::up(opts.test_hosts));
+        let locator_port = free_port();
         let cookie = "haddock_session".to_string();
         let spec_path = dir.path().join(format!("{service}.toml"));
         let write_token = format!("write-{:032x}", rand::random::<u128>());
-        std::fs::write(
-            &spec_path,
-            spec_text(&service, &network, &volume, &write_token, &opts),
-        )
-        .unwrap();
+        let mut text = spec_text(&service, &network, &volume, &write_token, &opts);
+        if let Some(hosts) = &test_hosts {
+            text = across_hosts(&text, hosts, locator_port, &read_token);
+        }
+        std::fs::write(&spec_path, text).unwrap();
 
-        let locator_port = free_port();
         let mut stack = Stack {
             locator_url: format!("http://127.0.0.1:{locator_port}"),
             proxy_url: String::new(),
             proxy_admin: String::new(),
+            proxy_urls: Vec::new(),
             deploy_token,
             read_token,
             write_token,
@@ -199,35 +217,45 @@ impl Stack {
             volume,
             cookie,
             locator: None,
-            proxy: None,
+            proxies: Vec::new(),
             heartbeat: None,
             locator_port,
             database_url: opts.database_url.clone(),
+            test_hosts,
             service,
             dir,
         };
         stack.start_locator().await;
 
-        let (port, admin) = (free_port(), free_port());
-        stack.proxy_url = format!("http://127.0.0.1:{port}");
-        stack.proxy_admin = format!("http://127.0.0.1:{admin}");
-        let log = std::fs::File::create(stack.dir.path().join("proxy.log")).unwrap();
-        let child = Command::new(bin("proxy"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .args(["--locator", &stack.locator_url, "--service", &stack.service])
-            .args(["--token", &proxy_token])
-            .arg("--state-dir")
-            .arg(stack.dir.path().join("proxy"))
-            .env(
-                "HADDOCK_COOKIE_KEY",
-                format!("demo-key-{}", rand::random::<u64>()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("proxy starts");
-        stack.proxy = Some(child);
+        let cookie_key = format!("demo-key-{}", rand::random::<u64>());
+        for k in 0..opts.proxies.max(1) {
+            let (port, admin) = (free_port(), free_port());
+            stack.proxy_urls.push(format!("http://127.0.0.1:{port}"));
+            if k == 0 {
+                stack.proxy_url = format!("http://127.0.0.1:{port}");
+                stack.proxy_admin = format!("http://127.0.0.1:{admin}");
+            }
+            let name = if k == 0 {
+                "proxy".to_string()
+            } else {
+                format!("proxy{k}")
+            };
+            let log = std::fs::File::create(stack.dir.path().join(format!("{name}.log"))).unwrap();
+            let child = Command::new(bin("proxy"))
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin", &format!("127.0.0.1:{admin}")])
+                .args(["--locator", &stack.locator_url, "--service", &stack.service])
+                .args(["--token", &proxy_token])
+                .arg("--state-dir")
+                .arg(stack.dir.path().join(&name))
+                // One key for all proxies: a session cookie holds whichever proxy reads it.
+                .env("HADDOCK_COOKIE_KEY", &cookie_key)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("proxy starts");
+            stack.proxies.push(child);
+        }
         // The host agent: keeps the running instances' heartbeats going between releases
         // (the locator marks a silent instance unhealthy after its TTL).
         let log = std::fs::File::create(stack.dir.path().join("heartbeat.log")).unwrap();
@@ -240,6 +268,12 @@ impl Stack {
             .spawn()
             .expect("haddock heartbeat starts");
         stack.heartbeat = Some(child);
+        for url in &stack.proxy_urls[1..] {
+            eventually("another proxy's port", Duration::from_secs(20), || async {
+                reqwest::get(url).await.ok()
+            })
+            .await;
+        }
         let metrics = format!("{}/metrics", stack.proxy_admin);
         eventually(
             "the proxy's admin port",
@@ -263,11 +297,14 @@ impl Stack {
             .open(self.dir.path().join("locator.log"))
             .unwrap();
         let mut cmd = Command::new(bin("locator"));
-        cmd.args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{}", self.locator_port),
-        ]);
+        // With test hosts the optimizers there ask the locator for their peers: it listens on
+        // every address (the hosts reach the machine at 10.213.<i>.1).
+        let ip = if self.test_hosts.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
+        cmd.args(["serve", "--listen", &format!("{ip}:{}", self.locator_port)]);
         match &self.database_url {
             Some(url) => cmd.args(["--database-url", url]),
             None => cmd.arg("--data-dir").arg(self.dir.path().join("locator")),
@@ -336,6 +373,28 @@ impl Stack {
             .collect()
     }
 
+    /// [`Self::containers`] on the machine's engine and on every test host.
+    pub fn containers_everywhere(&self, version: Option<&str>) -> Vec<String> {
+        let mut all = self.containers(version);
+        if let Some(hosts) = &self.test_hosts {
+            let mut filters = vec![format!("label=org.haddock.service={}", self.service)];
+            filters.extend(version.map(|v| format!("label=org.haddock.version={v}")));
+            for i in 1..=hosts.n {
+                let mut args = vec!["ps".to_string(), "-aq".into()];
+                for f in &filters {
+                    args.extend(["--filter".to_string(), f.clone()]);
+                }
+                let out = hosts.docker(i, &args);
+                all.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .map(String::from),
+                );
+            }
+        }
+        all
+    }
+
     /// Current weights of the service, as the locator holds them.
     /// A counter of the proxy's `/metrics` (`haddock_proxy_<name>_total`), summed over labels.
     pub async fn proxy_counter(&self, name: &str) -> Option<f64> {
@@ -402,12 +461,11 @@ pub fn release_result(out: &std::process::Output) -> (Option<i32>, serde_json::V
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let children = [
-            self.heartbeat.take(),
-            self.proxy.take(),
-            self.locator.take(),
-        ];
-        for child in children.into_iter().flatten() {
+        let children = [self.heartbeat.take(), self.locator.take()]
+            .into_iter()
+            .flatten()
+            .chain(self.proxies.drain(..));
+        for child in children {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
@@ -421,6 +479,42 @@ impl Drop for Stack {
         docker(&["network", "rm", &self.network]);
         docker(&["volume", "rm", "-f", &self.volume]);
     }
+}
+
+/// A stack's spec over the machine's engine and the test hosts: each target publishes the
+/// service port on its address (the machine's on host 1's link, which every host reaches), the
+/// image is copied to the hosts, and the optimizers ask the locator for their peers.
+fn across_hosts(
+    text: &str,
+    hosts: &crate::testhosts::TestHosts,
+    locator_port: u16,
+    read_token: &str,
+) -> String {
+    let machine = hosts.machine_ip(1);
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("image = ") {
+            out.push_str(line);
+            out.push_str("\nimage_source = \"copy\"\n");
+        } else if t.starts_with("env = {") {
+            let locator = format!(
+                ", OPTIMIZER_LOCATOR = \"http://{machine}:{locator_port}\", OPTIMIZER_LOCATOR_TOKEN = \"{read_token}\" }}"
+            );
+            out.push_str(&line.replacen(" }", &locator, 1));
+            out.push('\n');
+        } else if t.starts_with("instances = ") {
+            out.push_str(&format!("{line}\naddress = \"{machine}\"\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for i in 1..=hosts.n {
+        out.push_str(&hosts.target(i, 1));
+        out.push_str(&format!("address = \"{}\"\n", hosts.ip(i)));
+    }
+    out
 }
 
 /// The shipped spec with this stack's service name, network, volume, timings and env.

@@ -32,7 +32,7 @@ fn light_load(
 ) {
     let control = Arc::new(e2e::load::LoadControl::default());
     let cfg = e2e::load::LoadConfig {
-        target: stack.proxy_url.clone(),
+        targets: vec![stack.proxy_url.clone()],
         users: 8,
         cookie: stack.cookie.clone(),
         requests_per_session: 10,

@@ -350,18 +350,23 @@ impl<'a> Run<'a> {
         hosts.chunks(size).map(<[usize]>::to_vec).collect()
     }
 
-    /// The new containers as they are (no creation): `None` for one that vanished.
-    async fn existing_new(&self) -> Result<Vec<(NewInstance, bool)>> {
+    /// The new containers as they are (no creation): whether each runs, or why its host
+    /// could not say (an engine that cannot be reached).
+    async fn existing_new(&self) -> Vec<(NewInstance, Result<bool>)> {
         let mut out = Vec::new();
         for (host, plan) in self.plans() {
-            let found = self.d.hosts[host].inspect(&plan.name).await?;
-            let running = found
-                .as_ref()
-                .is_some_and(|c| matches!(health::liveness(c), Liveness::Running { .. }));
-            let id = found.and_then(|c| c.id).unwrap_or_default();
+            let (id, running) = match self.d.hosts[host].inspect(&plan.name).await {
+                Ok(found) => {
+                    let running = found
+                        .as_ref()
+                        .is_some_and(|c| matches!(health::liveness(c), Liveness::Running { .. }));
+                    (found.and_then(|c| c.id).unwrap_or_default(), Ok(running))
+                }
+                Err(e) => (String::new(), Err(e)),
+            };
             out.push((NewInstance { host, plan, id }, running));
         }
-        Ok(out)
+        out
     }
 
     /// Starts the new containers, host batch by host batch: every batch but the last must
@@ -616,23 +621,35 @@ impl<'a> Run<'a> {
     }
 
     /// Bakes at a weight. The run takes the baseline traffic and a readiness probe of each new
-    /// instance (a new instance that is not running rolls back at once: there is nothing to
-    /// bake), then hands the watch to a [`Bake`].
+    /// instance (a new instance that is not running, or whose host cannot be reached, rolls
+    /// back at once: users already on it have lost it, and there is nothing to bake), then
+    /// hands the watch to a [`Bake`].
     async fn bake(&mut self, weight: u32, pause: Duration) -> Result<BakeOutcome> {
         let d = self.d;
         let baseline = bake::traffic(&d.client, &self.rec.service).await?;
         let mut probes = Vec::new();
-        for (n, running) in self.existing_new().await? {
-            if !running {
-                return Ok(BakeOutcome::RollBack(format!(
-                    "new instance {} is not running",
-                    n.plan.name
-                )));
+        for (n, running) in self.existing_new().await {
+            let address = match running {
+                Ok(true) => self.address(&n).await,
+                Ok(false) => {
+                    return Ok(BakeOutcome::RollBack(format!(
+                        "new instance {} is not running",
+                        n.plan.name
+                    )))
+                }
+                Err(e) => Err(e),
+            };
+            match address {
+                Ok(address) => {
+                    probes.push((n.plan.name.clone(), Probe::new(address, &d.spec.health)))
+                }
+                Err(e) => {
+                    return Ok(BakeOutcome::RollBack(format!(
+                        "the host of new instance {} cannot be reached: {e}",
+                        n.plan.name
+                    )))
+                }
             }
-            probes.push((
-                n.plan.name.clone(),
-                Probe::new(self.address(&n).await?, &d.spec.health),
-            ));
         }
         let mut watch = Bake::new(&d.spec, &d.client, &d.out, weight, pause, baseline, probes);
         watch

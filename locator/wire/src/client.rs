@@ -67,8 +67,8 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
-/// A cheap-to-clone handle on one locator.
-#[derive(Debug, Clone)]
+/// A cheap-to-clone handle on one locator. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
@@ -77,6 +77,17 @@ pub struct Client {
     connect_retry: std::time::Duration,
     /// A watch that receives nothing for this long ends with [`ClientError::Silent`].
     watch_silence: std::time::Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connect_retry", &self.connect_retry)
+            .field("watch_silence", &self.watch_silence)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Default of [`Client::with_watch_silence`]: three of the locator's keep-alive periods, so one

@@ -1,6 +1,10 @@
 //! `haddock-demo`: the README's main job. Starts a locator and a proxy, releases optimizer
 //! v1, puts many users on it, releases v2 with canary steps under that load, waits for the old
 //! version to drain on session expiry, prints a report and, last, one JSON line.
+//!
+//! `--test-hosts 2 --proxies 2` runs the same across the machine's engine and two test hosts
+//! (`ci/testhosts.sh`, needs root), `--cut-host 2` takes host 2 off the network at the first
+//! canary step: the multi-host proof of docs/operations.md.
 
 use clap::Parser;
 use e2e::scenario::{canary_under_load, ScenarioOptions};
@@ -29,17 +33,36 @@ struct Args {
     from: String,
     #[arg(long, default_value = "1.1.0")]
     to: String,
+    /// Also run on this many test hosts (extra dockerds in network namespaces, 0..=8).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=8))]
+    test_hosts: u32,
+    /// Proxies sharing the cookie key; each user's requests go to each in turn.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    proxies: u64,
+    /// Take this test host off the network at the first canary step.
+    #[arg(long)]
+    cut_host: Option<u32>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() -> std::process::ExitCode {
     let a = Args::parse();
+    if let Some(h) = a.cut_host.filter(|h| !(1..=a.test_hosts).contains(h)) {
+        eprintln!(
+            "error: --cut-host {h} names no test host (--test-hosts {})",
+            a.test_hosts
+        );
+        return std::process::ExitCode::from(2);
+    }
     let opts = ScenarioOptions {
         stack: StackOptions {
             step_pause: a.step_pause,
             session_ttl: a.session_ttl,
+            test_hosts: a.test_hosts,
+            proxies: a.proxies as usize,
             ..StackOptions::default()
         },
+        cut_host: a.cut_host,
         from: a.from.clone(),
         to: a.to.clone(),
         users: a.users,
@@ -47,16 +70,51 @@ async fn main() -> std::process::ExitCode {
         probes_per_step: a.probes,
     };
     println!(
-        "demo: {} users, canary steps {:?} with {} bake, session TTL {}",
+        "demo: {} users, canary steps {:?} with {} bake, session TTL {}, {} host(s), {} prox{}",
         a.users,
         opts.stack.steps,
         humantime::format_duration(a.step_pause),
-        humantime::format_duration(a.session_ttl)
+        humantime::format_duration(a.session_ttl),
+        1 + a.test_hosts,
+        a.proxies,
+        if a.proxies == 1 { "y" } else { "ies" }
     );
     let o = canary_under_load("demo", opts).await;
     println!("release {} → exit {:?}", a.from, o.first_release.0);
     println!("release {} → exit {:?}", a.to, o.release.0);
-    if o.release.0 != Some(0) || o.first_release.0 != Some(0) {
+    // The image's way to every host: haddock's own lines (copy per host, with its time).
+    for line in o
+        .release
+        .2
+        .lines()
+        .filter(|l| l.contains("copied") || l.contains("pulled"))
+    {
+        println!("  {}", line.trim());
+    }
+    if let Some(cut) = &o.cut {
+        let (lost, elsewhere, unknown) = o.failures_by_host(cut.host);
+        println!(
+            "test host {} cut off {:.1} s into the release; failed requests: {lost} on its own instances or objects, {elsewhere} elsewhere, {unknown} before their session knew its instance",
+            cut.host,
+            cut.at.as_secs_f64()
+        );
+        let (_, elsewhere, unknown) = o.failures_split(cut.host);
+        for f in elsewhere.iter().chain(&unknown).take(10) {
+            println!("  not the lost host's own: {f:?}");
+        }
+        println!(
+            "--- haddock output of the release that lost the host\n{}",
+            o.release.2
+        );
+        if let Some((code, _, out)) = &cut.rerun {
+            println!("the same release run again once the host was back → exit {code:?}");
+            println!("--- its output\n{out}");
+        }
+        println!(
+            "{} container(s) of {} left on any host",
+            cut.new_containers_left, a.to
+        );
+    } else if o.release.0 != Some(0) || o.first_release.0 != Some(0) {
         println!("--- haddock output\n{}\n{}", o.first_release.1, o.release.2);
         println!("{}", o.logs);
     }
@@ -110,10 +168,21 @@ async fn main() -> std::process::ExitCode {
     );
     let summary = o.summary();
     println!("{summary}");
-    let ok = o.release.0 == Some(0)
-        && o.load.failed == 0
-        && o.load.sessions_switched() == 0
-        && o.objects_readable == o.objects_checked
-        && o.old_containers_left == 0;
+    let ok = match &o.cut {
+        // Losing a host: back on the old version everywhere, nothing of the new one left, and
+        // no failure outside the lost host's own.
+        Some(cut) => {
+            cut.new_containers_left == 0
+                && o.failures_by_host(cut.host).1 == 0
+                && o.objects_readable == o.objects_checked
+        }
+        None => {
+            o.release.0 == Some(0)
+                && o.load.failed == 0
+                && o.load.sessions_switched() == 0
+                && o.objects_readable == o.objects_checked
+                && o.old_containers_left == 0
+        }
+    };
     std::process::ExitCode::from(if ok { 0 } else { 1 })
 }

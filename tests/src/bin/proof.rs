@@ -88,7 +88,7 @@ impl Args {
 
     fn load(&self, stack: &Stack, rate: Option<f64>, users: usize, prefix: &str) -> RateConfig {
         RateConfig {
-            target: stack.proxy_url.clone(),
+            targets: vec![stack.proxy_url.clone()],
             cookie: stack.cookie.clone(),
             users,
             rate,
