@@ -7,28 +7,6 @@ mod support;
 use locator_wire::api::{InstanceState, ReleaseState};
 use support::*;
 
-fn release(spec: &std::path::Path, service: &str, tag: &str, l: &Locator) -> std::process::Output {
-    haddock(
-        &[
-            "release",
-            service,
-            tag,
-            "--spec",
-            spec.to_str().unwrap(),
-            "--json",
-        ],
-        Some(l),
-    )
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
 #[tokio::test]
 async fn an_unreachable_target_fails_the_release_at_once_naming_it_and_changes_nothing() {
     test_images();
@@ -47,7 +25,7 @@ async fn an_unreachable_target_fails_the_release_at_once_naming_it_and_changes_n
     );
     let out = release(&spec, &service, "good-1", &locator);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    let v = json(&out);
+    let v = report(&out);
     assert_eq!(v["error"], "docker", "{v}");
     assert!(
         v["reason"]
@@ -131,7 +109,7 @@ async fn hosts_start_batch_by_batch_at_their_address_and_a_failing_batch_fails_e
     // machine's good-2 container, healthy in the first batch, is removed too.
     let out = release(&spec, &service, "good-2", &locator);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert_eq!(json(&out)["state"], "failed", "{}", text(&out));
+    assert_eq!(report(&out)["state"], "failed", "{}", text(&out));
     let history = client.history(Some(&service)).await.unwrap();
     assert_eq!(history[0].state, ReleaseState::Failed, "{history:?}");
     assert!(

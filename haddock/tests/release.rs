@@ -7,24 +7,6 @@ use locator_wire::api::{InstanceState, ReleaseState};
 use std::time::{Duration, Instant};
 use support::*;
 
-fn release(spec: &std::path::Path, service: &str, tag: &str, l: &Locator) -> std::process::Output {
-    haddock(
-        &[
-            "release",
-            service,
-            tag,
-            "--spec",
-            spec.to_str().unwrap(),
-            "--json",
-        ],
-        Some(l),
-    )
-}
-
-fn report(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

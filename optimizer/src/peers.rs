@@ -27,6 +27,11 @@ const LOCATOR_TIMEOUT: Duration = Duration::from_secs(10);
 /// 500 ms, one read in a 3-host demo still missed an object its peer had just stored).
 pub const FRESH_ENOUGH: Duration = Duration::from_millis(50);
 
+/// How long a peer that could not be reached is asked last (after every other peer of its
+/// host, and its host after the others): a lost host costs the reads that find it so, not
+/// every read for the `--peer-refresh` it takes the locator to drop it.
+pub const DOWN_FOR: Duration = Duration::from_secs(10);
+
 /// At most one warning per this period while the locator fails: it is listed every
 /// `--peer-refresh` (2 s), and a locator down for an hour must not fill the log.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -46,6 +51,8 @@ pub struct Peers {
     next: Arc<AtomicUsize>,
     /// Where to list the discovered peers, if anywhere (`--locator`).
     discovery: Option<Arc<Discovery>>,
+    /// Peers that could not be reached, and until when they are asked last.
+    down: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
     /// When the last listing answered. A tokio mutex: concurrent misses that want a fresh
     /// list wait for the one listing in flight instead of each sending their own.
     listed_at: Arc<tokio::sync::Mutex<Option<Instant>>>,
@@ -142,6 +149,14 @@ impl Peers {
             .collect()
     }
 
+    /// Asks `url` last for [`DOWN_FOR`]: it could not be reached.
+    pub fn mark_down(&self, url: &str) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        down.retain(|_, until| *until > now);
+        down.insert(url.to_owned(), now + DOWN_FOR);
+    }
+
     /// Every known peer once, grouped by the host whose volume it serves (each configured peer
     /// is a host of its own), in an order rotated by one more place at each call, the hosts and
     /// the instances within each, so that the misses of all clients do not all land on the
@@ -166,14 +181,21 @@ impl Peers {
             let by = turn % groups.len();
             groups.rotate_left(by);
         }
-        groups
+        let now = Instant::now();
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let is_down = |u: &String| down.get(u).is_some_and(|until| *until > now);
+        let mut ordered: Vec<Vec<String>> = groups
             .into_iter()
             .map(|(_, mut urls)| {
                 let by = turn % urls.len();
                 urls.rotate_left(by);
+                // Stable: the rotation stays among the peers that answer.
+                urls.sort_by_key(|u| is_down(u));
                 urls
             })
-            .collect()
+            .collect();
+        ordered.sort_by_key(|urls| urls.iter().all(|u| is_down(u)));
+        ordered
     }
 
     fn discovered_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, String)>> {
@@ -349,6 +371,18 @@ mod tests {
             ]
         );
         assert_eq!(orders[3][0], ["http://a:1"]);
+        // A peer that could not be reached goes last in its host, a host all down goes last.
+        peers.mark_down("http://c:3");
+        peers.mark_down("http://a:1");
+        let order = peers.read_through_order(); // turn 4: as turn 0
+        assert_eq!(
+            order,
+            [
+                vec!["http://b:2"],
+                vec!["http://c:4", "http://c:3"],
+                vec!["http://a:1"]
+            ]
+        );
     }
 
     fn instance(id: &str, host: &str, address: &str, state: InstanceState) -> Instance {

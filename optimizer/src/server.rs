@@ -70,6 +70,11 @@ const DRAIN_LIMIT: u64 = 64 << 20;
 /// cost must not grow with the number of hosts. Three still finds an object while a host or
 /// two are down or lack it.
 const READ_THROUGH_HOSTS: usize = 3;
+/// Longest silence of a peer within one answer (between reads). A host lost mid-transfer, or
+/// with our pooled keep-alive connection to it silently dead, fails the read in this time
+/// instead of holding the user's request until TCP gives up (minutes): seen when a test host
+/// was cut off mid-release, its peers' reads hung past the clients' 20 s timeout.
+const PEER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Per-instance HTTP settings.
 #[derive(Clone, Debug)]
@@ -264,6 +269,7 @@ impl App {
     pub fn new(volume: Arc<Volume>, metrics: Arc<Metrics>, cfg: ServerConfig) -> Arc<App> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .read_timeout(PEER_READ_TIMEOUT)
             // A peer's redirect is an error, never followed: it could point anywhere.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -592,8 +598,10 @@ impl App {
         // The known peers first; when none had it, once more with a fresh list from the
         // locator if that brought peers not asked yet (one that registered a moment ago).
         'rounds: for round in 0..2 {
-            if round == 1 && !self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await {
-                break;
+            if round == 1 {
+                // Whoever lists (we, or the discovery task a moment ago while we waited for
+                // its listing), the peers not asked yet are asked now.
+                self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await;
             }
             let hosts: Vec<Vec<String>> = self
                 .cfg
@@ -631,6 +639,10 @@ impl App {
                             break 'rounds;
                         }
                         Err(e) => {
+                            if matches!(e, Error::PeerUnreachable { .. }) {
+                                // Asked last for a while: not every read pays its timeout.
+                                self.cfg.peers.mark_down(&peer);
+                            }
                             tracing::warn!(%key, %peer, error = %e, "read-through from a peer failed; trying another");
                         }
                     }
@@ -641,6 +653,7 @@ impl App {
         if asked.is_empty() {
             return false; // no peer at all: a plain miss, nothing to count
         }
+        tracing::debug!(%key, ?asked, failed, "read-through: no peer host has it");
         self.count_read_through(if failed {
             read_through::FAILED
         } else {

@@ -338,14 +338,7 @@ async fn corrupt_chunks_are_500_and_never_served() {
         .unwrap();
     assert_eq!(resp.bytes().await.unwrap(), &data[..first_len as usize]);
     assert!(a.logs().contains("corrupt chunk"), "{}", a.logs());
-    let metrics = client()
-        .get(format!("{}/metrics", a.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(
         metrics.contains("haddock_optimizer_corrupt_chunks_total 2"),
         "{metrics}"
@@ -426,14 +419,7 @@ async fn probes_version_metrics_and_graceful_stop() {
     assert_eq!(v["version"], "9.9.9-test");
     a.put("x", &text(100_000, 5)).await;
     a.put("y", &text(100_000, 5)).await;
-    let metrics = c
-        .get(format!("{}/metrics", a.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     for needle in [
         "haddock_optimizer_http_requests_total{method=\"PUT\",route=\"/v1/objects/{key}\",status=",
         "haddock_optimizer_dedup_ratio",

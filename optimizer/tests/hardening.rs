@@ -64,14 +64,7 @@ async fn invented_methods_are_counted_as_other() {
             .unwrap();
         assert_eq!(resp.status(), 405);
     }
-    let metrics = anonymous()
-        .get(format!("{}/metrics", a.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(!metrics.contains("INVENTED"), "{metrics}");
     assert!(
         metrics.contains(

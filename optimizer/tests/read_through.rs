@@ -8,22 +8,6 @@ use std::collections::HashMap;
 
 use common::{cache_dir, client, text, FakePeer, Instance};
 
-/// The value of the metric line starting with `prefix` (name and labels) on `inst`, 0 if absent.
-async fn metric(inst: &Instance, prefix: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", inst.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_miss_reads_through_the_peers_and_keeps_the_object() {
     let (_d1, cache1) = cache_dir();
@@ -83,11 +67,27 @@ async fn a_miss_reads_through_the_peers_and_keeps_the_object() {
         empty.seen()
     );
 
-    assert!(metric(&b, "haddock_optimizer_read_through_total{outcome=\"hit\"}").await >= 2.0);
-    assert!(metric(&b, "haddock_optimizer_read_through_total{outcome=\"miss\"}").await >= 1.0);
-    assert!(metric(&b2, "haddock_optimizer_read_through_total{outcome=\"hit\"}").await >= 1.0);
+    assert!(
+        b.metric("haddock_optimizer_read_through_total{outcome=\"hit\"}")
+            .await
+            >= 2.0
+    );
+    assert!(
+        b.metric("haddock_optimizer_read_through_total{outcome=\"miss\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        b2.metric("haddock_optimizer_read_through_total{outcome=\"hit\"}")
+            .await
+            >= 1.0
+    );
     // The writer pulled for the reader: the chunk bytes crossed into b.
-    assert!(metric(&b, "haddock_optimizer_pull_transferred_bytes_total").await > 0.0);
+    assert!(
+        b.metric("haddock_optimizer_pull_transferred_bytes_total")
+            .await
+            > 0.0
+    );
 
     // Kept on b's volume: served with the peer gone, through either instance.
     assert!(a.terminate().success(), "{}", a.logs());

@@ -45,6 +45,8 @@ pub struct SessionRecord {
     pub step: Option<u32>,
     /// Versions this session was served by, in order of first sight.
     pub versions: Vec<String>,
+    /// Instances that answered its `/version` probes, in order of first sight.
+    pub instances: Vec<String>,
 }
 
 /// An object some user stored, with the version that acknowledged it.
@@ -197,6 +199,7 @@ async fn user_loop(
             record: SessionRecord {
                 step: control.step(),
                 versions: Vec::new(),
+                instances: Vec::new(),
             },
             requests: 0,
         });
@@ -358,6 +361,11 @@ async fn request(
                 .as_str()
                 .ok_or(format!("{url}: no version in {v}"))?;
             s.instance = v["instance_id"].as_str().map(str::to_owned);
+            if let Some(i) = &s.instance {
+                if !s.record.instances.contains(i) {
+                    s.record.instances.push(i.clone());
+                }
+            }
             Ok(Some(version.to_string()))
         }
         Op::Get(i) => {
@@ -727,6 +735,7 @@ async fn rate_user(
             record: SessionRecord {
                 step: None,
                 versions: Vec::new(),
+                instances: Vec::new(),
             },
             requests: std::mem::take(&mut first),
         });

@@ -39,6 +39,9 @@ pub struct StackOptions {
     /// Proxies started (sharing one cookie key); the load sends each user's requests to each in
     /// turn.
     pub proxies: usize,
+    /// Instances of each version on each host (`targets[].instances`): they share the host's
+    /// cache volume, one writer among them.
+    pub instances: u32,
 }
 
 impl Default for StackOptions {
@@ -53,6 +56,7 @@ impl Default for StackOptions {
             fixed_subnet: false,
             test_hosts: 0,
             proxies: 1,
+            instances: 1,
         }
     }
 }
@@ -395,6 +399,45 @@ impl Stack {
         all
     }
 
+    /// The last `lines` log lines of every container of the service, on the machine's engine
+    /// and every test host, for failure messages.
+    pub fn container_logs(&self, lines: usize) -> String {
+        let tail = lines.to_string();
+        let mut out = String::new();
+        let mut engines: Vec<(String, Box<dyn Fn(&[String]) -> std::process::Output>)> = vec![(
+            "machine".into(),
+            Box::new(|args: &[String]| {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                docker(&args)
+            }),
+        )];
+        if let Some(hosts) = &self.test_hosts {
+            for i in 1..=hosts.n {
+                engines.push((
+                    format!("hb{i}"),
+                    Box::new(move |args: &[String]| hosts.docker(i, args)),
+                ));
+            }
+        }
+        for (name, run) in &engines {
+            let ids = run(&[
+                "ps".into(),
+                "-aq".into(),
+                "--filter".into(),
+                format!("label=org.haddock.service={}", self.service),
+            ]);
+            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                let logs = run(&["logs".into(), "--tail".into(), tail.clone(), id.into()]);
+                out.push_str(&format!(
+                    "--- {name} container {id}\n{}{}",
+                    String::from_utf8_lossy(&logs.stdout),
+                    String::from_utf8_lossy(&logs.stderr)
+                ));
+            }
+        }
+        out
+    }
+
     /// Current weights of the service, as the locator holds them.
     /// A counter of the proxy's `/metrics` (`haddock_proxy_<name>_total`), summed over labels.
     pub async fn proxy_counter(&self, name: &str) -> Option<f64> {
@@ -501,6 +544,12 @@ fn across_hosts(
             let locator = format!(
                 ", OPTIMIZER_LOCATOR = \"http://{machine}:{locator_port}\", OPTIMIZER_LOCATOR_TOKEN = \"{read_token}\" }}"
             );
+            // Each read-through's steps are debug lines: a failure message shows why a read missed.
+            let line = line.replacen(
+                "RUST_LOG = \"info\"",
+                "RUST_LOG = \"info,optimizer::server=debug\"",
+                1,
+            );
             out.push_str(&line.replacen(" }", &locator, 1));
             out.push('\n');
         } else if t.starts_with("instances = ") {
@@ -563,6 +612,8 @@ fn spec_text(
             format!("start_deadline = {}", fmt(o.start_deadline))
         } else if t.starts_with("idle_ttl =") {
             format!("idle_ttl = {}", fmt(o.session_ttl))
+        } else if t.starts_with("instances =") {
+            format!("instances = {}", o.instances)
         } else if t.starts_with("max_drain =") {
             format!("max_drain = {}", fmt(o.session_ttl * 4))
         } else if t.starts_with("steps = [") {

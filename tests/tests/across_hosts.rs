@@ -86,7 +86,13 @@ async fn a_canary_release_across_three_hosts_and_two_proxies_loses_nothing() {
         "too little load to judge: {}",
         load.requests
     );
-    assert_eq!(load.failed, 0, "failed requests: {:#?}", load.failures);
+    assert_eq!(
+        load.failed,
+        0,
+        "failed requests: {:#?}\n{}",
+        load.failures,
+        stack.container_logs(60)
+    );
     assert_eq!(load.sessions_switched(), 0, "sessions changed version");
     assert!(
         outcome.objects_checked > 0,
@@ -158,9 +164,11 @@ async fn a_host_cut_off_mid_canary_rolls_back_and_a_rerun_leaves_no_orphan() {
         "1.1.0 containers left on some host"
     );
     assert_eq!(
-        elsewhere, 0,
-        "users of the surviving hosts saw failures: {:#?}",
-        o.load.failures
+        elsewhere,
+        0,
+        "users of the surviving hosts saw failures: {:#?}\n{}",
+        o.failures_split(2).1,
+        stack.container_logs(60)
     );
     assert_eq!(o.objects_readable, o.objects_checked, "objects lost");
 }

@@ -328,3 +328,109 @@ async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release
         .iter()
         .all(|r| r.state == locator::api::ReleaseState::Done));
 }
+
+/// Writers among the instances the locator lists as ready or draining, sampled every 100 ms
+/// until `stop`: the most instances up at once, and the most writers seen in one sample while
+/// that many were up (the canary: no hand-over then; a sample across a hand-over, taken one
+/// instance after the other, could count the leaving writer and its successor both).
+async fn watch_writers(stack: &Stack, stop: Arc<std::sync::atomic::AtomicBool>) -> (usize, usize) {
+    use locator::api::InstanceState;
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let http = reqwest::Client::new();
+    let (mut most_writers, mut most_instances) = (0, 0);
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let instances = client.instances(&stack.service).await.unwrap_or_default();
+        let up: Vec<_> = instances
+            .iter()
+            .filter(|i| matches!(i.state, InstanceState::Ready | InstanceState::Draining))
+            .collect();
+        let mut writers = 0;
+        for i in &up {
+            let role = async {
+                let v: serde_json::Value = http
+                    .get(format!("http://{}/readyz", i.address))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some(v["role"] == "writer")
+            };
+            writers += usize::from(role.await == Some(true));
+        }
+        if up.len() > most_instances {
+            (most_instances, most_writers) = (up.len(), writers);
+        } else if up.len() == most_instances {
+            most_writers = most_writers.max(writers);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (most_writers, most_instances)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_per_version_share_one_volume_through_a_canary() {
+    let _one = SERIAL.lock().await;
+    let opts = ScenarioOptions {
+        stack: StackOptions {
+            instances: 2,
+            steps: vec![50, 100],
+            ..quick()
+        },
+        users: 16,
+        probes_per_step: 0,
+        ..ScenarioOptions::default()
+    };
+    let stack = Stack::start("pair", opts.stack.clone()).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (o, (writers, up)) = tokio::join!(
+        async {
+            let o = run_on(&stack, &opts).await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            o
+        },
+        watch_writers(&stack, stop.clone())
+    );
+    let why = format!("{}\n{}\n{}", o.first_release.1, o.release.2, o.logs);
+    assert_eq!(o.release.0, Some(0), "release failed: {why}");
+    assert_eq!(o.load.failed, 0, "failed: {:?}\n{why}", o.load.failures);
+    assert_eq!(o.load.sessions_switched(), 0, "a session switched version");
+    // Four containers on one volume during the canary, never more than one writer.
+    assert_eq!(up, 4, "both versions' two instances were never up together");
+    assert_eq!(writers, 1, "writers at once on the shared volume");
+    // Users were spread over both instances of each version.
+    for version in ["1.0.0", "1.1.0"] {
+        let seen: std::collections::BTreeSet<&str> = o
+            .load
+            .sessions
+            .iter()
+            .filter(|s| s.versions == [version])
+            .flat_map(|s| s.instances.iter().map(String::as_str))
+            .collect();
+        assert_eq!(seen.len(), 2, "{version} sessions went to {seen:?}");
+    }
+    // Every object stored before the release reads back through each instance of the new
+    // version, straight from the instance (no proxy choosing one).
+    let from_v1: Vec<_> = o
+        .load
+        .objects
+        .iter()
+        .filter(|x| x.version == "1.0.0")
+        .cloned()
+        .collect();
+    assert!(!from_v1.is_empty(), "nothing stored through 1.0.0");
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let new: Vec<_> = client
+        .instances(&stack.service)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.version == "1.1.0" && i.state == locator::api::InstanceState::Ready)
+        .collect();
+    assert_eq!(new.len(), 2, "{new:#?}");
+    for i in &new {
+        let readable = e2e::load::verify_objects(&format!("http://{}", i.address), &from_v1).await;
+        assert_eq!(readable, from_v1.len(), "through {}", i.id);
+    }
+}

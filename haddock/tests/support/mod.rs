@@ -350,6 +350,26 @@ pub fn haddock(args: &[&str], locator: Option<&Locator>) -> std::process::Output
     cmd.output().expect("haddock runs")
 }
 
+/// `haddock release SERVICE TAG --spec SPEC --json` against the locator `l`.
+pub fn release(spec: &Path, service: &str, tag: &str, l: &Locator) -> std::process::Output {
+    haddock(
+        &[
+            "release",
+            service,
+            tag,
+            "--spec",
+            spec.to_str().unwrap(),
+            "--json",
+        ],
+        Some(l),
+    )
+}
+
+/// The one JSON object a `--json` verb prints on stdout.
+pub fn report(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
 pub fn text(out: &std::process::Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",

@@ -118,6 +118,24 @@ impl Instance {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The instance's `/metrics` text (empty when it does not answer).
+    pub async fn metrics(&self) -> String {
+        match client().get(format!("{}/metrics", self.url)).send().await {
+            Ok(resp) => resp.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The value of the first metric line starting with `prefix` (name and labels), 0 if absent.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
     /// `/readyz` answered 200 with this role (`writer`/`reader`), or any role if `None`.
     pub async fn ready_as(&self, role: Option<&str>) -> bool {
         let Ok(resp) = client().get(format!("{}/readyz", self.url)).send().await else {
