@@ -194,7 +194,7 @@ impl Peers {
                 urls
             })
             .collect();
-        ordered.sort_by_key(|urls| urls.iter().all(|u| is_down(u)));
+        ordered.sort_by_key(|urls| urls.iter().all(&is_down));
         ordered
     }
 

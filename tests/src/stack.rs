@@ -357,8 +357,27 @@ impl Stack {
         cmd
     }
 
-    /// Container ids of this stack's service, optionally of one version.
+    /// Container ids of this stack's service on the machine's engine, optionally of one version.
     pub fn containers(&self, version: Option<&str>) -> Vec<String> {
+        self.ids_on(None, version)
+    }
+
+    /// The `docker` CLI against the machine's engine (`None`) or test host `i`.
+    fn docker_on(&self, host: Option<u32>, args: &[String]) -> std::process::Output {
+        match (host, &self.test_hosts) {
+            (Some(i), Some(hosts)) => hosts.docker(i, args),
+            _ => docker(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        }
+    }
+
+    /// The machine's engine, then every test host.
+    fn engines(&self) -> Vec<Option<u32>> {
+        let n = self.test_hosts.as_ref().map_or(0, |h| h.n);
+        std::iter::once(None).chain((1..=n).map(Some)).collect()
+    }
+
+    /// Container ids of this stack's service (optionally of one version) on `host`.
+    fn ids_on(&self, host: Option<u32>, version: Option<&str>) -> Vec<String> {
         let mut args = vec![
             "ps".to_string(),
             "-aq".into(),
@@ -369,9 +388,7 @@ impl Stack {
             args.push("--filter".into());
             args.push(format!("label=org.haddock.version={v}"));
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = docker(&args);
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&self.docker_on(host, &args).stdout)
             .split_whitespace()
             .map(String::from)
             .collect()
@@ -379,57 +396,28 @@ impl Stack {
 
     /// [`Self::containers`] on the machine's engine and on every test host.
     pub fn containers_everywhere(&self, version: Option<&str>) -> Vec<String> {
-        let mut all = self.containers(version);
-        if let Some(hosts) = &self.test_hosts {
-            let mut filters = vec![format!("label=org.haddock.service={}", self.service)];
-            filters.extend(version.map(|v| format!("label=org.haddock.version={v}")));
-            for i in 1..=hosts.n {
-                let mut args = vec!["ps".to_string(), "-aq".into()];
-                for f in &filters {
-                    args.extend(["--filter".to_string(), f.clone()]);
-                }
-                let out = hosts.docker(i, &args);
-                all.extend(
-                    String::from_utf8_lossy(&out.stdout)
-                        .split_whitespace()
-                        .map(String::from),
-                );
-            }
-        }
-        all
+        self.engines()
+            .into_iter()
+            .flat_map(|host| self.ids_on(host, version))
+            .collect()
     }
 
     /// The last `lines` log lines of every container of the service, on the machine's engine
     /// and every test host, for failure messages.
     pub fn container_logs(&self, lines: usize) -> String {
-        let tail = lines.to_string();
         let mut out = String::new();
-        let mut engines: Vec<(String, Box<dyn Fn(&[String]) -> std::process::Output>)> = vec![(
-            "machine".into(),
-            Box::new(|args: &[String]| {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                docker(&args)
-            }),
-        )];
-        if let Some(hosts) = &self.test_hosts {
-            for i in 1..=hosts.n {
-                engines.push((
-                    format!("hb{i}"),
-                    Box::new(move |args: &[String]| hosts.docker(i, args)),
-                ));
-            }
-        }
-        for (name, run) in &engines {
-            let ids = run(&[
-                "ps".into(),
-                "-aq".into(),
-                "--filter".into(),
-                format!("label=org.haddock.service={}", self.service),
-            ]);
-            for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-                let logs = run(&["logs".into(), "--tail".into(), tail.clone(), id.into()]);
+        for host in self.engines() {
+            for id in self.ids_on(host, None) {
+                let args = [
+                    "logs".into(),
+                    "--tail".into(),
+                    lines.to_string(),
+                    id.clone(),
+                ];
+                let logs = self.docker_on(host, &args);
                 out.push_str(&format!(
-                    "--- {name} container {id}\n{}{}",
+                    "--- container {id} on {}\n{}{}",
+                    host.map_or("the machine".to_string(), |i| format!("test host {i}")),
                     String::from_utf8_lossy(&logs.stdout),
                     String::from_utf8_lossy(&logs.stderr)
                 ));
