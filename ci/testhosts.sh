@@ -76,6 +76,7 @@ fi
 install_missing() {
   local need=()
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v iptables >/dev/null 2>&1 || need+=(iptables)
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
   command -v fuse-overlayfs >/dev/null 2>&1 || need+=(fuse-overlayfs)
   command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
@@ -148,8 +149,11 @@ make_netns() {
   fi
   ip -n "$ns" route replace 10.213.0.0/16 via "$(addr_machine "$i")"
   # The machine's engine sets FORWARD's policy to DROP: let the test hosts reach each other.
-  iptables -C DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null ||
-    iptables -I DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT
+  # (Docker makes DOCKER-USER; a machine engine run without iptables has none: FORWARD then.)
+  local chain=DOCKER-USER
+  iptables -S DOCKER-USER >/dev/null 2>&1 || chain=FORWARD
+  iptables -C "$chain" -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null ||
+    iptables -I "$chain" -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT
 }
 
 daemon_pid() {
@@ -286,7 +290,9 @@ cmd_down() {
     ip netns del "$NS_PREFIX$i" 2>/dev/null || true
   done
   rm -rf --one-file-system "$ROOT"
-  while iptables -D DOCKER-USER -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null; do :; done
+  for chain in DOCKER-USER FORWARD; do
+    while iptables -D "$chain" -s 10.213.0.0/16 -d 10.213.0.0/16 -j ACCEPT 2>/dev/null; do :; done
+  done
   # containerd's shims put their sockets in /run/containerd/s whatever the state dir; the
   # machine's engine had none there if it is empty now.
   rmdir /run/containerd/s /run/containerd 2>/dev/null || true

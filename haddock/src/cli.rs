@@ -116,6 +116,25 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Change the memory and CPU limits of SERVICE's running instances in place, on every
+    /// host, without a restart or a release. Refuses a memory cap below what an instance uses.
+    Update {
+        service: String,
+        /// New memory cap, e.g. 512MiB (at least Docker's minimum, 6MiB).
+        #[arg(long)]
+        memory: Option<bytesize::ByteSize>,
+        /// New CPU limit in CPUs, e.g. 1.5 (Docker's --cpus).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Apply a memory cap even below an instance's current use.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Print one JSON object (the changes) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep heartbeating SERVICE's running instances (between releases; runs until killed).
     Heartbeat {
         service: String,
@@ -264,6 +283,20 @@ async fn run_async(command: Command) -> u8 {
         Command::Pause { target, conn } => control(&conn, &target, Control::Pause).await,
         Command::Status { service, conn } => status(&conn, service.as_deref()).await,
         Command::History { service, conn } => history(&conn, service.as_deref()).await,
+        Command::Update {
+            service,
+            memory,
+            cpus,
+            force,
+            spec,
+            json,
+        } => {
+            let want = crate::limits::Limits {
+                memory: memory.map(|m| m.as_u64()),
+                cpus,
+            };
+            update(&service, want, force, spec, json).await
+        }
         Command::Heartbeat {
             service,
             spec,
@@ -280,6 +313,49 @@ async fn run_async(command: Command) -> u8 {
             let client = conn.client();
             // Runs until the process is killed: the agent never returns.
             match heartbeat::run_agent(&client, &hosts, &service).await {}
+        }
+    }
+}
+
+/// `haddock update`: plans on every host first (nothing changes on a refusal), then applies.
+async fn update(
+    service: &str,
+    want: crate::limits::Limits,
+    force: bool,
+    spec: Option<PathBuf>,
+    json: bool,
+) -> u8 {
+    let out = Output::new(json);
+    let result = async {
+        want.check()?;
+        let spec = load_spec(service, spec)?;
+        let hosts = crate::docker::Host::connect_all(&spec).await?;
+        let plan = crate::limits::Update::plan(&hosts, service, want, force).await?;
+        plan.apply(&hosts, &out).await
+    }
+    .await;
+    match result {
+        Ok(changes) => {
+            if json {
+                let v = serde_json::json!({ "service": service, "updated": changes });
+                println!("{v}");
+            } else {
+                println!(
+                    "updated {} instance(s) of {service} in place",
+                    changes.len()
+                );
+            }
+            exit::OK
+        }
+        Err(e) => {
+            if json {
+                let v = serde_json::json!({
+                    "service": service, "error": e.kind(), "reason": e.to_string(),
+                    "exit_code": e.exit_code(),
+                });
+                println!("{v}");
+            }
+            fail(&e)
         }
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Instance address, two ways (see [`Host::address`]):
 //! - a target with an `address` (another host's proxies must reach it): the service port is
-//!   published on an ephemeral port of the host, read back from inspect, and the instance is
+//!   published on a free port of the host haddock fixes for the container's life (Docker would
+//!   pick a new one at every restart), read back from inspect, and the instance is
 //!   `address:published-port`. Ephemeral ports leave any number of versions side by side;
 //! - otherwise the container's IP on the spec's network plus the spec's port, reachable from
 //!   the same host only (the proxy runs there, or in a container on that network).
@@ -104,6 +105,36 @@ fn is_conflict(e: &bollard::errors::Error) -> bool {
             ..
         }
     )
+}
+
+/// The start failed because the host port is bound already (by another container or process).
+fn is_port_taken(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError { message, .. }
+            if message.contains("port is already allocated")
+                || message.contains("address already in use")
+    )
+}
+
+/// Where haddock picks the host ports it publishes: Linux's default ephemeral range, which
+/// Docker uses for its own picks too.
+const PUBLISH_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+/// Ports tried for one container before its start gives up.
+const PORT_ATTEMPTS: usize = 8;
+
+/// A port of [`PUBLISH_PORTS`] not in `used`, probing from a place derived from the container
+/// name, so that the instances of one release, started at once, seldom try the same one.
+fn free_port(name: &str, used: &std::collections::HashSet<u16>) -> Option<u16> {
+    let (lo, hi) = (*PUBLISH_PORTS.start(), *PUBLISH_PORTS.end());
+    let span = u32::from(hi - lo) + 1;
+    // FNV-1a: a stable spread, no cryptography needed.
+    let start = name.bytes().fold(2_166_136_261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
+    }) % span;
+    (0..span)
+        .map(|i| lo + u16::try_from((start + i) % span).unwrap_or(0))
+        .find(|p| !used.contains(p))
 }
 
 fn is_not_modified(e: &bollard::errors::Error) -> bool {
@@ -266,7 +297,71 @@ impl Host {
 
     /// Creates (unless a container of that name exists: a resumed run) and starts the container.
     /// Returns its id. Idempotent.
+    ///
+    /// A published port asked as host port 0 gets a fixed one chosen here (free on the host,
+    /// see [`free_port`]) rather than Docker's ephemeral pick: Docker picks anew at every start,
+    /// so a container its restart policy brought back would answer at a port nobody knows.
+    /// A port something else bound meanwhile fails the start: the container is removed and
+    /// made again on another port.
     pub async fn create_and_start(
+        &self,
+        plan: &ContainerPlan,
+        image_has_healthcheck: bool,
+    ) -> Result<String> {
+        if !plan.publish.iter().any(|&(host, _)| host == 0) {
+            return self.create_and_start_as(plan, image_has_healthcheck).await;
+        }
+        let mut tried = Vec::new();
+        loop {
+            // A resumed run's container keeps the port it was given (create finds it).
+            let exists = self.inspect(&plan.name).await?.is_some();
+            let mut chosen = plan.clone();
+            if !exists {
+                let mut used = self.used_ports().await?;
+                used.extend(&tried);
+                for p in chosen.publish.iter_mut().filter(|p| p.0 == 0) {
+                    p.0 = free_port(&plan.name, &used).ok_or_else(|| {
+                        Error::Inconsistent(format!(
+                            "no free port in {PUBLISH_PORTS:?} on Docker host {}",
+                            self.name
+                        ))
+                    })?;
+                    used.insert(p.0);
+                    tried.push(p.0);
+                }
+            }
+            match self
+                .create_and_start_as(&chosen, image_has_healthcheck)
+                .await
+            {
+                Err(Error::Docker { source, .. })
+                    if !exists && is_port_taken(&source) && tried.len() < PORT_ATTEMPTS =>
+                {
+                    tracing::info!(host = %self.name, container = %plan.name, ports = ?tried, "port taken at start; choosing another");
+                    self.remove(&chosen.name).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Host ports published by the engine's running containers (any service's).
+    async fn used_ports(&self) -> Result<std::collections::HashSet<u16>> {
+        let opts = ListContainersOptions {
+            all: true,
+            ..Default::default()
+        };
+        let list = quick(self.docker.list_containers(Some(opts)))
+            .await
+            .map_err(|e| Error::docker(&self.name, "list containers", e))?;
+        Ok(list
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| p.public_port)
+            .collect())
+    }
+
+    async fn create_and_start_as(
         &self,
         plan: &ContainerPlan,
         image_has_healthcheck: bool,
@@ -373,6 +468,59 @@ impl Host {
                     self.name
                 ))
             })
+    }
+
+    /// Changes a running container's limits in place (Engine API `POST /containers/{id}/update`):
+    /// no restart. `None` leaves a limit as it is.
+    pub async fn update_limits(
+        &self,
+        id: &str,
+        memory: Option<i64>,
+        memory_swap: Option<i64>,
+        nano_cpus: Option<i64>,
+    ) -> Result<()> {
+        let body = bollard::models::ContainerUpdateBody {
+            memory,
+            memory_swap,
+            nano_cpus,
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, body)
+            .await
+            .map_err(|e| Error::docker(&self.name, format!("update container {id}"), e))
+    }
+
+    /// The memory a container uses now (one stats sample), in bytes, as `docker stats` counts
+    /// it: the cgroup's usage less its inactive page cache (which the kernel drops before it
+    /// would OOM-kill). `None` when the engine does not say.
+    pub async fn memory_usage(&self, id: &str) -> Result<Option<u64>> {
+        let opts = bollard::query_parameters::StatsOptions {
+            stream: false,
+            one_shot: true,
+        };
+        let mut stats = std::pin::pin!(self.docker.stats(id, Some(opts)));
+        let sample = quick(async { stats.next().await.transpose() })
+            .await
+            .map_err(|e| Error::docker(&self.name, format!("stats of {id}"), e))?;
+        Ok(sample.and_then(|s| {
+            let m = s.memory_stats?;
+            let cache = m.stats.as_ref().and_then(|st| {
+                // cgroup v2 names it `inactive_file`, v1 `total_inactive_file`.
+                st.get("inactive_file")
+                    .or_else(|| st.get("total_inactive_file"))
+                    .copied()
+            });
+            Some(m.usage?.saturating_sub(cache.unwrap_or(0)))
+        }))
+    }
+
+    /// The CPUs the engine's host has (`docker info`'s NCPU), if it says.
+    pub async fn cpus(&self) -> Result<Option<u32>> {
+        let info = quick(self.docker.info())
+            .await
+            .map_err(|e| Error::docker(&self.name, "info", e))?;
+        Ok(info.ncpu.and_then(|n| u32::try_from(n).ok()))
     }
 
     /// The last `lines` lines of stdout and stderr (best effort: an error becomes the text).
@@ -594,6 +742,23 @@ mod tests {
             host_ip: Some(ip.into()),
             host_port: Some(port.into()),
         }
+    }
+
+    #[test]
+    fn free_ports_skip_the_used_ones_and_stay_in_range() {
+        let none = std::collections::HashSet::new();
+        let a = free_port("svc-1-r-h0-i0", &none).unwrap();
+        assert!(PUBLISH_PORTS.contains(&a));
+        assert_eq!(
+            free_port("svc-1-r-h0-i0", &none),
+            Some(a),
+            "stable for a name"
+        );
+        let used: std::collections::HashSet<u16> = [a, a.wrapping_add(1)].into();
+        let b = free_port("svc-1-r-h0-i0", &used).unwrap();
+        assert!(PUBLISH_PORTS.contains(&b) && !used.contains(&b));
+        let all: std::collections::HashSet<u16> = PUBLISH_PORTS.collect();
+        assert_eq!(free_port("x", &all), None);
     }
 
     #[test]

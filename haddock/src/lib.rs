@@ -20,6 +20,7 @@ pub mod error;
 pub mod health;
 pub mod heartbeat;
 pub mod image;
+pub mod limits;
 pub mod output;
 pub mod plan;
 pub mod release;

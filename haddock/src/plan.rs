@@ -49,7 +49,9 @@ pub struct ContainerPlan {
     pub health: (Duration, Duration, u32, Duration),
     pub stop_grace: Duration,
     /// `(host port, container port)`: TCP ports published on every address of the Docker host;
-    /// host port 0 lets Docker pick a free one (read back by `docker::Host::address`). The
+    /// host port 0 is chosen free on the host when the container is made
+    /// (`docker::Host::create_and_start`), fixed for the container's life, read back by
+    /// `docker::Host::address`. The
     /// service port, when the spec gives the target an `address` (proxies on other hosts reach
     /// the instance there); empty otherwise (reached by its IP on the spec's network).
     pub publish: Vec<(u16, u16)>,
@@ -180,7 +182,8 @@ impl ContainerPlan {
                     self.publish
                         .iter()
                         .map(|&(h, c)| {
-                            // An empty host port is Docker's "pick one" (what `-p 8080` sends).
+                            // An empty host port is Docker's own pick (what `-p 8080` sends);
+                            // haddock fixes one before creating (see `publish`).
                             let host_port = if h == 0 { String::new() } else { h.to_string() };
                             let binding = PortBinding {
                                 host_ip: None,

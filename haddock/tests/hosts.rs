@@ -66,6 +66,8 @@ async fn hosts_start_batch_by_batch_at_their_address_and_a_failing_batch_fails_e
         &service,
         &SpecOpts {
             more_targets: format!("{}address = \"{}\"\n", hosts.target(1, 1), hosts.ip(1)),
+            // The machine's side of host 1's link: where the test host reaches the machine.
+            address: Some(hosts.machine_ip(1).to_string()),
             max_parallel_hosts: 1,
             start_deadline: "5s",
             ..Default::default()
@@ -101,8 +103,10 @@ async fn hosts_start_batch_by_batch_at_their_address_and_a_failing_batch_fails_e
         .find(|i| i.docker_host == "unix:///var/run/docker.sock")
         .expect("an instance on the machine");
     assert!(
-        !local.address.starts_with(&prefix),
-        "the machine's target has no address: its container IP: {local:?}"
+        local
+            .address
+            .starts_with(&format!("{}:", hosts.machine_ip(1))),
+        "the machine's instance at its target's address: {local:?}"
     );
 
     // good-2 never turns ready on the test host (the second batch): the release fails, and the

@@ -27,9 +27,13 @@ const LOCATOR_TIMEOUT: Duration = Duration::from_secs(10);
 /// 500 ms, one read in a 3-host demo still missed an object its peer had just stored).
 pub const FRESH_ENOUGH: Duration = Duration::from_millis(50);
 
+/// Longest a user's read waits for that listing: a hung locator must cost a miss a fraction
+/// of a second, not the discovery task's 10 s (nor 10 s per miss queued behind it).
+pub const MISS_LISTING_WAIT: Duration = Duration::from_millis(300);
+
 /// How long a peer that could not be reached is asked last (after every other peer of its
-/// host, and its host after the others): a lost host costs the reads that find it so, not
-/// every read for the `--peer-refresh` it takes the locator to drop it.
+/// host, and its host after the others): a lost host costs the reads that reach it, not every
+/// read for as long as the locator still lists it.
 pub const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// At most one warning per this period while the locator fails: it is listed every
@@ -53,9 +57,11 @@ pub struct Peers {
     discovery: Option<Arc<Discovery>>,
     /// Peers that could not be reached, and until when they are asked last.
     down: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
-    /// When the last listing answered. A tokio mutex: concurrent misses that want a fresh
+    /// When a listing was last attempted. A tokio mutex: concurrent misses that want a fresh
     /// list wait for the one listing in flight instead of each sending their own.
     listed_at: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// When a listing last answered (for the discovery task's warning).
+    answered_at: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl Peers {
@@ -77,19 +83,25 @@ impl Peers {
         self
     }
 
-    /// Lists the locator now unless a listing answered within `age`; whether the discovered
-    /// peers changed. Without discovery, or when the locator fails, nothing changes.
-    pub async fn refresh_if_older(&self, age: Duration) -> bool {
+    /// Lists the locator now unless a listing was attempted within `age` (answered or not:
+    /// a failing locator is not asked once per miss); whether the discovered peers changed.
+    /// Without discovery, or when the locator fails, nothing changes. The listing waits at most
+    /// `wait` (the discovery task gives it 10 s; a user's read much less).
+    pub async fn refresh_if_older(&self, age: Duration, wait: Duration) -> bool {
         let Some(d) = &self.discovery else {
             return false;
         };
-        let mut listed_at = self.listed_at.lock().await;
+        // The lock too within `wait`: the discovery task may hold it through a slow listing.
+        let Ok(mut listed_at) = tokio::time::timeout(wait, self.listed_at.lock()).await else {
+            return false;
+        };
         if listed_at.is_some_and(|at| at.elapsed() < age) {
             return false;
         }
-        match tokio::time::timeout(LOCATOR_TIMEOUT, d.locator.instances(&d.service)).await {
+        *listed_at = Some(Instant::now());
+        match tokio::time::timeout(wait, d.locator.instances(&d.service)).await {
             Ok(Ok(instances)) => {
-                *listed_at = Some(Instant::now());
+                *self.answered_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 let changed = self.set_discovered(&peers_from(&instances, &d.own_host, &d.own_id));
                 if changed {
                     tracing::info!(peers = ?self.discovered(), "discovered peers changed");
@@ -158,10 +170,13 @@ impl Peers {
     }
 
     /// Every known peer once, grouped by the host whose volume it serves (each configured peer
-    /// is a host of its own), in an order rotated by one more place at each call, the hosts and
-    /// the instances within each, so that the misses of all clients do not all land on the
-    /// first peer.
-    pub fn read_through_order(&self) -> Vec<Vec<String>> {
+    /// is a host of its own) as `(host, URLs)`, in an order rotated by one more place at each
+    /// call, the hosts and the instances within each, so that the misses of all clients do not
+    /// all land on the first peer. Peers marked down ([`Peers::mark_down`]) come last for
+    /// [`DOWN_FOR`], behind the others of their host, and a host with all its peers down
+    /// behind the other hosts: still asked when nothing else has an object (its only copy may
+    /// be on a host that just came back), but not before.
+    pub fn read_through_order(&self) -> Vec<(String, Vec<String>)> {
         let mut groups: Vec<(String, Vec<String>)> = self
             .configured
             .iter()
@@ -184,18 +199,14 @@ impl Peers {
         let now = Instant::now();
         let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         let is_down = |u: &String| down.get(u).is_some_and(|until| *until > now);
-        let mut ordered: Vec<Vec<String>> = groups
-            .into_iter()
-            .map(|(_, mut urls)| {
-                let by = turn % urls.len();
-                urls.rotate_left(by);
-                // Stable: the rotation stays among the peers that answer.
-                urls.sort_by_key(|u| is_down(u));
-                urls
-            })
-            .collect();
-        ordered.sort_by_key(|urls| urls.iter().all(&is_down));
-        ordered
+        for (_, urls) in &mut groups {
+            let by = turn % urls.len();
+            urls.rotate_left(by);
+            // Stable sorts: the rotation stays among the peers that answer.
+            urls.sort_by_key(|u| is_down(u));
+        }
+        groups.sort_by_key(|(_, urls)| urls.iter().all(&is_down));
+        groups
     }
 
     fn discovered_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<(String, String)>> {
@@ -215,13 +226,13 @@ impl Peers {
         let mut last_warning: Option<Instant> = None;
         loop {
             tokio::select! {
-                _ = self.refresh_if_older(Duration::ZERO) => {}
+                _ = self.refresh_if_older(Duration::ZERO, LOCATOR_TIMEOUT) => {}
                 _ = stop.changed() => return,
             }
             let stale = self
-                .listed_at
+                .answered_at
                 .lock()
-                .await
+                .unwrap_or_else(|p| p.into_inner())
                 .is_none_or(|at| at.elapsed() >= d.every + LOCATOR_TIMEOUT);
             if stale && last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                 last_warning = Some(Instant::now());
@@ -336,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn read_through_order_groups_by_host_and_rotates() {
+    fn read_through_order_groups_by_host_rotates_and_puts_down_peers_last() {
         assert!(Peers::default().read_through_order().is_empty());
         let peers = Peers::new(&["http://a:1".into(), "http://b:2".into()]).unwrap();
         let at = |h: &str, u: &str| (h.to_string(), u.to_string());
@@ -345,7 +356,11 @@ mod tests {
             at("tcp://h3", "http://c:4"),
             at("tcp://h2", "http://B:2/"), // configured already: asked as such, once
         ]);
-        let orders: Vec<Vec<Vec<String>>> = (0..4).map(|_| peers.read_through_order()).collect();
+        let urls = |order: Vec<(String, Vec<String>)>| -> Vec<Vec<String>> {
+            order.into_iter().map(|(_, u)| u).collect()
+        };
+        let orders: Vec<Vec<Vec<String>>> =
+            (0..4).map(|_| urls(peers.read_through_order())).collect();
         assert_eq!(
             orders[0],
             [
@@ -371,15 +386,16 @@ mod tests {
             ]
         );
         assert_eq!(orders[3][0], ["http://a:1"]);
+        assert_eq!(peers.read_through_order()[0].0, "http://b:2", "turn 4 keys");
         // A peer that could not be reached goes last in its host, a host all down goes last.
         peers.mark_down("http://c:3");
         peers.mark_down("http://a:1");
-        let order = peers.read_through_order(); // turn 4: as turn 0
+        let order = urls(peers.read_through_order()); // turn 5: as turn 2
         assert_eq!(
             order,
             [
-                vec!["http://b:2"],
                 vec!["http://c:4", "http://c:3"],
+                vec!["http://b:2"],
                 vec!["http://a:1"]
             ]
         );

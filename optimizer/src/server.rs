@@ -34,7 +34,7 @@ use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
 use crate::metrics::{
     method_label, read_through, Metrics, OutcomeLabels, RequestLabels, RouteLabels,
 };
-use crate::peers::{Peers, FRESH_ENOUGH};
+use crate::peers::{Peers, FRESH_ENOUGH, MISS_LISTING_WAIT};
 use crate::store::Store;
 use crate::sync;
 use crate::volume::{BodyOverLimit, Forward, ForwardBody, Routed, Volume, FORWARDED_HEADER};
@@ -428,7 +428,10 @@ impl App {
                 let peer = match self.cfg.peers.resolve(&from) {
                     Ok(peer) => peer,
                     Err(_) => {
-                        self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await;
+                        self.cfg
+                            .peers
+                            .refresh_if_older(FRESH_ENOUGH, MISS_LISTING_WAIT)
+                            .await;
                         self.cfg.peers.resolve(&from)?
                     }
                 };
@@ -592,35 +595,35 @@ impl App {
     /// 404 it would have had without peers. Only object reads come here, never the manifest
     /// route, which is what peers ask: reading through there would bounce a miss between hosts.
     async fn read_through(&self, key: &str) -> bool {
-        let mut asked: Vec<String> = Vec::new();
-        let mut hosts_asked = 0;
+        let mut hosts_asked: Vec<String> = Vec::new();
         let mut failed = false;
         // The known peers first; when none had it, once more with a fresh list from the
-        // locator if that brought peers not asked yet (one that registered a moment ago).
+        // locator if that brought hosts not asked yet (one that registered a moment ago).
         'rounds: for round in 0..2 {
             if round == 1 {
                 // Whoever lists (we, or the discovery task a moment ago while we waited for
-                // its listing), the peers not asked yet are asked now.
-                self.cfg.peers.refresh_if_older(FRESH_ENOUGH).await;
+                // its listing), the hosts not asked yet are asked now.
+                self.cfg
+                    .peers
+                    .refresh_if_older(FRESH_ENOUGH, MISS_LISTING_WAIT)
+                    .await;
             }
-            let hosts: Vec<Vec<String>> = self
+            let hosts: Vec<(String, Vec<String>)> = self
                 .cfg
                 .peers
                 .read_through_order()
                 .into_iter()
-                .map(|urls| urls.into_iter().filter(|u| !asked.contains(u)).collect())
-                .filter(|urls: &Vec<String>| !urls.is_empty())
+                .filter(|(host, _)| !hosts_asked.contains(host))
                 .collect();
-            for urls in hosts {
-                if hosts_asked == READ_THROUGH_HOSTS {
+            for (host, urls) in hosts {
+                if hosts_asked.len() == READ_THROUGH_HOSTS {
                     break 'rounds;
                 }
-                hosts_asked += 1;
+                hosts_asked.push(host);
                 // One answer per host: its instances share one volume. Another instance of
                 // the host is asked only when one fails (stopping, as old ones at a release).
                 let mut answered = false;
                 for peer in urls {
-                    asked.push(peer.clone());
                     match self.pull_for_read(key, &peer).await {
                         Ok(()) => {
                             tracing::info!(%key, %peer, "read through a peer");
@@ -639,7 +642,7 @@ impl App {
                             break 'rounds;
                         }
                         Err(e) => {
-                            if matches!(e, Error::PeerUnreachable { .. }) {
+                            if unreachable_peer(&e) {
                                 // Asked last for a while: not every read pays its timeout.
                                 self.cfg.peers.mark_down(&peer);
                             }
@@ -650,10 +653,10 @@ impl App {
                 failed |= !answered;
             }
         }
-        if asked.is_empty() {
+        if hosts_asked.is_empty() {
             return false; // no peer at all: a plain miss, nothing to count
         }
-        tracing::debug!(%key, ?asked, failed, "read-through: no peer host has it");
+        tracing::debug!(%key, ?hosts_asked, failed, "read-through: no peer host has it");
         self.count_read_through(if failed {
             read_through::FAILED
         } else {
@@ -839,6 +842,16 @@ impl App {
                 Frame::data(b)
             });
         build(builder, StreamBody::new(stream).boxed_unsync())
+    }
+}
+
+/// A peer that could not be reached, by us (`PeerUnreachable`) or by the writer a reader asked
+/// to pull (its `peer_unreachable` answer, which `pull_for_read` passes on as a `PeerError`).
+fn unreachable_peer(e: &Error) -> bool {
+    match e {
+        Error::PeerUnreachable { .. } => true,
+        Error::PeerError { message, .. } => message.contains("(peer_unreachable)"),
+        _ => false,
     }
 }
 

@@ -22,7 +22,8 @@ pub struct ScenarioOptions {
     pub probes_per_step: usize,
     /// Test host to take off the network at the first canary step (a host lost mid-release);
     /// it is put back once the release returned, and the release run again if it was left
-    /// unfinished.
+    /// unfinished. Not host 1: its link carries the machine's own address (the machine's
+    /// instances and the locator, as the other hosts reach them).
     pub cut_host: Option<u32>,
 }
 
@@ -237,6 +238,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
             if timeline.last().map(|(_, last)| last) != Some(&w) {
                 let share = w.get(&opts.to).copied().map(u32::from);
                 if let (Some(host), None, Some(1..)) = (opts.cut_host, cut_at, share) {
+                    assert!(host >= 2, "cut_host 1 would cut the machine too");
                     let hosts = stack.test_hosts.as_ref().expect("a stack with test hosts");
                     hosts.link(host, false);
                     cut_at = Some(started.elapsed());

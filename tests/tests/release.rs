@@ -329,10 +329,10 @@ async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release
         .all(|r| r.state == locator::api::ReleaseState::Done));
 }
 
-/// Writers among the instances the locator lists as ready or draining, sampled every 100 ms
-/// until `stop`: the most instances up at once, and the most writers seen in one sample while
-/// that many were up (the canary: no hand-over then; a sample across a hand-over, taken one
-/// instance after the other, could count the leaving writer and its successor both).
+/// Writers among the instances the locator lists as ready, sampled every 100 ms until `stop`:
+/// the most instances ready at once, and the most writers seen in one sample while that many
+/// were ready and none draining (the canary: no hand-over then; a sample across a hand-over,
+/// taken one instance after the other, can count the leaving writer and its successor both).
 async fn watch_writers(stack: &Stack, stop: Arc<std::sync::atomic::AtomicBool>) -> (usize, usize) {
     use locator::api::InstanceState;
     let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
@@ -340,9 +340,13 @@ async fn watch_writers(stack: &Stack, stop: Arc<std::sync::atomic::AtomicBool>) 
     let (mut most_writers, mut most_instances) = (0, 0);
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         let instances = client.instances(&stack.service).await.unwrap_or_default();
+        if instances.iter().any(|i| i.state == InstanceState::Draining) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let up: Vec<_> = instances
             .iter()
-            .filter(|i| matches!(i.state, InstanceState::Ready | InstanceState::Draining))
+            .filter(|i| i.state == InstanceState::Ready)
             .collect();
         let mut writers = 0;
         for i in &up {
@@ -433,4 +437,85 @@ async fn two_instances_per_version_share_one_volume_through_a_canary() {
         let readable = e2e::load::verify_objects(&format!("http://{}", i.address), &from_v1).await;
         assert_eq!(readable, from_v1.len(), "through {}", i.id);
     }
+}
+
+/// `docker inspect` of a container: (StartedAt, Memory, NanoCpus, RestartCount).
+fn limits_of(id: &str) -> (String, u64, u64, u64) {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.State.StartedAt}} {{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.RestartCount}}",
+            id,
+        ])
+        .output()
+        .expect("docker CLI runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(f.len(), 4, "docker inspect {id}: {text}");
+    let n = |s: &str| s.parse::<u64>().unwrap();
+    (f[0].to_string(), n(f[1]), n(f[2]), n(f[3]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_change_in_place_under_load_without_a_restart() {
+    let _one = SERIAL.lock().await;
+    let stack = Stack::start("limits", quick()).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "first release: {out}");
+    let (control, load) = light_load(&stack);
+    let ids = stack.containers(Some("1.0.0"));
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let before = limits_of(&ids[0]);
+    assert_eq!(before.1, 256 << 20, "the shipped spec's cap");
+    let update = |args: &[&str]| {
+        let mut cmd = stack.haddock();
+        cmd.args(["update", &stack.service, "--json", "--spec"])
+            .arg(&stack.spec_path)
+            .args(args);
+        let out = tokio::task::block_in_place(|| cmd.output().expect("haddock runs"));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (
+            out.status.code(),
+            v,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // Let the load give the instance some memory to use, then ask for a cap below it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, v, err) = update(&["--memory", "6MiB"]);
+    assert_eq!(code, Some(2), "a cap below the use is refused: {v} {err}");
+    assert!(
+        v["reason"].as_str().unwrap_or_default().contains("uses"),
+        "{v}"
+    );
+    assert_eq!(
+        limits_of(&ids[0]),
+        before,
+        "a refused update changed nothing"
+    );
+    // Bad input: nothing to change, a bad CPU count.
+    assert_eq!(update(&[]).0, Some(2));
+    assert_eq!(update(&["--cpus", "0"]).0, Some(2));
+
+    let (code, v, err) = update(&["--memory", "384MiB", "--cpus", "1"]);
+    assert_eq!(code, Some(0), "{v} {err}");
+    assert_eq!(v["updated"][0]["memory_after"], 384u64 << 20, "{v}");
+    let after = limits_of(&ids[0]);
+    assert_eq!(after.1, 384 << 20);
+    assert_eq!(after.2, 1_000_000_000);
+    assert_eq!(
+        (&after.0, after.3),
+        (&before.0, 0),
+        "the container was restarted"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control.stop();
+    let report = load.await.unwrap();
+    assert!(
+        report.requests > 100,
+        "too little load: {}",
+        report.requests
+    );
+    assert_eq!(report.failed, 0, "failed: {:?}", report.failures);
 }

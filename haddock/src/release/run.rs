@@ -151,6 +151,15 @@ impl<'a> Run<'a> {
         loop {
             let state = self.rec.state;
             let step = match state {
+                // An earlier run failed here but could not remove every new container (a host
+                // was lost): finish that failure, never go on with the release.
+                ReleaseState::Validating
+                | ReleaseState::Starting
+                | ReleaseState::WaitingHealthy
+                    if self.rec.reason.is_some() =>
+                {
+                    self.fail_cleanly().await
+                }
                 // Until a user can reach the new version an abort stops the work at once.
                 ReleaseState::Validating
                 | ReleaseState::Starting
@@ -232,6 +241,22 @@ impl<'a> Run<'a> {
         let reason = e.to_string();
         if let Err(cleanup) = self.remove_new().await {
             tracing::warn!(release = %self.rec.id, error = %cleanup, "cleanup after a failed start");
+            // Recorded, so that the next run finishes this failure instead of going on.
+            let update = ReleaseUpdate {
+                reason: Some(reason),
+                ..Default::default()
+            };
+            if let Err(rec) = self.write(update).await {
+                tracing::warn!(release = %self.rec.id, error = %rec, "recording the failure");
+            }
+            self.d.out.step(
+                &format!(
+                    "release {} failed, but not every new container could be removed ({cleanup}): \
+                     run `haddock release {} {}` again once the host is back to finish",
+                    self.rec.id, self.rec.service, self.rec.to_version
+                ),
+                None,
+            );
             return e;
         }
         let update = ReleaseUpdate {
@@ -243,6 +268,18 @@ impl<'a> Run<'a> {
             tracing::warn!(release = %self.rec.id, error = %rec, "recording the failure");
         }
         e
+    }
+
+    /// Ends a release an earlier run failed before any user reached it: its new containers
+    /// removed on every host, then `failed` with the recorded reason.
+    async fn fail_cleanly(&mut self) -> Result<()> {
+        self.remove_new().await?;
+        let update = ReleaseUpdate {
+            reason: self.rec.reason.clone(),
+            clear_control: true,
+            ..Default::default()
+        };
+        self.transition(ReleaseState::Failed, update).await
     }
 
     // --- background: Docker events, heartbeats, lease ---
@@ -353,8 +390,8 @@ impl<'a> Run<'a> {
     /// The new containers as they are (no creation): whether each runs, or why its host
     /// could not say (an engine that cannot be reached).
     async fn existing_new(&self) -> Vec<(NewInstance, Result<bool>)> {
-        let mut out = Vec::new();
-        for (host, plan) in self.plans() {
+        // At once: a silently lost host costs one inspect timeout, not one per instance.
+        let checks = self.plans().into_iter().map(|(host, plan)| async move {
             let (id, running) = match self.d.hosts[host].inspect(&plan.name).await {
                 Ok(found) => {
                     let running = found
@@ -364,9 +401,9 @@ impl<'a> Run<'a> {
                 }
                 Err(e) => (String::new(), Err(e)),
             };
-            out.push((NewInstance { host, plan, id }, running));
-        }
-        out
+            (NewInstance { host, plan, id }, running)
+        });
+        futures_util::future::join_all(checks).await
     }
 
     /// Starts the new containers, host batch by host batch: every batch but the last must
@@ -377,8 +414,9 @@ impl<'a> Run<'a> {
         let batches = self.host_batches();
         let mut started = 0;
         for (i, batch) in batches.iter().enumerate() {
-            let since = Instant::now();
             let new = self.ensure_containers_on(batch).await?;
+            // The deadline counts from the start of the containers, not the image copies.
+            let since = Instant::now();
             started += new.len();
             if i + 1 == batches.len() {
                 break;
@@ -431,7 +469,21 @@ impl<'a> Run<'a> {
         let hs = self.spec().health.clone();
         let mut addrs = Vec::new();
         for n in new {
-            addrs.push(self.address(n).await?);
+            match self.address(n).await {
+                Ok(a) => addrs.push(a),
+                // No address (it died before Docker gave it a port or an IP): not healthy,
+                // with its logs, rather than an infrastructure error.
+                Err(Error::Inconsistent(reason)) => {
+                    let logs = self.d.hosts[n.host].logs_tail(&n.id, LOG_LINES).await;
+                    return Err(Error::Unhealthy {
+                        release: self.rec.id.clone(),
+                        container: n.plan.name.clone(),
+                        reason,
+                        logs,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
         let checks = new.iter().zip(&addrs).map(|(n, addr)| {
             let host = &self.d.hosts[n.host];

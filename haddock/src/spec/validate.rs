@@ -6,6 +6,7 @@
 use super::{RestartPolicy, Spec};
 use std::time::Duration;
 
+/// The smallest memory cap a spec may set.
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
 
 pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
@@ -185,6 +186,17 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
     // [[targets]]
     if spec.targets.is_empty() {
         bad("targets", "at least one Docker host is required".into());
+    }
+    // Instances without an address register at their container IP, which other hosts' proxies
+    // and optimizers cannot reach: with several targets, all have one or none does.
+    let addressed = spec.targets.iter().filter(|t| t.address.is_some()).count();
+    if addressed > 0 && addressed < spec.targets.len() {
+        if let Some(i) = spec.targets.iter().position(|t| t.address.is_none()) {
+            bad(
+                &format!("targets[{i}]"),
+                "has no address while other targets have one: every target needs one (the instances of a target without it register at their container IP, which the other hosts cannot reach)".into(),
+            );
+        }
     }
     for (i, t) in spec.targets.iter().enumerate() {
         if let Some(msg) = docker_host_problem(&t.host, t.tls.is_some()) {
@@ -690,6 +702,21 @@ mod tests {
                 "{bad:?}: {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn addresses_are_given_to_every_target_or_none() {
+        let two = format!(
+            "{GOOD}\n[[targets]]\nhost = \"tcp://10.0.0.3:2376\"\naddress = \"10.0.0.3\"\n"
+        );
+        let found = issues(&two);
+        let hit = found.iter().find(|i| i.path == "targets[0]");
+        assert!(
+            hit.is_some_and(|i| i.message.contains("every target needs one")),
+            "{found:#?}"
+        );
+        let both = two.replacen("instances = 1", "instances = 1\naddress = \"10.0.0.2\"", 1);
+        Spec::parse("t.toml", &both).unwrap();
     }
 
     #[test]

@@ -247,6 +247,8 @@ pub struct SpecOpts {
     pub more_targets: String,
     /// `[rollout] max_parallel_hosts`.
     pub max_parallel_hosts: u32,
+    /// `address` of the machine's target (needed when `more_targets` have one).
+    pub address: Option<String>,
 }
 
 impl Default for SpecOpts {
@@ -263,6 +265,7 @@ impl Default for SpecOpts {
             max_drain: "3s",
             more_targets: String::new(),
             max_parallel_hosts: 0,
+            address: None,
         }
     }
 }
@@ -320,7 +323,7 @@ max_drain = "{max_drain}"
 [[targets]]
 host = "unix:///var/run/docker.sock"
 instances = {instances}
-{more_targets}"#,
+{address}{more_targets}"#,
         deadline = o.start_deadline,
         steps = o.steps,
         min = o.min_requests,
@@ -330,6 +333,11 @@ instances = {instances}
         instances = o.instances,
         more_targets = o.more_targets,
         max_parallel_hosts = o.max_parallel_hosts,
+        address = o
+            .address
+            .as_ref()
+            .map(|a| format!("address = \"{a}\"\n"))
+            .unwrap_or_default(),
     );
     let path = dir.join(format!("{service}.toml"));
     std::fs::write(&path, text).unwrap();

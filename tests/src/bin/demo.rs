@@ -47,9 +47,11 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() -> std::process::ExitCode {
     let a = Args::parse();
-    if let Some(h) = a.cut_host.filter(|h| !(1..=a.test_hosts).contains(h)) {
+    if let Some(h) = a.cut_host.filter(|h| !(2..=a.test_hosts).contains(h)) {
+        // Host 1's link also carries the machine's own address (10.213.1.1), where the other
+        // hosts reach the machine's instances and the locator: cutting it cuts the machine.
         eprintln!(
-            "error: --cut-host {h} names no test host (--test-hosts {})",
+            "error: --cut-host {h}: give a test host from 2 to --test-hosts ({}); host 1's link carries the machine's address",
             a.test_hosts
         );
         return std::process::ExitCode::from(2);
