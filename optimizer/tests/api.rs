@@ -30,17 +30,8 @@ async fn objects_round_trip_with_ranges_etags_dedup_and_reclamation() {
     );
     assert_eq!(a.get("obj").await.unwrap(), data);
 
-    let head = c
-        .head(format!("{}/v1/objects/obj", a.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.status(), 200);
-    assert_eq!(
-        head.headers()["content-length"],
-        data.len().to_string().as_str()
-    );
-    let etag = head.headers()["etag"].to_str().unwrap().to_owned();
+    let head = a.head_ok("obj", data.len()).await;
+    let etag = head["etag"].to_str().unwrap().to_owned();
     // The ETag is the digest of the object's chunk list, worked out here from the bytes alone.
     let chunk_list: Vec<ChunkRef> = chunks_of(&data, ChunkParams::default())
         .iter()

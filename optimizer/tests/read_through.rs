@@ -33,16 +33,7 @@ async fn a_miss_reads_through_the_peers_and_keeps_the_object() {
     assert_eq!(b.get("shared").await.as_deref(), Some(&shared[..]));
     assert_eq!(b2.get("via-reader").await.as_deref(), Some(&via_reader[..]));
     // HEAD reads through like GET.
-    let head = client()
-        .head(format!("{}/v1/objects/headed", b.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.status(), 200);
-    assert_eq!(
-        head.headers()["content-length"],
-        headed.len().to_string().as_str()
-    );
+    b.head_ok("headed", headed.len()).await;
 
     // Nobody has it: 404, after asking both peers.
     assert_eq!(b.get("absent").await, None);

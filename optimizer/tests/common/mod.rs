@@ -118,6 +118,18 @@ impl Instance {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `HEAD /v1/objects/{key}`, checked to answer 200 with a body length of `len`; its headers.
+    pub async fn head_ok(&self, key: &str, len: usize) -> reqwest::header::HeaderMap {
+        let head = client()
+            .head(format!("{}/v1/objects/{key}", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200, "HEAD {key}");
+        assert_eq!(head.headers()["content-length"], len.to_string().as_str());
+        head.headers().clone()
+    }
+
     /// The instance's `/metrics` text (empty when it does not answer).
     pub async fn metrics(&self) -> String {
         match client().get(format!("{}/metrics", self.url)).send().await {
