@@ -438,6 +438,16 @@ mod tests {
             "health.interval",
             "",
         );
+        // rollout.max_parallel_hosts is a count of hosts: no negative or fractional batches.
+        for bad in ["-1", "1.5", "\"two\""] {
+            let hit = rejects(
+                "manual = false",
+                &format!("manual = false\nmax_parallel_hosts = {bad}"),
+                "rollout.max_parallel_hosts",
+                "",
+            );
+            assert!(hit.line > 1 && hit.col > 1, "{bad}: {hit}");
+        }
     }
 
     #[test]
