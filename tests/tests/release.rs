@@ -484,7 +484,6 @@ async fn limits_change_in_place_under_load_without_a_restart() {
     // (A cap below the instance's use is refused: its rule is `limits::Update::plan`; the
     // optimizer's use under this load, 5-16 MB less page cache, is too close to Docker's 6 MiB
     // minimum for a test to pick a cap below it every time.)
-    let _ = &before;
     // Bad input: nothing to change, a bad CPU count.
     assert_eq!(update(&[]).0, Some(2));
     assert_eq!(update(&["--cpus", "0"]).0, Some(2));
