@@ -131,9 +131,14 @@ pub enum Command {
         force: bool,
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// Print one JSON object (the changes) on stdout.
-        #[arg(long)]
-        json: bool,
+        /// Where the change is recorded (`--json`: one JSON object, the changes, on stdout).
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The spec's volumes on every host: list, inspect, remove.
+    Volume {
+        #[command(subcommand)]
+        verb: VolumeVerb,
     },
     /// Keep heartbeating SERVICE's running instances (between releases; runs until killed).
     Heartbeat {
@@ -142,6 +147,35 @@ pub enum Command {
         spec: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
+    },
+}
+
+/// `haddock volume …`: each acts on the volumes SERVICE's spec names, on every target host.
+#[derive(Debug, Subcommand)]
+pub enum VolumeVerb {
+    /// Each spec volume on each host: driver, options, size, who mounts it, drift from the spec.
+    Ls {
+        service: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Print one JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Docker's own description of volume NAME on every host (JSON).
+    Inspect {
+        service: String,
+        name: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
+    /// Remove volume NAME from every host; refused while any container mounts it. Its data is
+    /// lost.
+    Rm {
+        service: String,
+        name: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
     },
 }
 
@@ -289,14 +323,15 @@ async fn run_async(command: Command) -> u8 {
             cpus,
             force,
             spec,
-            json,
+            conn,
         } => {
             let want = crate::limits::Limits {
                 memory: memory.map(|m| m.as_u64()),
                 cpus,
             };
-            update(&service, want, force, spec, json).await
+            update(&service, want, force, spec, &conn).await
         }
+        Command::Volume { verb } => volume(verb).await,
         Command::Heartbeat {
             service,
             spec,
@@ -312,26 +347,47 @@ async fn run_async(command: Command) -> u8 {
             };
             let client = conn.client();
             // Runs until the process is killed: the agent never returns.
-            match heartbeat::run_agent(&client, &hosts, &service).await {}
+            match heartbeat::run_agent(&client, &hosts, &spec).await {}
         }
     }
 }
 
-/// `haddock update`: plans on every host first (nothing changes on a refusal), then applies.
+/// `haddock update`: plans on every host first (nothing changes on a refusal), applies, then
+/// records the change in the locator (the service's `limit_changes`).
 async fn update(
     service: &str,
     want: crate::limits::Limits,
     force: bool,
     spec: Option<PathBuf>,
-    json: bool,
+    conn: &Conn,
 ) -> u8 {
+    let json = conn.json;
     let out = Output::new(json);
+    let client = conn.client();
     let result = async {
         want.check()?;
         let spec = load_spec(service, spec)?;
+        // Before anything changes: a locator that cannot take the record refuses now.
+        let known: Vec<String> = client
+            .instances(service)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
         let hosts = crate::docker::Host::connect_all(&spec).await?;
         let plan = crate::limits::Update::plan(&hosts, service, want, force).await?;
-        plan.apply(&hosts, &out).await
+        let changes = plan.apply(&hosts, &out).await?;
+        let record = crate::limits::record(&changes, want, &release::operator(), &known);
+        if !record.instances.is_empty() {
+            client.record_limits(service, &record).await.map_err(|e| {
+                Error::Inconsistent(format!(
+                    "the limits of {} instance(s) were changed but the locator did not record \
+                     it: {e}",
+                    changes.len()
+                ))
+            })?;
+        }
+        Ok::<_, Error>(changes)
     }
     .await;
     match result {
@@ -357,6 +413,72 @@ async fn update(
             }
             fail(&e)
         }
+    }
+}
+
+async fn volume(verb: VolumeVerb) -> u8 {
+    let (service, spec) = match &verb {
+        VolumeVerb::Ls { service, spec, .. }
+        | VolumeVerb::Inspect { service, spec, .. }
+        | VolumeVerb::Rm { service, spec, .. } => (service.clone(), spec.clone()),
+    };
+    let result = async {
+        let spec = load_spec(&service, spec)?;
+        let hosts = crate::docker::Host::connect_all(&spec).await?;
+        match &verb {
+            VolumeVerb::Ls { json, .. } => {
+                let rows = crate::volume::list(&hosts, &spec).await?;
+                if *json {
+                    println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+                }
+                for r in rows.iter().filter(|_| !*json) {
+                    let size = r
+                        .size
+                        .map(|s| bytesize::ByteSize(s).to_string_as(true))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<28} {:<30} {:<8} size {:<10} {} {}{}",
+                        r.name,
+                        r.host,
+                        r.driver.as_deref().unwrap_or("missing"),
+                        size,
+                        if r.managed_by_haddock {
+                            "haddock's"
+                        } else {
+                            "found"
+                        },
+                        if r.mounted_by.is_empty() {
+                            "unmounted".to_string()
+                        } else {
+                            format!("mounted by {}", r.mounted_by.join(","))
+                        },
+                        if r.drift.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  DRIFT: {}", r.drift.join("; "))
+                        }
+                    );
+                }
+            }
+            VolumeVerb::Inspect { name, .. } => {
+                let v = crate::volume::inspect_everywhere(&hosts, &spec, name).await?;
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            VolumeVerb::Rm { name, .. } => {
+                let removed = crate::volume::remove(&hosts, &spec, name).await?;
+                if removed.is_empty() {
+                    println!("volume {name} exists on no host");
+                } else {
+                    println!("removed volume {name} from {}", removed.join(", "));
+                }
+            }
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => fail(&e),
     }
 }
 
@@ -498,6 +620,9 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
                 i.load.in_flight
             );
         }
+        if let Some(c) = s.limit_changes.last() {
+            println!("  limits {}", limits_line(c));
+        }
         if let Some(r) = snap.active_release(&s.name) {
             println!(
                 "  release {} {} → {}: {} step {}{}",
@@ -513,14 +638,72 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
     exit::OK
 }
 
+/// One in-place limits change for a person: when, who, and each instance from → to.
+fn limits_line(c: &locator_wire::api::LimitsChange) -> String {
+    let bytes = |b: u64| {
+        if b == 0 {
+            "none".to_string()
+        } else {
+            bytesize::ByteSize(b).to_string_as(true)
+        }
+    };
+    let cpus = |n: u64| {
+        if n == 0 {
+            "none".to_string()
+        } else {
+            format!("{}", n as f64 / 1e9)
+        }
+    };
+    let moves: Vec<String> = c
+        .instances
+        .iter()
+        .map(|i| {
+            let mut parts = Vec::new();
+            if let (Some(f), Some(t)) = (i.memory_from, i.memory_to) {
+                parts.push(format!("memory {} → {}", bytes(f), bytes(t)));
+            }
+            if let (Some(f), Some(t)) = (i.nano_cpus_from, i.nano_cpus_to) {
+                parts.push(format!("cpus {} → {}", cpus(f), cpus(t)));
+            }
+            format!("{}: {}", i.id, parts.join(", "))
+        })
+        .collect();
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.at);
+    format!(
+        "changed {} by {}: {}",
+        humantime::format_rfc3339_seconds(at),
+        c.who,
+        moves.join("; ")
+    )
+}
+
 async fn history(conn: &Conn, service: Option<&str>) -> u8 {
     let list = match conn.client().history(service).await {
         Ok(l) => l,
         Err(e) => return fail(&e.into()),
     };
+    // In-place limit changes are kept with the service, not as releases.
+    let changes: Vec<(String, locator_wire::api::LimitsChange)> = match service {
+        Some(_) if conn.json => Vec::new(),
+        Some(name) => match conn.client().service(name).await {
+            Ok(s) => s
+                .limit_changes
+                .into_iter()
+                .map(|c| (s.name.clone(), c))
+                .collect(),
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => Vec::new(),
+            Err(e) => return fail(&e.into()),
+        },
+        None => Vec::new(),
+    };
     if conn.json {
+        // The releases, as always (a stable interface); limit changes are in `status --json`,
+        // with their service.
         println!("{}", serde_json::to_string(&list).unwrap_or_default());
         return exit::OK;
+    }
+    for (name, c) in changes.iter().rev() {
+        println!("limits     {name:<12} {}", limits_line(c));
     }
     for r in list {
         let took = r.finished_at.map(|f| f.saturating_sub(r.created_at));

@@ -624,24 +624,25 @@ impl Host {
             .collect())
     }
 
-    /// Streams `die`, `oom` and `health_status: unhealthy` events of one release's containers.
-    /// The stream ends when the connection to the daemon does.
+    /// Streams `die`, `oom` and `health_status: unhealthy` events of the service's containers,
+    /// or of one release's only. The stream ends when the connection to the daemon does.
     pub fn events(
         &self,
         service: &str,
-        release: &str,
+        release: Option<&str>,
     ) -> impl Stream<Item = ContainerEvent> + Send + 'static {
         // Release ids are only unique within one locator: match the service too (Docker ANDs
         // label filters), or another service's release with the same id leaks in.
+        let mut label = vec![
+            format!("{}=haddock", labels::MANAGED_BY),
+            format!("{}={service}", labels::SERVICE),
+        ];
+        if let Some(release) = release {
+            label.push(format!("{}={release}", labels::RELEASE));
+        }
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
-            (
-                "label".to_string(),
-                vec![
-                    format!("{}={service}", labels::SERVICE),
-                    format!("{}={release}", labels::RELEASE),
-                ],
-            ),
+            ("label".to_string(), label),
             (
                 "event".to_string(),
                 vec![

@@ -8,8 +8,12 @@
 //! and depends on neither.
 
 use crate::docker::Host;
-use locator_wire::api::InstanceState;
+use crate::health::Probe;
+use crate::spec::Spec;
+use futures_util::StreamExt;
+use locator_wire::api::{Instance, InstanceState};
 use locator_wire::client::Client;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -21,20 +25,34 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// instances turn unhealthy; it must never hold back the heartbeats of the hosts that answer.
 const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Heartbeats every instance of `service` whose container runs on one of `hosts` (old and new:
-/// the locator marks silent instances unhealthy after its TTL). Best effort; the hosts are
-/// asked at once, each within [`LIST_TIMEOUT`].
-pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
+/// What the hosts answered about the service's containers in one round: the running ones
+/// and the ones that exist but do not run (exited, or between two starts of their restart
+/// policy). A host that did not answer within [`LIST_TIMEOUT`] contributes to neither.
+#[derive(Debug, Default)]
+struct Listing {
+    running: HashSet<String>,
+    stopped: HashSet<String>,
+}
+
+async fn list(hosts: &[Host], service: &str) -> Listing {
     let lists = hosts
         .iter()
         .map(|h| tokio::time::timeout(LIST_TIMEOUT, h.find(service, None)));
-    let mut running = Vec::new();
+    let mut out = Listing::default();
     for (h, listed) in hosts
         .iter()
         .zip(futures_util::future::join_all(lists).await)
     {
         match listed {
-            Ok(Ok(list)) => running.extend(list.into_iter().filter(|c| c.running).map(|c| c.id)),
+            Ok(Ok(list)) => {
+                for c in list {
+                    if c.running {
+                        out.running.insert(c.id);
+                    } else {
+                        out.stopped.insert(c.id);
+                    }
+                }
+            }
             Ok(Err(e)) => {
                 tracing::debug!(host = %h.name, error = %e, "listing containers for heartbeats")
             }
@@ -43,11 +61,22 @@ pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
             }
         }
     }
-    let Ok(instances) = client.instances(service).await else {
-        return;
-    };
+    out
+}
+
+/// Heartbeats every instance of `service` whose container runs on one of `hosts` (old and new:
+/// the locator marks silent instances unhealthy after its TTL). Best effort; the hosts are
+/// asked at once, each within [`LIST_TIMEOUT`].
+pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
+    let listing = list(hosts, service).await;
+    if let Ok(instances) = client.instances(service).await {
+        heartbeat(client, &instances, &listing).await;
+    }
+}
+
+async fn heartbeat(client: &Client, instances: &[Instance], listing: &Listing) {
     for i in instances {
-        if i.state != InstanceState::Gone && running.contains(&i.container_id) {
+        if i.state != InstanceState::Gone && listing.running.contains(&i.container_id) {
             if let Err(e) = client.heartbeat(&i.id).await {
                 tracing::debug!(instance = %i.id, error = %e, "heartbeat");
             }
@@ -58,10 +87,113 @@ pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
 /// The between-releases agent (`haddock heartbeat SERVICE`): [`heartbeat_once`] every
 /// [`HEARTBEAT`], until the process is killed. It never returns, which the `Infallible` result
 /// says to the caller.
-pub async fn run_agent(client: &Client, hosts: &[Host], service: &str) -> Infallible {
+///
+/// It also keeps the locator true to what Docker does between releases: a ready instance whose
+/// container dies (Docker's `die` event, or found stopped by a round) is marked unhealthy at
+/// once, so proxies stop sending it anyone before its restart policy brings it back; once it
+/// runs again and its readiness probe (the spec's `[health]`) passes, it is ready again. Only
+/// instances the agent took out itself are brought back: one a release marked unhealthy is
+/// that release's to handle.
+pub async fn run_agent(client: &Client, hosts: &[Host], spec: &Spec) -> Infallible {
+    let service = spec.service.name.as_str();
+    let (tx, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for h in hosts {
+        let (h, tx, service) = (h.clone(), tx.clone(), service.to_string());
+        tokio::spawn(async move {
+            loop {
+                let mut events = std::pin::pin!(h.events(&service, None));
+                while let Some(e) = events.next().await {
+                    if e.action == "die" {
+                        let _ = tx.send(e.container);
+                    }
+                }
+                // The engine closed the stream (restarted, or unreachable): follow it again.
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        });
+    }
+    let mut watch = Watchdog::default();
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
-        tick.tick().await;
-        heartbeat_once(client, hosts, service).await;
+        tokio::select! {
+            _ = tick.tick() => {
+                let listing = list(hosts, service).await;
+                let Ok(instances) = client.instances(service).await else { continue };
+                heartbeat(client, &instances, &listing).await;
+                watch.round(client, spec, &instances, &listing).await;
+            }
+            Some(container) = died.recv() => {
+                let Ok(instances) = client.instances(service).await else { continue };
+                if let Some(i) = instances.iter().find(|i| i.container_id == container) {
+                    watch.take_out(client, i, "its container died").await;
+                }
+            }
+        }
+    }
+}
+
+/// The instances [`run_agent`] took out of rotation, by id.
+#[derive(Debug, Default)]
+struct Watchdog {
+    taken_out: HashSet<String>,
+}
+
+impl Watchdog {
+    /// Ready → unhealthy, remembered so that the agent brings it back later.
+    async fn take_out(&mut self, client: &Client, i: &Instance, why: &str) {
+        if i.state != InstanceState::Ready {
+            return;
+        }
+        match client.set_state(&i.id, InstanceState::Unhealthy).await {
+            Ok(_) => {
+                tracing::warn!(instance = %i.id, why, "instance taken out of rotation");
+                self.taken_out.insert(i.id.clone());
+            }
+            Err(e) => tracing::warn!(instance = %i.id, error = %e, "marking an instance unhealthy"),
+        }
+    }
+
+    /// Takes out ready instances whose container is found stopped, and brings back the ones it
+    /// took out whose container runs and answers its readiness probe.
+    async fn round(
+        &mut self,
+        client: &Client,
+        spec: &Spec,
+        instances: &[Instance],
+        listing: &Listing,
+    ) {
+        for i in instances {
+            if listing.stopped.contains(&i.container_id) {
+                self.take_out(client, i, "its container is not running")
+                    .await;
+                continue;
+            }
+            if !self.taken_out.contains(&i.id) {
+                continue;
+            }
+            // Someone else moved it meanwhile (a release drains or removes it): theirs now.
+            if i.state != InstanceState::Unhealthy {
+                self.taken_out.remove(&i.id);
+                continue;
+            }
+            if !listing.running.contains(&i.container_id) {
+                continue;
+            }
+            let Ok(addr) = i.address.parse() else {
+                continue;
+            };
+            if Probe::new(addr, &spec.health).check().await.is_err() {
+                continue;
+            }
+            match client.set_state(&i.id, InstanceState::Ready).await {
+                Ok(_) => {
+                    tracing::warn!(instance = %i.id, "instance back in rotation: its readiness probe passes");
+                    self.taken_out.remove(&i.id);
+                }
+                Err(e) => tracing::warn!(instance = %i.id, error = %e, "marking an instance ready"),
+            }
+        }
+        self.taken_out
+            .retain(|id| instances.iter().any(|i| &i.id == id));
     }
 }

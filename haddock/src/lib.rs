@@ -10,7 +10,7 @@
 //! (`weights.rs`). The release uses [`docker`] (the Docker Engine through bollard), [`plan`]
 //! (what goes into each container), [`image`] (getting the image onto every host), [`health`],
 //! [`analysis`], [`drain`] and [`heartbeat`] (keeping instances alive in the locator, during and
-//! between releases). [`cli`] maps verbs to it and [`error`] every failure to an exit code;
+//! between releases); [`volume`] makes the spec's volumes and serves `haddock volume`. [`cli`] maps verbs to it and [`error`] every failure to an exit code;
 //! [`output`] is what users and CI see.
 pub mod analysis;
 pub mod cli;
@@ -26,3 +26,4 @@ pub mod plan;
 pub mod release;
 pub mod spec;
 pub mod view;
+pub mod volume;

@@ -12,6 +12,7 @@
 use crate::docker::Host;
 use crate::error::{Error, Result};
 use crate::output::Output;
+use locator_wire::api::{InstanceLimits, LimitsChange};
 use serde::Serialize;
 
 /// The smallest cap `haddock update` sends: Docker's own minimum (it refuses less). A spec
@@ -39,7 +40,7 @@ impl Limits {
         if let Some(m) = self.memory.filter(|m| *m < MIN_MEMORY) {
             return Err(Error::BadInput(format!(
                 "--memory {} is below Docker's minimum memory cap of 6MiB",
-                bytesize::ByteSize(m)
+                bytesize::ByteSize(m).to_string_as(true)
             )));
         }
         if let Some(c) = self
@@ -71,6 +72,28 @@ pub struct Change {
     pub cpus_after: Option<f64>,
     /// What the instance used when the change was planned.
     pub memory_used: Option<u64>,
+}
+
+/// The locator's record of applied `changes` (`who`, each instance from → to), for the
+/// instances the locator knows (`known`: a container of a failed release may run unregistered).
+/// Only the limits `want` changed are recorded; 0 stands for "none set".
+pub fn record(changes: &[Change], want: Limits, who: &str, known: &[String]) -> LimitsChange {
+    let nano = |cpus: Option<f64>| cpus.map_or(0, |c| (c * 1e9).round() as u64);
+    LimitsChange {
+        at: 0,
+        who: who.to_string(),
+        instances: changes
+            .iter()
+            .filter(|c| known.contains(&c.instance))
+            .map(|c| InstanceLimits {
+                id: c.instance.clone(),
+                memory_from: want.memory.map(|_| c.memory_before.unwrap_or(0)),
+                memory_to: want.memory.map(|_| c.memory_after.unwrap_or(0)),
+                nano_cpus_from: want.cpus.map(|_| nano(c.cpus_before)),
+                nano_cpus_to: want.cpus.map(|_| nano(c.cpus_after)),
+            })
+            .collect(),
+    }
 }
 
 /// A checked plan: every running instance of the service, with its limits now.
@@ -137,8 +160,8 @@ impl Update {
                              at once). Nothing was changed; --force applies it anyway",
                             c.instance,
                             host.name,
-                            bytesize::ByteSize(used),
-                            bytesize::ByteSize(cap)
+                            bytesize::ByteSize(used).to_string_as(true),
+                            bytesize::ByteSize(cap).to_string_as(true)
                         )));
                     }
                 }
@@ -241,7 +264,7 @@ impl Update {
 }
 
 fn show_bytes(b: Option<u64>) -> String {
-    b.map_or("none".into(), |b| bytesize::ByteSize(b).to_string())
+    b.map_or("none".into(), |b| bytesize::ByteSize(b).to_string_as(true))
 }
 
 fn show_cpus(c: Option<f64>) -> String {

@@ -43,8 +43,8 @@ pub struct ContainerPlan {
     pub cpu_shares: u32,
     pub restart: RestartPolicy,
     pub network: Option<String>,
-    /// `(volume name, mount point)`.
-    pub volumes: Vec<(String, String)>,
+    /// `(volume name, mount point, read-only)`.
+    pub volumes: Vec<(String, String, bool)>,
     /// Docker HEALTHCHECK timing from the spec: `(interval, timeout, retries, start period)`.
     pub health: (Duration, Duration, u32, Duration),
     pub stop_grace: Duration,
@@ -104,7 +104,7 @@ impl ContainerPlan {
                 .container
                 .volumes
                 .iter()
-                .map(|v| (v.name.clone(), v.mount.clone()))
+                .map(|v| (v.name.clone(), v.mount.clone(), v.read_only))
                 .collect(),
             health: (h.interval, h.timeout, h.fall, h.start_deadline),
             stop_grace: spec.container.stop_grace,
@@ -139,10 +139,11 @@ impl ContainerPlan {
         let mounts = self
             .volumes
             .iter()
-            .map(|(name, target)| Mount {
+            .map(|(name, target, read_only)| Mount {
                 typ: Some(MountTypeEnum::VOLUME),
                 source: Some(name.clone()),
                 target: Some(target.clone()),
+                read_only: Some(*read_only),
                 ..Default::default()
             })
             .collect();
@@ -266,6 +267,7 @@ mod tests {
             (Some("optimizer-cache"), Some("/cache"))
         );
         assert_eq!(m.typ, Some(MountTypeEnum::VOLUME));
+        assert_eq!(m.read_only, Some(false));
         let health = body.healthcheck.as_ref().unwrap();
         assert_eq!(health.test, None, "the image's HEALTHCHECK command is kept");
         assert_eq!(health.interval, Some(1_000_000_000));

@@ -135,7 +135,7 @@ async fn a_good_container_starts_with_its_labels_and_turns_healthy_fast() {
     assert_eq!(version.trim(), "good-1");
 
     // Events: a killed container is reported as `die`.
-    let mut events = Box::pin(host.events(&service, "rel-t1"));
+    let mut events = Box::pin(host.events(&service, Some("rel-t1")));
     tokio::time::sleep(Duration::from_millis(200)).await;
     std::process::Command::new("docker")
         .args(["kill", &id])

@@ -103,6 +103,7 @@ pub enum Endpoint {
     GetService,
     PutService,
     SetWeights,
+    RecordLimits,
     Register,
     ListInstances,
     GetInstance,
@@ -148,6 +149,12 @@ pub const ROUTES: &[(&str, &str, Access, Endpoint)] = &[
         "/v1/services/{name}/weights",
         Access::Needs(Role::Deploy),
         Endpoint::SetWeights,
+    ),
+    (
+        "POST",
+        "/v1/services/{name}/limits",
+        Access::Needs(Role::Deploy),
+        Endpoint::RecordLimits,
     ),
     (
         "POST",
@@ -406,6 +413,14 @@ impl<S: Store> App<S> {
                     service: p(0),
                     update,
                     if_match,
+                })
+                .await
+            }
+            Endpoint::RecordLimits => {
+                let change: LimitsChange = self.body(req).await?;
+                self.write(Command::RecordLimits {
+                    service: p(0),
+                    change,
                 })
                 .await
             }

@@ -12,6 +12,9 @@ use crate::error::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// Docker refuses a memory cap below 6 MiB; a record of one would be a lie.
+const MIN_DOCKER_MEMORY: u64 = 6 * 1024 * 1024;
+
 /// A proxy that has not reported for this long no longer counts in the sums.
 pub const SESSION_REPORT_TTL_MS: u64 = 5_000;
 
@@ -36,6 +39,11 @@ pub enum Command {
         if_match: Option<Revision>,
     },
     Register(RegisterInstance),
+    /// `haddock update` changed limits in place: keep the record.
+    RecordLimits {
+        service: String,
+        change: LimitsChange,
+    },
     SetState {
         id: String,
         state: InstanceState,
@@ -417,6 +425,9 @@ impl State {
                 if_match,
             } => self.set_weights(service, update, *if_match, &mut batch)?,
             Command::Register(r) => self.register(r, ctx, &mut batch)?,
+            Command::RecordLimits { service, change } => {
+                self.record_limits(service, change, ctx, &mut batch)?
+            }
             Command::SetState { id, state } => self.set_state(id, *state, ctx, &mut batch)?,
             Command::Heartbeat { id } => self.heartbeat(id, ctx, &mut batch)?,
             Command::Sessions(report) => self.sessions(report, ctx, &mut batch)?,
@@ -466,6 +477,7 @@ impl State {
                 weights: BTreeMap::new(),
                 primary_version: None,
                 revision: b.peek(),
+                limit_changes: Vec::new(),
             },
         };
         b.push(Change::Service(service.clone()));
@@ -546,6 +558,64 @@ impl State {
         };
         b.push(Change::Service(service.clone()));
         Ok(Reply::Service(service))
+    }
+
+    /// Appends an in-place limit change to the service's record (the last
+    /// [`LIMIT_CHANGES_KEPT`]). Every instance must be a live instance of the service and
+    /// change at least one limit to a value Docker would take.
+    fn record_limits(
+        &self,
+        service: &str,
+        change: &LimitsChange,
+        ctx: Ctx,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
+        let cur = self.service(service)?;
+        if change.who.trim().is_empty()
+            || change.who.len() > 256
+            || change.who.chars().any(char::is_control)
+        {
+            return Err(Error::InvalidInput(
+                "who must be 1..=256 characters without control characters".into(),
+            ));
+        }
+        if change.instances.is_empty() {
+            return Err(Error::InvalidInput(
+                "a limits change names at least one instance".into(),
+            ));
+        }
+        for i in &change.instances {
+            let known = self.instance(&i.id)?;
+            if known.service != service || known.state == InstanceState::Gone {
+                return Err(Error::UnknownInstance(i.id.clone()));
+            }
+            if i.memory_to.is_none() && i.nano_cpus_to.is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "instance {}: memory_to or nano_cpus_to is needed",
+                    i.id
+                )));
+            }
+            if i.memory_to.is_some_and(|m| m != 0 && m < MIN_DOCKER_MEMORY) {
+                return Err(Error::InvalidInput(format!(
+                    "instance {}: memory_to below Docker's minimum of {MIN_DOCKER_MEMORY} bytes",
+                    i.id
+                )));
+            }
+        }
+        let mut changes = cur.limit_changes.clone();
+        changes.push(LimitsChange {
+            at: ctx.now,
+            ..change.clone()
+        });
+        let excess = changes.len().saturating_sub(LIMIT_CHANGES_KEPT);
+        changes.drain(..excess);
+        let next = Service {
+            limit_changes: changes,
+            revision: b.peek(),
+            ..cur
+        };
+        b.push(Change::Service(next.clone()));
+        Ok(Reply::Service(next))
     }
 
     fn register(&self, r: &RegisterInstance, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
@@ -1110,6 +1180,56 @@ mod tests {
             "first 100 % becomes primary"
         );
         assert_eq!(svc.revision, s.revision);
+    }
+
+    #[test]
+    fn limit_changes_are_kept_checked_and_bounded() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let change = |id: &str, to: Option<u64>| Command::RecordLimits {
+            service: "svc".into(),
+            change: LimitsChange {
+                at: 1, // the locator's clock wins
+                who: "alice".into(),
+                instances: vec![InstanceLimits {
+                    id: id.into(),
+                    memory_from: Some(256 << 20),
+                    memory_to: to,
+                    nano_cpus_from: None,
+                    nano_cpus_to: None,
+                }],
+            },
+        };
+        let rev = s.revision;
+        for (bad, code) in [
+            (change("nope", Some(512 << 20)), "unknown_instance"),
+            (change("a", None), "invalid_input"),
+            (change("a", Some(1 << 20)), "invalid_input"),
+        ] {
+            assert_eq!(run(&mut s, bad, T).unwrap_err().code(), code);
+        }
+        let mut nobody = change("a", Some(512 << 20));
+        if let Command::RecordLimits { change, .. } = &mut nobody {
+            change.who = " ".into();
+        }
+        assert_eq!(run(&mut s, nobody, T).unwrap_err().code(), "invalid_input");
+        assert_eq!(s.revision, rev, "a refused record changes nothing");
+        let Reply::Service(svc) = run(&mut s, change("a", Some(512 << 20)), T).unwrap() else {
+            panic!()
+        };
+        assert_eq!(svc.limit_changes.len(), 1);
+        assert_eq!(svc.limit_changes[0].at, T.now);
+        assert_eq!(svc.limit_changes[0].instances[0].memory_to, Some(512 << 20));
+        for n in 0..LIMIT_CHANGES_KEPT as u64 + 5 {
+            run(&mut s, change("a", Some((64 + n) << 20)), T).unwrap();
+        }
+        let svc = s.service("svc").unwrap();
+        assert_eq!(svc.limit_changes.len(), LIMIT_CHANGES_KEPT, "bounded");
+        assert_eq!(
+            svc.limit_changes.last().unwrap().instances[0].memory_to,
+            Some((64 + LIMIT_CHANGES_KEPT as u64 + 4) << 20),
+            "the newest kept"
+        );
     }
 
     #[test]

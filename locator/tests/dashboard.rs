@@ -318,6 +318,35 @@ async fn drive(
     )
     .await
     .unwrap();
+    // An in-place limits change (`haddock update`) shows with its service, live.
+    client
+        .record_limits(
+            "shop",
+            &LimitsChange {
+                at: 0,
+                who: "alice".into(),
+                instances: vec![InstanceLimits {
+                    id: "shop-a".into(),
+                    memory_from: Some(256 << 20),
+                    memory_to: Some(384 << 20),
+                    nano_cpus_from: None,
+                    nano_cpus_to: None,
+                }],
+            },
+        )
+        .await
+        .expect("a limits change is recorded");
+    eventually("the limits change to show", PATIENCE, || async {
+        let t = text(browser, "[data-service=shop] [data-field=limits]")
+            .await
+            .unwrap_or_default();
+        if t.contains("by alice") && t.contains("shop-a: memory 256 MiB → 384 MiB") {
+            Ok(())
+        } else {
+            Err(format!("limits line: {t:?}"))
+        }
+    })
+    .await;
     let bake = text(browser, "[data-field=bake]").await.unwrap_or_default();
     assert!(
         bake.contains("Baking at 10 %") && bake.contains("left"),

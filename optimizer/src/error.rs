@@ -50,10 +50,14 @@ pub enum Error {
     MissingChunk(String),
     /// RocksDB failed.
     #[error("storage error: {0}")]
-    Storage(#[from] rocksdb::Error),
+    Storage(rocksdb::Error),
     /// Local I/O failed (cache directory, writer.json).
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The cache volume is full (ENOSPC, e.g. a volume with a `size`): nothing of the request
+    /// was stored, and what was stored before stays readable.
+    #[error("the cache volume is full: {0}")]
+    Full(String),
     /// The peer of a pull (or the writer of a forwarded request) could not be reached.
     #[error("peer {peer} unreachable: {reason}")]
     PeerUnreachable { peer: String, reason: String },
@@ -81,6 +85,29 @@ pub enum Error {
     /// An invariant broke (a bug or an injected fault).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// ENOSPC as RocksDB words it (its status keeps only the text of the OS error).
+const NO_SPACE: &str = "No space left on device";
+
+impl From<rocksdb::Error> for Error {
+    fn from(e: rocksdb::Error) -> Error {
+        if e.as_ref().contains(NO_SPACE) {
+            Error::Full(e.into_string())
+        } else {
+            Error::Storage(e)
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            Error::Full(e.to_string())
+        } else {
+            Error::Io(e)
+        }
+    }
 }
 
 /// Result alias used across the crate.
@@ -112,6 +139,7 @@ impl Error {
             Error::WriterUnavailable(_) | Error::NotWriter | Error::NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Error::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::CorruptChunk { .. }
             | Error::MissingChunk(_)
             | Error::Storage(_)
@@ -139,6 +167,7 @@ impl Error {
             Error::MissingChunk(_) => "missing_chunk",
             Error::Storage(_) => "storage",
             Error::Io(_) => "io",
+            Error::Full(_) => "storage_full",
             Error::PeerUnreachable { .. } => "peer_unreachable",
             Error::PeerError { .. } => "peer_error",
             Error::WriterUnavailable(_) => "writer_unavailable",
@@ -168,6 +197,15 @@ mod tests {
         let body = e.body();
         assert_eq!(body["error"]["code"], "corrupt_chunk");
         assert!(body["error"]["message"].as_str().unwrap().contains("ab"));
+    }
+
+    #[test]
+    fn a_full_volume_is_507_whichever_layer_saw_it() {
+        let io: Error = std::io::Error::from(std::io::ErrorKind::StorageFull).into();
+        assert_eq!(io.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(io.code(), "storage_full");
+        let other: Error = std::io::Error::from(std::io::ErrorKind::PermissionDenied).into();
+        assert_eq!(other.code(), "io");
     }
 
     #[tokio::test]

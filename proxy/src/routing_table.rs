@@ -302,6 +302,7 @@ pub(crate) mod tests {
                 weights: weights.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
                 primary_version: Some("1".into()),
                 revision: 7,
+                limit_changes: Vec::new(),
             }],
             instances,
             ..Snapshot::default()

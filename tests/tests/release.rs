@@ -439,6 +439,18 @@ async fn two_instances_per_version_share_one_volume_through_a_canary() {
     }
 }
 
+/// The locator instance id of a container (its name).
+fn ids_instance(id: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.Name}}", id])
+        .output()
+        .expect("docker CLI runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches('/')
+        .to_string()
+}
+
 /// `docker inspect` of a container: (StartedAt, Memory, NanoCpus, RestartCount).
 fn limits_of(id: &str) -> (String, u64, u64, u64) {
     let out = std::process::Command::new("docker")
@@ -499,6 +511,28 @@ async fn limits_change_in_place_under_load_without_a_restart() {
         (&before.0, 0),
         "the container was restarted"
     );
+    // Recorded in the locator, with who and from → to, shown by `status`.
+    let mut status = stack.haddock();
+    status.args(["status", &stack.service, "--json"]);
+    let out = tokio::task::block_in_place(|| status.output().expect("haddock runs"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let change = &v[0]["service"]["limit_changes"][0];
+    assert_eq!(change["instances"][0]["id"], ids_instance(&ids[0]), "{v}");
+    assert_eq!(change["instances"][0]["memory_from"], 256u64 << 20, "{v}");
+    assert_eq!(change["instances"][0]["memory_to"], 384u64 << 20, "{v}");
+    assert_eq!(
+        change["instances"][0]["nano_cpus_to"], 1_000_000_000u64,
+        "{v}"
+    );
+    assert!(change["who"].as_str().is_some_and(|w| !w.is_empty()), "{v}");
+    let mut history = stack.haddock();
+    history.args(["history", &stack.service]);
+    let out = tokio::task::block_in_place(|| history.output().expect("haddock runs"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("memory 256.0 MiB → 384.0 MiB"),
+        "history does not show the change: {text}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     control.stop();
     let report = load.await.unwrap();
@@ -508,4 +542,325 @@ async fn limits_change_in_place_under_load_without_a_restart() {
         report.requests
     );
     assert_eq!(report.failed, 0, "failed: {:?}", report.failures);
+}
+
+/// What `/readyz` of the instance at `address` says it is on the shared cache volume
+/// (`"writer"` or `"reader"`), or `None` while it does not answer ready (its process is down,
+/// or has not opened the volume yet).
+async fn role_at(http: &reqwest::Client, address: &str) -> Option<String> {
+    let resp = http
+        .get(format!("http://{address}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let v: serde_json::Value = resp.json().await.ok()?;
+    v["role"].as_str().map(String::from)
+}
+
+/// The instances the locator lists as ready, each with its `/readyz` role, once there are
+/// `ready` of them, every one answers, and exactly one is the writer (for `eventually`; the
+/// error says what was seen instead).
+async fn ready_roles(
+    stack: &Stack,
+    http: &reqwest::Client,
+    ready: usize,
+) -> Result<Vec<(locator::api::Instance, String)>, String> {
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let instances = client
+        .instances(&stack.service)
+        .await
+        .map_err(|e| format!("locator: {e}"))?;
+    let mut seen = Vec::new();
+    for i in instances
+        .into_iter()
+        .filter(|i| i.state == locator::api::InstanceState::Ready)
+    {
+        let role = role_at(http, &i.address).await;
+        seen.push((i, role));
+    }
+    let summary: Vec<String> = seen
+        .iter()
+        .map(|(i, r)| format!("{} ({}) {r:?}", i.id, i.version))
+        .collect();
+    let writers = seen
+        .iter()
+        .filter(|(_, r)| r.as_deref() == Some("writer"))
+        .count();
+    if seen.len() != ready || writers != 1 || seen.iter().any(|(_, r)| r.is_none()) {
+        return Err(format!("ready instances and their roles: {summary:?}"));
+    }
+    Ok(seen
+        .into_iter()
+        .map(|(i, r)| (i, r.unwrap_or_default()))
+        .collect())
+}
+
+/// `docker inspect` of a container's process: (full container id, host PID of its main
+/// process — 0 while it is not running, RestartCount, State.Running); `None` when Docker does
+/// not answer with those four.
+fn process_of(name: &str) -> Option<(String, u32, u64, bool)> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.Id}} {{.State.Pid}} {{.RestartCount}} {{.State.Running}}",
+            name,
+        ])
+        .output()
+        .expect("docker CLI runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    match fields.as_slice() {
+        [id, pid, restarts, running] => Some((
+            id.to_string(),
+            pid.parse().ok()?,
+            restarts.parse().ok()?,
+            *running == "true",
+        )),
+        _ => None,
+    }
+}
+
+/// Restart policies proven, and a writer kill -9 mid-canary survived. Two instances of each
+/// version share one cache volume; while 1.1.0 bakes at 50 %, the volume's writer is killed
+/// with SIGKILL — its process, from the host, as a crash or the OOM killer would, not through
+/// the Docker API (which would count as a manual stop). Then:
+/// - Docker's `unless-stopped` policy (the shipped spec) restarts the same container;
+/// - the locator lists it unhealthy, then ready again: the `haddock heartbeat` agent takes a
+///   ready instance out on its container's `die` event and brings it back once its readiness
+///   probe passes; meanwhile the proxy sends its users to the sibling of the same version;
+/// - another instance takes the volume over, or the restarted one again: one writer, always;
+/// - the release still completes, no user request fails, no session changes version, and
+///   every object the users stored reads back from each 1.1.0 instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() {
+    use locator::api::InstanceState;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let _one = SERIAL.lock().await;
+    let opts = StackOptions {
+        instances: 2,
+        steps: vec![50, 100],
+        // The kill, Docker's restart and the checks below all happen within the 50 % bake,
+        // before the old version drains (its instances then leave `ready` on purpose).
+        step_pause: Duration::from_secs(30),
+        ..quick()
+    };
+    let stack = Stack::start("writerkill", opts).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
+
+    let (control, load) = light_load(&stack);
+    let mut cmd = stack.release_command("1.1.0");
+    let release = tokio::task::spawn_blocking(move || cmd.output());
+    eventually(
+        "1.1.0 at its 50 % step",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .weights()
+                .await
+                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
+        },
+    )
+    .await;
+
+    // Short timeouts: a probe of a dead container's address must not hold up the polls below.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let before = eventually(
+        "four ready instances, one of them the writer",
+        Duration::from_secs(30),
+        || ready_roles(&stack, &http, 4),
+    )
+    .await;
+    let writer = before
+        .iter()
+        .find(|(_, r)| r.as_str() == "writer")
+        .map(|(i, _)| i.clone())
+        .expect("ready_roles found one writer");
+    // The first 1.0.0 instance to lock the volume keeps it for its life; the 1.1.0 instances
+    // started as readers. (A killed 1.1.0 instance would roll the release back on its `die`
+    // event: that is `kill_9_of_the_new_container_mid_canary_rolls_back_with_no_user_error`.)
+    assert_eq!(
+        writer.version, "1.0.0",
+        "the writer mid-canary: {before:#?}"
+    );
+
+    // The locator's instance id is the container's name.
+    let (container, pid, restarts, running) =
+        process_of(&writer.id).expect("docker inspect of the writer");
+    assert!(running && pid > 0, "{} not running: PID {pid}", writer.id);
+    assert_eq!(
+        container, writer.container_id,
+        "the container the locator knows (and heartbeats follow) is not Docker's"
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(
+        comm.trim(),
+        "optimizer",
+        "PID {pid} of {} is not the optimizer",
+        writer.id
+    );
+
+    // Watch the killed instance from before the kill: its state in the locator (each change),
+    // and how many of its own readiness probes went unanswered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let looks = Arc::new(AtomicU32::new(0));
+    let watcher = {
+        let client =
+            locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+        let (http, stop, looks) = (http.clone(), stop.clone(), looks.clone());
+        let (id, address) = (writer.id.clone(), writer.address.clone());
+        tokio::spawn(async move {
+            let (mut states, mut unanswered) = (Vec::<InstanceState>::new(), 0u32);
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(i) = client.instance(&id).await {
+                    if states.last() != Some(&i.state) {
+                        states.push(i.state);
+                    }
+                }
+                if role_at(&http, &address).await.is_none() {
+                    unanswered += 1;
+                }
+                looks.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (states, unanswered)
+        })
+    };
+    eventually(
+        "the watcher's first look",
+        Duration::from_secs(10),
+        || async { looks.load(Ordering::SeqCst) > 0 },
+    )
+    .await;
+    let w = stack.weights().await.unwrap_or_default();
+    assert!(
+        w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100),
+        "no longer mid-canary at the kill: {w:?}"
+    );
+
+    let out = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .output()
+        .expect("kill runs");
+    assert!(
+        out.status.success(),
+        "kill -9 {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Docker's restart policy: the same container, running again, restarted once, a new process.
+    let new_pid = eventually(
+        "Docker's restart policy to bring the killed writer back",
+        Duration::from_secs(60),
+        || async {
+            match process_of(&writer.id) {
+                Some((id, now, n, true)) if id == container && n == restarts + 1 && now != pid => {
+                    Ok(now)
+                }
+                other => Err(format!(
+                    "(id, PID, RestartCount, running) = {other:?}; before the kill: PID {pid}, \
+                     RestartCount {restarts}"
+                )),
+            }
+        },
+    )
+    .await;
+    assert!(new_pid > 0);
+
+    // Ready again: the four instances the locator lists as ready all answer at their
+    // registered addresses (the restarted one too: same container, same address), and the
+    // volume has exactly one writer — another instance took over, or the restarted one again.
+    let after = eventually(
+        "the restarted instance ready again, one writer on the volume",
+        Duration::from_secs(60),
+        || ready_roles(&stack, &http, 4),
+    )
+    .await;
+    assert!(
+        after.iter().any(|(i, _)| i.id == writer.id),
+        "the restarted instance is not among the ready ones: {after:#?}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let (states, unanswered) = watcher.await.unwrap();
+    assert!(
+        unanswered > 0,
+        "the killed instance's /readyz never failed: was it killed at all?"
+    );
+    // The agent took it out on the `die` event and brought it back once its probe passed.
+    assert!(
+        states.contains(&InstanceState::Unhealthy) && states.last() == Some(&InstanceState::Ready),
+        "the killed instance's states in the locator: {states:?}"
+    );
+
+    let out = release.await.unwrap().expect("haddock runs");
+    control.stop();
+    let report = load.await.unwrap();
+    let (code, json, text) = e2e::stack::release_result(&out);
+    assert_eq!(
+        code,
+        Some(0),
+        "the release did not survive the writer's kill: {text}\n{}",
+        stack.logs()
+    );
+    assert_eq!(json["outcome"], "released", "{json}");
+    assert_eq!(stack.weights().await.unwrap().get("1.1.0"), Some(&100));
+    assert!(
+        stack.containers(Some("1.0.0")).is_empty(),
+        "old containers left behind"
+    );
+
+    // The proxy fails a request over only to another ready instance of the session's version
+    // (the killed one's sibling here), and the session follows it: nobody changed version.
+    let on_killed = report
+        .failed_requests
+        .iter()
+        .filter(|f| f.session_instance.as_deref() == Some(writer.id.as_str()))
+        .count();
+    assert_eq!(
+        report.failed,
+        0,
+        "users saw errors ({on_killed} in sessions on the killed {}): {:?}\n{}",
+        writer.id,
+        report.failures,
+        stack.logs()
+    );
+    assert!(
+        report.requests > 200,
+        "too little load to judge: {}",
+        report.requests
+    );
+    assert_eq!(report.sessions_switched(), 0, "a session switched version");
+
+    // Every object the users stored (through 1.0.0, the killed writer included, and 1.1.0)
+    // reads back byte for byte straight from each 1.1.0 instance.
+    assert!(
+        report.objects.iter().any(|o| o.version == "1.0.0"),
+        "nothing stored through 1.0.0"
+    );
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let new: Vec<_> = client
+        .instances(&stack.service)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.version == "1.1.0" && i.state == InstanceState::Ready)
+        .collect();
+    assert_eq!(new.len(), 2, "{new:#?}");
+    for i in &new {
+        let readable =
+            e2e::load::verify_objects(&format!("http://{}", i.address), &report.objects).await;
+        assert_eq!(
+            readable,
+            report.objects.len(),
+            "objects lost, read straight from {}",
+            i.id
+        );
+    }
 }

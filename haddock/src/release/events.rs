@@ -24,7 +24,7 @@ impl Events {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         for h in hosts {
-            let stream = h.events(service, release);
+            let stream = h.events(service, Some(release));
             let tx = tx.clone();
             tasks.push(tokio::spawn(async move {
                 use futures_util::StreamExt;

@@ -77,6 +77,14 @@ impl Outcome {
 }
 
 /// Milliseconds since the Unix epoch (the lease's clock, as the locator records it).
+/// Who a release or a limits change is recorded as: `$HADDOCK_WHO` (CI sets it to the
+/// pipeline), else `$USER`, else `haddock`.
+pub fn operator() -> String {
+    std::env::var("HADDOCK_WHO")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "haddock".into())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -96,15 +104,12 @@ impl Deployer {
     /// Connects to every Docker host of the spec.
     pub async fn new(client: Client, spec: Spec, out: Output) -> Result<Deployer> {
         let hosts = Host::connect_all(&spec).await?;
-        let who = std::env::var("HADDOCK_WHO")
-            .or_else(|_| std::env::var("USER"))
-            .unwrap_or_else(|_| "haddock".into());
         Ok(Deployer {
             client,
             spec,
             hosts,
             out,
-            who,
+            who: operator(),
         })
     }
 
@@ -130,6 +135,7 @@ impl Deployer {
     pub async fn release(&self, tag: &str) -> Result<(Outcome, Option<Release>)> {
         // Nothing is changed before these checks pass.
         self.check_images(tag).await?;
+        self.check_volumes().await?;
         if let Some(active) = self.client.active_release(self.service()).await? {
             // A release to the same tag whose driver was killed a moment ago still shows a
             // fresh lease: wait for it to lapse rather than refuse, so that "run it again"
@@ -167,6 +173,7 @@ impl Deployer {
             }
             if running {
                 heartbeat_once(&self.client, &self.hosts, self.service()).await;
+                self.report_limit_drift(tag).await?;
                 self.out.step(
                     &format!("{} already runs {tag}: nothing to do", self.service()),
                     None,
@@ -212,6 +219,51 @@ impl Deployer {
             None,
         );
         self.drive(rec).await.map(|r| (Outcome::Released, Some(r)))
+    }
+
+    /// Refuses (nothing changed) when a volume the spec declares exists on a host as something
+    /// else: Docker cannot change it, and the release would run on a volume the spec does not
+    /// describe. Missing volumes are created later, in `validating`.
+    async fn check_volumes(&self) -> Result<()> {
+        for h in &self.hosts {
+            crate::volume::check_all(h, &self.spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Says when the running instances' memory cap is not the spec's (a release of the same
+    /// tag changes nothing, so a new cap needs `haddock update`).
+    async fn report_limit_drift(&self, tag: &str) -> Result<()> {
+        let want = self.spec.container.memory.as_u64();
+        for h in &self.hosts {
+            for c in h.find(self.service(), None).await? {
+                if c.version != tag || !c.running {
+                    continue;
+                }
+                let Some(inspect) = h.inspect(&c.id).await? else {
+                    continue;
+                };
+                let have = inspect
+                    .host_config
+                    .and_then(|hc| hc.memory)
+                    .and_then(|m| u64::try_from(m).ok());
+                if let Some(have) = have.filter(|&m| m != want) {
+                    self.out.step(
+                        &format!(
+                            "{} runs with a memory cap of {}, the spec says {}: apply it in place \
+                             with `haddock update {} --memory {}`",
+                            c.name,
+                            bytesize::ByteSize(have).to_string_as(true),
+                            self.spec.container.memory.to_string_as(true),
+                            self.service(),
+                            self.spec.container.memory.as_u64()
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `haddock resume SERVICE`: continues the active release from its recorded state.

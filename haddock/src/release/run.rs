@@ -322,6 +322,15 @@ impl<'a> Run<'a> {
                 h.ensure_network(net).await?;
             }
         }
+        // Before any container mounts them: Docker would make a missing one implicitly,
+        // without the spec's driver, options or size.
+        for h in &self.d.hosts {
+            for v in crate::volume::ensure_all(h, self.spec()).await? {
+                self.d
+                    .out
+                    .step(&format!("volume {v} created on {}", h.name), None);
+            }
+        }
         self.transition(ReleaseState::Starting, ReleaseUpdate::default())
             .await
     }

@@ -92,6 +92,45 @@ pub struct VolumeMount {
     pub name: String,
     /// Absolute mount point inside the container.
     pub mount: String,
+    /// Volume driver a missing volume is created with (Docker's default, `local`, when unset).
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// Driver options a missing volume is created with (`docker volume create --opt`).
+    #[serde(default)]
+    pub driver_opts: BTreeMap<String, String>,
+    /// Capacity. Only the local driver can enforce one here: haddock creates the volume as a
+    /// tmpfs of this size (memory-backed; see docs/spec-reference.md for what that costs).
+    #[serde(default)]
+    pub size: Option<bytesize::ByteSize>,
+    /// Mounted read-only into every instance.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl VolumeMount {
+    /// Whether the spec says how the volume is made (driver, options or size). A volume that
+    /// says nothing accepts whatever volume of that name exists, as before these keys existed.
+    pub fn declares_creation(&self) -> bool {
+        self.driver.is_some() || !self.driver_opts.is_empty() || self.size.is_some()
+    }
+
+    /// The driver a missing volume is created with.
+    pub fn driver(&self) -> &str {
+        self.driver.as_deref().unwrap_or("local")
+    }
+
+    /// The driver options a missing volume is created with: the spec's, or for a `size` the
+    /// local driver's tmpfs options (the only way it enforces a capacity).
+    pub fn creation_opts(&self) -> BTreeMap<String, String> {
+        match self.size {
+            Some(size) => BTreeMap::from([
+                ("type".to_string(), "tmpfs".to_string()),
+                ("device".to_string(), "tmpfs".to_string()),
+                ("o".to_string(), format!("size={}", size.as_u64())),
+            ]),
+            None => self.driver_opts.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// The smallest memory cap a spec may set.
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
+/// The smallest `size` of a volume: a tmpfs smaller than this holds nothing useful.
+const MIN_VOLUME_SIZE: u64 = 1024 * 1024;
 
 pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -81,6 +83,53 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
                 &format!("container.volumes[{i}].mount"),
                 format!("{:?} is mounted twice", v.mount),
             );
+        }
+        if c.volumes[..i].iter().any(|o| o.name == v.name) {
+            bad(
+                &format!("container.volumes[{i}].name"),
+                format!(
+                    "volume {:?} is declared twice (one entry per volume)",
+                    v.name
+                ),
+            );
+        }
+        if let Some(driver) = &v.driver {
+            if driver.is_empty()
+                || !driver
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_.-/:".contains(ch))
+            {
+                bad(
+                    &format!("container.volumes[{i}].driver"),
+                    format!("{driver:?} is not a volume driver name"),
+                );
+            }
+        }
+        for key in v.driver_opts.keys() {
+            if key.is_empty() || key.contains('=') {
+                bad(
+                    &format!("container.volumes[{i}].driver_opts"),
+                    format!("{key:?} is not a driver option name"),
+                );
+            }
+        }
+        if let Some(size) = v.size {
+            // Only the local driver enforces a capacity that haddock can ask for through the
+            // Engine API (as a tmpfs); any other size would be a promise nothing keeps.
+            if v.driver() != "local" || !v.driver_opts.is_empty() {
+                bad(
+                    &format!("container.volumes[{i}].size"),
+                    "size is enforced only with the local driver and no driver_opts (haddock \
+                     makes the volume a tmpfs of that size); give other drivers their size in \
+                     driver_opts as the driver documents it"
+                        .into(),
+                );
+            } else if size.as_u64() < MIN_VOLUME_SIZE {
+                bad(
+                    &format!("container.volumes[{i}].size"),
+                    format!("{size} is below the smallest volume size, 1MiB"),
+                );
+            }
         }
     }
 
@@ -594,6 +643,71 @@ mod tests {
             "container.volumes[0].name",
             "volume name",
         );
+    }
+
+    #[test]
+    fn volume_creation_keys_are_checked() {
+        let vol = "{ name = \"optimizer-cache\", mount = \"/cache\" }";
+        let with =
+            |extra: &str| format!("{{ name = \"optimizer-cache\", mount = \"/cache\", {extra} }}");
+        rejects(
+            vol,
+            &with("size = \"64MiB\", driver = \"rexray\""),
+            "container.volumes[0].size",
+            "only with the local driver",
+        );
+        rejects(
+            vol,
+            &with("size = \"64MiB\", driver_opts = { type = \"nfs\" }"),
+            "container.volumes[0].size",
+            "no driver_opts",
+        );
+        rejects(
+            vol,
+            &with("size = \"1KiB\""),
+            "container.volumes[0].size",
+            "smallest volume size",
+        );
+        rejects(
+            vol,
+            &with("size = \"lots\""),
+            "container.volumes[0].size",
+            "",
+        );
+        rejects(
+            vol,
+            &with("driver = \"bad driver\""),
+            "container.volumes[0].driver",
+            "not a volume driver",
+        );
+        rejects(
+            vol,
+            &with("read_only = \"yes\""),
+            "container.volumes[0].read_only",
+            "",
+        );
+        rejects(
+            vol,
+            &with("sise = \"64MiB\""),
+            "container.volumes[0].sise",
+            "unknown field",
+        );
+        rejects(
+            vol,
+            &format!("{vol}, {{ name = \"optimizer-cache\", mount = \"/other\" }}"),
+            "container.volumes[1].name",
+            "declared twice",
+        );
+        let spec = crate::spec::Spec::parse(
+            "optimizer.toml",
+            &GOOD.replace(vol, &with("size = \"96MiB\", read_only = true")),
+        )
+        .unwrap();
+        let v = &spec.container.volumes[0];
+        assert!(v.declares_creation() && v.read_only);
+        assert_eq!(v.driver(), "local");
+        assert_eq!(v.creation_opts()["type"], "tmpfs");
+        assert_eq!(v.creation_opts()["o"], format!("size={}", 96 << 20));
     }
 
     #[test]

@@ -454,11 +454,32 @@
         { class: "service-head" },
         h("h2", { id }, name),
         h("p", { class: "weights", "data-field": "weights" }, `Weights ${weightText}`),
-        service && service.primary_version ? h("p", { class: "primary" }, `primary ${service.primary_version}`) : null
+        service && service.primary_version ? h("p", { class: "primary" }, `primary ${service.primary_version}`) : null,
+        renderLimits(service)
       ),
       renderRelease(release, s.traffic[name]),
       renderInstances(name, instances, weights),
       renderHistory(name)
+    );
+  }
+
+  // The newest in-place limits change (`haddock update`): when, who, each instance from → to.
+  function renderLimits(service) {
+    const changes = (service && service.limit_changes) || [];
+    const c = changes[changes.length - 1];
+    if (!c) return null;
+    const bytes = (b) => (b ? `${(b / 1048576).toFixed(0)} MiB` : "none");
+    const cpus = (n) => (n ? `${n / 1e9}` : "none");
+    const moves = c.instances.map((i) => {
+      const parts = [];
+      if (i.memory_to !== undefined) parts.push(`memory ${bytes(i.memory_from)} → ${bytes(i.memory_to)}`);
+      if (i.nano_cpus_to !== undefined) parts.push(`cpus ${cpus(i.nano_cpus_from)} → ${cpus(i.nano_cpus_to)}`);
+      return `${i.id}: ${parts.join(", ")}`;
+    });
+    return h(
+      "p",
+      { class: "limits", "data-field": "limits" },
+      `Limits changed ${fmtTime(c.at)} by ${c.who}: ${moves.join("; ")}`
     );
   }
 

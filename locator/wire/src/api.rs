@@ -47,6 +47,44 @@ pub struct Service {
     pub primary_version: Option<String>,
     /// Revision of the last write to this service (what `If-Match` compares against).
     pub revision: Revision,
+    /// In-place limit changes of its instances (`haddock update`), oldest first, the last
+    /// [`LIMIT_CHANGES_KEPT`] only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_changes: Vec<LimitsChange>,
+}
+
+/// How many [`LimitsChange`]s a service keeps.
+pub const LIMIT_CHANGES_KEPT: usize = 20;
+
+/// Body of `POST /v1/services/{name}/limits`, and one entry of [`Service::limit_changes`]:
+/// who changed the memory or CPU limits of which running instances, from what to what. The
+/// change itself is Docker's (haddock applies it on the hosts first); the locator keeps the
+/// record, so that `status`, `history` and the dashboard show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsChange {
+    /// When the locator recorded it (set by the locator; a request's value is ignored).
+    #[serde(default)]
+    pub at: UnixMillis,
+    pub who: String,
+    pub instances: Vec<InstanceLimits>,
+}
+
+/// One instance's limits before and after a [`LimitsChange`] (`None`: that limit unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceLimits {
+    pub id: String,
+    /// Memory cap in bytes (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_to: Option<u64>,
+    /// CPU limit in billionths of a CPU (Docker's `NanoCpus`; 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nano_cpus_from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nano_cpus_to: Option<u64>,
 }
 
 /// Body of `PUT /v1/services/{name}/weights` (with `If-Match: <revision>`).
@@ -636,6 +674,17 @@ mod tests {
             weights: BTreeMap::new(),
             primary_version: None,
             revision: 9,
+            limit_changes: vec![LimitsChange {
+                at: 5,
+                who: "ci".into(),
+                instances: vec![InstanceLimits {
+                    id: "i1".into(),
+                    memory_from: Some(256 << 20),
+                    memory_to: Some(512 << 20),
+                    nano_cpus_from: None,
+                    nano_cpus_to: None,
+                }],
+            }],
         };
         let snap = Snapshot {
             revision: 9,

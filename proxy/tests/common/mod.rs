@@ -199,6 +199,7 @@ pub fn service(weights: &[(&str, u8)], primary: &str, ttl_ms: u64) -> Service {
         weights: weights.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
         primary_version: Some(primary.into()),
         revision: 0,
+        limit_changes: Vec::new(),
     }
 }
 
