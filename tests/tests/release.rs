@@ -761,7 +761,10 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
         Duration::from_secs(60),
         || async {
             match process_of(&writer.id) {
-                Some((id, now, n, true)) if id == container && n == restarts + 1 && now != pid => {
+                // Docker says running (and PID 0) while it is restarting the container too.
+                Some((id, now, n, true))
+                    if id == container && n == restarts + 1 && now != pid && now > 0 =>
+                {
                     Ok(now)
                 }
                 other => Err(format!(
@@ -787,6 +790,14 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
         after.iter().any(|(i, _)| i.id == writer.id),
         "the restarted instance is not among the ready ones: {after:#?}"
     );
+    // The watcher looks again after the revival before it stops.
+    let seen = looks.load(Ordering::SeqCst);
+    eventually(
+        "the watcher's look after the revival",
+        Duration::from_secs(10),
+        || async { looks.load(Ordering::SeqCst) > seen + 1 },
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     let (states, unanswered) = watcher.await.unwrap();
     assert!(

@@ -121,6 +121,10 @@ async fn a_sized_volume_is_created_by_haddock_and_a_full_one_is_a_clean_507() {
         break;
     }
     let (status, text) = refusal.expect("200 MiB went into a 64 MiB volume");
+    eprintln!(
+        "{} objects of 1 MiB stored in the 64 MiB volume, then {status}: {text}",
+        stored.len()
+    );
     assert_eq!(status.as_u16(), 507, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON error body");
     assert_eq!(v["error"]["code"], "storage_full", "{v}");
