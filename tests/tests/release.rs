@@ -43,6 +43,34 @@ fn light_load(
     (control.clone(), tokio::spawn(e2e::load::run(cfg, control)))
 }
 
+/// 1.0.0 released, the light load on, and 1.1.0's release running in the background until
+/// 1.1.0 has its first canary weight (between 0 and 100).
+async fn mid_canary_under_load(
+    stack: &Stack,
+) -> (
+    Arc<e2e::load::LoadControl>,
+    tokio::task::JoinHandle<e2e::load::LoadReport>,
+    tokio::task::JoinHandle<std::io::Result<std::process::Output>>,
+) {
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
+    let (control, load) = light_load(stack);
+    let mut cmd = stack.release_command("1.1.0");
+    let release = tokio::task::spawn_blocking(move || cmd.output());
+    eventually(
+        "1.1.0 at its first canary step",
+        Duration::from_secs(60),
+        || async {
+            stack
+                .weights()
+                .await
+                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
+        },
+    )
+    .await;
+    (control, load, release)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_release_under_load_loses_nothing() {
     let _one = SERIAL.lock().await;
@@ -174,24 +202,7 @@ async fn kill_9_of_the_new_container_mid_canary_rolls_back_with_no_user_error() 
     let mut opts = quick();
     opts.step_pause = Duration::from_secs(20);
     let stack = Stack::start("killed", opts).await;
-    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
-    assert_eq!(code, Some(0), "{out}");
-
-    let (control, load) = light_load(&stack);
-    let mut cmd = stack.release_command("1.1.0");
-    let release = tokio::task::spawn_blocking(move || cmd.output());
-    // Mid-canary: 1.1.0 has its first step's weight.
-    eventually(
-        "1.1.0 at its first canary step",
-        Duration::from_secs(60),
-        || async {
-            stack
-                .weights()
-                .await
-                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
-        },
-    )
-    .await;
+    let (control, load, release) = mid_canary_under_load(&stack).await;
     for id in stack.containers(Some("1.1.0")) {
         let out = std::process::Command::new("docker")
             .args(["kill", "-s", "KILL", &id])
@@ -649,23 +660,7 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
         ..quick()
     };
     let stack = Stack::start("writerkill", opts).await;
-    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
-    assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
-
-    let (control, load) = light_load(&stack);
-    let mut cmd = stack.release_command("1.1.0");
-    let release = tokio::task::spawn_blocking(move || cmd.output());
-    eventually(
-        "1.1.0 at its 50 % step",
-        Duration::from_secs(60),
-        || async {
-            stack
-                .weights()
-                .await
-                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
-        },
-    )
-    .await;
+    let (control, load, release) = mid_canary_under_load(&stack).await;
 
     // Short timeouts: a probe of a dead container's address must not hold up the polls below.
     let http = reqwest::Client::builder()
