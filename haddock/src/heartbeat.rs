@@ -13,7 +13,7 @@ use crate::spec::Spec;
 use futures_util::StreamExt;
 use locator_wire::api::{Instance, InstanceState};
 use locator_wire::client::Client;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -84,16 +84,16 @@ async fn heartbeat(client: &Client, instances: &[Instance], listing: &Listing) {
     }
 }
 
-/// The between-releases agent (`haddock heartbeat SERVICE`): [`heartbeat_once`] every
-/// [`HEARTBEAT`], until the process is killed. It never returns, which the `Infallible` result
-/// says to the caller.
+/// The between-releases agent (`haddock heartbeat SERVICE`): heartbeats every [`HEARTBEAT`],
+/// until the process is killed. It never returns, which the `Infallible` result says to the
+/// caller.
 ///
 /// It also keeps the locator true to what Docker does between releases: a ready instance whose
 /// container dies (Docker's `die` event, or found stopped by a round) is marked unhealthy at
-/// once, so proxies stop sending it anyone before its restart policy brings it back; once it
-/// runs again and its readiness probe (the spec's `[health]`) passes, it is ready again. Only
-/// instances the agent took out itself are brought back: one a release marked unhealthy is
-/// that release's to handle.
+/// once, so proxies stop sending it anyone before its restart policy brings it back. An
+/// unhealthy instance whose container runs is ready again once its readiness probe (the spec's
+/// `[health]`) passes `rise` times in a row. The agent does not heartbeat unhealthy instances:
+/// the locator would revive one on a heartbeat after a silence, probe or not.
 pub async fn run_agent(client: &Client, hosts: &[Host], spec: &Spec) -> Infallible {
     let service = spec.service.name.as_str();
     let (tx, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -119,42 +119,45 @@ pub async fn run_agent(client: &Client, hosts: &[Host], spec: &Spec) -> Infallib
             _ = tick.tick() => {
                 let listing = list(hosts, service).await;
                 let Ok(instances) = client.instances(service).await else { continue };
-                heartbeat(client, &instances, &listing).await;
+                let alive: Vec<Instance> = instances
+                    .iter()
+                    .filter(|i| i.state != InstanceState::Unhealthy)
+                    .cloned()
+                    .collect();
+                heartbeat(client, &alive, &listing).await;
                 watch.round(client, spec, &instances, &listing).await;
             }
             Some(container) = died.recv() => {
                 let Ok(instances) = client.instances(service).await else { continue };
                 if let Some(i) = instances.iter().find(|i| i.container_id == container) {
-                    watch.take_out(client, i, "its container died").await;
+                    take_out(client, i, "its container died").await;
                 }
             }
         }
     }
 }
 
-/// The instances [`run_agent`] took out of rotation, by id.
+/// Ready → unhealthy (proxies stop sending it anyone).
+async fn take_out(client: &Client, i: &Instance, why: &str) {
+    if i.state != InstanceState::Ready {
+        return;
+    }
+    match client.set_state(&i.id, InstanceState::Unhealthy).await {
+        Ok(_) => tracing::warn!(instance = %i.id, why, "instance taken out of rotation"),
+        Err(e) => tracing::warn!(instance = %i.id, error = %e, "marking an instance unhealthy"),
+    }
+}
+
+/// The agent's memory between rounds: consecutive passing probes of each unhealthy instance.
 #[derive(Debug, Default)]
 struct Watchdog {
-    taken_out: HashSet<String>,
+    passes: HashMap<String, u32>,
 }
 
 impl Watchdog {
-    /// Ready → unhealthy, remembered so that the agent brings it back later.
-    async fn take_out(&mut self, client: &Client, i: &Instance, why: &str) {
-        if i.state != InstanceState::Ready {
-            return;
-        }
-        match client.set_state(&i.id, InstanceState::Unhealthy).await {
-            Ok(_) => {
-                tracing::warn!(instance = %i.id, why, "instance taken out of rotation");
-                self.taken_out.insert(i.id.clone());
-            }
-            Err(e) => tracing::warn!(instance = %i.id, error = %e, "marking an instance unhealthy"),
-        }
-    }
-
-    /// Takes out ready instances whose container is found stopped, and brings back the ones it
-    /// took out whose container runs and answers its readiness probe.
+    /// Takes out ready instances whose container is found stopped, and probes the unhealthy
+    /// ones whose container runs (all at once: a hung instance must not delay the heartbeats of
+    /// the others past the locator's TTL), bringing back those that passed `rise` times.
     async fn round(
         &mut self,
         client: &Client,
@@ -164,36 +167,43 @@ impl Watchdog {
     ) {
         for i in instances {
             if listing.stopped.contains(&i.container_id) {
-                self.take_out(client, i, "its container is not running")
-                    .await;
+                take_out(client, i, "its container is not running").await;
+            }
+        }
+        let candidates: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| {
+                i.state == InstanceState::Unhealthy && listing.running.contains(&i.container_id)
+            })
+            .collect();
+        self.passes
+            .retain(|id, _| candidates.iter().any(|i| &i.id == id));
+        let probes = candidates.iter().map(|i| async move {
+            match i.address.parse() {
+                Ok(addr) => Probe::new(addr, &spec.health).check().await.is_ok(),
+                Err(_) => false,
+            }
+        });
+        let results = futures_util::future::join_all(probes).await;
+        for (i, ok) in candidates.into_iter().zip(results) {
+            let passes = self.passes.entry(i.id.clone()).or_insert(0);
+            *passes = if ok { *passes + 1 } else { 0 };
+            if *passes < spec.health.rise {
                 continue;
             }
-            if !self.taken_out.contains(&i.id) {
-                continue;
-            }
-            // Someone else moved it meanwhile (a release drains or removes it): theirs now.
-            if i.state != InstanceState::Unhealthy {
-                self.taken_out.remove(&i.id);
-                continue;
-            }
-            if !listing.running.contains(&i.container_id) {
-                continue;
-            }
-            let Ok(addr) = i.address.parse() else {
-                continue;
-            };
-            if Probe::new(addr, &spec.health).check().await.is_err() {
-                continue;
+            // Read it again: a release may have moved it meanwhile (draining, gone), and a
+            // stale `ready` written over that would send it new users.
+            match client.instance(&i.id).await {
+                Ok(now) if now.state == InstanceState::Unhealthy => {}
+                _ => continue,
             }
             match client.set_state(&i.id, InstanceState::Ready).await {
                 Ok(_) => {
                     tracing::warn!(instance = %i.id, "instance back in rotation: its readiness probe passes");
-                    self.taken_out.remove(&i.id);
+                    self.passes.remove(&i.id);
                 }
                 Err(e) => tracing::warn!(instance = %i.id, error = %e, "marking an instance ready"),
             }
         }
-        self.taken_out
-            .retain(|id| instances.iter().any(|i| &i.id == id));
     }
 }

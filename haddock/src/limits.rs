@@ -12,7 +12,7 @@
 use crate::docker::Host;
 use crate::error::{Error, Result};
 use crate::output::Output;
-use locator_wire::api::{InstanceLimits, LimitsChange};
+use locator_wire::api::{InstanceLimits, NewLimitsChange};
 use serde::Serialize;
 
 /// The smallest cap `haddock update` sends: Docker's own minimum (it refuses less). A spec
@@ -77,10 +77,9 @@ pub struct Change {
 /// The locator's record of applied `changes` (`who`, each instance from → to), for the
 /// instances the locator knows (`known`: a container of a failed release may run unregistered).
 /// Only the limits `want` changed are recorded; 0 stands for "none set".
-pub fn record(changes: &[Change], want: Limits, who: &str, known: &[String]) -> LimitsChange {
+pub fn record(changes: &[Change], want: Limits, who: &str, known: &[String]) -> NewLimitsChange {
     let nano = |cpus: Option<f64>| cpus.map_or(0, |c| (c * 1e9).round() as u64);
-    LimitsChange {
-        at: 0,
+    NewLimitsChange {
         who: who.to_string(),
         instances: changes
             .iter()

@@ -417,7 +417,7 @@ impl<S: Store> App<S> {
                 .await
             }
             Endpoint::RecordLimits => {
-                let change: LimitsChange = self.body(req).await?;
+                let change: NewLimitsChange = self.body(req).await?;
                 self.write(Command::RecordLimits {
                     service: p(0),
                     change,

@@ -42,7 +42,7 @@ pub enum Command {
     /// `haddock update` changed limits in place: keep the record.
     RecordLimits {
         service: String,
-        change: LimitsChange,
+        change: NewLimitsChange,
     },
     SetState {
         id: String,
@@ -566,7 +566,7 @@ impl State {
     fn record_limits(
         &self,
         service: &str,
-        change: &LimitsChange,
+        change: &NewLimitsChange,
         ctx: Ctx,
         b: &mut Batch,
     ) -> Result<Reply, Error> {
@@ -605,7 +605,8 @@ impl State {
         let mut changes = cur.limit_changes.clone();
         changes.push(LimitsChange {
             at: ctx.now,
-            ..change.clone()
+            who: change.who.clone(),
+            instances: change.instances.clone(),
         });
         let excess = changes.len().saturating_sub(LIMIT_CHANGES_KEPT);
         changes.drain(..excess);
@@ -1188,8 +1189,7 @@ mod tests {
         run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
         let change = |id: &str, to: Option<u64>| Command::RecordLimits {
             service: "svc".into(),
-            change: LimitsChange {
-                at: 1, // the locator's clock wins
+            change: NewLimitsChange {
                 who: "alice".into(),
                 instances: vec![InstanceLimits {
                     id: id.into(),

@@ -322,8 +322,7 @@ async fn drive(
     client
         .record_limits(
             "shop",
-            &LimitsChange {
-                at: 0,
+            &NewLimitsChange {
                 who: "alice".into(),
                 instances: vec![InstanceLimits {
                     id: "shop-a".into(),

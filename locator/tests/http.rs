@@ -120,7 +120,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("POST", "/v1/services/nope/limits", br#"{"who":"me","instances":[{"id":"a","memory_to":536870912}]}"#, 404, "unknown_service"),
         ("POST", "/v1/services/svc/limits", br#"{"who":"me","instances":[]}"#, 400, "invalid_input"),
         ("POST", "/v1/services/svc/limits", br#"{"who":"me","instances":[{"id":"a","memory_to":-1}]}"#, 400, "invalid_json"),
-        ("POST", "/v1/services/svc/limits", br#"{"who":"me","instances":[{"id":"a","memory_to":1,"swap":2}]}"#, 400, "invalid_json"),
+        ("POST", "/v1/services/svc/limits", br#"{"who":"me","instances":[{"id":"a","memory_to":536870912}],"swap":2}"#, 400, "invalid_json"),
         ("POST", "/v1/releases", br#"{"service":"nope","from_version":null,"to_version":"2","image":"i:2","who":"me"}"#, 404, "unknown_service"),
         ("POST", "/v1/releases", br#"{"service":"svc","to_version":"2","who":"me"}"#, 400, "invalid_json"),
         ("PATCH", "/v1/releases/rel-1", br#"{"state":"starting"}"#, 404, "unknown_release"),

@@ -706,26 +706,39 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
     // and how many of its own readiness probes went unanswered.
     let stop = Arc::new(AtomicBool::new(false));
     let looks = Arc::new(AtomicU32::new(0));
+    // Two loops: a probe of the dead address may take up to its 1 s timeout, and the
+    // `unhealthy` spell can be shorter than that.
     let watcher = {
         let client =
             locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
-        let (http, stop, looks) = (http.clone(), stop.clone(), looks.clone());
-        let (id, address) = (writer.id.clone(), writer.address.clone());
+        let (stop, looks) = (stop.clone(), looks.clone());
+        let id = writer.id.clone();
         tokio::spawn(async move {
-            let (mut states, mut unanswered) = (Vec::<InstanceState>::new(), 0u32);
+            let mut states = Vec::<InstanceState>::new();
             while !stop.load(Ordering::SeqCst) {
                 if let Ok(i) = client.instance(&id).await {
                     if states.last() != Some(&i.state) {
                         states.push(i.state);
                     }
                 }
-                if role_at(&http, &address).await.is_none() {
-                    unanswered += 1;
-                }
                 looks.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (states, unanswered)
+            states
+        })
+    };
+    let prober = {
+        let (http, stop) = (http.clone(), stop.clone());
+        let address = writer.address.clone();
+        tokio::spawn(async move {
+            let mut unanswered = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                if role_at(&http, &address).await.is_none() {
+                    unanswered += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            unanswered
         })
     };
     eventually(
@@ -794,7 +807,7 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
     )
     .await;
     stop.store(true, Ordering::SeqCst);
-    let (states, unanswered) = watcher.await.unwrap();
+    let (states, unanswered) = (watcher.await.unwrap(), prober.await.unwrap());
     assert!(
         unanswered > 0,
         "the killed instance's /readyz never failed: was it killed at all?"

@@ -173,7 +173,10 @@ impl Deployer {
             }
             if running {
                 heartbeat_once(&self.client, &self.hosts, self.service()).await;
-                self.report_limit_drift(tag).await?;
+                // Advice only: an engine that cannot say must not fail "nothing to do".
+                if let Err(e) = self.report_limit_drift(tag).await {
+                    tracing::warn!(error = %e, "comparing the running limits with the spec");
+                }
                 self.out.step(
                     &format!("{} already runs {tag}: nothing to do", self.service()),
                     None,

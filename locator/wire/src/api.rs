@@ -56,23 +56,30 @@ pub struct Service {
 /// How many [`LimitsChange`]s a service keeps.
 pub const LIMIT_CHANGES_KEPT: usize = 20;
 
-/// Body of `POST /v1/services/{name}/limits`, and one entry of [`Service::limit_changes`]:
-/// who changed the memory or CPU limits of which running instances, from what to what. The
-/// change itself is Docker's (haddock applies it on the hosts first); the locator keeps the
-/// record, so that `status`, `history` and the dashboard show it.
+/// Body of `POST /v1/services/{name}/limits`: who changed the memory or CPU limits of which
+/// running instances, from what to what. The change itself is Docker's (haddock applies it on
+/// the hosts first); the locator keeps the record, so that `status`, `history` and the
+/// dashboard show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct NewLimitsChange {
+    pub who: String,
+    pub instances: Vec<InstanceLimits>,
+}
+
+/// One entry of [`Service::limit_changes`]: a [`NewLimitsChange`] and when the locator took
+/// it. Unknown fields are accepted here and in [`InstanceLimits`] (unlike in request bodies):
+/// these travel inside `Service`, in snapshots and watch events, and a field added later must
+/// not make an older proxy or haddock drop the whole routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitsChange {
-    /// When the locator recorded it (set by the locator; a request's value is ignored).
-    #[serde(default)]
     pub at: UnixMillis,
     pub who: String,
     pub instances: Vec<InstanceLimits>,
 }
 
-/// One instance's limits before and after a [`LimitsChange`] (`None`: that limit unchanged).
+/// One instance's limits before and after a limits change (`None`: that limit unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct InstanceLimits {
     pub id: String,
     /// Memory cap in bytes (0: none).

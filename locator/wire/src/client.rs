@@ -228,7 +228,7 @@ impl Client {
     /// Sets the weights; with `if_match` the write fails with `412 revision_mismatch` when the
     /// service changed since that revision.
     /// Records an in-place limits change of the service's instances (`haddock update`).
-    pub async fn record_limits(&self, service: &str, change: &LimitsChange) -> Result<Service> {
+    pub async fn record_limits(&self, service: &str, change: &NewLimitsChange) -> Result<Service> {
         let req = self
             .request(Method::POST, &format!("/v1/services/{service}/limits"))
             .json(change);
