@@ -44,20 +44,21 @@ fn light_load(
 }
 
 /// 1.0.0 released, the light load on, and 1.1.0's release running in the background until
-/// 1.1.0 has its first canary weight (between 0 and 100).
+/// 1.1.0 has its first canary weight (between 0 and 100); the weights then are returned.
 async fn mid_canary_under_load(
     stack: &Stack,
 ) -> (
     Arc<e2e::load::LoadControl>,
     tokio::task::JoinHandle<e2e::load::LoadReport>,
     tokio::task::JoinHandle<std::io::Result<std::process::Output>>,
+    std::collections::BTreeMap<String, u8>,
 ) {
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
     let (control, load) = light_load(stack);
     let mut cmd = stack.release_command("1.1.0");
     let release = tokio::task::spawn_blocking(move || cmd.output());
-    eventually(
+    let weights = eventually(
         "1.1.0 at its first canary step",
         Duration::from_secs(60),
         || async {
@@ -68,7 +69,7 @@ async fn mid_canary_under_load(
         },
     )
     .await;
-    (control, load, release)
+    (control, load, release, weights)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -202,7 +203,7 @@ async fn kill_9_of_the_new_container_mid_canary_rolls_back_with_no_user_error() 
     let mut opts = quick();
     opts.step_pause = Duration::from_secs(20);
     let stack = Stack::start("killed", opts).await;
-    let (control, load, release) = mid_canary_under_load(&stack).await;
+    let (control, load, release, _) = mid_canary_under_load(&stack).await;
     for id in stack.containers(Some("1.1.0")) {
         let out = std::process::Command::new("docker")
             .args(["kill", "-s", "KILL", &id])
@@ -282,23 +283,7 @@ async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release
     opts.step_pause = Duration::from_secs(6);
     opts.database_url = Some(pg.url());
     let mut stack = Stack::start("pgrestart", opts).await;
-    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
-    assert_eq!(code, Some(0), "{out}\n{}", stack.logs());
-
-    let (control, load) = light_load(&stack);
-    let mut cmd = stack.release_command("1.1.0");
-    let release = tokio::task::spawn_blocking(move || cmd.output());
-    let before = eventually(
-        "1.1.0 at its first canary step",
-        Duration::from_secs(60),
-        || async {
-            stack
-                .weights()
-                .await
-                .filter(|w| w.get("1.1.0").is_some_and(|v| *v > 0 && *v < 100))
-        },
-    )
-    .await;
+    let (control, load, release, before) = mid_canary_under_load(&stack).await;
 
     // The locator dies mid-bake and comes back on the same database two seconds later.
     stack.kill_locator();
@@ -660,7 +645,7 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
         ..quick()
     };
     let stack = Stack::start("writerkill", opts).await;
-    let (control, load, release) = mid_canary_under_load(&stack).await;
+    let (control, load, release, _) = mid_canary_under_load(&stack).await;
 
     // Short timeouts: a probe of a dead container's address must not hold up the polls below.
     let http = reqwest::Client::builder()
