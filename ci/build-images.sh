@@ -4,9 +4,11 @@
 #
 #   ci/build-images.sh [--failpoints] VERSION...                 # haddock/optimizer
 #   ci/build-images.sh --component locator|proxy|optimizer VERSION...
+#   ci/build-images.sh --component dnsmasq VERSION...             # the DNS cache accessory
 #
 # Each component has its Dockerfile in ci/images/<component>.Dockerfile: FROM scratch, the
-# release binary and the shared libraries `ldd` lists, a non-root user (65532).
+# release binary and the shared libraries `ldd` lists, a non-root user (65532). dnsmasq is
+# Debian's binary (package dnsmasq-base), not ours: no cargo build for it.
 #
 # --failpoints builds the binary with the `failpoints` cargo feature, for failure tests: such an
 # image reads FAILPOINTS, e.g. FAILPOINTS='http::request=return' (every request but the health probes answers 500)
@@ -15,7 +17,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--component locator|proxy|optimizer] [--failpoints] VERSION..." >&2
+  echo "usage: $0 [--component locator|proxy|optimizer|dnsmasq] [--failpoints] VERSION..." >&2
   exit 2
 }
 
@@ -38,8 +40,8 @@ while [ "$#" -gt 0 ]; do
 done
 [ "${#versions[@]}" -gt 0 ] || usage
 case "$component" in
-  optimizer|locator|proxy) ;;
-  *) echo "unknown component: $component (locator, proxy or optimizer)" >&2; exit 2 ;;
+  optimizer|locator|proxy|dnsmasq) ;;
+  *) echo "unknown component: $component (locator, proxy, optimizer or dnsmasq)" >&2; exit 2 ;;
 esac
 if $failpoints && [ "$component" != optimizer ]; then
   echo "--failpoints only exists for the optimizer" >&2; exit 2
@@ -51,11 +53,19 @@ done
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/haddock/target}"
-# The whole workspace with every target, as ci/test.sh and clippy build it: `-p` or `--bins`
-# select other package sets, cargo then unifies dependency features differently and RocksDB's
-# C++ (~9 minutes on 2 cores) is compiled once more. Only the changed crates rebuild.
-cargo build --release --workspace --all-targets "${features[@]}" --manifest-path "$root/Cargo.toml"
-bin="$CARGO_TARGET_DIR/release/$component"
+build_args=()
+if [ "$component" = dnsmasq ]; then
+  bin=/usr/sbin/dnsmasq
+  [ -x "$bin" ] || { echo "error: $bin not found (apt-get install dnsmasq-base)" >&2; exit 1; }
+  upstream="$("$bin" --version | head -n1 | awk '{print $3}')"
+  build_args=(--build-arg "UPSTREAM=$upstream")
+else
+  # The whole workspace with every target, as ci/test.sh and clippy build it: `-p` or `--bins`
+  # select other package sets, cargo then unifies dependency features differently and RocksDB's
+  # C++ (~9 minutes on 2 cores) is compiled once more. Only the changed crates rebuild.
+  cargo build --release --workspace --all-targets "${features[@]}" --manifest-path "$root/Cargo.toml"
+  bin="$CARGO_TARGET_DIR/release/$component"
+fi
 
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
@@ -71,10 +81,17 @@ ldd "$bin" | grep -o '/[^ ]*' | sort -u | while read -r lib; do
   cp --parents -L "$lib" "$ctx/rootfs/"
 done
 cp "$root/ci/images/$component.Dockerfile" "$ctx/Dockerfile"
+if [ "$component" = dnsmasq ]; then
+  # The user dnsmasq drops to after binding port 53, found without any NSS module but files.
+  mkdir -p "$ctx/rootfs/etc"
+  printf 'root:x:0:0::/:/nonexistent\nnobody:x:65534:65534::/nonexistent:/nonexistent\n' >"$ctx/rootfs/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' >"$ctx/rootfs/etc/group"
+  printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$ctx/rootfs/etc/nsswitch.conf"
+fi
 
 for v in "${versions[@]}"; do
   DOCKER_BUILDKIT=0 docker build --quiet \
-    --build-arg "VERSION=$v" \
+    --build-arg "VERSION=$v" "${build_args[@]}" \
     --label "haddock.component=$component" \
     --label "haddock.failpoints=$failpoints" \
     -t "haddock/$component:$v" "$ctx" >/dev/null

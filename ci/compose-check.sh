@@ -7,6 +7,7 @@
 #   - the proxy answers user traffic with its 503 JSON `no_ready_instance` (no release has
 #     registered an instance in the locator yet; the compose optimizer is not registered),
 #   - the optimizer container turns healthy (its image HEALTHCHECK),
+#   - the DNS cache answers on its fixed address, and the optimizer is told to use it,
 # and finally `down -v` and verifies that no container, volume or network of it is left.
 #
 #   ci/compose-check.sh [--build]     # --build: build the images first (ci/build-images.sh)
@@ -22,8 +23,9 @@ if [ "${1:-}" = --build ]; then
   bash "$root/ci/build-images.sh" --component locator 0.1.0
   bash "$root/ci/build-images.sh" --component proxy 0.1.0
   bash "$root/ci/build-images.sh" 1.0.0
+  bash "$root/ci/build-images.sh" --component dnsmasq 1
 fi
-for img in haddock/locator:0.1.0 haddock/proxy:0.1.0 haddock/optimizer:1.0.0; do
+for img in haddock/locator:0.1.0 haddock/proxy:0.1.0 haddock/optimizer:1.0.0 haddock/dnsmasq:1; do
   docker image inspect "$img" >/dev/null 2>&1 || { echo "FAIL: image $img missing (run with --build)" >&2; exit 1; }
 done
 
@@ -35,6 +37,13 @@ export HADDOCK_DEPLOY_TOKEN="deploy-$RANDOM$RANDOM" HADDOCK_PROXY_TOKEN="proxy-$
 export HADDOCK_COOKIE_KEY="cookie-key-$RANDOM$RANDOM$RANDOM"
 export HADDOCK_OPTIMIZER_TOKEN="write-token-$RANDOM$RANDOM$RANDOM$RANDOM"
 export HADDOCK_PROXY_BIND=127.0.0.1
+# A subnet of its own for this check's network (a free one: another network may hold one).
+for _ in $(seq 32); do
+  net="10.$((100 + RANDOM % 100)).$((RANDOM % 256))"
+  docker network ls -q | xargs -r docker network inspect -f '{{range .IPAM.Config}}{{.Subnet}} {{end}}' \
+    | grep -q "$net\." || break
+done
+export HADDOCK_SUBNET="$net.0/24" HADDOCK_DNS_IP="$net.53"
 HADDOCK_LOCATOR_PORT=$(free_port); HADDOCK_PROXY_PORT=$(free_port); HADDOCK_PROXY_ADMIN_PORT=$(free_port)
 export HADDOCK_LOCATOR_PORT HADDOCK_PROXY_PORT HADDOCK_PROXY_ADMIN_PORT
 dc() { docker-compose -f "$root/compose/docker-compose.yml" -p "$project" "$@"; }
@@ -73,6 +82,25 @@ wait_for "locator /healthz 200" status_is 200 "http://127.0.0.1:$HADDOCK_LOCATOR
 wait_for "proxy admin /healthz 200" status_is 200 "http://127.0.0.1:$HADDOCK_PROXY_ADMIN_PORT/healthz"
 wait_for "proxy answers 503 JSON no_ready_instance" proxy_503_json
 wait_for "optimizer container healthy" optimizer_healthy
+# An A query for the cache's own record, straight to its fixed address on the bridge.
+dns_answers() {
+  python3 - "$HADDOCK_DNS_IP" <<'PY'
+import socket, struct, sys
+ip = sys.argv[1]
+name = b"".join(bytes([len(p)]) + p for p in b"dns.haddock.internal".split(b"."))
+query = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.sendto(query, (ip, 53))
+answer = s.recv(512)
+assert struct.unpack(">H", answer[6:8])[0] >= 1 and answer[-4:] == socket.inet_aton(ip), answer
+PY
+}
+wait_for "the DNS cache answers at $HADDOCK_DNS_IP" dns_answers
+optimizer_uses_dns() {
+  [ "$(docker inspect -f '{{json .HostConfig.Dns}}' "$(dc ps -q optimizer)")" = "[\"$HADDOCK_DNS_IP\"]" ]
+}
+wait_for "the optimizer resolves through the DNS cache" optimizer_uses_dns
 # The proxy's token was accepted by the locator (a wrong one would be logged as 401).
 if dc logs proxy 2>&1 | grep -q 'answered 401'; then fail "proxy token refused by the locator"; fi
 

@@ -27,6 +27,8 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   # machine booted with systemd the package also enables its own service on :5000; the tests do
   # not use it (`systemctl disable --now docker-registry` if unwanted).
   [ -x /usr/bin/docker-registry ] || haddock_need+=(docker-registry)
+  # The DNS cache accessory's image (ci/build-images.sh --component dnsmasq) is Debian's dnsmasq.
+  [ -x /usr/sbin/dnsmasq ] || haddock_need+=(dnsmasq-base)
 fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run

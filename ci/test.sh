@@ -13,6 +13,8 @@ cargo build --release --workspace --all-targets
 # two good versions — built last, so the binary left in the target dir is the default build.
 bash ci/build-images.sh --failpoints 9.9.9-faulty
 bash ci/build-images.sh 1.0.0 1.1.0
+# The DNS cache accessory (Debian's dnsmasq, no cargo build).
+bash ci/build-images.sh --component dnsmasq 1
 # The Compose stack: up, healthy, a haddock release into it, traffic through its proxy, down.
 bash ci/compose-check.sh --build
 cargo test --release --workspace --no-fail-fast "$@"

@@ -65,6 +65,11 @@ pub enum Command {
         /// Deploy spec [default: deploy-specs/SERVICE.toml].
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// Release TAG again through the whole canary, as version TAG+N, when the service
+        /// already runs it: for spec changes that need new containers (args, env, volumes,
+        /// network). Limits alone change in place with `haddock update`.
+        #[arg(long)]
+        redeploy: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -77,9 +82,12 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Release the version before the current one (same steps and safety as a release).
+    /// Release the version before the current one, or VERSION, any version the service has
+    /// run (same steps and safety as a release).
     Rollback {
         service: String,
+        /// A version from `haddock history SERVICE` [default: the one before the current].
+        version: Option<String>,
         #[arg(long)]
         spec: Option<PathBuf>,
         #[command(flatten)]
@@ -140,6 +148,38 @@ pub enum Command {
         #[command(subcommand)]
         verb: VolumeVerb,
     },
+    /// The logs of every instance of SERVICE on every host, merged by time, each line
+    /// prefixed with host/instance/version.
+    Logs {
+        service: String,
+        /// Only the instances of this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Only lines written in the last DURATION, e.g. 10m, 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most N lines of each container (its last ones).
+        #[arg(long)]
+        tail: Option<u64>,
+        /// Keep printing new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// One JSON object per line (time, host, instance, version, stream, line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The service's deploy lock: while it is held, no release of the service starts.
+    Lock {
+        #[command(subcommand)]
+        verb: LockVerb,
+    },
+    /// The spec's accessories (companion containers such as a DNS cache) on their hosts.
+    Accessory {
+        #[command(subcommand)]
+        verb: AccessoryVerb,
+    },
     /// Keep heartbeating SERVICE's running instances (between releases; runs until killed).
     Heartbeat {
         service: String,
@@ -179,6 +219,65 @@ pub enum VolumeVerb {
     },
 }
 
+/// `haddock lock …`: the deploy lock the locator keeps per service (CI pipelines that run into
+/// it get exit 2 and the holder's message).
+#[derive(Debug, Subcommand)]
+pub enum LockVerb {
+    /// Take it (exit 2, with who holds it and why, when someone does).
+    Acquire {
+        service: String,
+        /// Why: shown to everyone whose release it stops.
+        #[arg(long, short)]
+        message: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Give it up (whoever took it).
+    Release {
+        service: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Who holds it, since when and why (exit 0 either way; `--json`: the lock or null).
+    Status {
+        service: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `haddock accessory …`: each acts on SERVICE's spec's `[[accessories]]` (all of them when
+/// NAME is left out, for boot and status), on every host each runs on.
+#[derive(Debug, Subcommand)]
+pub enum AccessoryVerb {
+    /// Start what is not running (create missing containers, start stopped ones).
+    Boot(AccessoryArgs),
+    /// Replace the container on each host in turn, from the spec as it is now.
+    Reboot(AccessoryArgs),
+    /// Stop and remove it everywhere; refused while running instances use it as their DNS
+    /// server (`--force` removes it anyway).
+    Remove {
+        #[command(flatten)]
+        args: AccessoryArgs,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Its container on each host: state, image, address, since when.
+    Status(AccessoryArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AccessoryArgs {
+    pub service: String,
+    /// The accessory (required by reboot and remove).
+    pub name: Option<String>,
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Print one JSON array (a row per accessory and host) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
     if let Command::Check { spec } = &cli.command {
@@ -211,6 +310,26 @@ fn check(path: &Path) -> u8 {
     }
 }
 
+/// A Docker image tag (what `docker tag` accepts): a redeploy's `+N` is haddock's to add.
+fn check_tag(tag: &str) -> Result<(), Error> {
+    let ok = tag.len() <= 128
+        && tag
+            .bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
+        && tag
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadInput(format!(
+            "{tag:?} is not an image tag (1 to 128 letters, digits, `_`, `.` and `-`, not \
+             starting with `.` or `-`); to release a tag again as a new version use --redeploy"
+        )))
+    }
+}
+
 fn spec_path(service: &str, spec: Option<PathBuf>) -> PathBuf {
     spec.unwrap_or_else(|| PathBuf::from(format!("deploy-specs/{service}.toml")))
 }
@@ -239,28 +358,38 @@ async fn run_async(command: Command) -> u8 {
             service,
             tag,
             spec,
+            redeploy,
             conn,
         } => {
             let out = Output::new(conn.json);
+            let mut version = tag.clone();
             let result = async {
+                check_tag(&tag)?;
                 let d =
                     Deployer::new(conn.client(), load_spec(&service, spec)?, out.clone()).await?;
-                d.release(&tag).await
+                if redeploy {
+                    version = d.redeploy_version(&tag).await?;
+                }
+                d.release(&version).await
             }
             .await;
-            finish(&service, &tag, result, &out)
+            finish(&service, &version, result, &out)
         }
         Command::Rollback {
             service,
+            version,
             spec,
             conn,
         } => {
             let out = Output::new(conn.json);
-            let mut tag = String::new();
+            let mut tag = version.clone().unwrap_or_default();
             let result = async {
                 let d =
                     Deployer::new(conn.client(), load_spec(&service, spec)?, out.clone()).await?;
-                tag = d.previous_version().await?;
+                tag = match &version {
+                    Some(v) => d.earlier_version(v).await?,
+                    None => d.previous_version().await?,
+                };
                 out.step(&format!("rolling {service} back to {tag}"), None);
                 d.release(&tag).await
             }
@@ -332,6 +461,25 @@ async fn run_async(command: Command) -> u8 {
             update(&service, want, force, spec, &conn).await
         }
         Command::Volume { verb } => volume(verb).await,
+        Command::Accessory { verb } => accessory(verb).await,
+        Command::Lock { verb } => lock(verb).await,
+        Command::Logs {
+            service,
+            version,
+            since,
+            tail,
+            follow,
+            spec,
+            json,
+        } => {
+            let query = crate::logs::Query {
+                version,
+                since,
+                tail,
+                follow,
+            };
+            logs(&service, spec, &query, json).await
+        }
         Command::Heartbeat {
             service,
             spec,
@@ -482,6 +630,147 @@ async fn volume(verb: VolumeVerb) -> u8 {
     }
 }
 
+async fn lock(verb: LockVerb) -> u8 {
+    let (service, conn) = match &verb {
+        LockVerb::Acquire { service, conn, .. }
+        | LockVerb::Release { service, conn }
+        | LockVerb::Status { service, conn } => (service.clone(), conn.clone()),
+    };
+    let client = conn.client();
+    let result = async {
+        let svc = match &verb {
+            LockVerb::Acquire { message, .. } => {
+                let new = locator_wire::api::NewLock {
+                    who: release::operator(),
+                    message: message.clone(),
+                };
+                match client.lock(&service, &new).await {
+                    Err(e) if e.code() == Some("service_locked") => {
+                        let held = client.service(&service).await?.lock;
+                        return Err(held.map_or(e.into(), |l| Error::locked(&service, &l)));
+                    }
+                    other => other?,
+                }
+            }
+            LockVerb::Release { .. } => client.unlock(&service).await?,
+            LockVerb::Status { .. } => client.service(&service).await?,
+        };
+        Ok::<_, Error>(svc.lock)
+    }
+    .await;
+    match result {
+        Ok(lock) => {
+            if conn.json {
+                println!("{}", serde_json::to_string(&lock).unwrap_or_default());
+            } else {
+                match (&verb, &lock) {
+                    (LockVerb::Release { .. }, _) => println!("{service} is unlocked"),
+                    (_, Some(l)) => println!("{}", Error::locked(&service, l)),
+                    (_, None) => println!("{service} is not locked"),
+                }
+            }
+            exit::OK
+        }
+        Err(e) => {
+            if conn.json {
+                let v = serde_json::json!({
+                    "service": service, "error": e.kind(), "reason": e.to_string(),
+                    "exit_code": e.exit_code(),
+                });
+                println!("{v}");
+            }
+            fail(&e)
+        }
+    }
+}
+
+/// `haddock logs`: merged by time (or, with `--follow`, as lines arrive).
+async fn logs(service: &str, spec: Option<PathBuf>, query: &crate::logs::Query, json: bool) -> u8 {
+    use futures_util::StreamExt;
+    let print = |l: &crate::logs::Line| {
+        if json {
+            println!("{}", serde_json::to_string(l).unwrap_or_default());
+        } else {
+            println!("{}", l.human());
+        }
+    };
+    let result = async {
+        let spec = load_spec(service, spec)?;
+        let hosts = crate::docker::Host::connect_all(&spec).await?;
+        let sources = crate::logs::sources(&hosts, service, query).await?;
+        if query.follow {
+            let mut lines = std::pin::pin!(crate::logs::follow(&sources, query));
+            while let Some(l) = lines.next().await {
+                print(&l);
+            }
+        } else {
+            for l in crate::logs::collect(&sources, query).await {
+                print(&l);
+            }
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => fail(&e),
+    }
+}
+
+async fn accessory(verb: AccessoryVerb) -> u8 {
+    let (args, what) = match &verb {
+        AccessoryVerb::Boot(a) => (a, "boot"),
+        AccessoryVerb::Reboot(a) => (a, "reboot"),
+        AccessoryVerb::Remove { args, .. } => (args, "remove"),
+        AccessoryVerb::Status(a) => (a, "status"),
+    };
+    let result = async {
+        let spec = load_spec(&args.service, args.spec.clone())?;
+        if args.name.is_none() && matches!(what, "reboot" | "remove") {
+            return Err(Error::BadInput(format!(
+                "accessory {what} needs the accessory's name"
+            )));
+        }
+        let chosen = crate::accessory::select(&spec, args.name.as_deref())?;
+        let hosts = crate::docker::Host::connect_all(&spec).await?;
+        let mut rows = Vec::new();
+        for a in chosen {
+            rows.extend(match &verb {
+                AccessoryVerb::Boot(_) => crate::accessory::boot(&hosts, &spec, a).await?,
+                AccessoryVerb::Reboot(_) => crate::accessory::reboot(&hosts, &spec, a).await?,
+                AccessoryVerb::Remove { force, .. } => {
+                    crate::accessory::remove(&hosts, &spec, a, *force).await?
+                }
+                AccessoryVerb::Status(_) => crate::accessory::status(&hosts, &spec, a).await?,
+            });
+        }
+        Ok::<_, Error>(rows)
+    }
+    .await;
+    match result {
+        Ok(rows) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+            } else {
+                for r in &rows {
+                    println!(
+                        "{:<12} {:<30} {:<28} {:<8} {:<16} {} {}",
+                        r.accessory,
+                        r.host,
+                        r.container,
+                        r.state.as_deref().unwrap_or("absent"),
+                        r.ip.as_deref().unwrap_or("-"),
+                        r.image.as_deref().unwrap_or("-"),
+                        r.action
+                    );
+                }
+            }
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Prints the result of a release verb and returns its exit code.
 fn finish(
     service: &str,
@@ -622,6 +911,9 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
         }
         if let Some(c) = s.limit_changes.last() {
             println!("  limits {}", limits_line(c));
+        }
+        if let Some(lock) = &s.lock {
+            println!("  LOCKED {}", Error::locked(&s.name, lock));
         }
         if let Some(r) = snap.active_release(&s.name) {
             println!(

@@ -60,6 +60,19 @@ pub enum Error {
         state: String,
     },
 
+    /// Someone holds the service's deploy lock (`haddock lock acquire`): no release starts
+    /// until it is released. Exit 2, nothing changed.
+    #[error(
+        "service {service} is locked by {who} since {since}: {message}; \
+             `haddock lock release {service}` when it may be released again"
+    )]
+    Locked {
+        service: String,
+        who: String,
+        message: String,
+        since: String,
+    },
+
     /// A request that cannot be honoured as asked (no such release, nothing to roll back to …).
     /// Exit 2, nothing changed.
     #[error("{0}")]
@@ -113,6 +126,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The refusal of a release (or a second lock) while `lock` is held.
+    pub fn locked(service: &str, lock: &locator_wire::api::DeployLock) -> Error {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(lock.at);
+        Error::Locked {
+            service: service.to_string(),
+            who: lock.who.clone(),
+            message: lock.message.clone(),
+            since: humantime::format_rfc3339_seconds(at).to_string(),
+        }
+    }
+
     /// The process exit code this error ends a verb with.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -120,6 +144,7 @@ impl Error {
             | Error::UnknownImage { .. }
             | Error::ImageNowhere { .. }
             | Error::ReleaseActive { .. }
+            | Error::Locked { .. }
             | Error::BadInput(_)
             | Error::Driven { .. } => exit::BAD_INPUT,
             Error::Docker { .. }
@@ -140,6 +165,7 @@ impl Error {
             Error::UnknownImage { .. } | Error::ImageNowhere { .. } => "unknown_image",
             Error::ImageTransfer { .. } => "image_transfer",
             Error::ReleaseActive { .. } => "release_active",
+            Error::Locked { .. } => "locked",
             Error::BadInput(_) => "bad_input",
             Error::Docker { .. } => "docker",
             Error::Locator(_) => "locator",

@@ -12,6 +12,7 @@
 //! [`analysis`], [`drain`] and [`heartbeat`] (keeping instances alive in the locator, during and
 //! between releases); [`volume`] makes the spec's volumes and serves `haddock volume`. [`cli`] maps verbs to it and [`error`] every failure to an exit code;
 //! [`output`] is what users and CI see.
+pub mod accessory;
 pub mod analysis;
 pub mod cli;
 pub mod docker;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod image;
 pub mod limits;
+pub mod logs;
 pub mod output;
 pub mod plan;
 pub mod release;

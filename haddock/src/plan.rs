@@ -27,6 +27,11 @@ pub mod labels {
     pub const RELEASE: &str = "org.haddock.release";
     /// The instance id registered in the locator (also the container name).
     pub const INSTANCE: &str = "org.haddock.instance";
+    /// An accessory's name (`[[accessories]]`). Accessories do not carry [`SERVICE`]: nothing
+    /// that looks for the service's instances (releases, heartbeats, drains) may find them.
+    pub const ACCESSORY: &str = "org.haddock.accessory";
+    /// The service whose spec declares the accessory.
+    pub const ACCESSORY_OF: &str = "org.haddock.accessory-of";
 }
 
 /// Everything needed to create one instance's container; built from the spec by
@@ -55,6 +60,8 @@ pub struct ContainerPlan {
     /// service port, when the spec gives the target an `address` (proxies on other hosts reach
     /// the instance there); empty otherwise (reached by its IP on the spec's network).
     pub publish: Vec<(u16, u16)>,
+    /// DNS servers (`container.dns`, accessories resolved to their `ip`).
+    pub dns: Vec<String>,
 }
 
 impl ContainerPlan {
@@ -64,6 +71,7 @@ impl ContainerPlan {
         let substitute = |s: &str| {
             s.replace("{port}", &spec.service.port.to_string())
                 .replace("{instance}", &name)
+                .replace("{version}", tag)
         };
         let mut labels: BTreeMap<String, String> = spec.service.labels.clone();
         labels.insert(labels::MANAGED_BY.into(), "haddock".into());
@@ -109,6 +117,7 @@ impl ContainerPlan {
             health: (h.interval, h.timeout, h.fall, h.start_deadline),
             stop_grace: spec.container.stop_grace,
             publish,
+            dns: spec.dns_servers(),
             name,
         }
     }
@@ -118,24 +127,7 @@ impl ContainerPlan {
     pub fn create_body(&self, image_has_healthcheck: bool) -> ContainerCreateBody {
         let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         let (interval, timeout, retries, start) = self.health;
-        let restart = match self.restart {
-            RestartPolicy::No => DockerRestart {
-                name: Some(RestartPolicyNameEnum::NO),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::Always => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ALWAYS),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::UnlessStopped => DockerRestart {
-                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                maximum_retry_count: None,
-            },
-            RestartPolicy::OnFailure(n) => DockerRestart {
-                name: Some(RestartPolicyNameEnum::ON_FAILURE),
-                maximum_retry_count: Some(i64::from(n)),
-            },
-        };
+        let restart = docker_restart(self.restart);
         let mounts = self
             .volumes
             .iter()
@@ -179,6 +171,7 @@ impl ContainerPlan {
                 restart_policy: Some(restart),
                 mounts: Some(mounts),
                 network_mode: self.network.clone(),
+                dns: (!self.dns.is_empty()).then(|| self.dns.clone()),
                 port_bindings: published.then(|| {
                     self.publish
                         .iter()
@@ -201,6 +194,20 @@ impl ContainerPlan {
             }),
             ..Default::default()
         }
+    }
+}
+
+/// A spec restart policy as Docker's create body says it.
+pub(crate) fn docker_restart(policy: RestartPolicy) -> DockerRestart {
+    let (name, count) = match policy {
+        RestartPolicy::No => (RestartPolicyNameEnum::NO, None),
+        RestartPolicy::Always => (RestartPolicyNameEnum::ALWAYS, None),
+        RestartPolicy::UnlessStopped => (RestartPolicyNameEnum::UNLESS_STOPPED, None),
+        RestartPolicy::OnFailure(n) => (RestartPolicyNameEnum::ON_FAILURE, Some(i64::from(n))),
+    };
+    DockerRestart {
+        name: Some(name),
+        maximum_retry_count: count,
     }
 }
 
@@ -251,6 +258,8 @@ mod tests {
         );
         assert!(plan.env.contains(&"RUST_LOG=info".to_string()));
         assert!(plan.env.contains(&"HADDOCK_VERSION=1.4.2".to_string()));
+        // The shipped spec answers /version with the version haddock releases.
+        assert!(plan.env.contains(&"OPTIMIZER_VERSION=1.4.2".to_string()));
 
         let body = plan.create_body(true);
         let hc = body.host_config.as_ref().unwrap();

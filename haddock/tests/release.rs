@@ -90,6 +90,168 @@ fn a_release_replaces_the_old_version_and_removes_its_container() {
     assert_eq!(containers[0].1, "good-1");
 }
 
+/// `Config.Image` and `Config.Env` of a container.
+fn image_and_env(name: &str) -> (String, Vec<String>) {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{json .Config}}", name])
+        .output()
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let env = config["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    (
+        config["Image"].as_str().unwrap_or_default().to_string(),
+        env,
+    )
+}
+
+#[test]
+fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now() {
+    let scene = Scene::on_good_1("redeploy", "[{ weight = 100 }]");
+    let (l, service, guard, spec) = scene.parts();
+    let spec_arg = spec.to_str().unwrap();
+    let before = guard.containers();
+
+    // A tag with haddock's `+N` (or any character Docker refuses) is bad input: nothing moves.
+    for bad in ["good-1+1", "-good", "good 1", ""] {
+        let out = release(spec, service, bad, l);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out));
+        assert_eq!(report(&out)["error"], "bad_input", "{bad:?}");
+    }
+    assert_eq!(guard.containers(), before);
+
+    // The spec gains an env var: the same tag without --redeploy changes nothing.
+    let text_now = std::fs::read_to_string(spec).unwrap();
+    let changed = text_now.replace(
+        r#"env = { RUST_LOG = "info" }"#,
+        r#"env = { RUST_LOG = "info", MARK = "second" }"#,
+    );
+    assert_ne!(text_now, changed);
+    std::fs::write(spec, changed).unwrap();
+    let same = release(spec, service, "good-1", l);
+    assert_eq!(
+        report(&same)["outcome"],
+        "already_current",
+        "{}",
+        text(&same)
+    );
+    assert_eq!(guard.containers(), before);
+
+    // --redeploy: a new version good-1+1 from the same image, with the spec as it is now.
+    let out = haddock(
+        &[
+            "release",
+            service,
+            "good-1",
+            "--redeploy",
+            "--spec",
+            spec_arg,
+            "--json",
+        ],
+        Some(l),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r = report(&out);
+    assert_eq!(r["outcome"], "released");
+    assert_eq!(r["from_version"], "good-1");
+    assert_eq!(r["to_version"], "good-1+1");
+    let containers = guard.containers();
+    assert_eq!(
+        containers.len(),
+        1,
+        "the old container is removed: {containers:?}"
+    );
+    assert_eq!(containers[0].1, "good-1+1");
+    assert!(containers[0].2, "the redeployed container runs");
+    let (image, env) = image_and_env(&containers[0].0);
+    assert_eq!(image, format!("{IMAGE_REPO}:good-1"));
+    assert!(env.contains(&"MARK=second".to_string()), "{env:?}");
+    assert!(
+        env.contains(&"HADDOCK_VERSION=good-1+1".to_string()),
+        "{env:?}"
+    );
+    let client = l.client();
+    rt().block_on(async {
+        let svc = client.service(service).await.unwrap();
+        assert_eq!(svc.primary_version.as_deref(), Some("good-1+1"));
+        assert_eq!(svc.weights.get("good-1+1"), Some(&100));
+        let history = client.history(Some(service)).await.unwrap();
+        assert_eq!(history[0].image, format!("{IMAGE_REPO}:good-1"));
+    });
+
+    // Again: good-1+2. Rollback goes back to good-1+1 (made from today's spec, like any
+    // rollback), and a redeploy of a tag the service does not run is an ordinary release.
+    let out = haddock(
+        &[
+            "release",
+            service,
+            "good-1",
+            "--redeploy",
+            "--spec",
+            spec_arg,
+            "--json",
+        ],
+        Some(l),
+    );
+    assert_eq!(report(&out)["to_version"], "good-1+2", "{}", text(&out));
+    let back = haddock(
+        &["rollback", service, "--spec", spec_arg, "--json"],
+        Some(l),
+    );
+    assert_eq!(back.status.code(), Some(0), "{}", text(&back));
+    assert_eq!(report(&back)["to_version"], "good-1+1");
+    let other = haddock(
+        &[
+            "release",
+            service,
+            "good-2",
+            "--redeploy",
+            "--spec",
+            spec_arg,
+            "--json",
+        ],
+        Some(l),
+    );
+    assert_eq!(other.status.code(), Some(0), "{}", text(&other));
+    assert_eq!(report(&other)["to_version"], "good-2");
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-2");
+
+    // `rollback SERVICE VERSION`: any version the service ran, not only the one before.
+    let never = haddock(
+        &["rollback", service, "9.9.9", "--spec", spec_arg, "--json"],
+        Some(l),
+    );
+    assert_eq!(never.status.code(), Some(2), "{}", text(&never));
+    let reason = report(&never)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("newest first: good-2, good-1+1, good-1+2, good-1"),
+        "{reason}"
+    );
+    assert_eq!(
+        guard.containers(),
+        containers,
+        "a refused rollback changed something"
+    );
+    let back = haddock(
+        &[
+            "rollback", service, "good-1+2", "--spec", spec_arg, "--json",
+        ],
+        Some(l),
+    );
+    assert_eq!(back.status.code(), Some(0), "{}", text(&back));
+    assert_eq!(report(&back)["from_version"], "good-2");
+    assert_eq!(report(&back)["to_version"], "good-1+2");
+}
+
 #[test]
 fn a_version_that_never_turns_healthy_fails_and_leaves_the_old_one_untouched() {
     let scene = Scene::new(
@@ -391,4 +553,62 @@ fn a_release_spans_the_local_socket_and_a_tcp_host_with_tls() {
             "{instances:?}"
         );
     }
+}
+
+#[test]
+fn a_deploy_lock_stops_releases_until_it_is_released() {
+    let scene = Scene::on_good_1("lock", "[{ weight = 100 }]");
+    let (l, service, guard, spec) = scene.parts();
+    let before = guard.containers();
+    let lock = |args: &[&str]| {
+        let mut all = vec!["lock"];
+        all.extend_from_slice(args);
+        haddock(&all, Some(l))
+    };
+    let free = lock(&["status", service, "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&free.stdout).trim(),
+        "null",
+        "{}",
+        text(&free)
+    );
+
+    let took = lock(&["acquire", service, "-m", "db migration until 14:00"]);
+    assert_eq!(took.status.code(), Some(0), "{}", text(&took));
+    let again = lock(&["acquire", service, "-m", "mine now"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(
+        text(&again).contains("db migration until 14:00"),
+        "{}",
+        text(&again)
+    );
+
+    // A release is refused before anything changes, and says who holds the lock and why.
+    let refused = release(spec, service, "good-2", l);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    let r = report(&refused);
+    assert_eq!(r["error"], "locked", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("db migration until 14:00"),
+        "{r}"
+    );
+    assert_eq!(guard.containers(), before);
+    let status = haddock(&["status", service], Some(l));
+    assert!(text(&status).contains("LOCKED"), "{}", text(&status));
+    rt().block_on(async {
+        let history = l.client().history(Some(service)).await.unwrap();
+        assert!(
+            history.iter().all(|r| r.to_version != "good-2"),
+            "{history:?}"
+        );
+    });
+
+    let freed = lock(&["release", service]);
+    assert_eq!(freed.status.code(), Some(0), "{}", text(&freed));
+    let out = release(spec, service, "good-2", l);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(report(&out)["to_version"], "good-2");
 }

@@ -59,6 +59,14 @@ pub enum Error {
         id: String,
         state: String,
     },
+    /// 409 `service_locked`: someone holds the service's deploy lock (`haddock lock`): no new
+    /// release, and no second lock, until it is released. Names who and why.
+    #[error("service `{service}` is locked by {who}: {message}")]
+    ServiceLocked {
+        service: String,
+        who: String,
+        message: String,
+    },
     /// 409 `release_finished`: a finished release is history and cannot change.
     #[error("release {0} is finished and cannot change")]
     ReleaseFinished(String),
@@ -130,6 +138,7 @@ impl Error {
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             IllegalTransition { .. }
             | ReleaseActive { .. }
+            | ServiceLocked { .. }
             | ReleaseFinished(_)
             | InstanceExists(_)
             | StateConflict { .. }
@@ -160,6 +169,7 @@ impl Error {
             MethodNotAllowed(_) => "method_not_allowed",
             IllegalTransition { .. } => "illegal_transition",
             ReleaseActive { .. } => "release_active",
+            ServiceLocked { .. } => "service_locked",
             ReleaseFinished(_) => "release_finished",
             InstanceExists(_) => "instance_exists",
             StateConflict { .. } => "state_conflict",

@@ -104,6 +104,8 @@ pub enum Endpoint {
     PutService,
     SetWeights,
     RecordLimits,
+    Lock,
+    Unlock,
     Register,
     ListInstances,
     GetInstance,
@@ -155,6 +157,18 @@ pub const ROUTES: &[(&str, &str, Access, Endpoint)] = &[
         "/v1/services/{name}/limits",
         Access::Needs(Role::Deploy),
         Endpoint::RecordLimits,
+    ),
+    (
+        "PUT",
+        "/v1/services/{name}/lock",
+        Access::Needs(Role::Deploy),
+        Endpoint::Lock,
+    ),
+    (
+        "DELETE",
+        "/v1/services/{name}/lock",
+        Access::Needs(Role::Deploy),
+        Endpoint::Unlock,
     ),
     (
         "POST",
@@ -421,6 +435,21 @@ impl<S: Store> App<S> {
                 self.write(Command::RecordLimits {
                     service: p(0),
                     change,
+                })
+                .await
+            }
+            Endpoint::Lock => {
+                let lock: NewLock = self.body(req).await?;
+                self.write(Command::Lock {
+                    service: p(0),
+                    lock: Some(lock),
+                })
+                .await
+            }
+            Endpoint::Unlock => {
+                self.write(Command::Lock {
+                    service: p(0),
+                    lock: None,
                 })
                 .await
             }

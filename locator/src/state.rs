@@ -44,6 +44,11 @@ pub enum Command {
         service: String,
         change: NewLimitsChange,
     },
+    /// `haddock lock acquire` (`Some`) or `release` (`None`): the service's deploy lock.
+    Lock {
+        service: String,
+        lock: Option<NewLock>,
+    },
     SetState {
         id: String,
         state: InstanceState,
@@ -428,6 +433,9 @@ impl State {
             Command::RecordLimits { service, change } => {
                 self.record_limits(service, change, ctx, &mut batch)?
             }
+            Command::Lock { service, lock } => {
+                self.lock(service, lock.as_ref(), ctx, &mut batch)?
+            }
             Command::SetState { id, state } => self.set_state(id, *state, ctx, &mut batch)?,
             Command::Heartbeat { id } => self.heartbeat(id, ctx, &mut batch)?,
             Command::Sessions(report) => self.sessions(report, ctx, &mut batch)?,
@@ -478,6 +486,7 @@ impl State {
                 primary_version: None,
                 revision: b.peek(),
                 limit_changes: Vec::new(),
+                lock: None,
             },
         };
         b.push(Change::Service(service.clone()));
@@ -612,6 +621,55 @@ impl State {
         changes.drain(..excess);
         let next = Service {
             limit_changes: changes,
+            revision: b.peek(),
+            ..cur
+        };
+        b.push(Change::Service(next.clone()));
+        Ok(Reply::Service(next))
+    }
+
+    /// Takes (`Some`) or gives up (`None`) the service's deploy lock. A held lock is not taken
+    /// over (the holder, or anyone who means to, releases it first); giving up a lock nobody
+    /// holds changes nothing.
+    fn lock(
+        &self,
+        service: &str,
+        lock: Option<&NewLock>,
+        ctx: Ctx,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
+        let cur = self.service(service)?;
+        let next = match (lock, &cur.lock) {
+            (None, None) => return Ok(Reply::Service(cur)),
+            (None, Some(_)) => None,
+            (Some(_), Some(held)) => {
+                return Err(Error::ServiceLocked {
+                    service: service.to_string(),
+                    who: held.who.clone(),
+                    message: held.message.clone(),
+                })
+            }
+            (Some(new), None) => {
+                for (what, value, max) in [("who", &new.who, 256), ("message", &new.message, 1024)]
+                {
+                    if value.trim().is_empty()
+                        || value.len() > max
+                        || value.chars().any(char::is_control)
+                    {
+                        return Err(Error::InvalidInput(format!(
+                            "{what} must be 1..={max} characters without control characters"
+                        )));
+                    }
+                }
+                Some(DeployLock {
+                    who: new.who.clone(),
+                    message: new.message.clone(),
+                    at: ctx.now,
+                })
+            }
+        };
+        let next = Service {
+            lock: next,
             revision: b.peek(),
             ..cur
         };
@@ -813,7 +871,13 @@ impl State {
     }
 
     fn create_release(&self, n: &NewRelease, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
-        self.service(&n.service)?;
+        if let Some(held) = self.service(&n.service)?.lock {
+            return Err(Error::ServiceLocked {
+                service: n.service.clone(),
+                who: held.who,
+                message: held.message,
+            });
+        }
         check_name("to_version", &n.to_version, 128)?;
         if let Some(from) = &n.from_version {
             check_name("from_version", from, 128)?;
@@ -1230,6 +1294,59 @@ mod tests {
             Some((64 + LIMIT_CHANGES_KEPT as u64 + 4) << 20),
             "the newest kept"
         );
+    }
+
+    #[test]
+    fn a_held_deploy_lock_refuses_releases_and_a_second_lock_until_released() {
+        let mut s = with_service();
+        let lock = |who: &str, message: &str| Command::Lock {
+            service: "svc".into(),
+            lock: Some(NewLock {
+                who: who.into(),
+                message: message.into(),
+            }),
+        };
+        let unlock = Command::Lock {
+            service: "svc".into(),
+            lock: None,
+        };
+        let release = Command::CreateRelease(NewRelease {
+            service: "svc".into(),
+            from_version: None,
+            to_version: "2".into(),
+            image: "img:2".into(),
+            who: "ci".into(),
+        });
+        let rev = s.revision;
+        for bad in [
+            lock(" ", "why"),
+            lock("alice", ""),
+            lock("alice", "a\u{7}b"),
+        ] {
+            assert_eq!(run(&mut s, bad, T).unwrap_err().code(), "invalid_input");
+        }
+        assert_eq!(run(&mut s, unlock.clone(), T).map(|_| ()), Ok(()));
+        assert_eq!(
+            s.revision, rev,
+            "refusals and a no-op unlock change nothing"
+        );
+
+        let Reply::Service(svc) = run(&mut s, lock("alice", "db migration"), T).unwrap() else {
+            panic!()
+        };
+        let held = svc.lock.unwrap();
+        assert_eq!((held.who.as_str(), held.at), ("alice", T.now));
+        let e = run(&mut s, release.clone(), T).unwrap_err();
+        assert_eq!(e.code(), "service_locked");
+        assert!(e.to_string().contains("alice: db migration"), "{e}");
+        let e = run(&mut s, lock("bob", "mine now"), T).unwrap_err();
+        assert_eq!(e.code(), "service_locked", "a held lock is not taken over");
+
+        let Reply::Service(svc) = run(&mut s, unlock, T).unwrap() else {
+            panic!()
+        };
+        assert_eq!(svc.lock, None);
+        assert!(matches!(run(&mut s, release, T), Ok(Reply::Release(_))));
     }
 
     #[test]

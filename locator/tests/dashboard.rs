@@ -346,6 +346,31 @@ async fn drive(
         }
     })
     .await;
+    // So does a deploy lock, and its release.
+    let lock = NewLock {
+        who: "bob".into(),
+        message: "freeze for the audit".into(),
+    };
+    client.lock("shop", &lock).await.expect("the lock is taken");
+    eventually("the lock to show", PATIENCE, || async {
+        let t = text(browser, "[data-service=shop] [data-field=lock]")
+            .await
+            .unwrap_or_default();
+        if t.contains("by bob: freeze for the audit") {
+            Ok(())
+        } else {
+            Err(format!("lock line: {t:?}"))
+        }
+    })
+    .await;
+    client.unlock("shop").await.expect("the lock is released");
+    eventually("the lock to go", PATIENCE, || async {
+        match text(browser, "[data-service=shop] [data-field=lock]").await {
+            None => Ok(()),
+            Some(t) => Err(format!("lock line still there: {t:?}")),
+        }
+    })
+    .await;
     let bake = text(browser, "[data-field=bake]").await.unwrap_or_default();
     assert!(
         bake.contains("Baking at 10 %") && bake.contains("left"),

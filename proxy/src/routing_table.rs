@@ -303,6 +303,7 @@ pub(crate) mod tests {
                 primary_version: Some("1".into()),
                 revision: 7,
                 limit_changes: Vec::new(),
+                lock: None,
             }],
             instances,
             ..Snapshot::default()

@@ -42,6 +42,12 @@ pub struct StackOptions {
     /// Instances of each version on each host (`targets[].instances`): they share the host's
     /// cache volume, one writer among them.
     pub instances: u32,
+    /// A DNS cache accessory `dns` (`haddock/dnsmasq:1`, `ci/build-images.sh --component
+    /// dnsmasq`) at `.53` of the stack's network (made with a subnet), logging every query:
+    /// the instances use it as their DNS server (`dns = ["accessory:dns"]`) and find the
+    /// locator as `locator.haddock.internal`, a name only it knows (the locator then listens
+    /// on every address). The test boots it (`haddock accessory boot`).
+    pub dns_accessory: bool,
 }
 
 impl Default for StackOptions {
@@ -57,6 +63,7 @@ impl Default for StackOptions {
             test_hosts: 0,
             proxies: 1,
             instances: 1,
+            dns_accessory: false,
         }
     }
 }
@@ -80,6 +87,8 @@ pub struct Stack {
     pub network: String,
     pub volume: String,
     pub cookie: String,
+    /// The DNS accessory's address (with [`StackOptions::dns_accessory`]).
+    pub dns_ip: Option<String>,
     locator: Option<Child>,
     proxies: Vec<Child>,
     heartbeat: Option<Child>,
@@ -178,7 +187,7 @@ impl Stack {
         )
         .unwrap();
 
-        let out = if opts.fixed_subnet {
+        let out = if opts.fixed_subnet || opts.dns_accessory {
             create_network_with_subnet(&network)
         } else {
             docker(&["network", "create", "--label", crate::TEST_LABEL, &network])
@@ -206,6 +215,11 @@ impl Stack {
         if let Some(hosts) = &test_hosts {
             text = across_hosts(&text, hosts, locator_port, &read_token);
         }
+        let dns_ip = opts.dns_accessory.then(|| {
+            let (spec, ip) = with_dns_accessory(&text, &network, locator_port, &read_token);
+            text = spec;
+            ip
+        });
         std::fs::write(&spec_path, text).unwrap();
 
         let mut stack = Stack {
@@ -220,6 +234,7 @@ impl Stack {
             network,
             volume,
             cookie,
+            dns_ip,
             locator: None,
             proxies: Vec::new(),
             heartbeat: None,
@@ -303,7 +318,7 @@ impl Stack {
         let mut cmd = Command::new(bin("locator"));
         // With test hosts the optimizers there ask the locator for their peers: it listens on
         // every address (the hosts reach the machine at 10.213.<i>.1).
-        let ip = if self.test_hosts.is_some() {
+        let ip = if self.test_hosts.is_some() || self.dns_ip.is_some() {
             "0.0.0.0"
         } else {
             "127.0.0.1"
@@ -333,6 +348,29 @@ impl Stack {
             },
         )
         .await;
+    }
+
+    /// Eight users on the proxy until the returned control is stopped.
+    pub fn light_load(
+        &self,
+    ) -> (
+        std::sync::Arc<crate::load::LoadControl>,
+        tokio::task::JoinHandle<crate::load::LoadReport>,
+    ) {
+        let control = std::sync::Arc::new(crate::load::LoadControl::default());
+        let cfg = crate::load::LoadConfig {
+            targets: vec![self.proxy_url.clone()],
+            users: 8,
+            cookie: self.cookie.clone(),
+            requests_per_session: 10,
+            object_size: 8 * 1024,
+            think: Duration::from_millis(20),
+            write_token: self.write_token.clone(),
+        };
+        (
+            control.clone(),
+            tokio::spawn(crate::load::run(cfg, control)),
+        )
     }
 
     /// `haddock` with the locator URL and deploy token in its environment.
@@ -501,7 +539,18 @@ impl Drop for Stack {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let ids = self.containers(None);
+        let mut ids = self.containers(None);
+        let accessories = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=org.haddock.accessory-of={}", self.service),
+        ]);
+        ids.extend(
+            String::from_utf8_lossy(&accessories.stdout)
+                .split_whitespace()
+                .map(String::from),
+        );
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f", "-v"];
             args.extend(ids.iter().map(String::as_str));
@@ -510,6 +559,51 @@ impl Drop for Stack {
         docker(&["network", "rm", &self.network]);
         docker(&["volume", "rm", "-f", &self.volume]);
     }
+}
+
+/// The stack's spec with the DNS accessory of [`StackOptions::dns_accessory`], and its
+/// address: `.53` of the network's subnet, which answers `locator.haddock.internal` with the
+/// network's gateway (the machine, where the locator listens).
+fn with_dns_accessory(
+    text: &str,
+    network: &str,
+    locator_port: u16,
+    read_token: &str,
+) -> (String, String) {
+    let out = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        network,
+    ]);
+    let subnet = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let base = subnet
+        .strip_suffix(".0/24")
+        .unwrap_or_else(|| panic!("network {network} has no /24 subnet: {subnet:?}"));
+    let (ip, gateway) = (format!("{base}.53"), format!("{base}.1"));
+    let mut spec = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if t.starts_with("env = {") {
+            let locator = format!(
+                ", OPTIMIZER_LOCATOR = \"http://locator.haddock.internal:{locator_port}\", OPTIMIZER_LOCATOR_TOKEN = \"{read_token}\" }}"
+            );
+            spec.push_str(&line.replacen(" }", &locator, 1));
+        } else if t.starts_with("stop_grace =") {
+            spec.push_str(line);
+            spec.push_str("\ndns = [\"accessory:dns\"]");
+        } else {
+            spec.push_str(line);
+        }
+        spec.push('\n');
+    }
+    spec.push_str(&format!(
+        "\n[[accessories]]\nname = \"dns\"\nimage = \"haddock/dnsmasq:1\"\n\
+         args = [\"--cache-size=1000\", \"--log-queries\", \"--host-record=locator.haddock.internal,{gateway}\"]\n\
+         memory = \"32MiB\"\nip = \"{ip}\"\n"
+    ));
+    (spec, ip)
 }
 
 /// A stack's spec over the machine's engine and the test hosts: each target publishes the
@@ -571,7 +665,7 @@ fn spec_text(
         .map(|w| format!("  {{ weight = {w}, pause = {} }},\n", fmt(o.step_pause)))
         .collect::<String>();
     let mut env =
-        format!("env = {{ RUST_LOG = \"info\", OPTIMIZER_WRITE_TOKEN = \"{write_token}\"");
+        format!("env = {{ RUST_LOG = \"info\", OPTIMIZER_VERSION = \"{{version}}\", OPTIMIZER_WRITE_TOKEN = \"{write_token}\"");
     for (k, v) in &o.env {
         env.push_str(&format!(", {k} = \"{v}\""));
     }

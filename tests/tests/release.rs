@@ -23,26 +23,6 @@ fn quick() -> StackOptions {
     }
 }
 
-/// Eight users on the proxy until the returned control is stopped.
-fn light_load(
-    stack: &Stack,
-) -> (
-    Arc<e2e::load::LoadControl>,
-    tokio::task::JoinHandle<e2e::load::LoadReport>,
-) {
-    let control = Arc::new(e2e::load::LoadControl::default());
-    let cfg = e2e::load::LoadConfig {
-        targets: vec![stack.proxy_url.clone()],
-        users: 8,
-        cookie: stack.cookie.clone(),
-        requests_per_session: 10,
-        object_size: 8 * 1024,
-        think: Duration::from_millis(20),
-        write_token: stack.write_token.clone(),
-    };
-    (control.clone(), tokio::spawn(e2e::load::run(cfg, control)))
-}
-
 /// 1.0.0 released, the light load on, and 1.1.0's release running in the background until
 /// 1.1.0 has its first canary weight (between 0 and 100); the weights then are returned.
 async fn mid_canary_under_load(
@@ -55,7 +35,7 @@ async fn mid_canary_under_load(
 ) {
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
-    let (control, load) = light_load(stack);
+    let (control, load) = stack.light_load();
     let mut cmd = stack.release_command("1.1.0");
     let release = tokio::task::spawn_blocking(move || cmd.output());
     let weights = eventually(
@@ -146,7 +126,7 @@ async fn release_fails_back_to_v1(
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
 
-    let (control, load) = light_load(&stack);
+    let (control, load) = stack.light_load();
     let (code, json, out) = tokio::task::block_in_place(|| stack.release("9.9.9-faulty"));
     control.stop();
     let report = load.await.unwrap();
@@ -471,7 +451,7 @@ async fn limits_change_in_place_under_load_without_a_restart() {
     let stack = Stack::start("limits", quick()).await;
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "first release: {out}");
-    let (control, load) = light_load(&stack);
+    let (control, load) = stack.light_load();
     let ids = stack.containers(Some("1.0.0"));
     assert_eq!(ids.len(), 1, "{ids:?}");
     let before = limits_of(&ids[0]);
@@ -867,4 +847,91 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
             i.id
         );
     }
+}
+
+/// `haddock release SERVICE TAG --redeploy` under load: the running tag again, with a changed
+/// spec, through the whole canary as version `1.0.0+1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redeploy_of_the_running_tag_goes_through_the_canary_under_load() {
+    let _one = SERIAL.lock().await;
+    let stack = Stack::start("redeploy", quick()).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    assert_eq!(code, Some(0), "first release: {out}");
+    let (control, load) = stack.light_load();
+
+    // A change that needs new containers: an env var the running ones do not have.
+    let spec = std::fs::read_to_string(&stack.spec_path).unwrap();
+    let changed = spec.replacen(
+        "RUST_LOG = \"info\"",
+        "RUST_LOG = \"info\", OPTIMIZER_REDEPLOY_MARK = \"2\"",
+        1,
+    );
+    assert_ne!(spec, changed);
+    std::fs::write(&stack.spec_path, changed).unwrap();
+
+    let mut cmd = stack.release_command("1.0.0");
+    cmd.arg("--redeploy");
+    let release = tokio::task::spawn_blocking(move || cmd.output());
+    let weights = eventually(
+        "1.0.0+1 at a canary step beside 1.0.0",
+        Duration::from_secs(60),
+        || async {
+            stack.weights().await.filter(|w| {
+                w.get("1.0.0+1").is_some_and(|v| *v > 0 && *v < 100)
+                    && w.get("1.0.0").is_some_and(|v| *v > 0)
+            })
+        },
+    )
+    .await;
+    let (code, report, out) = e2e::stack::release_result(&release.await.unwrap().unwrap());
+    control.stop();
+    let users = load.await.unwrap();
+    let why = format!("{out}\n{}", stack.logs());
+    assert_eq!(code, Some(0), "redeploy failed: {why}");
+    assert_eq!(report["from_version"], "1.0.0", "{report}");
+    assert_eq!(report["to_version"], "1.0.0+1", "{report}");
+    assert!(
+        weights.values().sum::<u8>() == 100,
+        "canary weights {weights:?}"
+    );
+    assert_eq!(users.failed, 0, "failed: {:?}\n{why}", users.failures);
+    assert!(users.requests > 200, "too little load: {}", users.requests);
+    // The optimizer answers /version with the spec's `{version}`: sessions of both versions
+    // were seen, and none moved from one to the other.
+    let seen: std::collections::BTreeSet<&str> = users
+        .sessions
+        .iter()
+        .flat_map(|s| s.versions.iter().map(String::as_str))
+        .collect();
+    assert!(
+        seen.contains("1.0.0") && seen.contains("1.0.0+1"),
+        "sessions saw {seen:?}"
+    );
+    assert_eq!(users.sessions_switched(), 0, "a sticky session switched");
+    assert_eq!(
+        stack.containers(Some("1.0.0")).len(),
+        0,
+        "old containers left"
+    );
+    let new = stack.containers(Some("1.0.0+1"));
+    assert_eq!(new.len(), 1, "{new:?}");
+    let env = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{json .Config.Env}} {{.Config.Image}}",
+            &new[0],
+        ])
+        .output()
+        .unwrap();
+    let env = String::from_utf8_lossy(&env.stdout);
+    assert!(
+        env.contains("OPTIMIZER_REDEPLOY_MARK=2") && env.contains("haddock/optimizer:1.0.0"),
+        "the redeployed container: {env}"
+    );
+    assert_eq!(
+        stack.weights().await.unwrap().get("1.0.0+1"),
+        Some(&100),
+        "all new sessions on the redeploy"
+    );
 }

@@ -136,6 +136,7 @@ impl Deployer {
         // Nothing is changed before these checks pass.
         self.check_images(tag).await?;
         self.check_volumes().await?;
+        crate::accessory::check_dns(&self.hosts, &self.spec).await?;
         if let Some(active) = self.client.active_release(self.service()).await? {
             // A release to the same tag whose driver was killed a moment ago still shows a
             // fresh lease: wait for it to lapse rather than refuse, so that "run it again"
@@ -161,6 +162,11 @@ impl Deployer {
             Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => None,
             Err(e) => return Err(e.into()),
         };
+        // A held deploy lock stops a new release before anything changes (the locator refuses
+        // to create one too; this says so before the session settings are written).
+        if let Some(lock) = current.as_ref().and_then(|s| s.lock.as_ref()) {
+            return Err(Error::locked(self.service(), lock));
+        }
         let from = current.as_ref().and_then(|s| s.primary_version.clone());
         if from.as_deref() == Some(tag) {
             let mut running = false;
@@ -204,6 +210,13 @@ impl Deployer {
         };
         let rec = match self.client.create_release(&new).await {
             Ok(r) => r,
+            Err(e) if e.code() == Some("service_locked") => {
+                let service = self.client.service(self.service()).await?;
+                return Err(match &service.lock {
+                    Some(lock) => Error::locked(self.service(), lock),
+                    None => e.into(),
+                });
+            }
             Err(e) if e.code() == Some("release_active") => {
                 return Err(match self.client.active_release(self.service()).await? {
                     Some(a) => active_error(&a),
@@ -222,6 +235,52 @@ impl Deployer {
             None,
         );
         self.drive(rec).await.map(|r| (Outcome::Released, Some(r)))
+    }
+
+    /// `haddock release SERVICE TAG --redeploy`: the version a redeploy of `tag` releases.
+    ///
+    /// Weights, labels and instance names go by version, so containers made from the same
+    /// image with another spec (args, env, volumes, network) need a version of their own to
+    /// share the canary with the ones they replace: `TAG+N`, one more than any `TAG+…` the
+    /// service has had (its history and its current version). An active, undriven release of
+    /// a redeploy of `tag` is continued (run it again after a crash, as for a tag). When the
+    /// service does not run `tag`, a redeploy is an ordinary release of `tag`.
+    pub async fn redeploy_version(&self, tag: &str) -> Result<String> {
+        let service = self.service();
+        if let Some(active) = self.client.active_release(service).await? {
+            if crate::spec::redeploy_number(&active.to_version, tag).is_some_and(|n| n > 0) {
+                return Ok(active.to_version);
+            }
+        }
+        let current = match self.client.service(service).await {
+            Ok(s) => s.primary_version,
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(current) = current.filter(|v| crate::spec::image_tag(v) == tag) else {
+            self.out.step(
+                &format!("{service} does not run {tag}: releasing it as a new version"),
+                None,
+            );
+            return Ok(tag.to_string());
+        };
+        let history = self.client.history(Some(service)).await?;
+        let last = history
+            .iter()
+            .map(|r| r.to_version.as_str())
+            .chain([current.as_str()])
+            .filter_map(|v| crate::spec::redeploy_number(v, tag))
+            .max()
+            .unwrap_or(0);
+        let version = format!("{tag}+{}", last + 1);
+        self.out.step(
+            &format!(
+                "redeploying {service}: {current} → {version} (image tag {tag}, containers from \
+                 the spec as it is now)"
+            ),
+            None,
+        );
+        Ok(version)
     }
 
     /// Refuses (nothing changed) when a volume the spec declares exists on a host as something
@@ -312,6 +371,35 @@ impl Deployer {
 }
 
 impl Deployer {
+    /// `haddock rollback SERVICE VERSION`: `version` when the service has run it (a finished
+    /// release made it the primary); anything else is bad input naming the versions it ran.
+    pub async fn earlier_version(&self, version: &str) -> Result<String> {
+        let history = self.client.history(Some(self.service())).await?;
+        let ran: Vec<&str> = history
+            .iter()
+            .filter(|r| r.state == ReleaseState::Done)
+            .map(|r| r.to_version.as_str())
+            .collect();
+        if ran.contains(&version) {
+            return Ok(version.to_string());
+        }
+        let mut known: Vec<&str> = Vec::new();
+        for v in ran {
+            if !known.contains(&v) {
+                known.push(v);
+            }
+        }
+        Err(Error::BadInput(format!(
+            "{} has never run {version:?}; versions it ran, newest first: {}",
+            self.service(),
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )))
+    }
+
     /// Waits (at most two lease periods) until nobody drives `active`, when it is a release
     /// to `tag`; returns the fresh record. A release to another tag is returned at once.
     async fn await_lease(&self, mut active: Release, tag: &str) -> Result<Release> {

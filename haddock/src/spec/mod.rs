@@ -28,6 +28,9 @@ pub struct Spec {
     /// Docker hosts to run instances on; one local instance when omitted.
     #[serde(default = "default_targets")]
     pub targets: Vec<Target>,
+    /// Long-lived companions beside the service on its hosts (`haddock accessory`).
+    #[serde(default)]
+    pub accessories: Vec<Accessory>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +73,11 @@ pub struct ContainerSection {
     /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
     #[serde(default = "default_stop_grace", with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// DNS servers of the instances (Docker's `--dns`): IP addresses, or `accessory:NAME` for
+    /// an accessory's fixed `ip`. On a user-defined network Docker's embedded DNS still
+    /// answers container names and forwards every other lookup to these.
+    #[serde(default)]
+    pub dns: Vec<String>,
 }
 
 impl Default for ContainerSection {
@@ -81,7 +89,117 @@ impl Default for ContainerSection {
             network: None,
             volumes: Vec::new(),
             stop_grace: default_stop_grace(),
+            dns: Vec::new(),
         }
+    }
+}
+
+/// A companion container beside the service (`[[accessories]]`, what Kamal calls an
+/// accessory): one per host it runs on, started, replaced and removed by `haddock accessory`,
+/// never by a release, so a release leaves it running untouched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accessory {
+    /// DNS label, unique in the spec; the container is `SERVICE-NAME-hI` on target I.
+    pub name: String,
+    /// Full image reference with its tag (`repo:tag`): an accessory is not released by tag.
+    pub image: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Published ports, `HOST:CONTAINER` or `HOST:CONTAINER/udp` (on every host address).
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub volumes: Vec<AccessoryVolume>,
+    #[serde(default = "default_accessory_memory")]
+    pub memory: bytesize::ByteSize,
+    #[serde(default = "default_restart")]
+    pub restart: String,
+    /// Docker network it joins; the service's `container.network` when unset.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Fixed IPv4 address on that network: kept across `reboot`, and what `accessory:NAME`
+    /// in `container.dns` means. Docker gives fixed addresses only on a network created with
+    /// a subnet (`docker network create --subnet`).
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The targets (their `host`) it runs on; every target when empty.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "default_stop_grace", with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+/// A named volume an accessory mounts (made by Docker when missing, like `docker run -v`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessoryVolume {
+    pub name: String,
+    pub mount: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Accessory {
+    /// The network it joins: its own, else the service's.
+    pub fn network<'a>(&'a self, spec: &'a Spec) -> Option<&'a str> {
+        self.network
+            .as_deref()
+            .or(spec.container.network.as_deref())
+    }
+
+    /// Whether it runs on target `host` (a target's `host` string).
+    pub fn runs_on(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.restart.parse().unwrap_or(RestartPolicy::No)
+    }
+}
+
+/// A published accessory port, `HOST:CONTAINER[/tcp|/udp]` → `(host, container, protocol)`.
+pub fn parse_port(s: &str) -> Result<(u16, u16, &str), String> {
+    let (ports, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    let parsed = ports
+        .split_once(':')
+        .and_then(|(h, c)| Some((h.parse::<u16>().ok()?, c.parse::<u16>().ok()?)));
+    match parsed {
+        Some((h, c)) if h > 0 && c > 0 && matches!(proto, "tcp" | "udp") => Ok((h, c, proto)),
+        _ => Err(format!(
+            "{s:?} is not a published port (HOST:CONTAINER or HOST:CONTAINER/udp, ports 1..=65535)"
+        )),
+    }
+}
+
+impl Spec {
+    /// The accessory called `name`.
+    pub fn accessory(&self, name: &str) -> Option<&Accessory> {
+        self.accessories.iter().find(|a| a.name == name)
+    }
+
+    /// `container.dns` as addresses (`accessory:NAME` replaced by that accessory's `ip`); a
+    /// loaded spec has an `ip` for every accessory it names there.
+    pub fn dns_servers(&self) -> Vec<String> {
+        self.container
+            .dns
+            .iter()
+            .filter_map(|d| match d.strip_prefix("accessory:") {
+                Some(name) => self.accessory(name)?.ip.map(|ip| ip.to_string()),
+                None => Some(d.clone()),
+            })
+            .collect()
+    }
+
+    /// The accessories `container.dns` names: they must run before an instance starts.
+    pub fn dns_accessories(&self) -> Vec<&Accessory> {
+        self.container
+            .dns
+            .iter()
+            .filter_map(|d| self.accessory(d.strip_prefix("accessory:")?))
+            .collect()
     }
 }
 
@@ -403,9 +521,27 @@ impl Spec {
         ))
     }
 
-    /// `repo:tag` for a release of `tag`.
-    pub fn image_ref(&self, tag: &str) -> String {
-        format!("{}:{}", self.service.image, tag)
+    /// `repo:tag` for a release of `version` (a redeploy's `1.1.0+2` runs image tag `1.1.0`).
+    pub fn image_ref(&self, version: &str) -> String {
+        format!("{}:{}", self.service.image, image_tag(version))
+    }
+}
+
+/// The image tag a version runs: the version itself, or for a redeploy (`1.1.0+2`, see
+/// `haddock release --redeploy`) the part before `+`. Docker tags cannot hold a `+`, so a
+/// version with one is never mistaken for a tag, and weights, labels and instance names can
+/// tell the redeploy's containers from the ones it replaces.
+pub fn image_tag(version: &str) -> &str {
+    version.split_once('+').map_or(version, |(tag, _)| tag)
+}
+
+/// The redeploy number of `version` when it is a redeploy of `tag` (`1.1.0+2` of `1.1.0` → 2;
+/// `1.1.0` itself → 0), else `None`.
+pub fn redeploy_number(version: &str, tag: &str) -> Option<u32> {
+    match version.split_once('+') {
+        None => (version == tag).then_some(0),
+        Some((t, n)) if t == tag => n.parse().ok(),
+        Some(_) => None,
     }
 }
 
@@ -432,6 +568,9 @@ fn default_host() -> String {
 }
 fn default_memory() -> bytesize::ByteSize {
     bytesize::ByteSize::mib(512)
+}
+fn default_accessory_memory() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(64)
 }
 fn default_cpu_shares() -> u32 {
     1024
@@ -462,4 +601,25 @@ fn three() -> u32 {
 }
 fn yes() -> bool {
     true
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn a_redeploy_runs_the_image_of_its_tag() {
+        assert_eq!(image_tag("1.1.0"), "1.1.0");
+        assert_eq!(image_tag("1.1.0+3"), "1.1.0");
+        assert_eq!(example().image_ref("1.1.0+3"), "haddock/optimizer:1.1.0");
+    }
+
+    #[test]
+    fn redeploy_numbers_count_only_redeploys_of_the_same_tag() {
+        assert_eq!(redeploy_number("1.1.0", "1.1.0"), Some(0));
+        assert_eq!(redeploy_number("1.1.0+12", "1.1.0"), Some(12));
+        assert_eq!(redeploy_number("1.1.0+x", "1.1.0"), None);
+        assert_eq!(redeploy_number("1.1.0+1", "1.1"), None);
+        assert_eq!(redeploy_number("1.1.00", "1.1.0"), None);
+    }
 }

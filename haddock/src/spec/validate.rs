@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// The smallest memory cap a spec may set.
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
+/// Docker's smallest memory cap: an accessory (dnsmasq needs a few MiB) may go that low.
+const MIN_ACCESSORY_MEMORY: u64 = 6 * 1024 * 1024;
 /// The smallest `size` of a volume: a tmpfs smaller than this holds nothing useful.
 const MIN_VOLUME_SIZE: u64 = 1024 * 1024;
 
@@ -134,6 +136,134 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
                 bad(
                     &format!("container.volumes[{i}].size"),
                     format!("{size} is below the smallest volume size, 1MiB"),
+                );
+            }
+        }
+    }
+
+    for (i, d) in c.dns.iter().enumerate() {
+        let path = format!("container.dns[{i}]");
+        match d.strip_prefix("accessory:") {
+            None if d.parse::<std::net::IpAddr>().is_ok() => {}
+            None => bad(
+                &path,
+                format!("{d:?} is neither an IP address nor accessory:NAME"),
+            ),
+            Some(name) => match spec.accessory(name) {
+                None => bad(&path, format!("no accessory is called {name:?}")),
+                Some(a) if a.ip.is_none() => bad(
+                    &path,
+                    format!(
+                        "accessory {name:?} has no ip: give it a fixed one, so that a reboot \
+                         keeps the address the instances were told"
+                    ),
+                ),
+                Some(a) if a.network(spec) != c.network.as_deref() => bad(
+                    &path,
+                    format!("accessory {name:?} is not on the service's network"),
+                ),
+                Some(a) => {
+                    if let Some(t) = spec.targets.iter().find(|t| !a.runs_on(&t.host)) {
+                        bad(
+                            &path,
+                            format!(
+                                "accessory {name:?} does not run on target {:?}, whose \
+                                 instances would have no DNS server",
+                                t.host
+                            ),
+                        );
+                    }
+                }
+            },
+        }
+    }
+
+    // [[accessories]]
+    for (i, a) in spec.accessories.iter().enumerate() {
+        let at = |key: &str| format!("accessories[{i}].{key}");
+        if !is_dns_label(&a.name) {
+            bad(
+                &at("name"),
+                format!("{:?} is not a valid accessory name (lowercase letters, digits and '-', 1..=63 chars)", a.name),
+            );
+        } else if spec.accessories[..i].iter().any(|o| o.name == a.name) {
+            bad(&at("name"), format!("{:?} is declared twice", a.name));
+        }
+        match a.image.rsplit_once(':') {
+            Some((repo, tag))
+                if !repo.is_empty()
+                    && !tag.contains('/')
+                    && image_repository_problem(repo).is_none()
+                    && !tag.is_empty()
+                    && tag
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch)) => {}
+            _ => bad(
+                &at("image"),
+                format!(
+                    "{:?} is not an image reference with a tag (repo:tag)",
+                    a.image
+                ),
+            ),
+        }
+        for key in a.env.keys() {
+            if key.is_empty() || key.contains('=') {
+                bad(
+                    &at(&format!("env.{key}")),
+                    format!("{key:?} is not an environment variable name"),
+                );
+            }
+        }
+        for (j, p) in a.ports.iter().enumerate() {
+            if let Err(msg) = super::parse_port(p) {
+                bad(&at(&format!("ports[{j}]")), msg);
+            }
+        }
+        for (j, v) in a.volumes.iter().enumerate() {
+            if v.name.is_empty()
+                || !v
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+            {
+                bad(
+                    &at(&format!("volumes[{j}].name")),
+                    format!("{:?} is not a Docker volume name", v.name),
+                );
+            }
+            if !v.mount.starts_with('/') {
+                bad(
+                    &at(&format!("volumes[{j}].mount")),
+                    format!("{:?} is not an absolute path", v.mount),
+                );
+            }
+        }
+        if a.memory.as_u64() < MIN_ACCESSORY_MEMORY {
+            bad(
+                &at("memory"),
+                format!("{} is below Docker's minimum memory cap of 6MiB", a.memory),
+            );
+        }
+        if let Err(msg) = a.restart.parse::<RestartPolicy>() {
+            bad(&at("restart"), msg);
+        }
+        if let Some(net) = &a.network {
+            if let Some(msg) = network_problem(net) {
+                bad(&at("network"), msg);
+            }
+        }
+        if a.ip.is_some() && a.network(spec).is_none() {
+            bad(
+                &at("ip"),
+                "a fixed ip needs a user-defined network (set network here or in [container])"
+                    .into(),
+            );
+        }
+        for (j, h) in a.hosts.iter().enumerate() {
+            if !spec.targets.iter().any(|t| &t.host == h) {
+                bad(
+                    &at(&format!("hosts[{j}]")),
+                    format!("{h:?} is not the host of any [[targets]] entry"),
                 );
             }
         }
@@ -632,6 +762,107 @@ mod tests {
             "restart = \"on-failure:0\"",
             "container.restart",
             "N >= 1",
+        );
+    }
+
+    /// The shipped spec with a DNS accessory appended and the instances pointed at it.
+    fn with_dns_accessory() -> String {
+        GOOD.replacen(
+            "stop_grace = \"10s\"\n",
+            "stop_grace = \"10s\"\ndns = [\"accessory:resolver\"]\n",
+            1,
+        ) + "\n[[accessories]]\nname = \"resolver\"\nimage = \"haddock/dnsmasq:2.90\"\n\
+             args = [\"--cache-size=1000\"]\nports = [\"5353:53/udp\"]\nmemory = \"16MiB\"\n\
+             ip = \"10.77.0.53\"\n"
+    }
+
+    #[test]
+    fn an_accessory_named_in_dns_gives_the_instances_its_ip() {
+        let spec = Spec::parse("t.toml", &with_dns_accessory()).unwrap();
+        assert_eq!(spec.dns_servers(), vec!["10.77.0.53".to_string()]);
+        assert_eq!(spec.dns_accessories().len(), 1);
+        let a = spec.accessory("resolver").unwrap();
+        assert_eq!(a.network(&spec), Some("haddock"), "the service's network");
+        assert_eq!(crate::spec::parse_port(&a.ports[0]), Ok((5353, 53, "udp")));
+    }
+
+    #[test]
+    fn accessory_mistakes_are_refused_where_they_are() {
+        let good = with_dns_accessory();
+        let refused = |from: &str, to: &str, path: &str, says: &str| {
+            assert!(good.contains(from), "{from:?}");
+            let found = issues(&good.replacen(from, to, 1));
+            let hit = found
+                .iter()
+                .find(|i| i.path == path)
+                .unwrap_or_else(|| panic!("no issue at {path}; got {found:#?}"));
+            assert!(hit.message.contains(says), "{hit} does not say {says:?}");
+            assert!(hit.line > 1, "{hit}");
+        };
+        refused(
+            "haddock/dnsmasq:2.90",
+            "haddock/dnsmasq",
+            "accessories[0].image",
+            "with a tag",
+        );
+        refused(
+            "5353:53/udp",
+            "53/udp",
+            "accessories[0].ports[0]",
+            "HOST:CONTAINER",
+        );
+        refused(
+            "5353:53/udp",
+            "5353:53/sctp",
+            "accessories[0].ports[0]",
+            "HOST:CONTAINER",
+        );
+        refused(
+            "memory = \"16MiB\"",
+            "memory = \"1MiB\"",
+            "accessories[0].memory",
+            "6MiB",
+        );
+        refused(
+            "name = \"resolver\"",
+            "name = \"Resolver 1\"",
+            "accessories[0].name",
+            "accessory name",
+        );
+        refused(
+            "ip = \"10.77.0.53\"\n",
+            "ip = \"10.77.0.53\"\nhosts = [\"tcp://elsewhere:2376\"]\n",
+            "accessories[0].hosts[0]",
+            "not the host of any",
+        );
+        refused("ip = \"10.77.0.53\"\n", "", "container.dns[0]", "has no ip");
+        refused(
+            "accessory:resolver",
+            "accessory:cache",
+            "container.dns[0]",
+            "no accessory",
+        );
+        refused(
+            "accessory:resolver",
+            "resolver.local",
+            "container.dns[0]",
+            "neither an IP",
+        );
+        refused(
+            "ip = \"10.77.0.53\"\n",
+            "ip = \"10.77.0.53\"\nnetwork = \"other\"\n",
+            "container.dns[0]",
+            "not on the service's network",
+        );
+        // A malformed IP is a type error, still positioned at the key.
+        refused("10.77.0.53", "10.77.0.999", "accessories[0].ip", "");
+        let twice = good.clone() + "\n[[accessories]]\nname = \"resolver\"\nimage = \"x/y:1\"\n";
+        let found = issues(&twice);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.path == "accessories[1].name" && i.message.contains("twice")),
+            "{found:#?}"
         );
     }
 

@@ -455,7 +455,8 @@
         h("h2", { id }, name),
         h("p", { class: "weights", "data-field": "weights" }, `Weights ${weightText}`),
         service && service.primary_version ? h("p", { class: "primary" }, `primary ${service.primary_version}`) : null,
-        renderLimits(service)
+        renderLimits(service),
+        renderLock(service)
       ),
       renderRelease(release, s.traffic[name]),
       renderInstances(name, instances, weights),
@@ -480,6 +481,17 @@
       "p",
       { class: "limits", "data-field": "limits" },
       `Limits changed ${fmtTime(c.at)} by ${c.who}: ${moves.join("; ")}`
+    );
+  }
+
+  // The deploy lock (`haddock lock acquire`): while it is held no release of the service starts.
+  function renderLock(service) {
+    const l = service && service.lock;
+    if (!l) return null;
+    return h(
+      "p",
+      { class: "lock", "data-field": "lock" },
+      `Locked ${fmtTime(l.at)} by ${l.who}: ${l.message}`
     );
   }
 

@@ -51,6 +51,27 @@ pub struct Service {
     /// [`LIMIT_CHANGES_KEPT`] only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limit_changes: Vec<LimitsChange>,
+    /// The deploy lock (`haddock lock acquire`): while it is held the locator refuses new
+    /// releases of the service (409 `service_locked`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<DeployLock>,
+}
+
+/// Body of `PUT /v1/services/{name}/lock`: who takes the service's deploy lock, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewLock {
+    pub who: String,
+    pub message: String,
+}
+
+/// A held deploy lock: a [`NewLock`] and when the locator took it. Accepts unknown fields, as
+/// everything that travels inside [`Service`] does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployLock {
+    pub who: String,
+    pub message: String,
+    pub at: UnixMillis,
 }
 
 /// How many [`LimitsChange`]s a service keeps.
@@ -692,6 +713,11 @@ mod tests {
                     nano_cpus_to: None,
                 }],
             }],
+            lock: Some(DeployLock {
+                who: "ops".into(),
+                message: "freeze".into(),
+                at: 7,
+            }),
         };
         let snap = Snapshot {
             revision: 9,

@@ -225,8 +225,6 @@ impl Client {
         self.get("/v1/services").await
     }
 
-    /// Sets the weights; with `if_match` the write fails with `412 revision_mismatch` when the
-    /// service changed since that revision.
     /// Records an in-place limits change of the service's instances (`haddock update`).
     pub async fn record_limits(&self, service: &str, change: &NewLimitsChange) -> Result<Service> {
         let req = self
@@ -235,6 +233,22 @@ impl Client {
         self.send(req).await
     }
 
+    /// Takes the service's deploy lock (409 `service_locked` when someone holds it).
+    pub async fn lock(&self, service: &str, lock: &NewLock) -> Result<Service> {
+        let req = self
+            .request(Method::PUT, &format!("/v1/services/{service}/lock"))
+            .json(lock);
+        self.send(req).await
+    }
+
+    /// Gives the service's deploy lock up (whoever holds it; no lock is fine).
+    pub async fn unlock(&self, service: &str) -> Result<Service> {
+        let req = self.request(Method::DELETE, &format!("/v1/services/{service}/lock"));
+        self.send(req).await
+    }
+
+    /// Sets the weights; with `if_match` the write fails with `412 revision_mismatch` when the
+    /// service changed since that revision.
     pub async fn set_weights(
         &self,
         service: &str,

@@ -200,6 +200,7 @@ pub fn service(weights: &[(&str, u8)], primary: &str, ttl_ms: u64) -> Service {
         primary_version: Some(primary.into()),
         revision: 0,
         limit_changes: Vec::new(),
+        lock: None,
     }
 }
 
