@@ -117,7 +117,7 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
     let before = guard.containers();
 
     // A tag with haddock's `+N` (or any character Docker refuses) is bad input: nothing moves.
-    for bad in ["good-1+1", "-good", "good 1", ""] {
+    for bad in ["good-1+1", ".good", "good 1", ""] {
         let out = release(spec, service, bad, l);
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out));
         assert_eq!(report(&out)["error"], "bad_input", "{bad:?}");

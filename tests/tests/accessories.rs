@@ -205,4 +205,9 @@ async fn a_dns_cache_accessory_serves_the_instances_outlives_a_release_and_reboo
         stack.logs()
     );
     assert_eq!(users.sessions_switched(), 0);
+    eprintln!(
+        "dnsmasq answered locally: {hits_before} after 1.0.0, {hits_after} after 1.1.0; \
+         users: {} requests, {} failed, across a release and a reboot of the accessory",
+        users.requests, users.failed
+    );
 }

@@ -934,4 +934,10 @@ async fn a_redeploy_of_the_running_tag_goes_through_the_canary_under_load() {
         Some(&100),
         "all new sessions on the redeploy"
     );
+    eprintln!(
+        "redeploy 1.0.0 → 1.0.0+1: canary weights {weights:?}, {} requests, {} failed, {} sessions",
+        users.requests,
+        users.failed,
+        users.sessions.len()
+    );
 }
