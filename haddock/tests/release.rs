@@ -115,6 +115,20 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
     let (l, service, guard, spec) = scene.parts();
     let spec_arg = spec.to_str().unwrap();
     let before = guard.containers();
+    let redeploy = |tag: &str| {
+        haddock(
+            &[
+                "release",
+                service,
+                tag,
+                "--redeploy",
+                "--spec",
+                spec_arg,
+                "--json",
+            ],
+            Some(l),
+        )
+    };
 
     // A tag with haddock's `+N` (or any character Docker refuses) is bad input: nothing moves.
     for bad in ["good-1+1", ".good", "good 1", ""] {
@@ -142,18 +156,7 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
     assert_eq!(guard.containers(), before);
 
     // --redeploy: a new version good-1+1 from the same image, with the spec as it is now.
-    let out = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--redeploy",
-            "--spec",
-            spec_arg,
-            "--json",
-        ],
-        Some(l),
-    );
+    let out = redeploy("good-1");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let r = report(&out);
     assert_eq!(r["outcome"], "released");
@@ -185,18 +188,7 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
 
     // Again: good-1+2. Rollback goes back to good-1+1 (made from today's spec, like any
     // rollback), and a redeploy of a tag the service does not run is an ordinary release.
-    let out = haddock(
-        &[
-            "release",
-            service,
-            "good-1",
-            "--redeploy",
-            "--spec",
-            spec_arg,
-            "--json",
-        ],
-        Some(l),
-    );
+    let out = redeploy("good-1");
     assert_eq!(report(&out)["to_version"], "good-1+2", "{}", text(&out));
     let back = haddock(
         &["rollback", service, "--spec", spec_arg, "--json"],
@@ -204,18 +196,7 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
     );
     assert_eq!(back.status.code(), Some(0), "{}", text(&back));
     assert_eq!(report(&back)["to_version"], "good-1+1");
-    let other = haddock(
-        &[
-            "release",
-            service,
-            "good-2",
-            "--redeploy",
-            "--spec",
-            spec_arg,
-            "--json",
-        ],
-        Some(l),
-    );
+    let other = redeploy("good-2");
     assert_eq!(other.status.code(), Some(0), "{}", text(&other));
     assert_eq!(report(&other)["to_version"], "good-2");
     let containers = guard.containers();

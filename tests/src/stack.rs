@@ -350,6 +350,19 @@ impl Stack {
         .await;
     }
 
+    /// `haddock ARGS… --spec SPEC` (a verb that takes the stack's spec): exit code, stdout,
+    /// stderr. Blocks the calling worker thread (`block_in_place`).
+    pub fn haddock_with_spec(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut cmd = self.haddock();
+        cmd.args(args).arg("--spec").arg(&self.spec_path);
+        let out = tokio::task::block_in_place(|| cmd.output().expect("haddock runs"));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
     /// Eight users on the proxy until the returned control is stopped.
     pub fn light_load(
         &self,

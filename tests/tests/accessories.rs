@@ -12,17 +12,9 @@ use e2e::stack::{Stack, StackOptions};
 
 /// `haddock accessory VERB SERVICE ARGS… --spec SPEC`: exit code, stdout, stderr.
 fn accessory(stack: &Stack, verb: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = stack.haddock();
-    cmd.args(["accessory", verb, &stack.service])
-        .args(args)
-        .arg("--spec")
-        .arg(&stack.spec_path);
-    let out = tokio::task::block_in_place(|| cmd.output().expect("haddock runs"));
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let mut all = vec!["accessory", verb, &stack.service];
+    all.extend_from_slice(args);
+    stack.haddock_with_spec(&all)
 }
 
 /// `docker inspect -f FORMAT NAME`, trimmed.
@@ -72,6 +64,20 @@ async fn answered_locally(container: &str) -> u64 {
         .find_map(|l| l.split("queries answered locally ").nth(1))
         .and_then(|n| n.trim().parse().ok())
         .expect("a statistics line")
+}
+
+/// Waits until dnsmasq (in `accessory`) logs a lookup of the locator's name sent from the
+/// address of `instance` (a container id): the instance's lookups go through it.
+async fn lookup_logged(accessory: &str, instance: &str) {
+    let ip = inspect(
+        instance,
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    );
+    let asked = format!("query[A] locator.haddock.internal from {ip}");
+    eventually(&asked, Duration::from_secs(20), || async {
+        log_of(accessory).contains(&asked).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -129,17 +135,7 @@ async fn a_dns_cache_accessory_serves_the_instances_outlives_a_release_and_reboo
         format!("[\"{dns_ip}\"]")
     );
     // Its peer discovery looks the locator up by a name only the accessory knows.
-    let v1_ip = inspect(
-        &v1[0],
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-    );
-    let asked = format!("query[A] locator.haddock.internal from {v1_ip}");
-    eventually(
-        "1.0.0's lookup in dnsmasq's log",
-        Duration::from_secs(20),
-        || async { log_of(&container).contains(&asked).then_some(()) },
-    )
-    .await;
+    lookup_logged(&container, &v1[0]).await;
     let hits_before = answered_locally(&container).await;
     assert!(hits_before >= 1, "dnsmasq answered {hits_before}");
 
@@ -155,18 +151,7 @@ async fn a_dns_cache_accessory_serves_the_instances_outlives_a_release_and_reboo
         started,
         "the release touched the accessory"
     );
-    let v2 = stack.containers(Some("1.1.0"));
-    let v2_ip = inspect(
-        &v2[0],
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-    );
-    let asked = format!("query[A] locator.haddock.internal from {v2_ip}");
-    eventually(
-        "1.1.0's lookup in dnsmasq's log",
-        Duration::from_secs(20),
-        || async { log_of(&container).contains(&asked).then_some(()) },
-    )
-    .await;
+    lookup_logged(&container, &stack.containers(Some("1.1.0"))[0]).await;
     let hits_after = answered_locally(&container).await;
     assert!(
         hits_after > hits_before,

@@ -29,19 +29,11 @@ fn docker(args: &[&str]) -> std::process::Output {
         .expect("docker CLI runs")
 }
 
-/// `haddock volume VERB SERVICE [ARGS] --spec SPEC`: (exit code, stdout, stderr).
+/// `haddock volume VERB SERVICE ARGS… --spec SPEC`: exit code, stdout, stderr.
 fn volume_verb(stack: &Stack, verb: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut cmd = stack.haddock();
-    cmd.args(["volume", verb, &stack.service])
-        .args(args)
-        .arg("--spec")
-        .arg(&stack.spec_path);
-    let out = tokio::task::block_in_place(|| cmd.output().expect("haddock runs"));
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let mut all = vec!["volume", verb, &stack.service];
+    all.extend_from_slice(args);
+    stack.haddock_with_spec(&all)
 }
 
 /// Rewrites the stack's spec: the cache is volume `name` with `extra` keys, under a 512 MiB cap

@@ -63,16 +63,8 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         }
     }
     for (i, v) in c.volumes.iter().enumerate() {
-        if v.name.is_empty()
-            || !v
-                .name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
-        {
-            bad(
-                &format!("container.volumes[{i}].name"),
-                format!("{:?} is not a Docker volume name", v.name),
-            );
+        if let Some(msg) = volume_name_problem(&v.name) {
+            bad(&format!("container.volumes[{i}].name"), msg);
         }
         if !v.mount.starts_with('/') {
             bad(
@@ -220,16 +212,8 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
             }
         }
         for (j, v) in a.volumes.iter().enumerate() {
-            if v.name.is_empty()
-                || !v
-                    .name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
-            {
-                bad(
-                    &at(&format!("volumes[{j}].name")),
-                    format!("{:?} is not a Docker volume name", v.name),
-                );
+            if let Some(msg) = volume_name_problem(&v.name) {
+                bad(&at(&format!("volumes[{j}].name")), msg);
             }
             if !v.mount.starts_with('/') {
                 bad(
@@ -434,6 +418,14 @@ fn positive(bad: &mut impl FnMut(&str, String), path: &str, d: Duration) {
     if d.is_zero() {
         bad(path, "must be longer than 0s".into());
     }
+}
+
+fn volume_name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch));
+    (!ok).then(|| format!("{name:?} is not a Docker volume name"))
 }
 
 fn is_dns_label(s: &str) -> bool {
