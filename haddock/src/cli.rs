@@ -73,6 +73,19 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// What `release SERVICE TAG` would do — images, volumes, containers per host, the weights
+    /// of every step, what would be drained — from the same checks, changing nothing.
+    Plan {
+        service: String,
+        tag: String,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Plan the `release --redeploy` of TAG.
+        #[arg(long)]
+        redeploy: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Continue SERVICE's active release from its recorded state (after haddock was killed),
     /// or un-pause it when another haddock is still driving it.
     Resume {
@@ -374,6 +387,48 @@ async fn run_async(command: Command) -> u8 {
             }
             .await;
             finish(&service, &version, result, &out)
+        }
+        Command::Plan {
+            service,
+            tag,
+            spec,
+            redeploy,
+            conn,
+        } => {
+            let out = Output::new(true);
+            let result = async {
+                check_tag(&tag)?;
+                let d = Deployer::new(conn.client(), load_spec(&service, spec)?, out).await?;
+                let version = if redeploy {
+                    d.redeploy_version(&tag).await?
+                } else {
+                    tag.clone()
+                };
+                d.preview(&version).await
+            }
+            .await;
+            match result {
+                Ok(p) if conn.json => {
+                    println!("{}", serde_json::to_string(&p).unwrap_or_default());
+                    exit::OK
+                }
+                Ok(p) => {
+                    for line in p.lines() {
+                        println!("{line}");
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    if conn.json {
+                        let v = serde_json::json!({
+                            "service": service, "error": e.kind(), "reason": e.to_string(),
+                            "exit_code": e.exit_code(),
+                        });
+                        println!("{v}");
+                    }
+                    fail(&e)
+                }
+            }
         }
         Command::Rollback {
             service,

@@ -218,6 +218,11 @@ impl Supply {
             .collect()
     }
 
+    /// Whether every target pulls the image from its registry (`registry`).
+    pub fn pulls(&self) -> bool {
+        matches!(self.plan, Plan::Pull(_))
+    }
+
     /// The engine the missing targets copy from (`copy`, when any target lacks the image).
     pub fn source(&self) -> Option<&str> {
         match &self.plan {

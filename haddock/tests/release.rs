@@ -593,3 +593,102 @@ fn a_deploy_lock_stops_releases_until_it_is_released() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(report(&out)["to_version"], "good-2");
 }
+
+#[test]
+fn plan_shows_what_a_release_would_do_and_changes_nothing() {
+    let scene = Scene::on_good_1(
+        "plan",
+        "[{ weight = 25, pause = \"3s\" }, { weight = 100 }]",
+    );
+    let (l, service, guard, spec) = scene.parts();
+    let spec = spec.to_str().unwrap();
+    let before = guard.containers();
+    let client = l.client();
+    let (revision, releases) = rt().block_on(async {
+        (
+            client.service(service).await.unwrap().revision,
+            client.history(Some(service)).await.unwrap().len(),
+        )
+    });
+
+    let out = haddock(
+        &["plan", service, "good-2", "--spec", spec, "--json"],
+        Some(l),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let p = report(&out);
+    assert_eq!(p["action"], "release", "{p}");
+    assert_eq!(p["from_version"], "good-1");
+    assert_eq!(p["to_version"], "good-2");
+    assert_eq!(p["images"][0]["detail"], "present", "{p}");
+    let start = p["containers"][0]["what"].as_str().unwrap();
+    assert!(
+        start.starts_with(&format!("{service}-good-2-REL-h0-i0")),
+        "{p}"
+    );
+    let steps: Vec<(u64, u64, u64)> = p["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["weight"].as_u64().unwrap(),
+                s["weights"]["good-1"].as_u64().unwrap_or(0),
+                s["weights"]["good-2"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [(25, 75, 25), (100, 0, 100)], "{p}");
+    assert_eq!(p["steps"][0]["pause_ms"], 3000);
+    assert_eq!(p["drain"][0]["what"], before[0].0.as_str(), "{p}");
+
+    let human = haddock(&["plan", service, "good-2", "--spec", spec], Some(l));
+    let human = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(
+        human.contains("step   25 %: good-1 75 % / good-2 25 %, bake 3.00s"),
+        "{human}"
+    );
+
+    // The same tag: nothing to do; an unknown tag: the release's own refusal (exit 2).
+    let same = haddock(
+        &["plan", service, "good-1", "--spec", spec, "--json"],
+        Some(l),
+    );
+    assert_eq!(
+        report(&same)["action"],
+        "already_current",
+        "{}",
+        text(&same)
+    );
+    let nowhere = haddock(
+        &["plan", service, "good-404", "--spec", spec, "--json"],
+        Some(l),
+    );
+    assert_eq!(nowhere.status.code(), Some(2), "{}", text(&nowhere));
+    assert_eq!(report(&nowhere)["error"], "unknown_image");
+    let redeploy = haddock(
+        &[
+            "plan",
+            service,
+            "good-1",
+            "--redeploy",
+            "--spec",
+            spec,
+            "--json",
+        ],
+        Some(l),
+    );
+    assert_eq!(
+        report(&redeploy)["to_version"],
+        "good-1+1",
+        "{}",
+        text(&redeploy)
+    );
+
+    // Nothing changed anywhere.
+    assert_eq!(guard.containers(), before);
+    rt().block_on(async {
+        assert_eq!(client.service(service).await.unwrap().revision, revision);
+        assert_eq!(client.history(Some(service)).await.unwrap().len(), releases);
+    });
+}

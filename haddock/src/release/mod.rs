@@ -23,17 +23,19 @@
 //! weight), and what a run hands the bake and keeps going in the background: `controls.rs`
 //! (operator controls, pause), `events.rs` (Docker events of the new containers), `status.rs`
 //! (what the record's `status` shows), `lease.rs` (who drives the release). `weights.rs` is the
-//! arithmetic of a canary step.
+//! arithmetic of a canary step; `preview.rs` is `haddock plan`, the dry run.
 
 mod bake;
 mod controls;
 mod events;
 mod lease;
+mod preview;
 mod run;
 mod status;
 mod weights;
 
 pub use lease::{is_driven, LEASE};
+pub use preview::Preview;
 pub use weights::{steps_to_walk, weights_for};
 
 use crate::docker::Host;
