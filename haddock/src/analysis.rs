@@ -108,12 +108,55 @@ pub fn judge(
                 .unwrap_or_default()
         ))
     } else {
-        None
+        against_stable(&figures, n.p99_ms, o.as_ref(), new, limits)
     };
     match reason {
         Some(reason) => Verdict::Breach { figures, reason },
         None => Verdict::Pass(figures),
     }
+}
+
+/// A p99 difference smaller than this is never a breach against the stable version: at a few
+/// milliseconds, twice as slow is the noise of a busy machine, not a worse version.
+pub const P99_SLACK_MS: f64 = 10.0;
+
+/// The relative limits (`max_5xx_over_stable`, `max_p99_vs_stable`): the new version against
+/// the stable one over the same window, so that a slow day fails no good version and a bad
+/// version cannot hide under the absolute limits. Judged only when the stable version served
+/// `min_requests` in the window too: a comparison with a handful of requests is noise.
+fn against_stable(
+    f: &Figures,
+    p99_ms: f64,
+    stable: Option<&VersionTraffic>,
+    new: &str,
+    limits: &Analysis,
+) -> Option<String> {
+    let s = stable.filter(|s| s.requests >= limits.min_requests.max(1))?;
+    let stable_ratio = ratio(s);
+    if let Some(points) = limits.max_5xx_over_stable {
+        if f.ratio_5xx > stable_ratio + points {
+            return Some(format!(
+                "version {new} answered {:.1} % 5xx over {} requests, the stable version {:.1} % \
+                 over {} in the same window (at most {:.1} points more)",
+                f.ratio_5xx * 100.0,
+                f.requests,
+                stable_ratio * 100.0,
+                s.requests,
+                points * 100.0
+            ));
+        }
+    }
+    if let Some(factor) = limits.max_p99_vs_stable {
+        if p99_ms > s.p99_ms * factor && p99_ms - s.p99_ms > P99_SLACK_MS {
+            return Some(format!(
+                "version {new} p99 latency {p99_ms:.0} ms is {:.1}× the stable version's {:.0} ms \
+                 in the same window (at most {factor}×)",
+                p99_ms / s.p99_ms.max(f64::MIN_POSITIVE),
+                s.p99_ms
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -134,7 +177,72 @@ mod tests {
             max_5xx_ratio: 0.05,
             max_p99: Duration::from_millis(500),
             min_requests: 50,
+            max_5xx_over_stable: None,
+            max_p99_vs_stable: None,
         }
+    }
+
+    fn relative() -> Analysis {
+        Analysis {
+            max_5xx_over_stable: Some(0.01),
+            max_p99_vs_stable: Some(1.5),
+            ..limits()
+        }
+    }
+
+    #[test]
+    fn three_times_slower_than_stable_breaches_under_the_absolute_limit() {
+        let now = traffic(&[("2", t(100, 0, 150.0)), ("1", t(900, 0, 50.0))]);
+        assert!(matches!(
+            judge(&TrafficByVersion::new(), &now, "2", Some("1"), &limits()),
+            Verdict::Pass(_)
+        ));
+        match judge(&TrafficByVersion::new(), &now, "2", Some("1"), &relative()) {
+            Verdict::Breach { reason, .. } => {
+                assert!(
+                    reason.contains("3.0× the stable version's 50 ms"),
+                    "{reason}"
+                )
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slow_day_for_both_versions_passes() {
+        let now = traffic(&[("2", t(100, 3, 400.0)), ("1", t(900, 25, 350.0))]);
+        assert!(matches!(
+            judge(&TrafficByVersion::new(), &now, "2", Some("1"), &relative()),
+            Verdict::Pass(_)
+        ));
+    }
+
+    #[test]
+    fn more_5xx_than_stable_breaches_and_small_or_thin_differences_do_not() {
+        // 4 % against stable's 1 %: under the absolute 5 %, three points over stable.
+        let now = traffic(&[("2", t(100, 4, 5.0)), ("1", t(1000, 10, 5.0))]);
+        match judge(&TrafficByVersion::new(), &now, "2", Some("1"), &relative()) {
+            Verdict::Breach { reason, .. } => assert!(reason.contains("1.0 %"), "{reason}"),
+            v => panic!("{v:?}"),
+        }
+        // A few milliseconds are noise, whatever the factor.
+        let jitter = traffic(&[("2", t(100, 0, 9.0)), ("1", t(1000, 0, 2.0))]);
+        assert!(matches!(
+            judge(
+                &TrafficByVersion::new(),
+                &jitter,
+                "2",
+                Some("1"),
+                &relative()
+            ),
+            Verdict::Pass(_)
+        ));
+        // A stable version with fewer than min_requests in the window is not compared.
+        let thin = traffic(&[("2", t(100, 0, 150.0)), ("1", t(10, 0, 10.0))]);
+        assert!(matches!(
+            judge(&TrafficByVersion::new(), &thin, "2", Some("1"), &relative()),
+            Verdict::Pass(_)
+        ));
     }
 
     fn traffic(pairs: &[(&str, VersionTraffic)]) -> TrafficByVersion {

@@ -128,6 +128,9 @@ pub enum Command {
     /// Instances, versions, weights, live sessions and the active release.
     Status {
         service: Option<String>,
+        /// Redraw every second until interrupted (with --json: one JSON line per second).
+        #[arg(long, short)]
+        watch: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -499,7 +502,11 @@ async fn run_async(command: Command) -> u8 {
         Command::Promote { target, conn } => control(&conn, &target, Control::Promote).await,
         Command::Abort { target, conn } => control(&conn, &target, Control::Abort).await,
         Command::Pause { target, conn } => control(&conn, &target, Control::Pause).await,
-        Command::Status { service, conn } => status(&conn, service.as_deref()).await,
+        Command::Status {
+            service,
+            watch,
+            conn,
+        } => status(&conn, service.as_deref(), watch).await,
         Command::History { service, conn } => history(&conn, service.as_deref()).await,
         Command::Update {
             service,
@@ -909,11 +916,46 @@ async fn control(conn: &Conn, target: &str, c: Control) -> u8 {
     }
 }
 
-async fn status(conn: &Conn, service: Option<&str>) -> u8 {
-    let snap = match conn.client().snapshot().await {
-        Ok(s) => s,
-        Err(e) => return fail(&e.into()),
-    };
+/// `haddock status [SERVICE] [--watch]`.
+async fn status(conn: &Conn, service: Option<&str>, watch: bool) -> u8 {
+    let client = conn.client();
+    loop {
+        let frame = async {
+            let snap = client.snapshot().await?;
+            render_status(&snap, service, conn.json)
+        }
+        .await;
+        match frame {
+            Ok(text) if watch && !conn.json => {
+                // Home, clear, then the frame: a view that updates in place.
+                print!(
+                    "\x1b[H\x1b[2J{}  (every {}s; Ctrl-C to stop)\n\n{text}",
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                    WATCH_EVERY.as_secs()
+                );
+            }
+            Ok(text) => print!("{text}"),
+            Err(e) => return fail(&e),
+        }
+        if !watch {
+            return exit::OK;
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
+}
+
+/// How often `status --watch` redraws.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What `haddock status` prints for one snapshot: a line per service, instance, lock and
+/// active release (its bake and last analysis too), or with `json` one JSON array line.
+fn render_status(
+    snap: &locator_wire::api::Snapshot,
+    service: Option<&str>,
+    json: bool,
+) -> Result<String, Error> {
+    use std::fmt::Write;
     let services: Vec<_> = snap
         .services
         .iter()
@@ -921,12 +963,12 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
         .collect();
     if let Some(name) = service {
         if services.is_empty() {
-            return fail(&Error::BadInput(format!(
+            return Err(Error::BadInput(format!(
                 "the locator knows no service {name}"
             )));
         }
     }
-    if conn.json {
+    if json {
         let v: Vec<_> = services
             .iter()
             .map(|s| {
@@ -938,12 +980,16 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string(&v).unwrap_or_default());
-        return exit::OK;
+        return Ok(format!(
+            "{}\n",
+            serde_json::to_string(&v).unwrap_or_default()
+        ));
     }
+    let mut out = String::new();
     for s in services {
         let weights: Vec<String> = s.weights.iter().map(|(v, w)| format!("{v}={w}%")).collect();
-        println!(
+        let _ = writeln!(
+            out,
             "{}  primary {}  weights {}",
             s.name,
             s.primary_version.as_deref().unwrap_or("-"),
@@ -954,7 +1000,8 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
             }
         );
         for i in snap.instances_of(&s.name) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<40} {:<10} {:<9} {:<21} sessions {:<5} in-flight {}",
                 i.id,
                 i.version,
@@ -965,13 +1012,14 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
             );
         }
         if let Some(c) = s.limit_changes.last() {
-            println!("  limits {}", limits_line(c));
+            let _ = writeln!(out, "  limits {}", limits_line(c));
         }
         if let Some(lock) = &s.lock {
-            println!("  LOCKED {}", Error::locked(&s.name, lock));
+            let _ = writeln!(out, "  LOCKED {}", Error::locked(&s.name, lock));
         }
         if let Some(r) = snap.active_release(&s.name) {
-            println!(
+            let _ = writeln!(
+                out,
                 "  release {} {} → {}: {} step {}{}",
                 r.id,
                 r.from_version.as_deref().unwrap_or("-"),
@@ -980,9 +1028,36 @@ async fn status(conn: &Conn, service: Option<&str>) -> u8 {
                 r.step,
                 if r.paused { " (paused)" } else { "" }
             );
+            if let Some(b) = &r.status.bake {
+                // A running bake ends at `until_ms`; a paused one keeps its frozen remainder.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let left = b
+                    .until_ms
+                    .map_or(b.remaining_ms, |until| until.saturating_sub(now));
+                let _ = writeln!(
+                    out,
+                    "    bake at {} %: {} of {} left{}",
+                    b.weight,
+                    output::fmt_duration(std::time::Duration::from_millis(left)),
+                    output::fmt_duration(std::time::Duration::from_millis(b.pause_ms)),
+                    if b.until_ms.is_none() {
+                        " (paused)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(a) = &r.status.analysis {
+                let _ = writeln!(out, "    analysis {a}");
+            }
+            if let Some(w) = &r.status.waiting_for {
+                let _ = writeln!(out, "    waiting for {w}");
+            }
         }
     }
-    exit::OK
+    Ok(out)
 }
 
 /// One in-place limits change for a person: when, who, and each instance from → to.

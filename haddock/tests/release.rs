@@ -692,3 +692,42 @@ fn plan_shows_what_a_release_would_do_and_changes_nothing() {
         assert_eq!(client.history(Some(service)).await.unwrap().len(), releases);
     });
 }
+
+#[test]
+fn status_watch_redraws_until_interrupted_and_shows_what_changed() {
+    use std::io::BufRead;
+    let scene = Scene::on_good_1("watch", "[{ weight = 100 }]");
+    let (l, service, _guard, _spec) = scene.parts();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_haddock"))
+        .args(["status", service, "--watch"])
+        .env("HADDOCK_LOCATOR", &l.url)
+        .env("HADDOCK_TOKEN", DEPLOY_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut frames = 0;
+    let mut locked_seen = false;
+    while let Some(Ok(line)) = lines.next() {
+        if line.contains("(every 1s; Ctrl-C to stop)") {
+            frames += 1;
+            if frames == 2 {
+                // Changed between two frames: the next ones show it without a re-run.
+                let took = haddock(&["lock", "acquire", service, "-m", "watch me"], Some(l));
+                assert_eq!(took.status.code(), Some(0), "{}", text(&took));
+            }
+        }
+        locked_seen |= line.contains("LOCKED") && line.contains("watch me");
+        if locked_seen || frames > 10 {
+            break;
+        }
+    }
+    assert!(frames >= 2, "fewer than two frames");
+    assert!(locked_seen, "the lock never showed in {frames} frames");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--watch ended by itself"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

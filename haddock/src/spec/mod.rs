@@ -310,6 +310,14 @@ pub struct Analysis {
     /// Requests the new version must have served before it is judged.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
+    /// Against the stable version over the same window: the new version's 5xx ratio may exceed
+    /// the stable one's by at most this much (0.01 = one percentage point). Off when unset.
+    #[serde(default)]
+    pub max_5xx_over_stable: Option<f64>,
+    /// Against the stable version over the same window: the new version's p99 may be at most
+    /// this many times the stable one's (≥ 1.0). Off when unset.
+    #[serde(default)]
+    pub max_p99_vs_stable: Option<f64>,
 }
 
 impl Default for Analysis {
@@ -318,6 +326,8 @@ impl Default for Analysis {
             max_5xx_ratio: default_max_5xx(),
             max_p99: default_max_p99(),
             min_requests: default_min_requests(),
+            max_5xx_over_stable: None,
+            max_p99_vs_stable: None,
         }
     }
 }

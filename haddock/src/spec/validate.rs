@@ -323,6 +323,22 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         );
     }
     positive(&mut bad, "rollout.analysis.max_p99", a.max_p99);
+    if let Some(points) = a.max_5xx_over_stable {
+        if !(0.0..=1.0).contains(&points) {
+            bad(
+                "rollout.analysis.max_5xx_over_stable",
+                format!("{points} is not a difference of ratios (0.0..=1.0; 0.01 is one point)"),
+            );
+        }
+    }
+    if let Some(factor) = a.max_p99_vs_stable {
+        if !(factor >= 1.0 && factor.is_finite()) {
+            bad(
+                "rollout.analysis.max_p99_vs_stable",
+                format!("{factor} is not a factor of at least 1.0 (1.5: half again as slow)"),
+            );
+        }
+    }
 
     // [sessions]
     let se = &spec.sessions;
