@@ -21,6 +21,9 @@ pub enum Verdict {
     Pass(Figures),
     /// Over a threshold: roll back.
     Breach { figures: Figures, reason: String },
+    /// The bake (and its extension) ended with fewer than `min_requests` on the new version:
+    /// nothing can be said either way (`rollout.analysis.on_inconclusive` decides).
+    Inconclusive { requests: u64, min_requests: u64 },
 }
 
 /// What the new (and the old) version did since the baseline.
@@ -179,6 +182,8 @@ mod tests {
             min_requests: 50,
             max_5xx_over_stable: None,
             max_p99_vs_stable: None,
+            extend_inconclusive: Duration::ZERO,
+            on_inconclusive: crate::spec::OnInconclusive::Pass,
         }
     }
 

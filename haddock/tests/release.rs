@@ -731,3 +731,54 @@ fn status_watch_redraws_until_interrupted_and_shows_what_changed() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_step_without_traffic_is_inconclusive_and_the_spec_says_what_follows() {
+    // No proxy sends anything to the new version: every bake ends with 0 requests.
+    let scene = Scene::on_good_1(
+        "inconclusive",
+        "[{ weight = 50, pause = \"1s\" }, { weight = 100 }]",
+    );
+    let (l, service, guard, spec) = scene.parts();
+    let text_now = std::fs::read_to_string(spec).unwrap();
+    let with = |on: &str| {
+        let t = text_now.replacen(
+            "min_requests = 20",
+            &format!("min_requests = 20\nextend_inconclusive = \"1s\"\non_inconclusive = \"{on}\""),
+            1,
+        );
+        assert_ne!(t, text_now);
+        std::fs::write(spec, t).unwrap();
+    };
+
+    with("fail");
+    let failed = release(spec, service, "good-2", l);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let r = report(&failed);
+    assert_eq!(r["outcome"], "rolled_back", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("step 50 % inconclusive: the new version served 0 of the 20 requests"),
+        "{r}"
+    );
+    assert!(
+        text(&failed).contains("too few to judge; baking up to 1.00s more"),
+        "{}",
+        text(&failed)
+    );
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1", "users stay on good-1");
+
+    with("pass");
+    let passed = release(spec, service, "good-2", l);
+    assert_eq!(passed.status.code(), Some(0), "{}", text(&passed));
+    assert!(
+        text(&passed).contains("inconclusive: the new version served 0 of the 20 requests it needs to be judged; going on (on_inconclusive = pass)"),
+        "{}",
+        text(&passed)
+    );
+    assert_eq!(report(&passed)["to_version"], "good-2");
+}

@@ -19,7 +19,7 @@ use crate::analysis::{self, Verdict};
 use crate::error::Result;
 use crate::health::{Probe, Streak};
 use crate::output::{fmt_duration, Output};
-use crate::spec::{Analysis, HealthSection, Spec};
+use crate::spec::{Analysis, HealthSection, OnInconclusive, Spec};
 use crate::view::{View, SAFETY};
 use locator_wire::api::{BakeStatus, Control, Release, TrafficByVersion};
 use locator_wire::client::Client;
@@ -45,6 +45,65 @@ pub(super) async fn traffic(client: &Client, service: &str) -> Result<TrafficByV
 }
 
 impl Bake {
+    /// The bake ran out with `requests` of `min_requests` on the new version. First extends it
+    /// (once, by `extend_inconclusive`); then, as `on_inconclusive` says, goes on (`None`
+    /// with nothing left to bake), pauses for an operator (`None`, paused), or rolls back.
+    fn inconclusive(
+        &mut self,
+        requests: u64,
+        min_requests: u64,
+        extended: &mut bool,
+        controls: &mut Controls,
+        status: &Status,
+    ) -> Option<BakeOutcome> {
+        let extra = self.limits.extend_inconclusive;
+        if !*extended && !extra.is_zero() {
+            *extended = true;
+            self.remaining = extra;
+            self.out.step(
+                &format!(
+                    "step {} %: {requests} of {min_requests} requests, too few to judge; baking up \
+                     to {} more",
+                    self.weight,
+                    fmt_duration(extra)
+                ),
+                None,
+            );
+            return None;
+        }
+        *extended = true;
+        let verdict = Verdict::Inconclusive {
+            requests,
+            min_requests,
+        };
+        status.update(|s| s.analysis = serde_json::to_value(&verdict).ok());
+        let what = format!(
+            "step {} % inconclusive: the new version served {requests} of the {min_requests} \
+             requests it needs to be judged",
+            self.weight
+        );
+        match self.limits.on_inconclusive {
+            OnInconclusive::Pass => {
+                self.out
+                    .step(&format!("{what}; going on (on_inconclusive = pass)"), None);
+                None
+            }
+            OnInconclusive::Fail => Some(BakeOutcome::RollBack(what)),
+            OnInconclusive::Pause => {
+                if controls.pause_for_breach() {
+                    self.out.step(
+                        &format!(
+                            "{what}; paused for an operator (on_inconclusive = pause): `haddock \
+                             resume` goes on, `promote` or `abort` decide"
+                        ),
+                        None,
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Records the bake in the release's status: when it ends while the timer runs, what is
     /// left while it is paused (the dashboard counts down from these).
     fn record(&self, status: &Status, started_at_ms: u64, paused: bool) {
@@ -124,6 +183,9 @@ impl Bake {
         // The controls over HTTP at once, then whenever the watch stream shows one pending,
         // and at least every SAFETY.
         let mut controls_read = Instant::now() - SAFETY;
+        // Whether the bake was extended for too little traffic (an inconclusive bake is one
+        // that ends `Waiting`), and whether it has decided what to do about it.
+        let (mut extended, mut decided) = (false, false);
         if !self.pause.is_zero() {
             self.out.step(
                 &format!("baking {} at {} %", fmt_duration(self.pause), self.weight),
@@ -160,7 +222,16 @@ impl Bake {
                 old_version(rec),
                 &self.limits,
             );
-            status.update(|s| s.analysis = serde_json::to_value(&verdict).ok());
+            let waiting = match verdict {
+                Verdict::Waiting {
+                    requests,
+                    min_requests,
+                } => Some((requests, min_requests)),
+                _ => None,
+            };
+            if !decided {
+                status.update(|s| s.analysis = serde_json::to_value(&verdict).ok());
+            }
             if let Verdict::Breach { reason, .. } = verdict {
                 if self.auto_rollback {
                     return Ok(BakeOutcome::RollBack(reason));
@@ -190,7 +261,30 @@ impl Bake {
             }
             self.record(status, started_at_ms, controls.paused());
             if self.remaining.is_zero() && !controls.paused() {
-                return Ok(BakeOutcome::Continue);
+                // A bake of zero judges nothing, so it cannot be inconclusive either.
+                let judged = !self.pause.is_zero() && !decided;
+                match waiting.filter(|_| judged) {
+                    None => return Ok(BakeOutcome::Continue),
+                    Some((requests, min_requests)) => {
+                        if let Some(outcome) = self.inconclusive(
+                            requests,
+                            min_requests,
+                            &mut extended,
+                            controls,
+                            status,
+                        ) {
+                            return Ok(outcome);
+                        }
+                        // Extended: bake on. Otherwise it is decided: `pass` goes on now,
+                        // `pause` once an operator resumes.
+                        if self.remaining.is_zero() {
+                            decided = true;
+                            if !controls.paused() {
+                                return Ok(BakeOutcome::Continue);
+                            }
+                        }
+                    }
+                }
             }
             let mut wait = next_probe.saturating_duration_since(Instant::now());
             if !controls.paused() {

@@ -318,6 +318,27 @@ pub struct Analysis {
     /// this many times the stable one's (≥ 1.0). Off when unset.
     #[serde(default)]
     pub max_p99_vs_stable: Option<f64>,
+    /// A bake that ends before the new version served `min_requests` is inconclusive: it is
+    /// first extended by this much (0: not extended) while traffic may still come.
+    #[serde(default, with = "humantime_serde")]
+    pub extend_inconclusive: Duration,
+    /// What an inconclusive bake does after its extension.
+    #[serde(default)]
+    pub on_inconclusive: OnInconclusive,
+}
+
+/// What a canary step does when its bake (and extension) ended without enough traffic to
+/// judge the new version (`rollout.analysis.on_inconclusive`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInconclusive {
+    /// Go on to the next step (what every release did before the key existed), saying so.
+    #[default]
+    Pass,
+    /// Pause the release for an operator: `haddock resume` goes on, `promote` or `abort` decide.
+    Pause,
+    /// Roll the release back: a version nobody could judge does not reach more users.
+    Fail,
 }
 
 impl Default for Analysis {
@@ -328,6 +349,8 @@ impl Default for Analysis {
             min_requests: default_min_requests(),
             max_5xx_over_stable: None,
             max_p99_vs_stable: None,
+            extend_inconclusive: Duration::ZERO,
+            on_inconclusive: OnInconclusive::Pass,
         }
     }
 }

@@ -625,7 +625,7 @@
     if (!a || typeof a !== "object") return null;
     const figures = a.figures || a;
     const rows = [];
-    if (a.verdict === "waiting") {
+    if (a.verdict === "waiting" || a.verdict === "inconclusive") {
       rows.push(["Requests on the new version", `${a.requests} of ${a.min_requests} needed`]);
     } else {
       rows.push(["Requests", String(figures.requests ?? "–")]);
