@@ -73,6 +73,11 @@ pub enum Error {
         since: String,
     },
 
+    /// The spec's `pre_release` hook failed: the release did not begin. Exit 2, nothing
+    /// changed.
+    #[error("hook {hook} failed, so the release did not begin (nothing was changed): {why}")]
+    Hook { hook: &'static str, why: String },
+
     /// A request that cannot be honoured as asked (no such release, nothing to roll back to …).
     /// Exit 2, nothing changed.
     #[error("{0}")]
@@ -145,6 +150,7 @@ impl Error {
             | Error::ImageNowhere { .. }
             | Error::ReleaseActive { .. }
             | Error::Locked { .. }
+            | Error::Hook { .. }
             | Error::BadInput(_)
             | Error::Driven { .. } => exit::BAD_INPUT,
             Error::Docker { .. }
@@ -166,6 +172,7 @@ impl Error {
             Error::ImageTransfer { .. } => "image_transfer",
             Error::ReleaseActive { .. } => "release_active",
             Error::Locked { .. } => "locked",
+            Error::Hook { .. } => "hook_failed",
             Error::BadInput(_) => "bad_input",
             Error::Docker { .. } => "docker",
             Error::Locator(_) => "locator",

@@ -20,6 +20,7 @@ pub mod drain;
 pub mod error;
 pub mod health;
 pub mod heartbeat;
+pub mod hooks;
 pub mod image;
 pub mod limits;
 pub mod logs;

@@ -782,3 +782,66 @@ fn a_step_without_traffic_is_inconclusive_and_the_spec_says_what_follows() {
     );
     assert_eq!(report(&passed)["to_version"], "good-2");
 }
+
+#[test]
+fn hooks_gate_a_release_and_hear_about_each_step_and_the_end() {
+    let scene = Scene::on_good_1("hooks", "[{ weight = 50 }, { weight = 100 }]");
+    let (l, service, guard, spec) = scene.parts();
+    let log = scene.dir.path().join("hooks.log");
+    let text_now = std::fs::read_to_string(spec).unwrap();
+    // Each hook appends what it was told; pre_release fails while the file `block` exists.
+    let record = |hook: &str| {
+        format!(
+            "[\"sh\", \"-c\", \"echo {hook} $HADDOCK_FROM_VERSION $HADDOCK_TO_VERSION $HADDOCK_WEIGHT >> {}\"]",
+            log.display()
+        )
+    };
+    let block = scene.dir.path().join("block");
+    let hooks = format!(
+        "\n[hooks]\npre_release = [\"sh\", \"-c\", \"echo pre $HADDOCK_TO_VERSION >> {log}; test ! -e {block} || {{ echo migrations pending >&2; exit 3; }}\"]\npost_step = {}\npost_release = {}\ntimeout = \"10s\"\n",
+        record("step"),
+        record("done"),
+        log = log.display(),
+        block = block.display(),
+    );
+    std::fs::write(spec, text_now + &hooks).unwrap();
+
+    std::fs::write(&block, "").unwrap();
+    let before = guard.containers();
+    let stopped = release(spec, service, "good-2", l);
+    assert_eq!(stopped.status.code(), Some(2), "{}", text(&stopped));
+    let r = report(&stopped);
+    assert_eq!(r["error"], "hook_failed", "{r}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("migrations pending"),
+        "{r}"
+    );
+    assert_eq!(
+        guard.containers(),
+        before,
+        "a failed pre_release changed something"
+    );
+    rt().block_on(async {
+        let history = l.client().history(Some(service)).await.unwrap();
+        assert!(
+            history.iter().all(|r| r.to_version != "good-2"),
+            "{history:?}"
+        );
+    });
+
+    std::fs::remove_file(&block).unwrap();
+    let out = release(spec, service, "good-2", l);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let heard = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        heard.lines().collect::<Vec<_>>(),
+        [
+            "pre good-2",
+            "pre good-2",
+            "step good-1 good-2 50",
+            "step good-1 good-2 100",
+            "done good-1 good-2",
+        ],
+        "{heard}"
+    );
+}

@@ -203,6 +203,15 @@ impl Deployer {
                 .put_service(self.service(), &ServiceSpec { sessions: settings })
                 .await?;
         }
+        // The last word before anything changes: the spec's pre_release hook.
+        let facts = crate::hooks::Facts {
+            service: self.service().to_string(),
+            from_version: from.clone(),
+            to_version: tag.to_string(),
+            who: self.who.clone(),
+            ..Default::default()
+        };
+        crate::hooks::gate(&self.spec.hooks, &facts, &self.out).await?;
         let new = NewRelease {
             service: self.service().to_string(),
             from_version: from,
@@ -346,9 +355,35 @@ impl Deployer {
         self.drive(active).await
     }
 
-    /// Walks a release from its recorded state to a terminal one.
+    /// Walks a release from its recorded state to a terminal one, then runs the spec's
+    /// `post_release` or `post_rollback` hook.
     pub async fn drive(&self, rec: Release) -> Result<Release> {
-        Run::new(self, rec).walk().await
+        let mut facts = self.facts(&rec);
+        let result = Run::new(self, rec).walk().await;
+        let hook = match &result {
+            Ok(r) if r.state == ReleaseState::Done => Some(crate::hooks::Hook::PostRelease),
+            Err(Error::RolledBack { reason, .. }) => {
+                facts.reason = Some(reason.clone());
+                Some(crate::hooks::Hook::PostRollback)
+            }
+            _ => None,
+        };
+        if let Some(hook) = hook {
+            crate::hooks::notify(&self.spec.hooks, hook, &facts, &self.out).await;
+        }
+        result
+    }
+
+    /// What the hooks are told about release `rec`.
+    fn facts(&self, rec: &Release) -> crate::hooks::Facts {
+        crate::hooks::Facts {
+            service: rec.service.clone(),
+            release: Some(rec.id.clone()),
+            from_version: rec.from_version.clone(),
+            to_version: rec.to_version.clone(),
+            who: self.who.clone(),
+            ..Default::default()
+        }
     }
 
     /// The version before the current primary (the `from` of the newest finished release that

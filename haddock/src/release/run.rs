@@ -626,6 +626,17 @@ impl<'a> Run<'a> {
                 &format!("weight {weight} % on {}", self.rec.to_version),
                 Some(t.elapsed()),
             );
+            let facts = crate::hooks::Facts {
+                weight: Some(weight),
+                ..self.d.facts(&self.rec)
+            };
+            crate::hooks::notify(
+                &self.spec().hooks,
+                crate::hooks::Hook::PostStep,
+                &facts,
+                &self.d.out,
+            )
+            .await;
             let mut step_ms = BTreeMap::new();
             step_ms.insert(format!("weight_{weight}"), ms(t.elapsed()));
             if last {

@@ -31,6 +31,47 @@ pub struct Spec {
     /// Long-lived companions beside the service on its hosts (`haddock accessory`).
     #[serde(default)]
     pub accessories: Vec<Accessory>,
+    /// Commands run around a release (`crate::hooks`).
+    #[serde(default)]
+    pub hooks: HooksSection,
+}
+
+/// `[hooks]`: commands (program and arguments, no shell) run with the release's facts in
+/// `HADDOCK_*` variables. `pre_release` can stop a release; the others only report.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksSection {
+    /// After the checks, before anything changes; a failure stops the release (exit 2).
+    #[serde(default)]
+    pub pre_release: Vec<String>,
+    /// After each canary weight is applied (`HADDOCK_WEIGHT`).
+    #[serde(default)]
+    pub post_step: Vec<String>,
+    /// After the release is done (old version removed).
+    #[serde(default)]
+    pub post_release: Vec<String>,
+    /// After a rollback (`HADDOCK_REASON`).
+    #[serde(default)]
+    pub post_rollback: Vec<String>,
+    /// Longest a hook may run before it is killed (and, for `pre_release`, fails).
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HooksSection {
+    fn default() -> Self {
+        HooksSection {
+            pre_release: Vec::new(),
+            post_step: Vec::new(),
+            post_release: Vec::new(),
+            post_rollback: Vec::new(),
+            timeout: default_hook_timeout(),
+        }
+    }
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -253,6 +253,23 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         }
     }
 
+    // [hooks]
+    let hk = &spec.hooks;
+    for (key, cmd) in [
+        ("pre_release", &hk.pre_release),
+        ("post_step", &hk.post_step),
+        ("post_release", &hk.post_release),
+        ("post_rollback", &hk.post_rollback),
+    ] {
+        if cmd.first().is_some_and(|p| p.trim().is_empty()) {
+            bad(
+                &format!("hooks.{key}"),
+                "the first element is the program to run; it is empty".into(),
+            );
+        }
+    }
+    positive(&mut bad, "hooks.timeout", hk.timeout);
+
     // [health]
     let h = &spec.health;
     if !h.path.starts_with('/') {
