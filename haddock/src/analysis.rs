@@ -184,6 +184,7 @@ mod tests {
             max_p99_vs_stable: None,
             extend_inconclusive: Duration::ZERO,
             on_inconclusive: crate::spec::OnInconclusive::Pass,
+            post_promotion: Duration::ZERO,
         }
     }
 

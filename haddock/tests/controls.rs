@@ -540,3 +540,66 @@ fn reaction_time_from_a_breach_to_users_back_on_the_old_version() {
         );
     }
 }
+
+#[test]
+fn a_breach_right_after_the_promotion_sends_users_back_to_the_old_version() {
+    let scene = Scene::on_good_1_with(
+        "late-breach",
+        &SpecOpts {
+            steps: r#"[{ weight = 50 }, { weight = 100 }]"#,
+            max_drain: "60s",
+            ..Default::default()
+        },
+    );
+    let (l, service, guard, spec) = scene.parts();
+    let text_now = std::fs::read_to_string(spec).unwrap();
+    let watched = text_now.replacen(
+        "min_requests = 20",
+        "min_requests = 20\npost_promotion = \"30s\"",
+        1,
+    );
+    assert_ne!(watched, text_now);
+    std::fs::write(spec, watched).unwrap();
+    let client = l.client();
+    let old = rt()
+        .block_on(client.instances(service))
+        .unwrap()
+        .into_iter()
+        .find(|i| i.state == InstanceState::Ready)
+        .unwrap();
+    report_sessions(l, service, Some(&old.id), 1, &[]);
+
+    let release = spawn(&["release", service, "good-2"], spec, l);
+    active_when(l, service, "the promotion", |r| {
+        r.state == ReleaseState::Draining
+    });
+    // As a proxy would report it: the promoted version now answers half its requests with
+    // 5xx (cumulative counters, growing), while the old instance still holds a session.
+    // A proxy reports every 100 ms, until the release ends (or 30 s pass).
+    for n in 1..=300 {
+        report_sessions(l, service, Some(&old.id), 1, &[("good-2", n * 40, n * 20)]);
+        let state = rt().block_on(client.history(Some(service))).unwrap()[0].state;
+        if state.is_terminal() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = finish(release, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("after the promotion: version good-2 answered 50.0 % 5xx"),
+        "{}",
+        text(&out)
+    );
+    rt().block_on(async {
+        let svc = client.service(service).await.unwrap();
+        assert_eq!(svc.weights, BTreeMap::from([("good-1".to_string(), 100)]));
+        assert_eq!(svc.primary_version.as_deref(), Some("good-1"));
+        let back = client.instance(&old.id).await.unwrap();
+        assert_eq!(back.state, InstanceState::Ready, "the old instance is back");
+    });
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1");
+    assert!(containers[0].2, "the old container never stopped");
+}

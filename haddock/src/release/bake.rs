@@ -44,6 +44,33 @@ pub(super) async fn traffic(client: &Client, service: &str) -> Result<TrafficByV
     Ok(snap.traffic.get(service).cloned().unwrap_or_default())
 }
 
+/// The watch after the promotion (`rollout.analysis.post_promotion`): judges `new` on what
+/// it served since this call, for `window`, against the same limits as the bakes. `Some`
+/// reason on a breach; `None` once the window passed without one (too little traffic to judge
+/// is no reason to send users back). Reads the locator directly every [`TICK`]: the drain
+/// that runs beside it owns the watch stream's view.
+pub(super) async fn after_promotion(
+    client: Client,
+    service: String,
+    new: String,
+    old: Option<String>,
+    limits: Analysis,
+    window: Duration,
+) -> Result<Option<String>> {
+    let baseline = traffic(&client, &service).await?;
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        tokio::time::sleep(TICK.min(deadline.saturating_duration_since(Instant::now()))).await;
+        let now = traffic(&client, &service).await?;
+        if let Verdict::Breach { reason, .. } =
+            analysis::judge(&baseline, &now, &new, old.as_deref(), &limits)
+        {
+            return Ok(Some(reason));
+        }
+    }
+    Ok(None)
+}
+
 impl Bake {
     /// The bake ran out with `requests` of `min_requests` on the new version. First extends it
     /// (once, by `extend_inconclusive`); then, as `on_inconclusive` says, goes on (`None`

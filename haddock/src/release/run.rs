@@ -868,7 +868,62 @@ impl<'a> Run<'a> {
             .await
     }
 
+    /// The post-promotion window: the new version judged a while more while the old one
+    /// drains. `true` when it ended the release (a breach or an abort: rolling back).
+    async fn watch_after_promotion(&mut self) -> Result<bool> {
+        let window = self.spec().rollout.analysis.post_promotion;
+        if window.is_zero() {
+            return Ok(false);
+        }
+        self.d.out.step(
+            &format!(
+                "judging {} for {} after the promotion while the old version drains",
+                self.rec.to_version,
+                crate::output::fmt_duration(window)
+            ),
+            None,
+        );
+        let t = Instant::now();
+        let abort = controls::abort_requested(
+            self.view.subscribe(),
+            self.d.client.clone(),
+            self.rec.id.clone(),
+        );
+        let judged = bake::after_promotion(
+            self.d.client.clone(),
+            self.rec.service.clone(),
+            self.rec.to_version.clone(),
+            self.old_version().map(String::from),
+            self.spec().rollout.analysis.clone(),
+            window,
+        );
+        let breach = tokio::select! {
+            r = judged => r?,
+            () = abort => return self.abort_after_promotion().await,
+        };
+        match breach {
+            None => {
+                self.d.out.step(
+                    &format!(
+                        "no breach in the {} after the promotion",
+                        crate::output::fmt_duration(window)
+                    ),
+                    Some(t.elapsed()),
+                );
+                Ok(false)
+            }
+            Some(reason) => {
+                self.begin_rollback(format!("after the promotion: {reason}"))
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
     async fn drain_old(&mut self) -> Result<()> {
+        if self.watch_after_promotion().await? {
+            return Ok(());
+        }
         let old = self.old_instance_ids().await?;
         let max = self.spec().sessions.max_drain;
         // The drain can last as long as sessions do: an abort meanwhile ends it at once.

@@ -366,6 +366,11 @@ pub struct Analysis {
     /// What an inconclusive bake does after its extension.
     #[serde(default)]
     pub on_inconclusive: OnInconclusive,
+    /// After the promotion, the new version is judged this long more (same limits) while the
+    /// old one drains: a breach sends users back to the old version while it still runs.
+    /// 0 (the default): not judged after the promotion.
+    #[serde(default, with = "humantime_serde")]
+    pub post_promotion: Duration,
 }
 
 /// What a canary step does when its bake (and extension) ended without enough traffic to
@@ -392,6 +397,7 @@ impl Default for Analysis {
             max_p99_vs_stable: None,
             extend_inconclusive: Duration::ZERO,
             on_inconclusive: OnInconclusive::Pass,
+            post_promotion: Duration::ZERO,
         }
     }
 }
