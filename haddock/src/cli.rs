@@ -361,6 +361,18 @@ fn load_spec(service: &str, spec: Option<PathBuf>) -> Result<Spec, Error> {
     Ok(spec)
 }
 
+/// [`fail`], and with `json` also the one JSON object a `--json` verb owes its caller.
+fn fail_with_json(service: &str, e: &Error, json: bool) -> u8 {
+    if json {
+        let v = serde_json::json!({
+            "service": service, "error": e.kind(), "reason": e.to_string(),
+            "exit_code": e.exit_code(),
+        });
+        println!("{v}");
+    }
+    fail(e)
+}
+
 /// Prints an error for a human (stderr) and returns its exit code.
 fn fail(e: &Error) -> u8 {
     eprintln!("error: {e}");
@@ -421,16 +433,7 @@ async fn run_async(command: Command) -> u8 {
                     }
                     exit::OK
                 }
-                Err(e) => {
-                    if conn.json {
-                        let v = serde_json::json!({
-                            "service": service, "error": e.kind(), "reason": e.to_string(),
-                            "exit_code": e.exit_code(),
-                        });
-                        println!("{v}");
-                    }
-                    fail(&e)
-                }
+                Err(e) => fail_with_json(&service, &e, conn.json),
             }
         }
         Command::Rollback {
@@ -613,16 +616,7 @@ async fn update(
             }
             exit::OK
         }
-        Err(e) => {
-            if json {
-                let v = serde_json::json!({
-                    "service": service, "error": e.kind(), "reason": e.to_string(),
-                    "exit_code": e.exit_code(),
-                });
-                println!("{v}");
-            }
-            fail(&e)
-        }
+        Err(e) => fail_with_json(service, &e, json),
     }
 }
 
@@ -733,16 +727,7 @@ async fn lock(verb: LockVerb) -> u8 {
             }
             exit::OK
         }
-        Err(e) => {
-            if conn.json {
-                let v = serde_json::json!({
-                    "service": service, "error": e.kind(), "reason": e.to_string(),
-                    "exit_code": e.exit_code(),
-                });
-                println!("{v}");
-            }
-            fail(&e)
-        }
+        Err(e) => fail_with_json(&service, &e, conn.json),
     }
 }
 

@@ -119,6 +119,28 @@ fn report_sessions(
     rt().block_on(proxy.report_sessions(&report)).unwrap();
 }
 
+/// After a rollback from the promoted good-2: every new session on good-1 again, its
+/// instance `old_id` ready, the release recorded rolled back, good-1's container never
+/// stopped and good-2's gone.
+fn back_on_good_1(l: &Locator, service: &str, old_id: &str, guard: &DockerGuard) {
+    let client = l.client();
+    rt().block_on(async {
+        let svc = client.service(service).await.unwrap();
+        assert_eq!(svc.weights, BTreeMap::from([("good-1".to_string(), 100)]));
+        assert_eq!(svc.primary_version.as_deref(), Some("good-1"));
+        let back = client.instance(old_id).await.unwrap();
+        assert_eq!(back.state, InstanceState::Ready, "the old instance is back");
+        assert_eq!(
+            client.history(Some(service)).await.unwrap()[0].state,
+            ReleaseState::RolledBack
+        );
+    });
+    let containers = guard.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "good-1");
+    assert!(containers[0].2, "the old container never stopped");
+}
+
 #[test]
 fn two_haddocks_at_a_lapsed_lease_drive_the_release_once() {
     let scene = Scene::on_good_1(
@@ -214,21 +236,7 @@ fn abort_after_the_promotion_sends_users_back_to_the_old_version() {
         text(&out)
     );
 
-    rt().block_on(async {
-        let svc = client.service(service).await.unwrap();
-        assert_eq!(svc.weights, BTreeMap::from([("good-1".to_string(), 100)]));
-        assert_eq!(svc.primary_version.as_deref(), Some("good-1"));
-        let back = client.instance(&old.id).await.unwrap();
-        assert_eq!(back.state, InstanceState::Ready, "the old instance is back");
-        assert_eq!(
-            client.history(Some(service)).await.unwrap()[0].state,
-            ReleaseState::RolledBack
-        );
-    });
-    let containers = guard.containers();
-    assert_eq!(containers.len(), 1, "{containers:?}");
-    assert_eq!(containers[0].1, "good-1");
-    assert!(containers[0].2, "the old container never stopped");
+    back_on_good_1(l, service, &old.id, guard);
 }
 
 #[test]
@@ -591,15 +599,5 @@ fn a_breach_right_after_the_promotion_sends_users_back_to_the_old_version() {
         "{}",
         text(&out)
     );
-    rt().block_on(async {
-        let svc = client.service(service).await.unwrap();
-        assert_eq!(svc.weights, BTreeMap::from([("good-1".to_string(), 100)]));
-        assert_eq!(svc.primary_version.as_deref(), Some("good-1"));
-        let back = client.instance(&old.id).await.unwrap();
-        assert_eq!(back.state, InstanceState::Ready, "the old instance is back");
-    });
-    let containers = guard.containers();
-    assert_eq!(containers.len(), 1, "{containers:?}");
-    assert_eq!(containers[0].1, "good-1");
-    assert!(containers[0].2, "the old container never stopped");
+    back_on_good_1(l, service, &old.id, guard);
 }
