@@ -560,14 +560,11 @@ fn a_breach_right_after_the_promotion_sends_users_back_to_the_old_version() {
         },
     );
     let (l, service, guard, spec) = scene.parts();
-    let text_now = std::fs::read_to_string(spec).unwrap();
-    let watched = text_now.replacen(
+    edit_spec(
+        spec,
         "min_requests = 20",
         "min_requests = 20\npost_promotion = \"30s\"",
-        1,
     );
-    assert_ne!(watched, text_now);
-    std::fs::write(spec, watched).unwrap();
     let client = l.client();
     let old = rt()
         .block_on(client.instances(service))

@@ -139,13 +139,11 @@ fn a_redeploy_releases_the_same_tag_as_a_new_version_with_the_spec_as_it_is_now(
     assert_eq!(guard.containers(), before);
 
     // The spec gains an env var: the same tag without --redeploy changes nothing.
-    let text_now = std::fs::read_to_string(spec).unwrap();
-    let changed = text_now.replace(
+    edit_spec(
+        spec,
         r#"env = { RUST_LOG = "info" }"#,
         r#"env = { RUST_LOG = "info", MARK = "second" }"#,
     );
-    assert_ne!(text_now, changed);
-    std::fs::write(spec, changed).unwrap();
     let same = release(spec, service, "good-1", l);
     assert_eq!(
         report(&same)["outcome"],
@@ -740,18 +738,11 @@ fn a_step_without_traffic_is_inconclusive_and_the_spec_says_what_follows() {
         "[{ weight = 50, pause = \"1s\" }, { weight = 100 }]",
     );
     let (l, service, guard, spec) = scene.parts();
-    let text_now = std::fs::read_to_string(spec).unwrap();
-    let with = |on: &str| {
-        let t = text_now.replacen(
-            "min_requests = 20",
-            &format!("min_requests = 20\nextend_inconclusive = \"1s\"\non_inconclusive = \"{on}\""),
-            1,
-        );
-        assert_ne!(t, text_now);
-        std::fs::write(spec, t).unwrap();
-    };
-
-    with("fail");
+    edit_spec(
+        spec,
+        "min_requests = 20",
+        "min_requests = 20\nextend_inconclusive = \"1s\"\non_inconclusive = \"fail\"",
+    );
     let failed = release(spec, service, "good-2", l);
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
     let r = report(&failed);
@@ -772,7 +763,11 @@ fn a_step_without_traffic_is_inconclusive_and_the_spec_says_what_follows() {
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(containers[0].1, "good-1", "users stay on good-1");
 
-    with("pass");
+    edit_spec(
+        spec,
+        "on_inconclusive = \"fail\"",
+        "on_inconclusive = \"pass\"",
+    );
     let passed = release(spec, service, "good-2", l);
     assert_eq!(passed.status.code(), Some(0), "{}", text(&passed));
     assert!(

@@ -363,6 +363,15 @@ impl Stack {
         )
     }
 
+    /// Rewrites the stack's spec: the first `from` becomes `to` (which must change it). The
+    /// next haddock verb reads the new spec.
+    pub fn edit_spec(&self, from: &str, to: &str) {
+        let spec = std::fs::read_to_string(&self.spec_path).unwrap();
+        let edited = spec.replacen(from, to, 1);
+        assert_ne!(spec, edited, "the stack's spec has no {from:?}");
+        std::fs::write(&self.spec_path, edited).unwrap();
+    }
+
     /// Eight users on the proxy until the returned control is stopped.
     pub fn light_load(
         &self,

@@ -892,6 +892,58 @@ mod tests {
     }
 
     #[test]
+    fn judgement_and_hook_keys_are_checked_where_they_are() {
+        let analysis = "min_requests = 50";
+        for (extra, path, says) in [
+            (
+                "max_5xx_over_stable = 1.5",
+                "rollout.analysis.max_5xx_over_stable",
+                "difference of ratios",
+            ),
+            (
+                "max_p99_vs_stable = 0.5",
+                "rollout.analysis.max_p99_vs_stable",
+                "at least 1.0",
+            ),
+            (
+                "on_inconclusive = \"shrug\"",
+                "rollout.analysis.on_inconclusive",
+                "",
+            ),
+            (
+                "post_promotion = \"soon\"",
+                "rollout.analysis.post_promotion",
+                "",
+            ),
+        ] {
+            rejects(analysis, &format!("{analysis}\n{extra}"), path, says);
+        }
+        let with_hooks = |hooks: &str| format!("{GOOD}\n[hooks]\n{hooks}\n");
+        for (hooks, path, says) in [
+            (
+                "pre_release = [\"\", \"x\"]",
+                "hooks.pre_release",
+                "program to run",
+            ),
+            ("timeout = \"0s\"", "hooks.timeout", "longer than 0s"),
+            ("pre_deploy = [\"x\"]", "hooks.pre_deploy", ""),
+        ] {
+            let found = issues(&with_hooks(hooks));
+            let hit = found
+                .iter()
+                .find(|i| i.path == path)
+                .unwrap_or_else(|| panic!("no issue at {path}; got {found:#?}"));
+            assert!(hit.message.contains(says), "{hit}");
+        }
+        let ok = Spec::parse(
+            "t.toml",
+            &with_hooks("post_step = [\"notify\", \"--quiet\"]"),
+        )
+        .unwrap();
+        assert_eq!(ok.hooks.post_step, ["notify", "--quiet"]);
+    }
+
+    #[test]
     fn volumes_are_named_and_absolute() {
         rejects(
             "mount = \"/cache\"",

@@ -344,6 +344,14 @@ instances = {instances}
     path
 }
 
+/// Rewrites a spec file: the first `from` becomes `to` (which must change it).
+pub fn edit_spec(spec: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(spec).unwrap();
+    let edited = text.replacen(from, to, 1);
+    assert_ne!(text, edited, "{} has no {from:?}", spec.display());
+    std::fs::write(spec, edited).unwrap();
+}
+
 /// Runs the haddock binary.
 pub fn haddock(args: &[&str], locator: Option<&Locator>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_haddock"));
