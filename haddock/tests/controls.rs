@@ -119,6 +119,28 @@ fn report_sessions(
     rt().block_on(proxy.report_sessions(&report)).unwrap();
 }
 
+/// Starts the release of good-2 while a proxy holds a live session on good-1's instance (so
+/// the drain waits for it), and returns once the release is promoted and draining: the
+/// running haddock and good-1's instance.
+fn release_good_2_until_draining(
+    l: &Locator,
+    service: &str,
+    spec: &std::path::Path,
+) -> (Child, locator_wire::api::Instance) {
+    let old = rt()
+        .block_on(l.client().instances(service))
+        .unwrap()
+        .into_iter()
+        .find(|i| i.state == InstanceState::Ready)
+        .unwrap();
+    report_sessions(l, service, Some(&old.id), 1, &[]);
+    let release = spawn(&["release", service, "good-2"], spec, l);
+    active_when(l, service, "the old version to drain", |r| {
+        r.state == ReleaseState::Draining
+    });
+    (release, old)
+}
+
 /// After a rollback from the promoted good-2: every new session on good-1 again, its
 /// instance `old_id` ready, the release recorded rolled back, good-1's container never
 /// stopped and good-2's gone.
@@ -212,20 +234,7 @@ fn abort_after_the_promotion_sends_users_back_to_the_old_version() {
         },
     );
     let (l, service, guard, spec) = scene.parts();
-    let client = l.client();
-    let old = rt()
-        .block_on(client.instances(service))
-        .unwrap()
-        .into_iter()
-        .find(|i| i.state == InstanceState::Ready)
-        .unwrap();
-    // A proxy holds a live session on the old instance: the drain waits for it.
-    report_sessions(l, service, Some(&old.id), 1, &[]);
-
-    let release = spawn(&["release", service, "good-2"], spec, l);
-    active_when(l, service, "the old version to drain", |r| {
-        r.state == ReleaseState::Draining
-    });
+    let (release, old) = release_good_2_until_draining(l, service, spec);
     let abort = haddock(&["abort", service], Some(l));
     assert_eq!(abort.status.code(), Some(0), "{}", text(&abort));
     let out = finish(release, Duration::from_secs(60));
@@ -566,18 +575,7 @@ fn a_breach_right_after_the_promotion_sends_users_back_to_the_old_version() {
         "min_requests = 20\npost_promotion = \"30s\"",
     );
     let client = l.client();
-    let old = rt()
-        .block_on(client.instances(service))
-        .unwrap()
-        .into_iter()
-        .find(|i| i.state == InstanceState::Ready)
-        .unwrap();
-    report_sessions(l, service, Some(&old.id), 1, &[]);
-
-    let release = spawn(&["release", service, "good-2"], spec, l);
-    active_when(l, service, "the promotion", |r| {
-        r.state == ReleaseState::Draining
-    });
+    let (release, old) = release_good_2_until_draining(l, service, spec);
     // As a proxy would report it: the promoted version now answers half its requests with
     // 5xx (cumulative counters, growing), while the old instance still holds a session.
     // A proxy reports every 100 ms, until the release ends (or 30 s pass).
