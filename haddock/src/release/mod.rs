@@ -136,9 +136,7 @@ impl Deployer {
     /// when it is to the same tag.
     pub async fn release(&self, tag: &str) -> Result<(Outcome, Option<Release>)> {
         // Nothing is changed before these checks pass.
-        self.check_images(tag).await?;
-        self.check_volumes().await?;
-        crate::accessory::check_dns(&self.hosts, &self.spec).await?;
+        self.check_before(tag).await?;
         if let Some(active) = self.client.active_release(self.service()).await? {
             // A release to the same tag whose driver was killed a moment ago still shows a
             // fresh lease: wait for it to lapse rather than refuse, so that "run it again"
@@ -292,6 +290,16 @@ impl Deployer {
             None,
         );
         Ok(version)
+    }
+
+    /// The checks a release of `version` passes before anything changes (and `plan` runs
+    /// too): the image on every host or where it comes from, the volumes against the spec,
+    /// the DNS accessories running. Returns how the image reaches the hosts.
+    async fn check_before(&self, version: &str) -> Result<Supply> {
+        let supply = self.check_images(version).await?;
+        self.check_volumes().await?;
+        crate::accessory::check_dns(&self.hosts, &self.spec).await?;
+        Ok(supply)
     }
 
     /// Refuses (nothing changed) when a volume the spec declares exists on a host as something

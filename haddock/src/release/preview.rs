@@ -125,9 +125,7 @@ impl Deployer {
     /// `haddock plan`: the release of `version` as [`Deployer::release`] would walk it, from
     /// the same checks, changing nothing.
     pub async fn preview(&self, version: &str) -> Result<Preview> {
-        let supply = self.check_images(version).await?;
-        self.check_volumes().await?;
-        crate::accessory::check_dns(&self.hosts, &self.spec).await?;
+        let supply = self.check_before(version).await?;
         let mut p = Preview {
             service: self.service().to_string(),
             to_version: version.to_string(),
