@@ -29,6 +29,8 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   [ -x /usr/bin/docker-registry ] || haddock_need+=(docker-registry)
   # The DNS cache accessory's image (ci/build-images.sh --component dnsmasq) is Debian's dnsmasq.
   [ -x /usr/sbin/dnsmasq ] || haddock_need+=(dnsmasq-base)
+  # The custom-checks test queries Debian's Prometheus scraping the proxies.
+  [ -x /usr/bin/prometheus ] || haddock_need+=(prometheus)
 fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run

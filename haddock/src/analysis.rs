@@ -185,6 +185,8 @@ mod tests {
             extend_inconclusive: Duration::ZERO,
             on_inconclusive: crate::spec::OnInconclusive::Pass,
             post_promotion: Duration::ZERO,
+            prometheus: None,
+            checks: Vec::new(),
         }
     }
 

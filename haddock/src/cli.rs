@@ -1128,6 +1128,17 @@ async fn history(conn: &Conn, service: Option<&str>) -> u8 {
                 .map(|x| format!("  {}", x.lines().next().unwrap_or("")))
                 .unwrap_or_default()
         );
+        for a in &r.actions {
+            println!(
+                "{:<10} {:?} by {} at {}",
+                "",
+                a.control,
+                a.who,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(a.at)
+                )
+            );
+        }
     }
     exit::OK
 }

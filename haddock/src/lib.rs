@@ -14,6 +14,7 @@
 //! [`output`] is what users and CI see.
 pub mod accessory;
 pub mod analysis;
+pub mod check;
 pub mod cli;
 pub mod docker;
 pub mod drain;

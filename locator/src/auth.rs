@@ -1,6 +1,11 @@
-//! Bearer tokens with roles: `read` (dashboards), `proxy` (session reports), `deploy` (haddock).
+//! Bearer tokens with names, roles and scopes: `read` (dashboards), `proxy` (session reports),
+//! `deploy` (haddock).
 //!
-//! `deploy` and `proxy` imply `read`. Tokens come from a TOML file and/or the environment;
+//! `deploy` and `proxy` imply `read`. Every token has a name, and a mutation is recorded under
+//! the name of the token that made it (`who` in releases, locks, limit changes and operator
+//! actions), not under whatever the client claims: `$USER` on a CI runner says nothing. A token
+//! may be scoped to some services: it then changes nothing of any other service (reads stay
+//! open to it, as to any token). Tokens come from a TOML file and/or the environment;
 //! with none configured the locator never runs open: it creates a deploy token in its data
 //! directory (mode 0600) on first start and logs where. Presented tokens are compared with
 //! every known token in constant time, so timing does not reveal how much of a guess matched.
@@ -36,7 +41,9 @@ impl Role {
     }
 }
 
-/// The tokens file: `deploy = ["…"]`, `read = ["…"]`, `proxy = ["…"]`.
+/// The tokens file: named tokens (`[[token]]` with `name`, `role`, `secret` and optionally
+/// `services`), and the older unnamed lists `deploy = ["…"]`, `read = ["…"]`, `proxy = ["…"]`
+/// (their tokens are named `deploy-1`, `deploy-2`, … in file order).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensFile {
@@ -46,6 +53,56 @@ pub struct TokensFile {
     pub read: Vec<String>,
     #[serde(default)]
     pub proxy: Vec<String>,
+    #[serde(default)]
+    pub token: Vec<NamedToken>,
+}
+
+/// One `[[token]]` of the tokens file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    pub name: String,
+    pub role: RoleName,
+    pub secret: String,
+    /// The services it may change; all when absent.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+}
+
+/// A role as the tokens file spells it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    Read,
+    Deploy,
+    Proxy,
+}
+
+impl From<RoleName> for Role {
+    fn from(r: RoleName) -> Role {
+        match r {
+            RoleName::Read => Role::Read,
+            RoleName::Deploy => Role::Deploy,
+            RoleName::Proxy => Role::Proxy,
+        }
+    }
+}
+
+/// Who presented a valid token: its name and what it may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    /// The services it may change; `None`: all.
+    pub services: Option<Vec<String>>,
+}
+
+impl Identity {
+    /// Whether this identity may change `service`.
+    pub fn may_change(&self, service: &str) -> bool {
+        self.services
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|s| s == service))
+    }
 }
 
 /// Why tokens could not be loaded (a startup error, reported by `main`).
@@ -60,12 +117,24 @@ pub enum TokensError {
     Parse { path: PathBuf, message: String },
     #[error("{0}: tokens must be non-empty and printable ASCII without spaces")]
     BadToken(String),
+    #[error("token name {0:?}: 1..=64 characters of letters, digits, '-', '_', '.' and '@'")]
+    BadName(String),
+    #[error("token name {0:?} is given twice")]
+    DuplicateName(String),
+}
+
+/// One known token.
+#[derive(Clone)]
+struct Entry {
+    secret: Vec<u8>,
+    role: Role,
+    identity: Identity,
 }
 
 /// The known tokens.
 #[derive(Clone, Default)]
 pub struct Tokens {
-    entries: Vec<(Vec<u8>, Role)>,
+    entries: Vec<Entry>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -80,11 +149,43 @@ impl Tokens {
         Self::default()
     }
 
+    /// Adds an unnamed token: it is named after its role and position (`deploy-2`).
     pub fn add(&mut self, role: Role, token: &str) -> Result<(), TokensError> {
+        let n = self.entries.iter().filter(|e| e.role == role).count() + 1;
+        let name = format!("{}-{n}", role.name());
+        self.add_named(role, token, &name, None)
+    }
+
+    /// Adds a token under `name`, limited to `services` when given.
+    pub fn add_named(
+        &mut self,
+        role: Role,
+        token: &str,
+        name: &str,
+        services: Option<Vec<String>>,
+    ) -> Result<(), TokensError> {
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(TokensError::BadToken(role.name().to_string()));
+            return Err(TokensError::BadToken(name.to_string()));
         }
-        self.entries.push((token.as_bytes().to_vec(), role));
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(TokensError::BadName(name.to_string()));
+        }
+        if self.entries.iter().any(|e| e.identity.name == name) {
+            return Err(TokensError::DuplicateName(name.to_string()));
+        }
+        self.entries.push(Entry {
+            secret: token.as_bytes().to_vec(),
+            role,
+            identity: Identity {
+                name: name.to_string(),
+                services,
+            },
+        });
         Ok(())
     }
 
@@ -125,6 +226,9 @@ impl Tokens {
                     tokens.add(role, t)?;
                 }
             }
+            for t in parsed.token {
+                tokens.add_named(t.role.into(), &t.secret, &t.name, t.services)?;
+            }
         }
         for (role, var) in [
             (Role::Deploy, "LOCATOR_DEPLOY_TOKENS"),
@@ -146,8 +250,8 @@ impl Tokens {
         Ok((tokens, Some(path)))
     }
 
-    /// Checks an `Authorization` header value against `need`.
-    pub fn check(&self, authorization: Option<&[u8]>, need: Role) -> Result<(), Error> {
+    /// Checks an `Authorization` header value against `need`; who presented it.
+    pub fn check(&self, authorization: Option<&[u8]>, need: Role) -> Result<Identity, Error> {
         let presented = authorization
             .and_then(|h| {
                 h.strip_prefix(b"Bearer ")
@@ -156,11 +260,15 @@ impl Tokens {
             .map(|t| t.trim_ascii())
             .filter(|t| !t.is_empty())
             .ok_or(Error::Unauthorized)?;
-        // Look at every entry, without early exit, accumulating the roles that match.
+        // Look at every entry, without early exit, accumulating the roles that match and
+        // remembering the first entry that matched (an index, selected in constant time).
         let mut roles = 0u8;
-        for (token, role) in &self.entries {
-            let hit = token.as_slice().ct_eq(presented);
-            roles |= u8::conditional_select(&0, &role.bit(), hit);
+        let mut found = u32::MAX;
+        for (i, e) in self.entries.iter().enumerate() {
+            let hit = e.secret.as_slice().ct_eq(presented);
+            roles |= u8::conditional_select(&0, &e.role.bit(), hit);
+            let first = hit & found.ct_eq(&u32::MAX);
+            found = u32::conditional_select(&found, &(i as u32), first);
         }
         if roles == 0 {
             return Err(Error::Unauthorized);
@@ -170,7 +278,7 @@ impl Tokens {
             Role::Deploy | Role::Proxy => roles & need.bit() != 0,
         };
         if ok {
-            Ok(())
+            Ok(self.entries[found as usize].identity.clone())
         } else {
             Err(Error::Forbidden(need.name()))
         }
@@ -250,6 +358,40 @@ mod tests {
             t.check(Some(b"Bearer de"), Role::Read),
             Err(Error::Unauthorized)
         );
+    }
+
+    #[test]
+    fn named_and_scoped_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(
+            &file,
+            "deploy = [\"old\"]\n\
+             [[token]]\nname = \"ci\"\nrole = \"deploy\"\nsecret = \"s1\"\nservices = [\"opt\"]\n\
+             [[token]]\nname = \"alice@ops\"\nrole = \"deploy\"\nsecret = \"s2\"\n",
+        )
+        .unwrap();
+        let (t, _) = Tokens::load(Some(&file), |_| None, dir.path()).unwrap();
+        let ci = t.check(Some(b"Bearer s1"), Role::Deploy).unwrap();
+        assert_eq!(ci.name, "ci");
+        assert!(ci.may_change("opt") && !ci.may_change("other"));
+        let alice = t.check(Some(b"Bearer s2"), Role::Deploy).unwrap();
+        assert_eq!(alice.name, "alice@ops");
+        assert!(alice.may_change("anything"));
+        assert_eq!(
+            t.check(Some(b"Bearer old"), Role::Deploy).unwrap().name,
+            "deploy-1"
+        );
+        for (bad, says) in [
+            ("[[token]]\nname = \"a b\"\nrole = \"read\"\nsecret = \"x\"\n", "token name"),
+            ("[[token]]\nname = \"a\"\nrole = \"admin\"\nsecret = \"x\"\n", "unknown variant"),
+            ("[[token]]\nname = \"a\"\nrole = \"read\"\nsecret = \"x\"\n[[token]]\nname = \"a\"\nrole = \"read\"\nsecret = \"y\"\n", "twice"),
+            ("[[token]]\nname = \"a\"\nrole = \"read\"\n", "missing field"),
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let err = Tokens::load(Some(&file), |_| None, dir.path()).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum Error {
     /// 403 `forbidden`: the token is valid but lacks the role this route needs.
     #[error("this route needs a token with the `{0}` role")]
     Forbidden(&'static str),
+    /// 403 `out_of_scope`: the token is limited to other services than the one this changes.
+    #[error("token `{token}` may not change service `{service}` (it is scoped to other services)")]
+    OutOfScope { token: String, service: String },
     /// 404 `unknown_service`.
     #[error("unknown service `{0}`")]
     UnknownService(String),
@@ -131,7 +134,7 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Unauthorized => StatusCode::UNAUTHORIZED,
-            Forbidden(_) => StatusCode::FORBIDDEN,
+            Forbidden(_) | OutOfScope { .. } => StatusCode::FORBIDDEN,
             UnknownService(_) | UnknownInstance(_) | UnknownRelease(_) | NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -162,6 +165,7 @@ impl Error {
             InvalidWeights(_) => "invalid_weights",
             Unauthorized => "unauthorized",
             Forbidden(_) => "forbidden",
+            OutOfScope { .. } => "out_of_scope",
             UnknownService(_) => "unknown_service",
             UnknownInstance(_) => "unknown_instance",
             UnknownRelease(_) => "unknown_release",

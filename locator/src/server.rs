@@ -4,7 +4,7 @@
 //! the auth test both walk that table, so a new route cannot be forgotten by either.
 
 use crate::api::*;
-use crate::auth::{Role, Tokens};
+use crate::auth::{Identity, Role, Tokens};
 use crate::connections::{
     shed, shed_response, AcceptWarnings, Clock, Timeouts, Watched, SHED_LINGERING,
 };
@@ -390,13 +390,25 @@ impl<S: Store> App<S> {
             .find(|(m, t, _, _)| *m == method && *t == template)
             .map(|r| (r.2, r.3))
             .ok_or_else(|| Error::MethodNotAllowed(method.clone()))?;
-        if let Access::Needs(role) = access {
-            let auth = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes());
-            self.config.tokens.check(auth, role)?;
-        }
+        // Open routes answer anyone; every write needs a role, so it has an identity.
+        let identity = match access {
+            Access::Needs(role) => {
+                let auth = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                Some(self.config.tokens.check(auth, role)?)
+            }
+            Access::Open => None,
+        };
+        let who = identity
+            .as_ref()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        let writer = Writer {
+            server: self,
+            identity: identity.as_ref(),
+        };
         let p = |i: usize| params.get(i).cloned().unwrap_or_default();
         let committed = self.store.committed();
         match endpoint {
@@ -418,44 +430,50 @@ impl<S: Store> App<S> {
             Endpoint::GetService => json(&committed.read(|s| s.service(&p(0)))?),
             Endpoint::PutService => {
                 let spec: ServiceSpec = self.body(req).await?;
-                self.write(Command::PutService { name: p(0), spec }).await
+                writer.write(Command::PutService { name: p(0), spec }).await
             }
             Endpoint::SetWeights => {
                 let if_match = if_match(&req)?;
                 let update: WeightsUpdate = self.body(req).await?;
-                self.write(Command::SetWeights {
-                    service: p(0),
-                    update,
-                    if_match,
-                })
-                .await
+                writer
+                    .write(Command::SetWeights {
+                        service: p(0),
+                        update,
+                        if_match,
+                    })
+                    .await
             }
             Endpoint::RecordLimits => {
-                let change: NewLimitsChange = self.body(req).await?;
-                self.write(Command::RecordLimits {
-                    service: p(0),
-                    change,
-                })
-                .await
+                let mut change: NewLimitsChange = self.body(req).await?;
+                change.who = who;
+                writer
+                    .write(Command::RecordLimits {
+                        service: p(0),
+                        change,
+                    })
+                    .await
             }
             Endpoint::Lock => {
-                let lock: NewLock = self.body(req).await?;
-                self.write(Command::Lock {
-                    service: p(0),
-                    lock: Some(lock),
-                })
-                .await
+                let mut lock: NewLock = self.body(req).await?;
+                lock.who = who;
+                writer
+                    .write(Command::Lock {
+                        service: p(0),
+                        lock: Some(lock),
+                    })
+                    .await
             }
             Endpoint::Unlock => {
-                self.write(Command::Lock {
-                    service: p(0),
-                    lock: None,
-                })
-                .await
+                writer
+                    .write(Command::Lock {
+                        service: p(0),
+                        lock: None,
+                    })
+                    .await
             }
             Endpoint::Register => {
                 let r: RegisterInstance = self.body(req).await?;
-                self.write(Command::Register(r)).await
+                writer.write(Command::Register(r)).await
             }
             Endpoint::ListInstances => {
                 let q = query(&req);
@@ -465,23 +483,25 @@ impl<S: Store> App<S> {
             Endpoint::GetInstance => json(&committed.read(|s| s.instance(&p(0)))?),
             Endpoint::SetState => {
                 let c: StateChange = self.body(req).await?;
-                self.write(Command::SetState {
-                    id: p(0),
-                    state: c.state,
-                })
-                .await
+                writer
+                    .write(Command::SetState {
+                        id: p(0),
+                        state: c.state,
+                    })
+                    .await
             }
             Endpoint::Heartbeat => {
                 self.drain(req).await?;
-                self.write(Command::Heartbeat { id: p(0) }).await
+                writer.write(Command::Heartbeat { id: p(0) }).await
             }
             Endpoint::Sessions => {
                 let r: SessionReport = self.body(req).await?;
-                self.write(Command::Sessions(r)).await
+                writer.write(Command::Sessions(r)).await
             }
             Endpoint::CreateRelease => {
-                let n: NewRelease = self.body(req).await?;
-                self.write(Command::CreateRelease(n)).await
+                let mut n: NewRelease = self.body(req).await?;
+                n.who = who;
+                writer.write(Command::CreateRelease(n)).await
             }
             Endpoint::ListReleases => {
                 let q = query(&req);
@@ -500,16 +520,19 @@ impl<S: Store> App<S> {
             Endpoint::GetRelease => json(&committed.read(|s| s.release(&p(0)))?),
             Endpoint::UpdateRelease => {
                 let update: ReleaseUpdate = self.body(req).await?;
-                self.write(Command::UpdateRelease { id: p(0), update })
+                writer
+                    .write(Command::UpdateRelease { id: p(0), update })
                     .await
             }
             Endpoint::Control => {
                 let c: ControlBody = self.body(req).await?;
-                self.write(Command::Control {
-                    id: p(0),
-                    control: c.control,
-                })
-                .await
+                writer
+                    .write(Command::Control {
+                        id: p(0),
+                        control: c.control,
+                        who,
+                    })
+                    .await
             }
             Endpoint::Snapshot => Ok(full(
                 StatusCode::OK,
@@ -534,15 +557,6 @@ impl<S: Store> App<S> {
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(resp)
             }
-        }
-    }
-
-    async fn write(&self, command: Command) -> Result<Response<Body>, Error> {
-        match self.store.execute(command).await? {
-            Reply::Service(s) => json(&s),
-            Reply::Instance(i) => json(&i),
-            Reply::Release(r) => json(&r),
-            Reply::Accepted => json(&serde_json::json!({ "accepted": true })),
         }
     }
 
@@ -745,6 +759,38 @@ mod tests {
         for (method, template, _, _) in ROUTES {
             let op = &doc["paths"][template][method.to_lowercase()];
             assert!(op.is_object(), "openapi.json lacks {method} {template}");
+        }
+    }
+}
+
+/// Executes the write commands of one request, on behalf of the token that sent it.
+struct Writer<'a, S> {
+    server: &'a App<S>,
+    identity: Option<&'a Identity>,
+}
+
+impl<S: Store> Writer<'_, S> {
+    /// Refuses a command that changes a service outside the token's scope (nothing changes);
+    /// executes the others.
+    async fn write(&self, command: Command) -> Result<Response<Body>, Error> {
+        if let Some(id) = self.identity.filter(|i| i.services.is_some()) {
+            let touched = self
+                .server
+                .store
+                .committed()
+                .read(|s| s.services_of(&command));
+            if let Some(service) = touched.into_iter().find(|s| !id.may_change(s)) {
+                return Err(Error::OutOfScope {
+                    token: id.name.clone(),
+                    service,
+                });
+            }
+        }
+        match self.server.store.execute(command).await? {
+            Reply::Service(s) => json(&s),
+            Reply::Instance(i) => json(&i),
+            Reply::Release(r) => json(&r),
+            Reply::Accepted => json(&serde_json::json!({ "accepted": true })),
         }
     }
 }

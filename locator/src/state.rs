@@ -65,6 +65,8 @@ pub enum Command {
     Control {
         id: String,
         control: Control,
+        /// The name of the token that sent it.
+        who: String,
     },
     /// The background sweep: heartbeat TTL and ageing of proxies' reports.
     Sweep,
@@ -443,7 +445,9 @@ impl State {
             Command::UpdateRelease { id, update } => {
                 self.update_release(id, update, ctx, &mut batch)?
             }
-            Command::Control { id, control } => self.control(id, *control, ctx, &mut batch)?,
+            Command::Control { id, control, who } => {
+                self.control(id, *control, who, ctx, &mut batch)?
+            }
             Command::Sweep => self.sweep(ctx, &mut batch),
         };
         Ok(Outcome {
@@ -910,6 +914,7 @@ impl State {
             reason: None,
             step_ms: BTreeMap::new(),
             status: ReleaseStatus::default(),
+            actions: Vec::new(),
         };
         b.push(Change::Release(release.clone()));
         Ok(Reply::Release(release))
@@ -1021,7 +1026,14 @@ impl State {
         Ok(Reply::Release(next))
     }
 
-    fn control(&self, id: &str, control: Control, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+    fn control(
+        &self,
+        id: &str,
+        control: Control,
+        who: &str,
+        ctx: Ctx,
+        b: &mut Batch,
+    ) -> Result<Reply, Error> {
         let cur = self.release(id)?;
         if cur.state.is_terminal() {
             return Err(Error::ReleaseFinished(id.to_string()));
@@ -1042,9 +1054,41 @@ impl State {
         if next == cur {
             return Ok(Reply::Release(cur));
         }
+        next.actions.push(OperatorAction {
+            control,
+            who: who.to_string(),
+            at: ctx.now,
+        });
+        let excess = next.actions.len().saturating_sub(ACTIONS_KEPT);
+        next.actions.drain(..excess);
         next.updated_at = ctx.now;
         b.push(Change::Release(next.clone()));
         Ok(Reply::Release(next))
+    }
+
+    /// The services a command would change, as far as this state knows (an unknown instance
+    /// or release names none: the command then fails on its own). A token scoped to some
+    /// services may only send commands whose every service is among them.
+    pub fn services_of(&self, command: &Command) -> Vec<String> {
+        match command {
+            Command::PutService { name: service, .. }
+            | Command::SetWeights { service, .. }
+            | Command::RecordLimits { service, .. }
+            | Command::Lock { service, .. } => vec![service.clone()],
+            Command::Register(r) => vec![r.service.clone()],
+            Command::Sessions(r) => vec![r.service.clone()],
+            Command::CreateRelease(n) => vec![n.service.clone()],
+            Command::SetState { id, .. } | Command::Heartbeat { id } => self
+                .instances
+                .get(id)
+                .map(|i| i.service.clone())
+                .into_iter()
+                .collect(),
+            Command::UpdateRelease { id, .. } | Command::Control { id, .. } => {
+                self.release(id).map(|r| r.service).into_iter().collect()
+            }
+            Command::Sweep => Vec::new(),
+        }
     }
 }
 
@@ -1657,6 +1701,7 @@ mod tests {
             Command::Control {
                 id: r2.id.clone(),
                 control: Control::Pause,
+                who: "alice".into(),
             },
             T,
         )
@@ -1666,6 +1711,7 @@ mod tests {
             Command::Control {
                 id: r2.id.clone(),
                 control: Control::Abort,
+                who: "alice".into(),
             },
             T,
         )
@@ -1673,6 +1719,13 @@ mod tests {
         let r2 = s.release(&r2.id).unwrap();
         assert!(r2.paused);
         assert_eq!(r2.control, Some(Control::Abort));
+        // Each control is kept under its sender's name.
+        let did: Vec<(Control, &str)> = r2
+            .actions
+            .iter()
+            .map(|a| (a.control, a.who.as_str()))
+            .collect();
+        assert_eq!(did, [(Control::Pause, "alice"), (Control::Abort, "alice")]);
     }
 
     /// A release of `svc` walked to `state` along the happy path.
@@ -1825,6 +1878,7 @@ mod tests {
                 Command::Control {
                     id: id.into(),
                     control,
+                    who: "alice".into(),
                 },
                 T,
             )
@@ -2062,6 +2116,7 @@ mod tests {
             Command::Control {
                 id: id.clone(),
                 control: Control::Pause,
+                who: "alice".into(),
             },
             T,
         );

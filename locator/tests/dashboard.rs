@@ -87,7 +87,11 @@ fn start_locator(dir: &Path, port: u16) -> Killed {
     let tokens = dir.join("tokens.toml");
     std::fs::write(
         &tokens,
-        format!("deploy = [\"{DEPLOY}\"]\nread = [\"{READ}\"]\nproxy = [\"{PROXY}\"]\n"),
+        // The deploy token is named: every change it makes is recorded as `alice`.
+        format!(
+            "read = [\"{READ}\"]\nproxy = [\"{PROXY}\"]\n\
+             [[token]]\nname = \"alice\"\nrole = \"deploy\"\nsecret = \"{DEPLOY}\"\n"
+        ),
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("locator.log")).unwrap();
@@ -346,7 +350,8 @@ async fn drive(
         }
     })
     .await;
-    // So does a deploy lock, and its release.
+    // So does a deploy lock, and its release. The body's `bob` is only a claim: the lock is
+    // recorded under the token's name.
     let lock = NewLock {
         who: "bob".into(),
         message: "freeze for the audit".into(),
@@ -356,7 +361,7 @@ async fn drive(
         let t = text(browser, "[data-service=shop] [data-field=lock]")
             .await
             .unwrap_or_default();
-        if t.contains("by bob: freeze for the audit") {
+        if t.contains("by alice: freeze for the audit") {
             Ok(())
         } else {
             Err(format!("lock line: {t:?}"))
@@ -441,6 +446,15 @@ async fn drive(
     .await;
     eventually("the page to show it paused", PATIENCE, || async {
         text_is(browser, &format!("{rel} dd[data-field=paused]"), "yes").await
+    })
+    .await;
+    // The pause is recorded under the name of the token that pressed it, and the page says
+    // who.
+    eventually("the page to say who paused it", PATIENCE, || async {
+        match text(browser, &format!("{rel} dd[data-field=operators]")).await {
+            Some(t) if t.starts_with("pause by alice ") => Ok(()),
+            other => Err(format!("operators = {other:?}")),
+        }
     })
     .await;
     let resume = browser

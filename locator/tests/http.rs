@@ -123,7 +123,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("POST", "/v1/services/svc/limits", br#"{"who":"me","instances":[{"id":"a","memory_to":536870912}],"swap":2}"#, 400, "invalid_json"),
         ("PUT", "/v1/services/svc/lock", br#"{"who":"me"}"#, 400, "invalid_json"),
         ("PUT", "/v1/services/svc/lock", br#"{"who":"me","message":"m","until":1}"#, 400, "invalid_json"),
-        ("PUT", "/v1/services/svc/lock", br#"{"who":"","message":"m"}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc/lock", br#"{"who":"me","message":""}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/nope/lock", br#"{"who":"me","message":"m"}"#, 404, "unknown_service"),
         ("DELETE", "/v1/services/nope/lock", b"", 404, "unknown_service"),
         ("POST", "/v1/releases", br#"{"service":"nope","from_version":null,"to_version":"2","image":"i:2","who":"me"}"#, 404, "unknown_service"),
@@ -227,6 +227,107 @@ async fn bad_input_is_refused_and_changes_nothing() {
         before,
         "the release is as it was"
     );
+}
+
+/// Mutations are recorded under the name of the token that made them, whatever the body
+/// claims; a token scoped to one service changes nothing of another (403 `out_of_scope`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_are_recorded_under_the_token_name_and_scopes_hold() {
+    let loc = testing::embedded_with(Duration::from_secs(10), |c| {
+        c.tokens
+            .add_named(Role::Deploy, "ci-secret", "ci", Some(vec!["svc".into()]))
+            .unwrap();
+        c.tokens
+            .add_named(Role::Deploy, "alice-secret", "alice", None)
+            .unwrap();
+    })
+    .await;
+    let url = &loc.url;
+    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000}}"#;
+    for svc in ["svc", "other"] {
+        let path = format!("/v1/services/{svc}");
+        assert_eq!(
+            call(url, "PUT", &path, Some("alice-secret"), Some(spec))
+                .await
+                .0,
+            200
+        );
+    }
+    let before = loc.deploy().snapshot().await.unwrap().revision;
+    let claims_bob = br#"{"who":"bob","message":"freeze"}"#;
+    for (path, body) in [
+        ("/v1/services/other/lock", &claims_bob[..]),
+        ("/v1/services/other", &spec[..]),
+        (
+            "/v1/releases",
+            &br#"{"service":"other","from_version":null,"to_version":"2","image":"i:2","who":"bob"}"#[..],
+        ),
+    ] {
+        let method = if path == "/v1/releases" { "POST" } else { "PUT" };
+        let (status, body) = call(url, method, path, Some("ci-secret"), Some(body)).await;
+        assert_eq!((status, error_code(&body).as_str()), (403, "out_of_scope"), "{path}: {body}");
+        assert!(body.contains("`ci`") && body.contains("`other`"), "{body}");
+    }
+    assert_eq!(
+        loc.deploy().snapshot().await.unwrap().revision,
+        before,
+        "an out-of-scope write changed something"
+    );
+    // In scope: recorded as `ci`, not as the `bob` the body claims.
+    let (status, body) = call(
+        url,
+        "PUT",
+        "/v1/services/svc/lock",
+        Some("ci-secret"),
+        Some(claims_bob),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let svc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(svc["lock"]["who"], "ci", "{svc}");
+    call(
+        url,
+        "DELETE",
+        "/v1/services/svc/lock",
+        Some("ci-secret"),
+        None,
+    )
+    .await;
+    let new =
+        br#"{"service":"svc","from_version":null,"to_version":"2","image":"i:2","who":"bob"}"#;
+    let (status, body) = call(url, "POST", "/v1/releases", Some("ci-secret"), Some(new)).await;
+    assert_eq!(status, 200, "{body}");
+    let rel: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(rel["who"], "ci", "{rel}");
+    // An operator's control, by another token, is kept under that token's name; one by the
+    // scoped token on a release of its own service is allowed.
+    let control = format!("/v1/releases/{}/control", rel["id"].as_str().unwrap());
+    let (status, body) = call(
+        url,
+        "POST",
+        &control,
+        Some("alice-secret"),
+        Some(br#"{"control":"pause"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        url,
+        "POST",
+        &control,
+        Some("ci-secret"),
+        Some(br#"{"control":"resume"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let rel: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let actions: Vec<(&str, &str)> = rel["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["control"].as_str().unwrap(), a["who"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions, [("pause", "alice"), ("resume", "ci")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

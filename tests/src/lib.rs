@@ -8,6 +8,7 @@
 //! never a bare sleep.
 
 pub mod load;
+pub mod prometheus;
 pub mod scenario;
 pub mod stack;
 pub mod testhosts;

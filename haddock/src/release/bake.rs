@@ -16,6 +16,7 @@ use super::events::Events;
 use super::status::Status;
 use super::{ms, now_ms, old_version};
 use crate::analysis::{self, Verdict};
+use crate::check::Checks;
 use crate::error::Result;
 use crate::health::{Probe, Streak};
 use crate::output::{fmt_duration, Output};
@@ -131,6 +132,36 @@ impl Bake {
         }
     }
 
+    /// A breach of the analysis or a check: roll back, or with `auto_rollback = false` pause
+    /// for an operator (saying so once) and bake on.
+    fn breach(&mut self, reason: String, controls: &mut Controls) -> Option<BakeOutcome> {
+        if self.auto_rollback {
+            return Some(BakeOutcome::RollBack(reason));
+        }
+        if controls.pause_for_breach() {
+            self.out.step(
+                &format!("analysis breach, paused (auto_rollback = false): {reason}"),
+                None,
+            );
+        }
+        None
+    }
+
+    /// Shows the latest verdict, and the custom checks' latest measurements beside it, in the
+    /// release's status.
+    fn show(&self, status: &Status, verdict: &Verdict) {
+        let mut shown = serde_json::to_value(verdict).ok();
+        if let Some(serde_json::Value::Object(o)) = shown.as_mut() {
+            if !self.checks.is_empty() {
+                o.insert(
+                    "checks".into(),
+                    serde_json::to_value(self.checks.latest()).unwrap_or_default(),
+                );
+            }
+        }
+        status.update(|s| s.analysis = shown);
+    }
+
     /// Records the bake in the release's status: when it ends while the timer runs, what is
     /// left while it is paused (the dashboard counts down from these).
     fn record(&self, status: &Status, started_at_ms: u64, paused: bool) {
@@ -162,10 +193,14 @@ pub(super) struct Bake {
     baseline: TrafficByVersion,
     /// A readiness probe per new instance, by instance name, with its run of outcomes.
     probes: Vec<(String, Probe, Streak)>,
+    /// The step's custom checks (`rollout.analysis.checks`).
+    checks: Checks,
 }
 
 impl Bake {
-    /// A bake of `pause` at `weight`, judged against `baseline`, probing each named instance.
+    /// A bake of `pause` at `weight`, judged against `baseline`, probing each named instance
+    /// and measuring the custom checks.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         spec: &Spec,
         client: &Client,
@@ -174,6 +209,7 @@ impl Bake {
         pause: Duration,
         baseline: TrafficByVersion,
         probes: Vec<(String, Probe)>,
+        checks: Checks,
     ) -> Bake {
         Bake {
             client: client.clone(),
@@ -189,6 +225,7 @@ impl Bake {
                 .into_iter()
                 .map(|(name, probe)| (name, probe, Streak::default()))
                 .collect(),
+            checks,
         }
     }
 
@@ -256,18 +293,25 @@ impl Bake {
                 } => Some((requests, min_requests)),
                 _ => None,
             };
+            let check_breach = if self
+                .checks
+                .next_due()
+                .is_some_and(|due| due <= Instant::now())
+            {
+                self.checks.measure_due().await
+            } else {
+                None
+            };
             if !decided {
-                status.update(|s| s.analysis = serde_json::to_value(&verdict).ok());
+                self.show(status, &verdict);
             }
-            if let Verdict::Breach { reason, .. } = verdict {
-                if self.auto_rollback {
-                    return Ok(BakeOutcome::RollBack(reason));
-                }
-                if controls.pause_for_breach() {
-                    self.out.step(
-                        &format!("analysis breach, paused (auto_rollback = false): {reason}"),
-                        None,
-                    );
+            let breach = match &verdict {
+                Verdict::Breach { reason, .. } => Some(reason.clone()),
+                _ => check_breach,
+            };
+            if let Some(reason) = breach {
+                if let Some(outcome) = self.breach(reason, controls) {
+                    return Ok(outcome);
                 }
             }
             if controls.pending(view.release(&rec.id).as_ref()) || controls_read.elapsed() >= SAFETY
@@ -288,6 +332,21 @@ impl Bake {
             }
             self.record(status, started_at_ms, controls.paused());
             if self.remaining.is_zero() && !controls.paused() {
+                // Like the analysis, the checks judge only a bake that lasted.
+                let checked = if self.pause.is_zero() {
+                    None
+                } else {
+                    self.checks.verdict_at_end().await
+                };
+                if let Some(reason) = checked {
+                    self.show(status, &verdict);
+                    if let Some(outcome) = self.breach(reason, controls) {
+                        return Ok(outcome);
+                    }
+                    if controls.paused() {
+                        continue;
+                    }
+                }
                 // A bake of zero judges nothing, so it cannot be inconclusive either.
                 let judged = !self.pause.is_zero() && !decided;
                 match waiting.filter(|_| judged) {
@@ -313,7 +372,9 @@ impl Bake {
                     }
                 }
             }
-            let mut wait = next_probe.saturating_duration_since(Instant::now());
+            let mut wait = next_probe
+                .min(self.checks.next_due().unwrap_or(next_probe))
+                .saturating_duration_since(Instant::now());
             if !controls.paused() {
                 wait = wait.min(self.remaining);
             }

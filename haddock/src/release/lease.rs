@@ -152,6 +152,7 @@ mod tests {
             reason: None,
             step_ms: BTreeMap::new(),
             status: ReleaseStatus::default(),
+            actions: Vec::new(),
         };
         assert!(!is_driven(&rec));
         let lease = |at_ms| {

@@ -79,8 +79,10 @@ impl Outcome {
 }
 
 /// Milliseconds since the Unix epoch (the lease's clock, as the locator records it).
-/// Who a release or a limits change is recorded as: `$HADDOCK_WHO` (CI sets it to the
-/// pipeline), else `$USER`, else `haddock`.
+/// Who haddock says it is: `$HADDOCK_WHO`, else `$USER`, else `haddock`. Only a claim: the
+/// locator records every change under the name of the token that made it, and the hooks after
+/// the release started are told that name; the `pre_release` hook, which runs before the
+/// locator is asked, gets this.
 pub fn operator() -> String {
     std::env::var("HADDOCK_WHO")
         .or_else(|_| std::env::var("USER"))
@@ -389,7 +391,8 @@ impl Deployer {
             release: Some(rec.id.clone()),
             from_version: rec.from_version.clone(),
             to_version: rec.to_version.clone(),
-            who: self.who.clone(),
+            // The locator's record: the name of the token that started the release.
+            who: rec.who.clone(),
             ..Default::default()
         }
     }

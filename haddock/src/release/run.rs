@@ -13,6 +13,7 @@ use super::events::Events;
 use super::lease::{self, driver_error, Lease};
 use super::status::Status;
 use super::{ms, steps_to_walk, weights_for, Deployer};
+use crate::check::{Checks, Facts};
 use crate::drain::{self, Until};
 use crate::error::{Error, Result};
 use crate::health::{self, Liveness, NotHealthy, Probe};
@@ -700,6 +701,7 @@ impl<'a> Run<'a> {
         let d = self.d;
         let baseline = bake::traffic(&d.client, &self.rec.service).await?;
         let mut probes = Vec::new();
+        let mut addresses = Vec::new();
         for (n, running) in self.existing_new().await {
             let address = match running {
                 Ok(true) => self.address(&n).await,
@@ -713,6 +715,7 @@ impl<'a> Run<'a> {
             };
             match address {
                 Ok(address) => {
+                    addresses.push(address.to_string());
                     probes.push((n.plan.name.clone(), Probe::new(address, &d.spec.health)))
                 }
                 Err(e) => {
@@ -723,7 +726,16 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        let mut watch = Bake::new(&d.spec, &d.client, &d.out, weight, pause, baseline, probes);
+        let facts = Facts {
+            service: self.rec.service.clone(),
+            version: self.rec.to_version.clone(),
+            old_version: self.old_version().unwrap_or_default().to_string(),
+            weight,
+        };
+        let checks = Checks::new(&d.spec.rollout.analysis, facts, addresses, &d.out);
+        let mut watch = Bake::new(
+            &d.spec, &d.client, &d.out, weight, pause, baseline, probes, checks,
+        );
         watch
             .run(
                 &mut self.rec,

@@ -371,6 +371,48 @@ pub struct Analysis {
     /// 0 (the default): not judged after the promotion.
     #[serde(default, with = "humantime_serde")]
     pub post_promotion: Duration,
+    /// The Prometheus server the `prometheus` checks query (`http://host:9090`).
+    #[serde(default)]
+    pub prometheus: Option<String>,
+    /// Checks each canary step must pass besides the proxies' figures.
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// A custom check of a canary step (`[[rollout.analysis.checks]]`): an HTTP URL that must
+/// answer 2xx (and, with `json_pointer`, hold a number within bounds), or a Prometheus query
+/// whose every value must lie within bounds. It is measured every `interval` of each bake;
+/// `failure_limit` failures in a row roll the release back, and a step only ends well when the
+/// check's latest measurement passed. `{service}`, `{version}` (the new one), `{old_version}`
+/// and `{weight}` are replaced in the URL and the query; `{instance}` (host:port of a new
+/// instance) makes an HTTP check measure every new instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub name: String,
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default)]
+    pub prometheus: Option<String>,
+    /// With `http`: the JSON field (RFC 6901 pointer, `/cache/hit_ratio`) that must be a number
+    /// within `min`/`max`.
+    #[serde(default)]
+    pub json_pointer: Option<String>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_failure_limit")]
+    pub failure_limit: u32,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_failure_limit() -> u32 {
+    2
 }
 
 /// What a canary step does when its bake (and extension) ended without enough traffic to
@@ -398,6 +440,8 @@ impl Default for Analysis {
             extend_inconclusive: Duration::ZERO,
             on_inconclusive: OnInconclusive::Pass,
             post_promotion: Duration::ZERO,
+            prometheus: None,
+            checks: Vec::new(),
         }
     }
 }

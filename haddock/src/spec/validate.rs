@@ -357,6 +357,99 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         }
     }
 
+    if let Some(url) = &a.prometheus {
+        if let Some(msg) = http_url_problem(url) {
+            bad("rollout.analysis.prometheus", msg);
+        }
+    }
+    for (i, c) in a.checks.iter().enumerate() {
+        let at = |key: &str| format!("rollout.analysis.checks[{i}].{key}");
+        if c.name.trim().is_empty() || c.name.chars().any(char::is_control) {
+            bad(&at("name"), format!("{:?} is not a check name", c.name));
+        } else if a.checks[..i].iter().any(|o| o.name == c.name) {
+            bad(&at("name"), format!("{:?} is named twice", c.name));
+        }
+        match (&c.http, &c.prometheus) {
+            (Some(_), Some(_)) | (None, None) => bad(
+                &at("name"),
+                "a check has exactly one of `http` (a URL) and `prometheus` (a query)".into(),
+            ),
+            (Some(url), None) => {
+                let facts = crate::check::Facts {
+                    service: "x".into(),
+                    version: "1.0.0".into(),
+                    old_version: "0.9.0".into(),
+                    weight: 10,
+                };
+                let sample = crate::check::fill(url, &facts, "127.0.0.1:1");
+                if let Some(msg) = http_url_problem(&sample) {
+                    bad(&at("http"), msg);
+                }
+                if let Some(p) = &c.json_pointer {
+                    if !p.starts_with('/') {
+                        bad(
+                            &at("json_pointer"),
+                            format!("{p:?} is not a JSON pointer (it starts with '/')"),
+                        );
+                    } else if c.min.is_none() && c.max.is_none() {
+                        bad(
+                            &at("json_pointer"),
+                            "a JSON field is checked against `min` and/or `max`; neither is set"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            (None, Some(query)) => {
+                if a.prometheus.is_none() {
+                    bad(
+                        &at("prometheus"),
+                        "a Prometheus check needs `rollout.analysis.prometheus` (the server's URL)"
+                            .into(),
+                    );
+                }
+                if query.trim().is_empty() {
+                    bad(&at("prometheus"), "the query is empty".into());
+                }
+                if c.json_pointer.is_some() {
+                    bad(
+                        &at("json_pointer"),
+                        "only an `http` check reads a JSON field".into(),
+                    );
+                }
+                if c.min.is_none() && c.max.is_none() {
+                    bad(
+                        &at("prometheus"),
+                        "a query's values are checked against `min` and/or `max`; neither is set"
+                            .into(),
+                    );
+                }
+            }
+        }
+        for (key, bound) in [("min", c.min), ("max", c.max)] {
+            if bound.is_some_and(|b| !b.is_finite()) {
+                bad(&at(key), "a bound is a finite number".into());
+            }
+        }
+        if let (Some(lo), Some(hi)) = (c.min, c.max) {
+            if lo > hi {
+                bad(&at("max"), format!("{hi} is below `min` ({lo})"));
+            }
+        }
+        if c.interval < Duration::from_millis(100) {
+            bad(
+                &at("interval"),
+                "a check is measured at most every 100ms".into(),
+            );
+        }
+        if c.failure_limit == 0 {
+            bad(
+                &at("failure_limit"),
+                "0 failures would fail every step; 1 or more".into(),
+            );
+        }
+    }
+
     // [sessions]
     let se = &spec.sessions;
     if se.cookie.is_empty()
@@ -459,6 +552,18 @@ fn volume_name_problem(name: &str) -> Option<String> {
             .chars()
             .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch));
     (!ok).then(|| format!("{name:?} is not a Docker volume name"))
+}
+
+/// Why `url` is not an `http://` or `https://` URL with a host, if it is not.
+fn http_url_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => None,
+        Ok(u) => Some(format!(
+            "{url:?} is not an http(s) URL (scheme {:?})",
+            u.scheme()
+        )),
+        Err(e) => Some(format!("{url:?} is not a URL: {e}")),
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -913,6 +1018,61 @@ mod tests {
             (
                 "post_promotion = \"soon\"",
                 "rollout.analysis.post_promotion",
+                "",
+            ),
+            (
+                "prometheus = \"ftp://metrics\"",
+                "rollout.analysis.prometheus",
+                "not an http(s) URL",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"q\"\nprometheus = \"up\"\nmax = 1",
+                "rollout.analysis.checks[0].prometheus",
+                "needs `rollout.analysis.prometheus`",
+            ),
+            (
+                "prometheus = \"http://p:9090\"\n[[rollout.analysis.checks]]\nname = \"q\"\nprometheus = \"up\"",
+                "rollout.analysis.checks[0].prometheus",
+                "neither is set",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"both\"\nhttp = \"http://x/\"\nprometheus = \"up\"",
+                "rollout.analysis.checks[0].name",
+                "exactly one of",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"x/{instance}\"",
+                "rollout.analysis.checks[0].http",
+                "not a URL",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://x/\"\njson_pointer = \"a/b\"\nmax = 1",
+                "rollout.analysis.checks[0].json_pointer",
+                "not a JSON pointer",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://x/\"\nmin = 2\nmax = 1\njson_pointer = \"/a\"",
+                "rollout.analysis.checks[0].max",
+                "below `min`",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://x/\"\ninterval = \"1ms\"",
+                "rollout.analysis.checks[0].interval",
+                "at most every 100ms",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://x/\"\n[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://y/\"",
+                "rollout.analysis.checks[1].name",
+                "named twice",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nhttp = \"http://x/\"\nfailure_limit = 0",
+                "rollout.analysis.checks[0].failure_limit",
+                "1 or more",
+            ),
+            (
+                "[[rollout.analysis.checks]]\nname = \"h\"\nurl = \"http://x/\"",
+                "rollout.analysis.checks[0].url",
                 "",
             ),
         ] {

@@ -566,6 +566,10 @@
       ["Image", h("span", { class: "mono" }, release.image)],
       release.reason ? ["Reason", release.reason] : null,
       st.driver ? ["Driven by", [st.driver.who || "?", " · seen ", ago(st.driver.at_ms)]] : null,
+      // The operators' controls, under their tokens' names.
+      (release.actions || []).length
+        ? ["Operators", release.actions.map((a) => `${a.control} by ${a.who} ${fmtTime(a.at)}`).join("; ")]
+        : null,
     ].filter(Boolean);
     const dataKey = (what) => `${release.id}/${what}`;
     const busy = state.busy.has(release.id);

@@ -492,6 +492,21 @@ pub struct Release {
     pub step_ms: BTreeMap<String, u64>,
     #[serde(default, deserialize_with = "lenient_status")]
     pub status: ReleaseStatus,
+    /// The operators' controls of this release, oldest first (the last [`ACTIONS_KEPT`]):
+    /// who paused, resumed, promoted or aborted it, and when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<OperatorAction>,
+}
+
+/// How many operator actions a release record keeps.
+pub const ACTIONS_KEPT: usize = 32;
+
+/// One operator control of a release, under the name of the token that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorAction {
+    pub control: Control,
+    pub who: String,
+    pub at: UnixMillis,
 }
 
 /// Everything a watcher needs to start from (also the answer to `GET /v1/snapshot`).
