@@ -735,34 +735,6 @@ pub async fn bind<S: Store>(
     Ok(spawn(listener, store, config))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_resolve() {
-        assert_eq!(
-            resolve("/v1/services/a%20b"),
-            Some(("/v1/services/{name}", vec!["a b".into()]))
-        );
-        assert_eq!(
-            resolve("/v1/instances/x/state"),
-            Some(("/v1/instances/{id}/state", vec!["x".into()]))
-        );
-        assert_eq!(resolve("/v1/nope"), None);
-        assert_eq!(percent_decode("%41%zz%4"), "A%zz%4");
-    }
-
-    #[test]
-    fn openapi_covers_every_route() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        for (method, template, _, _) in ROUTES {
-            let op = &doc["paths"][template][method.to_lowercase()];
-            assert!(op.is_object(), "openapi.json lacks {method} {template}");
-        }
-    }
-}
-
 /// Executes the write commands of one request, on behalf of the token that sent it.
 struct Writer<'a, S> {
     server: &'a App<S>,
@@ -791,6 +763,34 @@ impl<S: Store> Writer<'_, S> {
             Reply::Instance(i) => json(&i),
             Reply::Release(r) => json(&r),
             Reply::Accepted => json(&serde_json::json!({ "accepted": true })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve() {
+        assert_eq!(
+            resolve("/v1/services/a%20b"),
+            Some(("/v1/services/{name}", vec!["a b".into()]))
+        );
+        assert_eq!(
+            resolve("/v1/instances/x/state"),
+            Some(("/v1/instances/{id}/state", vec!["x".into()]))
+        );
+        assert_eq!(resolve("/v1/nope"), None);
+        assert_eq!(percent_decode("%41%zz%4"), "A%zz%4");
+    }
+
+    #[test]
+    fn openapi_covers_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        for (method, template, _, _) in ROUTES {
+            let op = &doc["paths"][template][method.to_lowercase()];
+            assert!(op.is_object(), "openapi.json lacks {method} {template}");
         }
     }
 }

@@ -77,7 +77,8 @@ pub enum Command {
 pub enum Reply {
     Service(Service),
     Instance(Instance),
-    Release(Release),
+    /// Boxed, as in [`Change::Release`].
+    Release(Box<Release>),
     Accepted,
 }
 
@@ -238,7 +239,7 @@ impl State {
                 self.instances.insert(i.id.clone(), i.clone());
             }
             Change::Release(r) => {
-                self.releases.insert(r.id.clone(), r.clone());
+                self.releases.insert(r.id.clone(), (**r).clone());
             }
             Change::Traffic { service, traffic } => {
                 self.traffic.insert(service.clone(), traffic.clone());
@@ -916,8 +917,8 @@ impl State {
             status: ReleaseStatus::default(),
             actions: Vec::new(),
         };
-        b.push(Change::Release(release.clone()));
-        Ok(Reply::Release(release))
+        b.push(Change::Release(release.clone().into()));
+        Ok(Reply::Release(release.into()))
     }
 
     fn update_release(
@@ -954,7 +955,7 @@ impl State {
                 // The move this update makes was already made: a retry after an answer lost
                 // on the way (the lease check above shows no one else drives the release).
                 if u.state == Some(cur.state) {
-                    return Ok(Reply::Release(cur));
+                    return Ok(Reply::Release(cur.into()));
                 }
                 return Err(Error::StateConflict {
                     id: id.to_string(),
@@ -1016,14 +1017,14 @@ impl State {
         }
         // Identical update: a retry of something already committed, answered as a success.
         if next == cur {
-            return Ok(Reply::Release(cur));
+            return Ok(Reply::Release(cur.into()));
         }
         if cur.state.is_terminal() {
             return Err(Error::ReleaseFinished(id.to_string()));
         }
         next.updated_at = ctx.now;
-        b.push(Change::Release(next.clone()));
-        Ok(Reply::Release(next))
+        b.push(Change::Release(next.clone().into()));
+        Ok(Reply::Release(next.into()))
     }
 
     fn control(
@@ -1052,7 +1053,7 @@ impl State {
             Control::Promote | Control::Abort => next.control = Some(control),
         }
         if next == cur {
-            return Ok(Reply::Release(cur));
+            return Ok(Reply::Release(cur.into()));
         }
         next.actions.push(OperatorAction {
             control,
@@ -1062,8 +1063,8 @@ impl State {
         let excess = next.actions.len().saturating_sub(ACTIONS_KEPT);
         next.actions.drain(..excess);
         next.updated_at = ctx.now;
-        b.push(Change::Release(next.clone()));
-        Ok(Reply::Release(next))
+        b.push(Change::Release(next.clone().into()));
+        Ok(Reply::Release(next.into()))
     }
 
     /// The services a command would change, as far as this state knows (an unknown instance

@@ -565,7 +565,8 @@ pub enum Change {
     Snapshot(Snapshot),
     Service(Service),
     Instance(Instance),
-    Release(Release),
+    /// Boxed: a release record is twice the size of the other changes.
+    Release(Box<Release>),
     Traffic {
         service: String,
         traffic: TrafficByVersion,
@@ -593,7 +594,7 @@ impl Snapshot {
                 if r.state.is_terminal() {
                     self.releases.retain(|x| x.id != r.id);
                 } else {
-                    upsert(&mut self.releases, r.clone(), |x| x.id == r.id);
+                    upsert(&mut self.releases, (**r).clone(), |x| x.id == r.id);
                 }
             }
             Change::Traffic { service, traffic } => {
