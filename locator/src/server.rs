@@ -546,7 +546,12 @@ impl<S: Store> App<S> {
                         Error::InvalidInput(format!("since must be a revision number, not `{s}`"))
                     })?),
                 };
-                let lines = crate::watch::open(committed.clone(), since, self.config.keepalive)?;
+                let only = match query(&req).get("service") {
+                    None => None,
+                    Some(list) => Some(service_filter(list)?),
+                };
+                let lines =
+                    crate::watch::open(committed.clone(), since, self.config.keepalive, only)?;
                 let body = StreamBody::new(lines.map(|b| Ok::<_, Infallible>(Frame::data(b))));
                 let mut resp = Response::new(body.boxed_unsync());
                 resp.headers_mut().insert(
@@ -733,6 +738,22 @@ pub async fn bind<S: Store>(
 ) -> std::io::Result<RunningServer> {
     let listener = TcpListener::bind(addr).await?;
     Ok(spawn(listener, store, config))
+}
+
+/// The `service` query of a watch: comma-separated service names, at least one.
+fn service_filter(list: &str) -> Result<std::collections::BTreeSet<String>, Error> {
+    let names: std::collections::BTreeSet<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() || names.len() > 1024 || names.iter().any(|n| n.len() > 253) {
+        return Err(Error::InvalidInput(format!(
+            "service must list 1..=1024 service names separated by commas, not `{list}`"
+        )));
+    }
+    Ok(names)
 }
 
 /// Executes the write commands of one request, on behalf of the token that sent it.

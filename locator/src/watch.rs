@@ -6,13 +6,18 @@
 //! `snapshot` event. A watcher too slow for the broadcast buffer also gets a fresh snapshot
 //! rather than a silent gap. An empty line every keep-alive period lets both sides notice a
 //! dead connection.
+//!
+//! `GET /v1/watch?service=a,b` gets only what concerns those services (their snapshot part,
+//! and their service, instance, release and traffic events): a proxy serves a few services and
+//! need not hear of the others. Revisions stay the locator's, so a filtered stream has gaps;
+//! `since` still means "everything of mine after this".
 
 use crate::api::Revision;
 use crate::error::Error;
 use crate::store::{Committed, Feed};
 use bytes::Bytes;
 use futures_util::Stream;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -32,6 +37,16 @@ struct Watcher {
     pending: VecDeque<Bytes>,
     last: Revision,
     keepalive: tokio::time::Interval,
+    /// The services this watcher hears of; `None`: all.
+    only: Option<Arc<BTreeSet<String>>>,
+}
+
+/// Whether an event about `service` (`None`: every service) goes to a watcher of `only`.
+fn wanted(only: Option<&BTreeSet<String>>, service: Option<&str>) -> bool {
+    match (only, service) {
+        (Some(set), Some(s)) => set.contains(s),
+        _ => true,
+    }
 }
 
 /// Opens a watch from `since`. The backlog and the live subscription are taken under one read
@@ -40,12 +55,14 @@ pub fn open(
     committed: Arc<Committed>,
     since: Option<Revision>,
     keepalive: Duration,
+    only: Option<BTreeSet<String>>,
 ) -> Result<impl Stream<Item = Bytes> + Send, Error> {
+    let only = only.map(Arc::new);
     let (rx, pending, last) = {
         let view = committed.view();
         let rx = committed.subscribe();
         let current = view.state.revision;
-        let oldest = view.recent.front().map(|(r, _)| *r);
+        let oldest = view.recent.front().map(|(r, _, _)| *r);
         let replayable = match since {
             Some(s) if s == current => true,
             // Everything after `s` is retained when the oldest retained event is `s + 1`.
@@ -57,12 +74,12 @@ pub fn open(
             let backlog: VecDeque<Bytes> = view
                 .recent
                 .iter()
-                .filter(|(r, _)| *r > s)
-                .map(|(_, line)| line.clone())
+                .filter(|(r, service, _)| *r > s && wanted(only.as_deref(), service.as_deref()))
+                .map(|(_, _, line)| line.clone())
                 .collect();
             (rx, backlog, current)
         } else {
-            let (rev, line) = Committed::snapshot_line(&view)?;
+            let (rev, line) = Committed::snapshot_line(&view, only.as_deref())?;
             (rx, VecDeque::from([line]), rev)
         }
     };
@@ -76,6 +93,7 @@ pub fn open(
         pending,
         last,
         keepalive,
+        only,
     };
     Ok(futures_util::stream::unfold(watcher, |mut w| async move {
         loop {
@@ -84,14 +102,17 @@ pub fn open(
             }
             tokio::select! {
                 msg = w.rx.recv() => match msg {
-                    Ok(Feed::Event { revision, line }) => {
+                    Ok(Feed::Event { revision, service, line }) => {
                         if revision > w.last {
                             w.last = revision;
-                            w.pending.push_back(line);
+                            if wanted(w.only.as_deref(), service.as_deref()) {
+                                w.pending.push_back(line);
+                            }
                         }
                     }
                     Ok(Feed::Reset) | Err(RecvError::Lagged(_)) => {
-                        let snap = Committed::snapshot_line(&w.committed.0.view());
+                        let snap =
+                            Committed::snapshot_line(&w.committed.0.view(), w.only.as_deref());
                         match snap {
                             Ok((rev, line)) => {
                                 w.last = rev;

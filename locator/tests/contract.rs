@@ -453,3 +453,77 @@ async fn postgres_store_passes_the_contract() {
     drop(loc);
     drop(pg);
 }
+
+/// `watch?service=a` hears only of `a`: its part of the snapshot, then its events, none of
+/// `b`'s — also when resuming from a revision — and a malformed filter is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_filtered_by_service_hears_only_of_that_service() {
+    let loc = testing::embedded(Duration::from_secs(10)).await;
+    let c = loc.deploy();
+    let settings = SessionSettings {
+        cookie_name: "c".into(),
+        idle_ttl_ms: 1000,
+        max_drain_ms: 1000,
+    };
+    let register = |svc: &str, id: &str| RegisterInstance {
+        id: id.into(),
+        service: svc.into(),
+        version: "1".into(),
+        address: "127.0.0.1:8080".into(),
+        docker_host: String::new(),
+        container_id: String::new(),
+        labels: BTreeMap::new(),
+        state: InstanceState::Ready,
+    };
+    for svc in ["a", "b"] {
+        c.put_service(
+            svc,
+            &ServiceSpec {
+                sessions: settings.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        c.register(&register(svc, &format!("{svc}-1")))
+            .await
+            .unwrap();
+    }
+    let only_a = ["a".to_string()];
+    let mut a = Box::pin(c.watch_only(None, &only_a).await.unwrap());
+    let first = a.next().await.unwrap().unwrap();
+    let Change::Snapshot(snap) = &first.change else {
+        panic!("a watch starts with a snapshot: {first:?}")
+    };
+    assert_eq!(
+        (snap.services.len(), snap.instances.len()),
+        (1, 1),
+        "{snap:?}"
+    );
+    assert!(snap.services[0].name == "a" && snap.instances[0].id == "a-1");
+
+    // b changes twice, then a once: the filtered watch gets a's change next.
+    c.register(&register("b", "b-2")).await.unwrap();
+    c.register(&register("b", "b-3")).await.unwrap();
+    c.register(&register("a", "a-2")).await.unwrap();
+    let next = a.next().await.unwrap().unwrap();
+    assert_eq!(next.change.service(), Some("a"), "{next:?}");
+    assert!(matches!(&next.change, Change::Instance(i) if i.id == "a-2"));
+
+    // Resuming from the snapshot's revision replays only a's event.
+    let mut resumed = Box::pin(
+        c.watch_only(Some(first.revision), &only_a)
+            .await
+            .unwrap(),
+    );
+    let replayed = resumed.next().await.unwrap().unwrap();
+    assert_eq!(replayed.revision, next.revision, "{replayed:?}");
+
+    let bad = reqwest::Client::new()
+        .get(format!("{}/v1/watch?service=,", loc.url))
+        .bearer_auth(testing::READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().await.unwrap().contains("invalid_input"));
+}

@@ -126,7 +126,10 @@ impl Watcher {
         let mut reported_down = false;
         loop {
             let since = (snapshot.revision > 0).then_some(snapshot.revision);
-            match self.client.watch(since).await {
+            // Only this proxy's service: the others' events (every proxy's session reports
+            // among them) are none of its business.
+            let only = [self.router.service.clone()];
+            match self.client.watch_only(since, &only).await {
                 Ok(stream) => {
                     let mut stream = Box::pin(stream);
                     loop {

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::state::{Command, Reply, State};
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -66,6 +66,8 @@ impl Encoded {
 pub enum Feed {
     Event {
         revision: Revision,
+        /// The service the event is about (`None`: every service), for filtered watchers.
+        service: Option<Arc<str>>,
         line: Bytes,
     },
     /// The view was replaced wholesale (a replica that fell too far behind reloaded):
@@ -80,11 +82,14 @@ pub struct Gap {
     pub got: Revision,
 }
 
+/// One retained event: its revision, its service (`None`: every service) and its line.
+pub(crate) type Retained = (Revision, Option<Arc<str>>, Bytes);
+
 pub(crate) struct View {
     pub(crate) state: State,
     /// The most recent events, so that a watcher reconnecting with `since` gets exactly what
     /// it missed instead of a full snapshot.
-    pub(crate) recent: VecDeque<(Revision, Bytes)>,
+    pub(crate) recent: VecDeque<Retained>,
 }
 
 /// The committed state as readers and watchers see it.
@@ -155,13 +160,16 @@ impl Committed {
             }
             view.state.log_change(&e.event);
             view.state.apply(&e.event);
-            view.recent.push_back((e.event.revision, e.line.clone()));
+            let service: Option<Arc<str>> = e.event.change.service().map(Arc::from);
+            view.recent
+                .push_back((e.event.revision, service.clone(), e.line.clone()));
             if view.recent.len() > self.retain {
                 view.recent.pop_front();
             }
             // No receivers is fine: nobody is watching.
             let _ = self.feed.send(Feed::Event {
                 revision: e.event.revision,
+                service,
                 line: e.line.clone(),
             });
             self.metrics.events.inc();
@@ -202,12 +210,19 @@ impl Committed {
         Ok(body)
     }
 
-    /// A `snapshot` watch line at the current revision.
-    pub(crate) fn snapshot_line(view: &View) -> Result<(Revision, Bytes), Error> {
+    /// A `snapshot` watch line at the current revision, of `only` these services when given.
+    pub(crate) fn snapshot_line(
+        view: &View,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<(Revision, Bytes), Error> {
         let rev = view.state.revision;
+        let snapshot = view.state.snapshot();
         let e = Encoded::new(WatchEvent {
             revision: rev,
-            change: Change::Snapshot(view.state.snapshot()),
+            change: Change::Snapshot(match only {
+                Some(services) => snapshot.only(services),
+                None => snapshot,
+            }),
         })?;
         Ok((rev, e.line))
     }

@@ -573,6 +573,19 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The service this change is about; `None` for a snapshot (about every service).
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Change::Snapshot(_) => None,
+            Change::Service(s) => Some(&s.name),
+            Change::Instance(i) => Some(&i.service),
+            Change::Release(r) => Some(&r.service),
+            Change::Traffic { service, .. } => Some(service),
+        }
+    }
+}
+
 impl Snapshot {
     /// Applies one watch event, so that every watcher keeps the same view the locator has.
     pub fn apply(&mut self, event: &WatchEvent) {
@@ -605,6 +618,37 @@ impl Snapshot {
 
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The part of the snapshot about `services` (what a watch filtered to them starts from).
+    pub fn only(&self, services: &std::collections::BTreeSet<String>) -> Snapshot {
+        Snapshot {
+            revision: self.revision,
+            services: self
+                .services
+                .iter()
+                .filter(|s| services.contains(&s.name))
+                .cloned()
+                .collect(),
+            instances: self
+                .instances
+                .iter()
+                .filter(|i| services.contains(&i.service))
+                .cloned()
+                .collect(),
+            releases: self
+                .releases
+                .iter()
+                .filter(|r| services.contains(&r.service))
+                .cloned()
+                .collect(),
+            traffic: self
+                .traffic
+                .iter()
+                .filter(|(name, _)| services.contains(*name))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
     }
 
     pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {

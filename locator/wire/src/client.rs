@@ -355,9 +355,27 @@ impl Client {
         &self,
         since: Option<Revision>,
     ) -> Result<impl Stream<Item = Result<WatchEvent>>> {
-        let path = match since {
-            Some(rev) => format!("/v1/watch?since={rev}"),
-            None => "/v1/watch".to_string(),
+        self.watch_only(since, &[]).await
+    }
+
+    /// [`Client::watch`] of only what concerns `services` (all when empty): their part of the
+    /// snapshot, and their services', instances', releases' and traffic's events.
+    pub async fn watch_only(
+        &self,
+        since: Option<Revision>,
+        services: &[String],
+    ) -> Result<impl Stream<Item = Result<WatchEvent>>> {
+        let mut query = Vec::new();
+        if let Some(rev) = since {
+            query.push(format!("since={rev}"));
+        }
+        if !services.is_empty() {
+            query.push(format!("service={}", services.join(",")));
+        }
+        let path = if query.is_empty() {
+            "/v1/watch".to_string()
+        } else {
+            format!("/v1/watch?{}", query.join("&"))
         };
         let url = self.base.clone();
         let silence = self.watch_silence;
