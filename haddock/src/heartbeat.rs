@@ -74,13 +74,23 @@ pub async fn heartbeat_once(client: &Client, hosts: &[Host], service: &str) {
     }
 }
 
+/// One request for all of them (`POST /v1/heartbeats`): a host agent's cost to the locator is
+/// one request a second, however many instances it runs.
 async fn heartbeat(client: &Client, instances: &[Instance], listing: &Listing) {
-    for i in instances {
-        if i.state != InstanceState::Gone && listing.running.contains(&i.container_id) {
-            if let Err(e) = client.heartbeat(&i.id).await {
-                tracing::debug!(instance = %i.id, error = %e, "heartbeat");
-            }
+    let ids: Vec<String> = instances
+        .iter()
+        .filter(|i| i.state != InstanceState::Gone && listing.running.contains(&i.container_id))
+        .map(|i| i.id.clone())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    match client.heartbeats(&ids).await {
+        Ok(h) if !h.unknown.is_empty() => {
+            tracing::debug!(unknown = ?h.unknown, "heartbeats for instances the locator forgot")
         }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "heartbeats"),
     }
 }
 

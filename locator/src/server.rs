@@ -111,6 +111,7 @@ pub enum Endpoint {
     GetInstance,
     SetState,
     Heartbeat,
+    Heartbeats,
     Sessions,
     CreateRelease,
     ListReleases,
@@ -199,6 +200,12 @@ pub const ROUTES: &[(&str, &str, Access, Endpoint)] = &[
         "/v1/instances/{id}/heartbeat",
         Access::Needs(Role::Deploy),
         Endpoint::Heartbeat,
+    ),
+    (
+        "POST",
+        "/v1/heartbeats",
+        Access::Needs(Role::Deploy),
+        Endpoint::Heartbeats,
     ),
     (
         "POST",
@@ -494,6 +501,10 @@ impl<S: Store> App<S> {
                 self.drain(req).await?;
                 writer.write(Command::Heartbeat { id: p(0) }).await
             }
+            Endpoint::Heartbeats => {
+                let h: Heartbeats = self.body(req).await?;
+                writer.write(Command::Heartbeats { ids: h.ids }).await
+            }
             Endpoint::Sessions => {
                 let r: SessionReport = self.body(req).await?;
                 writer.write(Command::Sessions(r)).await
@@ -784,6 +795,7 @@ impl<S: Store> Writer<'_, S> {
             Reply::Instance(i) => json(&i),
             Reply::Release(r) => json(&r),
             Reply::Accepted => json(&serde_json::json!({ "accepted": true })),
+            Reply::Heartbeats(h) => json(&h),
         }
     }
 }

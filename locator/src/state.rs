@@ -56,6 +56,10 @@ pub enum Command {
     Heartbeat {
         id: String,
     },
+    /// A host agent's heartbeats for many instances at once.
+    Heartbeats {
+        ids: Vec<String>,
+    },
     Sessions(SessionReport),
     CreateRelease(NewRelease),
     UpdateRelease {
@@ -80,6 +84,7 @@ pub enum Reply {
     /// Boxed, as in [`Change::Release`].
     Release(Box<Release>),
     Accepted,
+    Heartbeats(HeartbeatsAccepted),
 }
 
 /// The result of [`State::execute`]: events to commit (possibly none) and the answer.
@@ -441,6 +446,7 @@ impl State {
             }
             Command::SetState { id, state } => self.set_state(id, *state, ctx, &mut batch)?,
             Command::Heartbeat { id } => self.heartbeat(id, ctx, &mut batch)?,
+            Command::Heartbeats { ids } => self.heartbeats(ids, ctx, &mut batch)?,
             Command::Sessions(report) => self.sessions(report, ctx, &mut batch)?,
             Command::CreateRelease(n) => self.create_release(n, ctx, &mut batch)?,
             Command::UpdateRelease { id, update } => {
@@ -764,6 +770,30 @@ impl State {
         Ok(Reply::Instance(next))
     }
 
+    /// [`State::heartbeat`] for each of `ids` (each once); unknown ids are reported, not an
+    /// error: one instance removed meanwhile must not cost the others their heartbeat.
+    fn heartbeats(&self, ids: &[String], ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
+        if ids.len() > MAX_HEARTBEATS {
+            return Err(Error::InvalidInput(format!(
+                "at most {MAX_HEARTBEATS} ids per request, not {}",
+                ids.len()
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let (mut accepted, mut unknown) = (0, Vec::new());
+        for id in ids {
+            if !seen.insert(id.as_str()) {
+                continue;
+            }
+            match self.heartbeat(id, ctx, b) {
+                Ok(_) => accepted += 1,
+                Err(Error::UnknownInstance(_)) => unknown.push(id.clone()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Reply::Heartbeats(HeartbeatsAccepted { accepted, unknown }))
+    }
+
     /// Sums over proxies: a new report replaces that proxy's previous one. Only changed sums
     /// become events, so proxies re-sending the same figures every second cost nothing.
     fn sessions(&self, report: &SessionReport, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
@@ -1085,6 +1115,14 @@ impl State {
                 .map(|i| i.service.clone())
                 .into_iter()
                 .collect(),
+            Command::Heartbeats { ids } => {
+                let services: std::collections::BTreeSet<&str> = ids
+                    .iter()
+                    .filter_map(|id| self.instances.get(id))
+                    .map(|i| i.service.as_str())
+                    .collect();
+                services.into_iter().map(str::to_string).collect()
+            }
             Command::UpdateRelease { id, .. } | Command::Control { id, .. } => {
                 self.release(id).map(|r| r.service).into_iter().collect()
             }
@@ -1490,6 +1528,29 @@ mod tests {
             },
         );
         assert_eq!(out.unwrap().events.len(), 1);
+    }
+
+    #[test]
+    fn batched_heartbeats_count_each_known_instance_once() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        run(&mut s, inst("b", "1", InstanceState::Ready), T).unwrap();
+        let later = Ctx {
+            now: T.now + 2500,
+            ..T
+        };
+        let ids = ["a", "b", "a", "gone"].map(String::from).to_vec();
+        let out = s.execute(&Command::Heartbeats { ids }, later).unwrap();
+        assert_eq!(out.events.len(), 2, "one write per known instance");
+        let Reply::Heartbeats(h) = out.reply else {
+            panic!("{:?}", out.reply)
+        };
+        assert_eq!((h.accepted, h.unknown), (2, vec!["gone".to_string()]));
+        let too_many = vec!["a".to_string(); MAX_HEARTBEATS + 1];
+        assert!(matches!(
+            s.execute(&Command::Heartbeats { ids: too_many }, later),
+            Err(Error::InvalidInput(_))
+        ));
     }
 
     #[test]

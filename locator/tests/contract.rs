@@ -510,11 +510,7 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
     assert!(matches!(&next.change, Change::Instance(i) if i.id == "a-2"));
 
     // Resuming from the snapshot's revision replays only a's event.
-    let mut resumed = Box::pin(
-        c.watch_only(Some(first.revision), &only_a)
-            .await
-            .unwrap(),
-    );
+    let mut resumed = Box::pin(c.watch_only(Some(first.revision), &only_a).await.unwrap());
     let replayed = resumed.next().await.unwrap().unwrap();
     assert_eq!(replayed.revision, next.revision, "{replayed:?}");
 

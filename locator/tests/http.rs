@@ -113,6 +113,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("PUT", "/v1/instances/nope/state", br#"{"state":"ready"}"#, 404, "unknown_instance"),
         ("PUT", "/v1/instances/nope/state", br#"{"state":"sideways"}"#, 400, "invalid_json"),
         ("POST", "/v1/instances/nope/heartbeat", b"", 404, "unknown_instance"),
+        ("POST", "/v1/heartbeats", br#"{"ids":"a"}"#, 400, "invalid_json"),
+        ("POST", "/v1/heartbeats", br#"{"ids":[],"extra":1}"#, 400, "invalid_json"),
         ("PUT", "/v1/services/svc/weights", br#"{"weights":{"1":100}}"#, 400, "invalid_weights"),
         ("PUT", "/v1/services/svc/weights", br#"{"weights":{"1":300}}"#, 400, "invalid_json"),
         ("PUT", "/v1/services/nope/weights", br#"{"weights":{"1":100}}"#, 404, "unknown_service"),

@@ -265,6 +265,25 @@ pub struct SessionReport {
     pub versions: BTreeMap<String, VersionTraffic>,
 }
 
+/// Body of `POST /v1/heartbeats` (role `deploy`): one host agent's heartbeats for all its
+/// instances in one request, instead of one request per instance per second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeats {
+    pub ids: Vec<String>,
+}
+
+/// The most instance ids one `POST /v1/heartbeats` may carry.
+pub const MAX_HEARTBEATS: usize = 10_000;
+
+/// Answer of `POST /v1/heartbeats`: how many were heard, and the ids the locator does not know
+/// (an instance removed meanwhile; the others still count).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatsAccepted {
+    pub accepted: usize,
+    pub unknown: Vec<String>,
+}
+
 /// Traffic of one version summed over the proxies (p99 is the worst proxy's).
 pub type TrafficByVersion = BTreeMap<String, VersionTraffic>;
 

@@ -294,6 +294,16 @@ impl Client {
             .await
     }
 
+    /// Heartbeats many instances in one request (a host agent's round).
+    pub async fn heartbeats(&self, ids: &[String]) -> Result<HeartbeatsAccepted> {
+        self.call(
+            Method::POST,
+            "/v1/heartbeats",
+            Some(&Heartbeats { ids: ids.to_vec() }),
+        )
+        .await
+    }
+
     // --- sessions (role `proxy`) ---
 
     pub async fn report_sessions(&self, report: &SessionReport) -> Result<serde_json::Value> {
