@@ -32,7 +32,8 @@ pub struct Cli {
 /// Where the locator is.
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// Locator base URL.
+    /// Locator base URL; several replicas separated by commas (haddock moves to the next when
+    /// one fails).
     #[arg(long, env = "HADDOCK_LOCATOR", default_value = "http://127.0.0.1:7070")]
     pub locator: String,
     /// Bearer token (role `deploy` for changes, `read` is enough for status and history).

@@ -38,7 +38,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<Duration>) -> Percentiles {
+    pub(crate) fn of(mut v: Vec<Duration>) -> Percentiles {
         v.sort();
         let at = |q: f64| {
             v.get(((v.len() as f64 * q).ceil() as usize).saturating_sub(1))

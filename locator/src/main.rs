@@ -67,6 +67,25 @@ enum Cmd {
         #[arg(long)]
         no_postgres: bool,
     },
+    /// Simulate P proxies and I instances around a locator process; print where it saturates
+    /// (before/after per-service watches and batched heartbeats, in one run).
+    Scale {
+        /// Proxies (comma-separated list: one run each).
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        proxies: Vec<usize>,
+        /// Instances (comma-separated list: one run each).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        instances: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        services: usize,
+        #[arg(long, default_value = "5s", value_parser = positive_duration)]
+        window: Duration,
+        #[arg(long, default_value_t = 10)]
+        changes: usize,
+        /// Run the locator on this PostgreSQL database instead of the embedded store.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 /// A duration above zero: a zero timeout would close every connection at once.
@@ -119,6 +138,24 @@ fn main() -> anyhow::Result<()> {
                 readers,
                 read_time,
                 postgres: !no_postgres,
+            }));
+            print!("{report}");
+        }
+        Cmd::Scale {
+            proxies,
+            instances,
+            services,
+            window,
+            changes,
+            database_url,
+        } => {
+            let report = runtime.block_on(locator::scale::run(locator::scale::ScaleOptions {
+                proxies,
+                instances,
+                services,
+                window,
+                changes,
+                database_url,
             }));
             print!("{report}");
         }

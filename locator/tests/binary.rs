@@ -139,3 +139,72 @@ async fn first_start_without_tokens_creates_a_deploy_token() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Two replicas on one PostgreSQL database, a client that knows both: kill -9 the one in use
+/// and the next write goes to the other at once, and a broken watch resumes there from its
+/// last revision without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_two_replicas_moves_to_the_survivor_and_its_watch_resumes() {
+    use futures_util::StreamExt;
+    use locator::api::Change;
+    let pg = tokio::task::spawn_blocking(locator::testing::Postgres::start)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, "deploy = [\"failover-deploy-token\"]\n").unwrap();
+    let mut replicas = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_locator"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--database-url", &pg.url()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        ready(&url).await;
+        replicas.push(child);
+        urls.push(url);
+    }
+    let client = Client::new(&urls.join(","), Some("failover-deploy-token".into()));
+    assert_eq!(client.base_url(), urls[0]);
+    let first = client.put_service("svc", &spec(1000)).await.unwrap();
+    let mut watch = Box::pin(client.watch(Some(first.revision)).await.unwrap());
+
+    // The replica in use dies.
+    replicas[0].kill().unwrap();
+    replicas[0].wait().unwrap();
+    let second = client.put_service("svc", &spec(2000)).await.unwrap();
+    assert_eq!(client.base_url(), urls[1], "the client did not move");
+    assert!(second.revision > first.revision);
+
+    // The stream from the dead replica ends; resumed from the last revision it had, on the
+    // survivor, it gets exactly the write made meanwhile.
+    while let Some(Ok(_)) = tokio::time::timeout(WAIT, watch.next()).await.unwrap() {}
+    let mut resumed = Box::pin(client.watch(Some(first.revision)).await.unwrap());
+    let event = tokio::time::timeout(WAIT, resumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.revision, second.revision);
+    assert!(matches!(&event.change, Change::Service(s) if s.sessions.idle_ttl_ms == 2000));
+
+    // A client whose first replica is the dead one starts on the survivor too.
+    let late = Client::new(&urls.join(","), Some("failover-deploy-token".into()));
+    assert_eq!(
+        late.service("svc").await.unwrap().sessions.idle_ttl_ms,
+        2000
+    );
+    assert_eq!(late.base_url(), urls[1]);
+    for mut r in replicas {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+}

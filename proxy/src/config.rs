@@ -39,7 +39,8 @@ pub struct ServeArgs {
     /// Address of the admin port (/metrics, /healthz, /routing).
     #[arg(long, default_value = "127.0.0.1:9180")]
     pub admin: String,
-    /// Base URL of the locator.
+    /// Base URL of the locator; several replicas separated by commas (the proxy moves to the
+    /// next when one fails and resumes its watch there).
     #[arg(long, env = "HADDOCK_LOCATOR_URL")]
     pub locator: String,
     /// The service whose traffic this proxy carries (a name the locator accepts: 1 to 63

@@ -3,12 +3,19 @@
 //! Every method maps one route of the API (docs/api.md). Non-2xx answers become
 //! [`ClientError::Api`] carrying the status and the server's error code, so callers can match
 //! on `code` (`release_active`, `revision_mismatch`, …) instead of parsing messages.
+//!
+//! A client may know several replicas (`http://a:7070,http://b:7070`): a request that cannot
+//! reach one (refused, reset, timed out before an answer) goes to the next at once, and every
+//! clone of the client then stays on the one that answered. A watch that breaks is resumed by
+//! its caller from the last revision, on whichever replica answers.
 
 use crate::api::*;
 use futures_util::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Why a call to the locator failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +77,10 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 /// A cheap-to-clone handle on one locator. Its `Debug` never shows the token.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The replicas, in the order given.
+    bases: Arc<Vec<String>>,
+    /// The replica in use (an index into `bases`), shared by every clone.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
     /// How long a request keeps retrying while the locator refuses connections.
@@ -82,7 +92,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("base", &self.base)
+            .field("bases", &self.bases)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("connect_retry", &self.connect_retry)
             .field("watch_silence", &self.watch_silence)
@@ -96,10 +106,20 @@ pub const DEFAULT_WATCH_SILENCE: std::time::Duration =
     std::time::Duration::from_secs(3 * crate::api::WATCH_KEEPALIVE.as_secs());
 
 impl Client {
-    /// `base_url` is e.g. `http://127.0.0.1:7070`; `token` is sent as `Authorization: Bearer`.
+    /// `base_url` is e.g. `http://127.0.0.1:7070`, or several replicas separated by commas;
+    /// `token` is sent as `Authorization: Bearer`.
     pub fn new(base_url: &str, token: Option<String>) -> Self {
+        let mut bases: Vec<String> = base_url
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(String::new());
+        }
         Client {
-            base: base_url.trim_end_matches('/').to_string(),
+            bases: Arc::new(bases),
+            current: Arc::new(AtomicUsize::new(0)),
             token,
             http: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(2))
@@ -125,12 +145,36 @@ impl Client {
         self
     }
 
+    /// The replica in use.
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// Every replica this client knows.
+    pub fn base_urls(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// Moves every clone of this client from replica `from` to the next one (unless another
+    /// call moved it already).
+    fn fail_over(&self, from: usize) -> usize {
+        let next = (from + 1) % self.bases.len();
+        match self
+            .current
+            .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => {
+                tracing::warn!(from = %self.bases[from], to = %self.bases[next], "locator replica unreachable; moving to the next");
+                next
+            }
+            Err(now) => now % self.bases.len(),
+        }
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let req = self.http.request(method, format!("{}{}", self.base, path));
+        let req = self
+            .http
+            .request(method, format!("{}{}", self.base_url(), path));
         match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -149,31 +193,52 @@ impl Client {
             .is_some_and(|r| matches!(*r.method(), Method::GET | Method::PUT | Method::DELETE));
         let deadline = std::time::Instant::now() + self.connect_retry;
         let mut pause = std::time::Duration::from_millis(100);
+        let template = req.build().map_err(|source| ClientError::Transport {
+            url: self.base_url().to_string(),
+            source,
+        })?;
+        // Replicas tried since the last pause: each gets one attempt before backing off.
+        let mut tried = 0;
         let resp = loop {
-            let attempt = req.try_clone().expect("request bodies are buffered JSON");
-            match attempt.send().await {
+            let at = self.current.load(Ordering::Relaxed) % self.bases.len();
+            let mut attempt = template
+                .try_clone()
+                .expect("request bodies are buffered JSON");
+            rebase(attempt.url_mut(), &self.bases[at]);
+            match self.http.execute(attempt).await {
                 Ok(resp) => break resp,
-                Err(e)
-                    if (e.is_connect() || (idempotent && e.is_request()))
-                        && std::time::Instant::now() + pause < deadline =>
-                {
+                Err(e) if e.is_connect() || (idempotent && e.is_request()) => {
+                    tried += 1;
+                    if tried < self.bases.len() {
+                        self.fail_over(at);
+                        continue;
+                    }
+                    if std::time::Instant::now() + pause >= deadline {
+                        return Err(ClientError::Transport {
+                            url: self.bases[at].clone(),
+                            source: e,
+                        });
+                    }
+                    self.fail_over(at);
+                    tried = 0;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_secs(1));
                 }
                 Err(source) => {
                     return Err(ClientError::Transport {
-                        url: self.base.clone(),
+                        url: self.bases[at].clone(),
                         source,
                     })
                 }
             }
         };
+        let url = resp.url().clone();
         let status = resp.status();
         let body = resp
             .bytes()
             .await
             .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
+                url: url.origin().ascii_serialization(),
                 source,
             })?;
         if !status.is_success() {
@@ -387,18 +452,28 @@ impl Client {
         } else {
             format!("/v1/watch?{}", query.join("&"))
         };
-        let url = self.base.clone();
         let silence = self.watch_silence;
-        let resp = tokio::time::timeout(silence, self.request(Method::GET, &path).send())
-            .await
-            .map_err(|_| ClientError::Silent {
-                url: url.clone(),
-                silence,
-            })?
-            .map_err(|source| ClientError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+        // Each replica once, from the one in use: a watch broken by a dead replica resumes on
+        // the next within this call.
+        let mut last_error = None;
+        let mut answered = None;
+        for _ in 0..self.bases.len() {
+            let at = self.current.load(Ordering::Relaxed) % self.bases.len();
+            let url = self.bases[at].clone();
+            let attempt = tokio::time::timeout(silence, self.request(Method::GET, &path).send());
+            match attempt.await {
+                Ok(Ok(resp)) => {
+                    answered = Some((resp, url));
+                    break;
+                }
+                Ok(Err(source)) => last_error = Some(ClientError::Transport { url, source }),
+                Err(_) => last_error = Some(ClientError::Silent { url, silence }),
+            }
+            self.fail_over(at);
+        }
+        let Some((resp, url)) = answered else {
+            return Err(last_error.expect("at least one replica was tried"));
+        };
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.bytes().await.unwrap_or_default();
@@ -417,6 +492,15 @@ impl Client {
         }
         let bytes = resp.bytes_stream();
         Ok(ndjson_lines(bytes, url, silence))
+    }
+}
+
+/// Points `url` at replica `base` (scheme, host and port; path and query are kept).
+fn rebase(url: &mut reqwest::Url, base: &str) {
+    if let Ok(b) = reqwest::Url::parse(base) {
+        let _ = url.set_scheme(b.scheme());
+        let _ = url.set_host(b.host_str());
+        let _ = url.set_port(b.port());
     }
 }
 
