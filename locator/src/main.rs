@@ -34,6 +34,10 @@ enum Cmd {
         /// An instance not heard from for this long becomes unhealthy.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         heartbeat_ttl: Duration,
+        /// A service's session sums are published on a proxy's report at most this often (the
+        /// sweep publishes the ones in between within a second); 0: on every report.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        load_publish_interval: Duration,
         /// A request head must arrive within this of the accept (or of its first byte after an
         /// idle period), else the connection is closed.
         #[arg(long, default_value = "10s", value_parser = positive_duration)]
@@ -85,6 +89,12 @@ enum Cmd {
         /// Run the locator on this PostgreSQL database instead of the embedded store.
         #[arg(long)]
         database_url: Option<String>,
+        /// Only the `after` configuration (the `before` one saturates at large P and I).
+        #[arg(long, conflicts_with = "only_before")]
+        only_after: bool,
+        /// Only the `before` configuration (the baseline).
+        #[arg(long)]
+        only_before: bool,
     },
 }
 
@@ -108,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             database_url,
             tokens,
             heartbeat_ttl,
+            load_publish_interval,
             header_read_timeout,
             body_read_timeout,
             idle_timeout,
@@ -118,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             database_url,
             tokens,
             heartbeat_ttl,
+            load_publish: load_publish_interval,
             header_read_timeout,
             body_read_timeout,
             idle_timeout,
@@ -148,6 +160,8 @@ fn main() -> anyhow::Result<()> {
             window,
             changes,
             database_url,
+            only_after,
+            only_before,
         } => {
             let report = runtime.block_on(locator::scale::run(locator::scale::ScaleOptions {
                 proxies,
@@ -156,6 +170,8 @@ fn main() -> anyhow::Result<()> {
                 window,
                 changes,
                 database_url,
+                before: !only_after,
+                after: !only_before,
             }));
             print!("{report}");
         }

@@ -44,6 +44,9 @@ pub struct ScaleOptions {
     pub changes: usize,
     /// `postgres://…`: run the locator on PostgreSQL instead of the embedded store.
     pub database_url: Option<String>,
+    /// Run the `before` configuration (the baseline), the `after` one, or both.
+    pub before: bool,
+    pub after: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +86,7 @@ impl Drop for Locator {
 }
 
 impl Locator {
-    async fn start(database_url: Option<&str>) -> Locator {
+    async fn start(database_url: Option<&str>, mode: Mode) -> Locator {
         let dir = tempfile::tempdir().expect("a temp dir");
         let tokens = dir.path().join("tokens.toml");
         std::fs::write(
@@ -103,6 +106,11 @@ impl Locator {
             .arg("--tokens")
             .arg(&tokens)
             .args(["--max-connections", "8192"])
+            // The baseline publishes every report, as the locator did before.
+            .args([
+                "--load-publish-interval",
+                if mode == Mode::Before { "0s" } else { "1s" },
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -189,7 +197,7 @@ struct Seen {
 /// One run: a fresh locator, the platform set up, the load for `window`, `changes` weight
 /// changes during it.
 async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usize) -> Row {
-    let loc = Locator::start(opts.database_url.as_deref()).await;
+    let loc = Locator::start(opts.database_url.as_deref(), mode).await;
     let deploy = Client::new(&loc.url, Some(DEPLOY.into()));
     let services = opts.services.max(1);
     let settings = SessionSettings {
@@ -438,7 +446,8 @@ pub async fn run(opts: ScaleOptions) -> String {
     );
     for &i in &opts.instances {
         for &p in &opts.proxies {
-            for mode in [Mode::Before, Mode::After] {
+            let modes = [(Mode::Before, opts.before), (Mode::After, opts.after)];
+            for mode in modes.into_iter().filter(|m| m.1).map(|m| m.0) {
                 let r = run_one(&opts, mode, p, i).await;
                 let line = format!(
                     "{:<6} {:>5} {:>6}  | {:<50} {:>5} | {:>15.2} {:>8.0} | {:>16.1} | {:>8.0} | {:>10.0}\n",

@@ -22,6 +22,9 @@ pub struct ServeOptions {
     pub database_url: Option<String>,
     pub tokens: Option<PathBuf>,
     pub heartbeat_ttl: Duration,
+    /// How often a service's session sums are published on a report (see
+    /// [`crate::state::LOAD_PUBLISH_MS`]).
+    pub load_publish: Duration,
     /// See [`ServerConfig::header_read_timeout`] and the defaults in [`server`].
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -68,6 +71,7 @@ pub async fn run(options: ServeOptions) -> Result<(), StartError> {
         None => {
             let opts = embedded::Options {
                 heartbeat_ttl: options.heartbeat_ttl,
+                load_publish: options.load_publish,
                 ..Default::default()
             };
             let store = EmbeddedStore::open(&data_dir, opts, metrics).await?;
@@ -76,6 +80,7 @@ pub async fn run(options: ServeOptions) -> Result<(), StartError> {
         Some(url) => {
             let opts = postgres::Options {
                 heartbeat_ttl: options.heartbeat_ttl,
+                load_publish: options.load_publish,
                 ..Default::default()
             };
             let store = PostgresStore::connect(url, opts, metrics).await?;

@@ -18,12 +18,22 @@ const MIN_DOCKER_MEMORY: u64 = 6 * 1024 * 1024;
 /// A proxy that has not reported for this long no longer counts in the sums.
 pub const SESSION_REPORT_TTL_MS: u64 = 5_000;
 
+/// A service's session sums are published (as instance-load and traffic events) on a proxy's
+/// report at most this often; the reports in between are kept, and the next report after the
+/// period or the sweep (every second at most) publishes their sums. Before, every report of
+/// every proxy was an event broadcast to every watcher: with a thousand proxies, a thousand
+/// events a second, each to a thousand streams.
+pub const LOAD_PUBLISH_MS: u64 = 1_000;
+
 /// What a command may depend on besides the state: the clock and the configured TTL.
 /// Passed in (never read inside) so that the rules stay deterministic and testable.
 #[derive(Debug, Clone, Copy)]
 pub struct Ctx {
     pub now: UnixMillis,
     pub heartbeat_ttl_ms: u64,
+    /// [`LOAD_PUBLISH_MS`] unless configured (`locator serve --load-publish-interval`; 0:
+    /// every report publishes, as before the scale work — the simulator's baseline).
+    pub load_publish_ms: u64,
 }
 
 /// One write request, already parsed and authorised.
@@ -112,6 +122,10 @@ pub struct State {
     /// had a chance to report, or a restart would briefly show draining instances as empty.
     #[serde(skip)]
     reports_since: UnixMillis,
+    /// When each service's sums were last published on a report (see [`LOAD_PUBLISH_MS`]).
+    /// Ephemeral, like the reports.
+    #[serde(skip)]
+    loads_published: BTreeMap<String, UnixMillis>,
 }
 
 /// Allocates consecutive revisions to the events of one command.
@@ -348,10 +362,27 @@ impl State {
 
     /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]),
     /// keeping only what [`State::known_report`] keeps.
-    pub fn record_report(&mut self, report: SessionReport, now: UnixMillis) {
+    pub fn record_report(&mut self, report: SessionReport, ctx: Ctx) {
+        let now = ctx.now;
+        self.note_report(&report.service, ctx);
         let report = self.known_report(&report);
         let key = (report.proxy_id.clone(), report.service.clone());
         self.reports.insert(key, (now, report));
+    }
+
+    /// Whether a report of `service` now publishes the service's sums.
+    fn loads_due(&self, service: &str, ctx: Ctx) -> bool {
+        self.loads_published
+            .get(service)
+            .is_none_or(|at| ctx.now >= at.saturating_add(ctx.load_publish_ms))
+    }
+
+    /// A report of `service` was accepted: if it published the sums (the same rule
+    /// [`Command::Sessions`] applied), the period starts again.
+    pub fn note_report(&mut self, service: &str, ctx: Ctx) {
+        if self.loads_due(service, ctx) {
+            self.loads_published.insert(service.to_string(), ctx.now);
+        }
     }
 
     /// The part of `report` about things this locator knows: instances of the report's service
@@ -801,6 +832,10 @@ impl State {
             return Err(Error::InvalidInput("proxy_id must not be empty".into()));
         }
         self.service(&report.service)?;
+        if !self.loads_due(&report.service, ctx) {
+            // Kept by the store; its sums go out with the next due report or sweep.
+            return Ok(Reply::Accepted);
+        }
         let report = &self.known_report(report);
         let key = (report.proxy_id.clone(), report.service.clone());
         let live: Vec<&SessionReport> = self
@@ -893,9 +928,13 @@ impl State {
                 }
             }
         }
-        if ctx.now >= self.reports_since.saturating_add(SESSION_REPORT_TTL_MS) {
-            for service in self.services.keys() {
-                let live: Vec<&SessionReport> = self.live_reports(service, ctx.now).collect();
+        // Once every proxy had time to report since this process started, every service's
+        // sums are kept true (reports age out); before, only those of services that have
+        // reports (a report between two due ones waits for this).
+        let settled = ctx.now >= self.reports_since.saturating_add(SESSION_REPORT_TTL_MS);
+        for service in self.services.keys() {
+            let live: Vec<&SessionReport> = self.live_reports(service, ctx.now).collect();
+            if settled || !live.is_empty() {
                 self.recompute(service, &live, &mut changed, b);
             }
         }
@@ -1241,6 +1280,7 @@ mod tests {
     const T: Ctx = Ctx {
         now: 1_000_000,
         heartbeat_ttl_ms: 10_000,
+        load_publish_ms: LOAD_PUBLISH_MS,
     };
 
     fn run(state: &mut State, cmd: Command, ctx: Ctx) -> Result<Reply, Error> {
@@ -1250,7 +1290,7 @@ mod tests {
             state.apply(e);
         }
         if let Command::Sessions(r) = cmd {
-            state.record_report(r, ctx.now);
+            state.record_report(r, ctx);
         }
         Ok(out.reply)
     }
@@ -1623,6 +1663,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.instance("a").unwrap().load.live_sessions, 4);
+    }
+
+    /// Reports within [`LOAD_PUBLISH_MS`] of a published one write nothing; the sweep (or the
+    /// next due report) publishes their sums.
+    #[test]
+    fn reports_between_publications_are_summed_by_the_next_one() {
+        let mut s = with_service();
+        s.start_reports(T.now);
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let at = |ms| Ctx {
+            now: T.now + ms,
+            ..T
+        };
+        let out = s.execute(&sessions("p1", &[("a", 2)], &[]), at(0)).unwrap();
+        assert_eq!(out.events.len(), 1, "the first report publishes");
+        run(&mut s, sessions("p1", &[("a", 2)], &[]), at(0)).unwrap();
+        for (proxy, ms) in [("p2", 100), ("p3", 400), ("p4", 900)] {
+            let out = s
+                .execute(&sessions(proxy, &[("a", 1)], &[]), at(ms))
+                .unwrap();
+            assert!(out.events.is_empty(), "{proxy} published within the period");
+            run(&mut s, sessions(proxy, &[("a", 1)], &[]), at(ms)).unwrap();
+        }
+        assert_eq!(s.instance("a").unwrap().load.live_sessions, 2);
+        // The sweep publishes what the reports in between said, before the reports settled.
+        run(&mut s, Command::Sweep, at(950)).unwrap();
+        assert_eq!(s.instance("a").unwrap().load.live_sessions, 5);
+        // A report after the period publishes at once.
+        let out = s
+            .execute(&sessions("p2", &[("a", 3)], &[]), at(1000))
+            .unwrap();
+        assert_eq!(out.events.len(), 1);
     }
 
     fn sessions(proxy: &str, instances: &[(&str, u64)], versions: &[(&str, u64)]) -> Command {

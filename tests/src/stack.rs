@@ -48,6 +48,9 @@ pub struct StackOptions {
     /// locator as `locator.haddock.internal`, a name only it knows (the locator then listens
     /// on every address). The test boots it (`haddock accessory boot`).
     pub dns_accessory: bool,
+    /// Locator replicas on `database_url` (1 or 2). With 2, haddock, the proxies and the
+    /// agent are given both URLs.
+    pub locator_replicas: usize,
 }
 
 impl Default for StackOptions {
@@ -64,6 +67,7 @@ impl Default for StackOptions {
             proxies: 1,
             instances: 1,
             dns_accessory: false,
+            locator_replicas: 1,
         }
     }
 }
@@ -74,7 +78,10 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     /// Unique per stack, so that stacks of parallel tests never touch each other's containers.
     pub service: String,
+    /// The first locator replica.
     pub locator_url: String,
+    /// Every replica, comma-separated: what haddock, the proxies and the agent are given.
+    pub locator_urls: String,
     pub deploy_token: String,
     pub read_token: String,
     /// The optimizer's write token (in the spec's env): the load's PUTs send it.
@@ -90,6 +97,8 @@ pub struct Stack {
     /// The DNS accessory's address (with [`StackOptions::dns_accessory`]).
     pub dns_ip: Option<String>,
     locator: Option<Child>,
+    /// The second locator replica, when `locator_replicas` is 2.
+    replica: Option<Child>,
     proxies: Vec<Child>,
     heartbeat: Option<Child>,
     locator_port: u16,
@@ -224,6 +233,7 @@ impl Stack {
 
         let mut stack = Stack {
             locator_url: format!("http://127.0.0.1:{locator_port}"),
+            locator_urls: format!("http://127.0.0.1:{locator_port}"),
             proxy_url: String::new(),
             proxy_admin: String::new(),
             proxy_urls: Vec::new(),
@@ -236,6 +246,7 @@ impl Stack {
             cookie,
             dns_ip,
             locator: None,
+            replica: None,
             proxies: Vec::new(),
             heartbeat: None,
             locator_port,
@@ -245,6 +256,34 @@ impl Stack {
             dir,
         };
         stack.start_locator().await;
+        if opts.locator_replicas > 1 {
+            let url = opts
+                .database_url
+                .as_deref()
+                .expect("a second locator replica needs database_url");
+            let port = free_port();
+            let log = std::fs::File::create(stack.dir.path().join("locator2.log")).unwrap();
+            let child = Command::new(bin("locator"))
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--database-url", url])
+                .arg("--tokens")
+                .arg(stack.dir.path().join("tokens.toml"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("the second locator starts");
+            stack.replica = Some(child);
+            let second = format!("http://127.0.0.1:{port}");
+            let health = format!("{second}/healthz");
+            eventually("the second replica", Duration::from_secs(20), || async {
+                reqwest::get(&health)
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            })
+            .await;
+            stack.locator_urls = format!("{},{second}", stack.locator_url);
+        }
 
         let cookie_key = format!("demo-key-{}", rand::random::<u64>());
         for k in 0..opts.proxies.max(1) {
@@ -263,7 +302,12 @@ impl Stack {
             let child = Command::new(bin("proxy"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--admin", &format!("127.0.0.1:{admin}")])
-                .args(["--locator", &stack.locator_url, "--service", &stack.service])
+                .args([
+                    "--locator",
+                    &stack.locator_urls,
+                    "--service",
+                    &stack.service,
+                ])
                 .args(["--token", &proxy_token])
                 .arg("--state-dir")
                 .arg(stack.dir.path().join(&name))
@@ -398,7 +442,7 @@ impl Stack {
     /// `haddock` with the locator URL and deploy token in its environment.
     pub fn haddock(&self) -> Command {
         let mut c = Command::new(bin("haddock"));
-        c.env("HADDOCK_LOCATOR", &self.locator_url)
+        c.env("HADDOCK_LOCATOR", &self.locator_urls)
             .env("HADDOCK_TOKEN", &self.deploy_token);
         c
     }
@@ -505,7 +549,8 @@ impl Stack {
     }
 
     pub async fn weights(&self) -> Option<std::collections::BTreeMap<String, u8>> {
-        let client = locator::client::Client::new(&self.locator_url, Some(self.read_token.clone()));
+        let client =
+            locator::client::Client::new(&self.locator_urls, Some(self.read_token.clone()));
         client.service(&self.service).await.ok().map(|s| s.weights)
     }
 
@@ -552,10 +597,14 @@ pub fn release_result(out: &std::process::Output) -> (Option<i32>, serde_json::V
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let children = [self.heartbeat.take(), self.locator.take()]
-            .into_iter()
-            .flatten()
-            .chain(self.proxies.drain(..));
+        let children = [
+            self.heartbeat.take(),
+            self.locator.take(),
+            self.replica.take(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.proxies.drain(..));
         for child in children {
             let mut child = child;
             let _ = child.kill();

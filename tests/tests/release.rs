@@ -341,6 +341,84 @@ async fn locator_restarted_mid_release_on_postgres_loses_nothing_and_the_release
         .all(|r| r.state == locator::api::ReleaseState::Done));
 }
 
+/// Two locator replicas on one PostgreSQL; haddock, the proxy and the agent know both. The one
+/// they use is killed with SIGKILL mid-canary under load: they move to the other, the release
+/// completes, no request fails, and the proxy's routing table is never more than a second
+/// behind the surviving replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locator_replica_killed_mid_release_everyone_moves_to_the_other() {
+    let _one = SERIAL.lock().await;
+    let pg = locator::testing::Postgres::start();
+    let mut opts = quick();
+    opts.step_pause = Duration::from_secs(6);
+    opts.database_url = Some(pg.url());
+    opts.locator_replicas = 2;
+    let mut stack = Stack::start("failover", opts).await;
+    let survivor = stack.locator_urls.split(',').nth(1).unwrap().to_string();
+    let (control, load, mut release, _) = mid_canary_under_load(&stack).await;
+
+    stack.kill_locator();
+    // Until the release ends: the survivor's revision, then the proxy's; the longest stretch
+    // the proxy stayed behind.
+    let http = reqwest::Client::new();
+    let metrics = format!("{}/metrics", stack.proxy_admin);
+    let (mut behind_since, mut worst) = (None::<std::time::Instant>, Duration::ZERO);
+    let out = loop {
+        if release.is_finished() {
+            break (&mut release).await.unwrap().unwrap();
+        }
+        let healthz: serde_json::Value = match http.get(format!("{survivor}/healthz")).send().await
+        {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        let text = match http.get(&metrics).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let proxy_rev = text
+            .lines()
+            .find(|l| l.starts_with("haddock_proxy_routing_revision"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if let (Some(locator_rev), Some(proxy_rev)) = (healthz["revision"].as_f64(), proxy_rev) {
+            if proxy_rev < locator_rev {
+                let since = *behind_since.get_or_insert_with(std::time::Instant::now);
+                worst = worst.max(since.elapsed());
+            } else {
+                behind_since = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    control.stop();
+    let report = load.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
+    assert_eq!(stack.weights().await.unwrap().get("1.1.0"), Some(&100));
+    assert_eq!(
+        report.failed, 0,
+        "users saw errors after the replica died: {:?}",
+        report.failures
+    );
+    eprintln!("proxy behind the surviving replica for at most {worst:?}");
+    assert!(
+        worst <= Duration::from_secs(1),
+        "the proxy was {worst:?} behind the surviving replica"
+    );
+    let client = locator::client::Client::new(&survivor, Some(stack.read_token.clone()));
+    let history = client.history(Some(&stack.service)).await.unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert!(history
+        .iter()
+        .all(|r| r.state == locator::api::ReleaseState::Done));
+}
+
 /// Writers among the instances the locator lists as ready, sampled every 100 ms until `stop`:
 /// the most instances ready at once, and the most writers seen in one sample while that many
 /// were ready and none draining (the canary: no hand-over then; a sample across a hand-over,

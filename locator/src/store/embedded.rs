@@ -33,6 +33,8 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub heartbeat_ttl: Duration,
+    /// See [`crate::state::LOAD_PUBLISH_MS`].
+    pub load_publish: Duration,
     /// Fold the log into the snapshot after this many lines.
     pub compact_after: usize,
 }
@@ -41,6 +43,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             heartbeat_ttl: Duration::from_secs(10),
+            load_publish: Duration::from_millis(crate::state::LOAD_PUBLISH_MS),
             compact_after: 20_000,
         }
     }
@@ -131,6 +134,7 @@ impl Writer {
         let ctx = Ctx {
             now: now_ms(),
             heartbeat_ttl_ms: self.options.heartbeat_ttl.as_millis() as u64,
+            load_publish_ms: self.options.load_publish.as_millis() as u64,
         };
         let mut encoded = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
@@ -146,7 +150,7 @@ impl Writer {
                         encoded.push(Encoded::new(event)?);
                     }
                     if let Command::Sessions(report) = job.command {
-                        self.working.record_report(report, ctx.now);
+                        self.working.record_report(report, ctx);
                     }
                     Ok(outcome.reply)
                 }

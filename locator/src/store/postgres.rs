@@ -32,6 +32,8 @@ use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls};
 #[derive(Debug, Clone)]
 pub struct Options {
     pub heartbeat_ttl: Duration,
+    /// See [`crate::state::LOAD_PUBLISH_MS`].
+    pub load_publish: Duration,
     /// Changes kept in `locator_changes`; a replica further behind reloads everything.
     pub retain_changes: i64,
 }
@@ -40,6 +42,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             heartbeat_ttl: Duration::from_secs(10),
+            load_publish: Duration::from_millis(crate::state::LOAD_PUBLISH_MS),
             retain_changes: 10_000,
         }
     }
@@ -172,9 +175,17 @@ impl PostgresStore {
         let ctx = Ctx {
             now,
             heartbeat_ttl_ms: self.options.heartbeat_ttl.as_millis() as u64,
+            load_publish_ms: self.options.load_publish.as_millis() as u64,
         };
         // A refused command returns here; dropping `tx` rolls it back.
         let outcome = self.committed.read(|s| s.execute(command, ctx))?;
+        if let Command::Sessions(report) = command {
+            // The sums' publishing period (`LOAD_PUBLISH_MS`) is this replica's own.
+            self.committed
+                .view_mut()
+                .state
+                .note_report(&report.service, ctx);
+        }
         match command {
             Command::Sessions(report) => {
                 // Only what the rules counted is shared (see `State::known_report`).
