@@ -204,6 +204,31 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Stops the server (fast: every connection is cut) and starts it again with the same
+    /// options, as an operator's restart would.
+    pub fn restart(&self) {
+        let log = self
+            .data
+            .parent()
+            .map(|d| d.join("postgres.log"))
+            .unwrap_or_default();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&self.data),
+                "-l",
+                path(&log),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+
     fn command(&self, tool: &str) -> Command {
         let exe = self.bin.join(tool);
         if self.as_postgres {
