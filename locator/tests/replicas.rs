@@ -148,10 +148,14 @@ async fn postgres_restarted_under_two_replicas_loses_nothing_and_both_reconnect(
     .await;
     assert!(after.revision > before.revision);
     // B follows again (its LISTEN connection was cut too) and has both writes.
-    eventually("B to follow A's write made after the restart", WAIT, || async {
-        let s = cb.service("after").await.ok()?;
-        (s.sessions.idle_ttl_ms == 2000).then_some(())
-    })
+    eventually(
+        "B to follow A's write made after the restart",
+        WAIT,
+        || async {
+            let s = cb.service("after").await.ok()?;
+            (s.sessions.idle_ttl_ms == 2000).then_some(())
+        },
+    )
     .await;
     assert_eq!(cb.service("before").await.unwrap(), before);
     // And B writes too; A sees it.

@@ -358,30 +358,63 @@ async fn a_locator_replica_killed_mid_release_everyone_moves_to_the_other() {
     let (control, load, mut release, _) = mid_canary_under_load(&stack).await;
 
     stack.kill_locator();
-    // Until the release ends: the survivor's revision, then the proxy's; the longest stretch
-    // the proxy stayed behind.
+    // Until the release ends: the survivor's weights, then the proxy's routing table's; the
+    // longest stretch the proxy's table differed (the weights are what routes new users).
     let http = reqwest::Client::new();
-    let metrics = format!("{}/metrics", stack.proxy_admin);
+    let service = format!("{survivor}/v1/services/{}", stack.service);
+    let routing = format!("{}/routing", stack.proxy_admin);
+    let nonzero = |pairs: Vec<(String, u64)>| {
+        pairs
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     let (mut behind_since, mut worst) = (None::<std::time::Instant>, Duration::ZERO);
+    let mut samples = 0;
     let out = loop {
         if release.is_finished() {
             break (&mut release).await.unwrap().unwrap();
         }
-        let healthz: serde_json::Value = match http.get(format!("{survivor}/healthz")).send().await
-        {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(_) => serde_json::Value::Null,
-        };
-        let text = match http.get(&metrics).send().await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let proxy_rev = text
-            .lines()
-            .find(|l| l.starts_with("haddock_proxy_routing_revision"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        if let (Some(locator_rev), Some(proxy_rev)) = (healthz["revision"].as_f64(), proxy_rev) {
-            if proxy_rev < locator_rev {
+        let locator: Option<serde_json::Value> = async {
+            let r = http
+                .get(&service)
+                .bearer_auth(&stack.read_token)
+                .send()
+                .await
+                .ok()?;
+            r.json().await.ok()
+        }
+        .await;
+        let proxy: Option<serde_json::Value> =
+            async { http.get(&routing).send().await.ok()?.json().await.ok() }.await;
+        if let (Some(l), Some(p)) = (locator, proxy) {
+            let want = nonzero(
+                l["weights"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            );
+            let have = nonzero(
+                p["table"]["weights"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|pair| {
+                                (
+                                    pair[0].as_str().unwrap_or("").to_string(),
+                                    pair[1].as_u64().unwrap_or(0),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            );
+            samples += 1;
+            if want != have {
                 let since = *behind_since.get_or_insert_with(std::time::Instant::now);
                 worst = worst.max(since.elapsed());
             } else {
@@ -406,7 +439,10 @@ async fn a_locator_replica_killed_mid_release_everyone_moves_to_the_other() {
         "users saw errors after the replica died: {:?}",
         report.failures
     );
-    eprintln!("proxy behind the surviving replica for at most {worst:?}");
+    eprintln!(
+        "proxy's weights behind the surviving replica's for at most {worst:?} ({samples} samples)"
+    );
+    assert!(samples > 10, "too few samples of both sides: {samples}");
     assert!(
         worst <= Duration::from_secs(1),
         "the proxy was {worst:?} behind the surviving replica"
