@@ -257,31 +257,14 @@ impl Stack {
         };
         stack.start_locator().await;
         if opts.locator_replicas > 1 {
-            let url = opts
-                .database_url
-                .as_deref()
-                .expect("a second locator replica needs database_url");
+            assert!(
+                opts.database_url.is_some(),
+                "a second locator replica needs database_url"
+            );
             let port = free_port();
-            let log = std::fs::File::create(stack.dir.path().join("locator2.log")).unwrap();
-            let child = Command::new(bin("locator"))
-                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-                .args(["--database-url", url])
-                .arg("--tokens")
-                .arg(stack.dir.path().join("tokens.toml"))
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("the second locator starts");
-            stack.replica = Some(child);
-            let second = format!("http://127.0.0.1:{port}");
-            let health = format!("{second}/healthz");
-            eventually("the second replica", Duration::from_secs(20), || async {
-                reqwest::get(&health)
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-            })
-            .await;
+            let listen = format!("127.0.0.1:{port}");
+            stack.replica = Some(stack.spawn_locator(&listen, "locator2.log").await);
+            let second = format!("http://{listen}");
             stack.locator_urls = format!("{},{second}", stack.locator_url);
         }
 
@@ -354,12 +337,6 @@ impl Stack {
 
     /// (Re)starts the locator on its port and data dir, and waits until it answers.
     pub async fn start_locator(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("locator.log"))
-            .unwrap();
-        let mut cmd = Command::new(bin("locator"));
         // With test hosts the optimizers there ask the locator for their peers: it listens on
         // every address (the hosts reach the machine at 10.213.<i>.1).
         let ip = if self.test_hosts.is_some() || self.dns_ip.is_some() {
@@ -367,7 +344,21 @@ impl Stack {
         } else {
             "127.0.0.1"
         };
-        cmd.args(["serve", "--listen", &format!("{ip}:{}", self.locator_port)]);
+        let listen = format!("{ip}:{}", self.locator_port);
+        let child = self.spawn_locator(&listen, "locator.log").await;
+        self.locator = Some(child);
+    }
+
+    /// Starts a locator on `listen` (on `database_url` when set, else the stack's data dir),
+    /// logging to `log` in the stack's dir, and waits until it answers.
+    async fn spawn_locator(&self, listen: &str, log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(log))
+            .unwrap();
+        let mut cmd = Command::new(bin("locator"));
+        cmd.args(["serve", "--listen", listen]);
         match &self.database_url {
             Some(url) => cmd.args(["--database-url", url]),
             None => cmd.arg("--data-dir").arg(self.dir.path().join("locator")),
@@ -379,8 +370,8 @@ impl Stack {
             .stderr(log)
             .spawn()
             .expect("locator starts");
-        self.locator = Some(child);
-        let health = format!("{}/healthz", self.locator_url);
+        let port = listen.rsplit(':').next().unwrap_or_default();
+        let health = format!("http://127.0.0.1:{port}/healthz");
         eventually(
             "the locator's /healthz",
             Duration::from_secs(20),
@@ -392,6 +383,7 @@ impl Stack {
             },
         )
         .await;
+        child
     }
 
     /// `haddock ARGS… --spec SPEC` (a verb that takes the stack's spec): exit code, stdout,
