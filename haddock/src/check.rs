@@ -136,13 +136,15 @@ impl Checks {
         })
     }
 
-    /// At the end of the bake: measures the checks not measured yet; `Some(reason)` when any
-    /// check's latest measurement failed (the step must not pass on a failing check).
+    /// At the end of the bake: measures the checks not measured yet, and once more those whose
+    /// latest measurement failed (a figure may not have existed yet when it was taken: the new
+    /// weight needs a scrape or two to show); `Some(reason)` when any check's latest
+    /// measurement still fails (the step must not pass on a failing check).
     pub async fn verdict_at_end(&mut self) -> Option<String> {
-        let unmeasured: Vec<usize> = (0..self.tracked.len())
-            .filter(|&i| self.tracked[i].last.is_none())
+        let again: Vec<usize> = (0..self.tracked.len())
+            .filter(|&i| self.tracked[i].last.as_ref().is_none_or(|m| !m.passed))
             .collect();
-        self.measure(&unmeasured).await;
+        self.measure(&again).await;
         self.tracked.iter().find_map(|t| {
             let last = t.last.as_ref()?;
             (!last.passed).then(|| {
