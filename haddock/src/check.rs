@@ -198,25 +198,14 @@ async fn measure(
     let outcome = match (&check.http, &check.prometheus) {
         (Some(url), _) if url.contains("{instance}") => {
             // Every new instance must pass; the first that does not decides.
-            let mut worst = Ok((None, String::new()));
+            let mut last = Err("no new instance to measure".to_string());
             for instance in instances {
-                let r = measure_http(http, &fill(url, facts, instance), check).await;
-                match r {
-                    Ok(ok) => {
-                        if worst.is_ok() {
-                            worst = Ok(ok)
-                        }
-                    }
-                    Err(e) => {
-                        worst = Err(e);
-                        break;
-                    }
+                last = measure_http(http, &fill(url, facts, instance), check).await;
+                if last.is_err() {
+                    break;
                 }
             }
-            if instances.is_empty() {
-                worst = Err("no new instance to measure".into());
-            }
-            worst
+            last
         }
         (Some(url), _) => measure_http(http, &fill(url, facts, ""), check).await,
         (None, Some(query)) => match prometheus {
@@ -225,19 +214,15 @@ async fn measure(
         },
         (None, None) => Err("neither `http` nor `prometheus` is set".into()),
     };
-    match outcome {
-        Ok((value, detail)) => Measurement {
-            check: check.name.clone(),
-            passed: true,
-            value,
-            detail,
-        },
-        Err(detail) => Measurement {
-            check: check.name.clone(),
-            passed: false,
-            value: None,
-            detail,
-        },
+    let (passed, value, detail) = match outcome {
+        Ok((value, detail)) => (true, value, detail),
+        Err(detail) => (false, None, detail),
+    };
+    Measurement {
+        check: check.name.clone(),
+        passed,
+        value,
+        detail,
     }
 }
 

@@ -15,8 +15,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-/// What a route requires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a route requires (spelled in lowercase in the tokens file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
     Deploy,
@@ -62,30 +63,11 @@ pub struct TokensFile {
 #[serde(deny_unknown_fields)]
 pub struct NamedToken {
     pub name: String,
-    pub role: RoleName,
+    pub role: Role,
     pub secret: String,
     /// The services it may change; all when absent.
     #[serde(default)]
     pub services: Option<Vec<String>>,
-}
-
-/// A role as the tokens file spells it.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoleName {
-    Read,
-    Deploy,
-    Proxy,
-}
-
-impl From<RoleName> for Role {
-    fn from(r: RoleName) -> Role {
-        match r {
-            RoleName::Read => Role::Read,
-            RoleName::Deploy => Role::Deploy,
-            RoleName::Proxy => Role::Proxy,
-        }
-    }
 }
 
 /// Who presented a valid token: its name and what it may change.
@@ -227,7 +209,7 @@ impl Tokens {
                 }
             }
             for t in parsed.token {
-                tokens.add_named(t.role.into(), &t.secret, &t.name, t.services)?;
+                tokens.add_named(t.role, &t.secret, &t.name, t.services)?;
             }
         }
         for (role, var) in [

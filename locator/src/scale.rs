@@ -94,10 +94,7 @@ impl Locator {
             format!("deploy = [\"{DEPLOY}\"]\nread = [\"{READ}\"]\nproxy = [\"{PROXY}\"]\n"),
         )
         .expect("write the tokens");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::testing::free_port();
         let exe = std::env::current_exe().expect("this binary");
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])

@@ -155,22 +155,39 @@ impl State {
     // ----- reads -----
 
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_of(None)
+    }
+
+    /// [`State::snapshot`] of `only` these services when given (what a watch filtered to them
+    /// starts from); only their records are copied.
+    pub fn snapshot_of(&self, only: Option<&std::collections::BTreeSet<String>>) -> Snapshot {
+        let wanted = |service: &str| only.is_none_or(|set| set.contains(service));
         Snapshot {
             revision: self.revision,
-            services: self.services.values().cloned().collect(),
+            services: self
+                .services
+                .values()
+                .filter(|s| wanted(&s.name))
+                .cloned()
+                .collect(),
             instances: self
                 .instances
                 .values()
-                .filter(|i| i.state != InstanceState::Gone)
+                .filter(|i| i.state != InstanceState::Gone && wanted(&i.service))
                 .cloned()
                 .collect(),
             releases: self
                 .releases
                 .values()
-                .filter(|r| !r.state.is_terminal())
+                .filter(|r| !r.state.is_terminal() && wanted(&r.service))
                 .cloned()
                 .collect(),
-            traffic: self.traffic.clone(),
+            traffic: self
+                .traffic
+                .iter()
+                .filter(|(service, _)| wanted(service))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 

@@ -293,15 +293,7 @@ impl Bake {
                 } => Some((requests, min_requests)),
                 _ => None,
             };
-            let check_breach = if self
-                .checks
-                .next_due()
-                .is_some_and(|due| due <= Instant::now())
-            {
-                self.checks.measure_due().await
-            } else {
-                None
-            };
+            let check_breach = self.checks.measure_due().await;
             if !decided {
                 self.show(status, &verdict);
             }

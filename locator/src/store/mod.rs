@@ -216,13 +216,9 @@ impl Committed {
         only: Option<&BTreeSet<String>>,
     ) -> Result<(Revision, Bytes), Error> {
         let rev = view.state.revision;
-        let snapshot = view.state.snapshot();
         let e = Encoded::new(WatchEvent {
             revision: rev,
-            change: Change::Snapshot(match only {
-                Some(services) => snapshot.only(services),
-                None => snapshot,
-            }),
+            change: Change::Snapshot(view.state.snapshot_of(only)),
         })?;
         Ok((rev, e.line))
     }

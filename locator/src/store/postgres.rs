@@ -179,15 +179,13 @@ impl PostgresStore {
         };
         // A refused command returns here; dropping `tx` rolls it back.
         let outcome = self.committed.read(|s| s.execute(command, ctx))?;
-        if let Command::Sessions(report) = command {
-            // The sums' publishing period (`LOAD_PUBLISH_MS`) is this replica's own.
-            self.committed
-                .view_mut()
-                .state
-                .note_report(&report.service, ctx);
-        }
         match command {
             Command::Sessions(report) => {
+                // The sums' publishing period (`LOAD_PUBLISH_MS`) is this replica's own.
+                self.committed
+                    .view_mut()
+                    .state
+                    .note_report(&report.service, ctx);
                 // Only what the rules counted is shared (see `State::known_report`).
                 let report = self.committed.read(|s| s.known_report(report));
                 let body = serde_json::to_string(&report).map_err(corrupt)?;

@@ -639,37 +639,6 @@ impl Snapshot {
         self.services.iter().find(|s| s.name == name)
     }
 
-    /// The part of the snapshot about `services` (what a watch filtered to them starts from).
-    pub fn only(&self, services: &std::collections::BTreeSet<String>) -> Snapshot {
-        Snapshot {
-            revision: self.revision,
-            services: self
-                .services
-                .iter()
-                .filter(|s| services.contains(&s.name))
-                .cloned()
-                .collect(),
-            instances: self
-                .instances
-                .iter()
-                .filter(|i| services.contains(&i.service))
-                .cloned()
-                .collect(),
-            releases: self
-                .releases
-                .iter()
-                .filter(|r| services.contains(&r.service))
-                .cloned()
-                .collect(),
-            traffic: self
-                .traffic
-                .iter()
-                .filter(|(name, _)| services.contains(*name))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
-    }
-
     pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
         self.instances.iter().filter(move |i| i.service == service)
     }

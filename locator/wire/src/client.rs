@@ -150,24 +150,16 @@ impl Client {
         &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
-    /// Every replica this client knows.
-    pub fn base_urls(&self) -> &[String] {
-        &self.bases
-    }
-
     /// Moves every clone of this client from replica `from` to the next one (unless another
     /// call moved it already).
-    fn fail_over(&self, from: usize) -> usize {
+    fn fail_over(&self, from: usize) {
         let next = (from + 1) % self.bases.len();
-        match self
+        let moved = self
             .current
             .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed)
-        {
-            Ok(_) => {
-                tracing::warn!(from = %self.bases[from], to = %self.bases[next], "locator replica unreachable; moving to the next");
-                next
-            }
-            Err(now) => now % self.bases.len(),
+            .is_ok();
+        if moved {
+            tracing::warn!(from = %self.bases[from], to = %self.bases[next], "locator replica unreachable; moving to the next");
         }
     }
 
