@@ -31,6 +31,9 @@ if [ -n "${HADDOCK_NEED_POSTGRES:-}" ]; then
   [ -x /usr/sbin/dnsmasq ] || haddock_need+=(dnsmasq-base)
   # The custom-checks test queries Debian's Prometheus scraping the proxies.
   [ -x /usr/bin/prometheus ] || haddock_need+=(prometheus)
+  # The proxy's ACME test gets certificates from Debian's pebble (Let's Encrypt's test CA),
+  # with pebble-challtestsrv as its DNS.
+  [ -x /usr/bin/pebble ] || haddock_need+=(pebble)
 fi
 if [ -n "${HADDOCK_NEED_BROWSER:-}${HADDOCK_NEED_POSTGRES:-}" ]; then
   # The locator's dashboard test drives Debian's chromium through chromedriver (every test run

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use locator_wire::logging::LogFormat;
 
+use crate::acme::{AcmeOptions, Challenges};
+use crate::edge::EdgeOptions;
 use crate::error::ProxyError;
 use crate::router::Options;
 use crate::session::CookieKeys;
@@ -92,6 +94,52 @@ pub struct ServeArgs {
     /// Seconds an exiting proxy keeps serving the connections it has.
     #[arg(long, default_value_t = 5)]
     pub grace_period_s: u64,
+    /// Address of the HTTPS listener (TLS 1.2 and 1.3 by rustls; HTTP/2 or HTTP/1.1 chosen by
+    /// ALPN). Needs --tls-certs.
+    #[arg(long, requires = "tls_certs")]
+    pub tls_listen: Option<String>,
+    /// Directory of certificate pairs NAME.crt (PEM chain) + NAME.key (PEM key), chosen per
+    /// connection by SNI and read again when they change (created if missing).
+    #[arg(long, requires = "tls_listen")]
+    pub tls_certs: Option<PathBuf>,
+    /// Host whose certificate answers client hellos that name no host (clients connecting by
+    /// IP address); without it they fail their handshake.
+    #[arg(long, requires = "tls_listen")]
+    pub tls_default_host: Option<String>,
+    /// Offer only HTTP/1.1 over TLS (HTTP/2 is offered by default).
+    #[arg(long, requires = "tls_listen")]
+    pub no_h2: bool,
+    /// Answer plain HTTP requests with a 308 to the same URL over HTTPS.
+    #[arg(long, requires = "tls_listen")]
+    pub redirect_https: bool,
+    /// The port users reach HTTPS on, for redirects (default: --tls-listen's port; differs
+    /// behind a port mapping).
+    #[arg(long, requires = "redirect_https")]
+    pub https_port: Option<u16>,
+    /// Send `Strict-Transport-Security: max-age=N` over HTTPS (off by default: a browser then
+    /// refuses plain HTTP to the host for N seconds).
+    #[arg(long, requires = "tls_listen")]
+    pub hsts_max_age: Option<u64>,
+    /// Append to the client's X-Forwarded-For instead of replacing it: only behind a balancer
+    /// that sets it (anyone can send one).
+    #[arg(long)]
+    pub trust_forwarded: bool,
+    /// ACME directory URL (https) to obtain certificates from, by HTTP-01: the CA must reach
+    /// a proxy on the certificate directory at port 80 of each host. Needs --acme-host.
+    #[arg(long, requires_all = ["tls_listen", "acme_host"])]
+    pub acme_directory: Option<String>,
+    /// A host to keep a certificate for over ACME (repeat the flag, or separate by commas).
+    #[arg(long, value_delimiter = ',', requires = "acme_directory")]
+    pub acme_host: Vec<String>,
+    /// Contact address given to the ACME CA (expiry notices).
+    #[arg(long, requires = "acme_directory")]
+    pub acme_email: Option<String>,
+    /// A PEM root certificate to trust for the ACME server's own HTTPS (a private or test CA).
+    #[arg(long, requires = "acme_directory")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// Seconds between checks for certificates due for renewal.
+    #[arg(long, default_value_t = 3600, requires = "acme_directory")]
+    pub acme_check_interval_s: u64,
 }
 
 /// A service name as the locator accepts one (its `check_name`): 1 to 63 ASCII letters, digits
@@ -139,8 +187,73 @@ impl ServeArgs {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             max_tracked_sessions: self.max_sessions,
             header_timeout: Duration::from_millis(self.header_timeout_ms),
+            edge: self.edge()?,
             ..Options::default()
         })
+    }
+
+    fn edge(&self) -> Result<EdgeOptions, ProxyError> {
+        let redirect_to_port = match (self.redirect_https, self.https_port, &self.tls_listen) {
+            (false, _, _) => None,
+            (true, Some(port), _) => Some(port),
+            (true, None, Some(listen)) => Some(port_of(listen).ok_or_else(|| {
+                ProxyError::Config(format!(
+                    "--tls-listen {listen:?} names no port to redirect to (give --https-port)"
+                ))
+            })?),
+            (true, None, None) => {
+                return Err(ProxyError::Config(
+                    "--redirect-https needs --tls-listen".into(),
+                ))
+            }
+        };
+        if redirect_to_port == Some(0) {
+            return Err(ProxyError::Config(
+                "the HTTPS port to redirect to cannot be 0".into(),
+            ));
+        }
+        Ok(EdgeOptions {
+            redirect_to_port,
+            hsts_max_age: self.hsts_max_age,
+            trust_forwarded: self.trust_forwarded,
+            // Every proxy on a certificate directory answers its pending challenges, whichever
+            // proxy ordered the certificate.
+            challenges: self.tls_certs.as_deref().map(Challenges::new),
+        })
+    }
+
+    /// The ACME settings, checked (`None` without --acme-directory).
+    pub fn acme(&self) -> Result<Option<AcmeOptions>, ProxyError> {
+        let Some(directory) = &self.acme_directory else {
+            return Ok(None);
+        };
+        if !directory.starts_with("https://") {
+            return Err(ProxyError::Config(format!(
+                "--acme-directory {directory:?}: an ACME directory is an https:// URL"
+            )));
+        }
+        let mut hosts = Vec::new();
+        for host in &self.acme_host {
+            let host = host.trim().to_ascii_lowercase();
+            if let Some(why) = not_an_acme_host(&host) {
+                return Err(ProxyError::Config(format!("--acme-host {host:?}: {why}")));
+            }
+            if !hosts.contains(&host) {
+                hosts.push(host);
+            }
+        }
+        if self.acme_check_interval_s == 0 {
+            return Err(ProxyError::Config(
+                "--acme-check-interval-s must be at least 1".into(),
+            ));
+        }
+        Ok(Some(AcmeOptions {
+            directory: directory.clone(),
+            hosts,
+            email: self.acme_email.clone(),
+            ca_root: self.acme_ca_root.clone(),
+            check_every: Duration::from_secs(self.acme_check_interval_s),
+        }))
     }
 
     pub fn proxy_id(&self) -> String {
@@ -151,6 +264,34 @@ impl ServeArgs {
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+/// Why `host` cannot get a certificate over HTTP-01 (`None`: it can). It also names the
+/// certificate's files, so it must be a plain DNS name.
+fn not_an_acme_host(host: &str) -> Option<&'static str> {
+    if host.starts_with("*.") {
+        return Some("HTTP-01 cannot prove a wildcard name");
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Some("an IP address gets no certificate over HTTP-01 here; name a DNS host");
+    }
+    let labels_ok = host.split('.').all(|label| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    });
+    if host.len() > 253 || !labels_ok || !host.contains('.') {
+        return Some("not a DNS name with at least two labels (letters, digits, hyphens)");
+    }
+    None
+}
+
+/// The port of a listen address (`host:port`, `[v6]:port`).
+fn port_of(listen: &str) -> Option<u16> {
+    listen.rsplit_once(':')?.1.parse().ok()
 }
 
 #[cfg(test)]
@@ -225,6 +366,123 @@ mod tests {
             panic!("--service a/b was accepted")
         };
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn tls_flags_need_each_other_and_the_redirect_port_is_found() {
+        let base = [
+            "proxy",
+            "serve",
+            "--locator",
+            "http://l",
+            "--service",
+            "svc",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from([&base[..], extra].concat());
+        for lonely in [
+            &["--tls-listen", "127.0.0.1:8443"][..],
+            &["--tls-certs", "/tmp/c"],
+            &["--redirect-https"],
+            &["--hsts-max-age", "60"],
+        ] {
+            let Err(err) = parse(lonely) else {
+                panic!("{lonely:?} was accepted alone")
+            };
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{lonely:?}"
+            );
+        }
+        let tls = ["--tls-listen", "[::]:8443", "--tls-certs", "/tmp/c"];
+        let edge = |extra: &[&str]| {
+            let Command::Serve(a) = parse(&[&tls[..], extra].concat()).unwrap().command;
+            a.options().map(|o| o.edge)
+        };
+        assert_eq!(edge(&[]).unwrap().redirect_to_port, None);
+        assert_eq!(
+            edge(&["--redirect-https"]).unwrap().redirect_to_port,
+            Some(8443)
+        );
+        assert_eq!(
+            edge(&["--redirect-https", "--https-port", "443"])
+                .unwrap()
+                .redirect_to_port,
+            Some(443)
+        );
+        let err = edge(&["--redirect-https", "--https-port", "0"]).unwrap_err();
+        assert!(err.to_string().contains("cannot be 0"), "{err}");
+        let Command::Serve(mut a) = parse(&tls).unwrap().command;
+        a.tls_listen = Some("no-port".into());
+        a.redirect_https = true;
+        let err = a.options().unwrap_err();
+        assert!(err.to_string().contains("--https-port"), "{err}");
+    }
+
+    #[test]
+    fn acme_settings_are_checked() {
+        let base = [
+            "proxy",
+            "serve",
+            "--locator",
+            "http://l",
+            "--service",
+            "svc",
+            "--tls-listen",
+            "127.0.0.1:8443",
+            "--tls-certs",
+            "/tmp/c",
+        ];
+        let acme = |extra: &[&str]| {
+            let Command::Serve(a) = Cli::try_parse_from([&base[..], extra].concat())
+                .unwrap()
+                .command;
+            a.acme()
+        };
+        let ok = acme(&[
+            "--acme-directory",
+            "https://ca.example/dir",
+            "--acme-host",
+            "App.example.com,b.example.com",
+            "--acme-host",
+            "app.example.com",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.hosts, ["app.example.com", "b.example.com"]);
+        assert_eq!(ok.check_every, Duration::from_secs(3600));
+        for (bad, expected) in [
+            ("*.example.com", "wildcard"),
+            ("127.0.0.1", "IP address"),
+            ("localhost", "two labels"),
+            ("a..b", "two labels"),
+            ("../x.y", "two labels"),
+            ("a-.b", "two labels"),
+        ] {
+            let err = acme(&["--acme-directory", "https://ca/dir", "--acme-host", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+        let err = acme(&["--acme-directory", "http://ca/dir", "--acme-host", "a.b"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
+        let err = acme(&[
+            "--acme-directory",
+            "https://ca/dir",
+            "--acme-host",
+            "a.b",
+            "--acme-check-interval-s",
+            "0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("at least 1"), "{err}");
+        // A directory without a host to order for is refused by the parser.
+        let lonely =
+            Cli::try_parse_from([&base[..], &["--acme-directory", "https://ca/d"]].concat());
+        assert!(lonely.is_err());
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum ProxyError {
     /// The locator could not be reached or refused a call.
     #[error(transparent)]
     Locator(#[from] locator_wire::client::ClientError),
+    /// An ACME account or order failed (the CA's problem, or writing the result).
+    #[error("ACME ({host}): {message}")]
+    Acme { host: String, message: String },
     /// Pingora refused to set up a listener or the server.
     #[error("server: {0}")]
     Server(String),

@@ -10,11 +10,17 @@
 //! router from the locator's watch stream and persists it; [`tracker`] and [`reporter`] count
 //! and report sessions; [`metrics`] and [`admin`] expose figures; [`server`] wires it together,
 //! with [`request_head`] (the total deadline on a request's head) in front of pingora and
-//! [`run_dir`] (the private directory of the upgrade socket).
+//! [`run_dir`] (the private directory of the upgrade socket). At the edge, [`certificates`]
+//! picks the HTTPS listener's certificate by SNI, [`acme`] obtains and renews certificates,
+//! and [`edge`] handles the scheme (redirect,
+//! HSTS, forwarded headers).
 
+pub mod acme;
 pub mod admin;
 pub mod balancer;
+pub mod certificates;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod metrics;
 pub mod reporter;

@@ -22,6 +22,7 @@ use std::time::Duration;
 use locator_wire::api::VersionTraffic;
 use locator_wire::metrics::latency_histogram;
 
+use crate::certificates::TlsCounters;
 use crate::request_head::HeadCounters;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -70,6 +71,7 @@ pub struct Metrics {
     pub no_instance: Counter,
     pub untracked_sessions: Counter,
     pub request_heads: HeadCounters,
+    pub tls: TlsCounters,
     pub table_revision: Gauge,
     /// Routing tables built and installed (a routing change: weights, instance state/address).
     pub table_installs: Counter,
@@ -106,6 +108,44 @@ impl Metrics {
         let no_instance = Counter::default();
         let untracked_sessions = Counter::default();
         let request_heads = HeadCounters::default();
+        // The resolver counts in handles of the family's two series (a counter clone shares
+        // its value), so a handshake never looks a label up.
+        let handshakes_refused = Family::<ReasonLabels, Counter>::default();
+        let reason = |r: &str| {
+            handshakes_refused
+                .get_or_create(&ReasonLabels { reason: r.into() })
+                .clone()
+        };
+        let tls = TlsCounters {
+            no_sni: reason("no_sni"),
+            unknown_host: reason("unknown_host"),
+            ..TlsCounters::default()
+        };
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused: the hello named no host and no default is set (no_sni), or a host no certificate covers (unknown_host)",
+            handshakes_refused,
+        );
+        registry.register(
+            "tls_certificates",
+            "Certificate pairs being served",
+            tls.loaded.clone(),
+        );
+        registry.register(
+            "tls_acme_orders_failed",
+            "ACME orders that failed (CA unreachable, challenge refused, …); retried with a doubling pause",
+            tls.acme_failures.clone(),
+        );
+        registry.register(
+            "tls_acme_certificates_issued",
+            "Certificates obtained over ACME (first issue and renewals)",
+            tls.acme_issued.clone(),
+        );
+        registry.register(
+            "tls_certificates_refused",
+            "Certificate pairs refused when read (expired, not yet valid, key mismatch, unreadable)",
+            tls.refused.clone(),
+        );
         let table_revision = Gauge::default();
         let table_installs = Counter::default();
         let state_saves = Counter::default();
@@ -199,6 +239,7 @@ impl Metrics {
             no_instance,
             untracked_sessions,
             request_heads,
+            tls,
             table_revision,
             table_installs,
             state_saves,

@@ -11,8 +11,9 @@
 //! feed a session bytes read before it (`set_pipelined_prefix`), which it parses without reading
 //! again (so a malformed head is handed over only once its empty line is in: see [`head_len`]).
 //! Everything after the head (hooks, body, reuse) is pingora's, unchanged. It mirrors
-//! what pingora's own `ServerApp` does for a plaintext HTTP/1 connection (the only kind the
-//! proxy serves: no TLS, no h2c).
+//! what pingora's own `ServerApp` does for an HTTP/1 connection, plain or over TLS. A TLS
+//! connection that negotiated HTTP/2 goes to pingora's own path untouched (no h2c: a plain
+//! connection is always read as HTTP/1.1).
 //!
 //! The deadline runs from the accept on a new connection, and from the first byte of the next
 //! request on a kept-alive one (the idle wait in between stays bounded by pingora's keep-alive
@@ -27,7 +28,7 @@ use async_trait::async_trait;
 use bytes::{BufMut, BytesMut};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,6 +99,11 @@ where
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // HTTP/2 (negotiated over TLS) frames its requests itself, and its server bounds
+            // what a peer may hold open: pingora's own path takes the connection as it is.
+            return self.app.process_new(stream, shutdown).await;
+        }
         // `None` on the first request; then what pingora kept from the previous one.
         let mut reused: Option<Option<HttpPersistentSettings>> = None;
         let mut accepted_at = Some(Instant::now());

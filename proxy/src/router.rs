@@ -9,6 +9,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use locator_wire::api::Snapshot;
 
+use crate::edge::EdgeOptions;
 use crate::metrics::Metrics;
 use crate::routing_table::RoutingTable;
 use crate::session::CookieKeys;
@@ -28,6 +29,8 @@ pub struct Options {
     pub max_tracked_sessions: usize,
     /// Total time a client may take to send a request's head (request line and headers).
     pub header_timeout: Duration,
+    /// Redirect to HTTPS, HSTS, forwarded headers.
+    pub edge: EdgeOptions,
 }
 
 impl Default for Options {
@@ -38,6 +41,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(2),
             max_tracked_sessions: 1_000_000,
             header_timeout: Duration::from_secs(10),
+            edge: EdgeOptions::default(),
         }
     }
 }

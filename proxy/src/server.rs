@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use locator_wire::api::Snapshot;
 use locator_wire::client::Client;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
+use crate::acme::AcmeClient;
 use crate::admin::Admin;
+use crate::certificates::{CertificateWatcher, Certificates};
 use crate::config::ServeArgs;
 use crate::error::ProxyError;
 use crate::reporter::Reporter;
@@ -48,10 +51,47 @@ fn close_keepalives_on_shutdown(server: &Server, router: Arc<Router>) {
     });
 }
 
+/// The HTTPS listener's settings: certificates from `--tls-certs` chosen by SNI (read once here,
+/// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
+fn tls_settings(
+    args: &ServeArgs,
+    router: &Router,
+) -> Result<(TlsSettings, Arc<Certificates>), ProxyError> {
+    let Some(dir) = args.tls_certs.clone() else {
+        return Err(ProxyError::Config("--tls-listen needs --tls-certs".into()));
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        ProxyError::Config(format!(
+            "cannot create the certificate directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let certificates = Arc::new(Certificates::new(
+        dir,
+        args.tls_default_host.clone(),
+        router.metrics.tls.clone(),
+    ));
+    certificates.reload();
+    let hosts = certificates.hosts();
+    if hosts.is_empty() {
+        tracing::warn!(dir = %certificates.dir().display(), "no certificate loaded: every TLS handshake fails until one is");
+    } else {
+        tracing::info!(?hosts, "serving HTTPS");
+    }
+    let mut settings = TlsSettings::intermediate("", "")
+        .map_err(|e| ProxyError::Server(format!("TLS settings: {e}")))?;
+    settings.set_cert_resolver(certificates.clone());
+    if !args.no_h2 {
+        settings.enable_h2();
+    }
+    Ok((settings, certificates))
+}
+
 /// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
 /// sockets to a proxy started with `--upgrade`, then exit gracefully).
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     let router = Router::new(&args.service, args.keys()?, args.options()?);
+    let acme = args.acme()?;
 
     // The upgrade socket and the pid file live in the run directory: the state dir, else a
     // private default (never the shared temp dir, where another user could plant the socket
@@ -117,6 +157,14 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         ),
     );
     proxy.add_tcp(&args.listen);
+    let certificates = match &args.tls_listen {
+        Some(addr) => {
+            let (settings, certificates) = tls_settings(args, &router)?;
+            proxy.add_tls_with_settings(addr, None, settings);
+            Some(certificates)
+        }
+        None => None,
+    };
 
     let mut admin = Service::new(
         "haddock proxy admin".to_string(),
@@ -138,6 +186,25 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     server.add_service(admin);
     server.add_service(watcher);
     server.add_service(reporter);
-    tracing::info!(listen = %args.listen, admin = %args.admin, service = %args.service, run_dir = %run_dir.display(), "proxy serving");
+    if let Some(certificates) = certificates {
+        if let Some(acme) = acme {
+            let tls = &router.metrics.tls;
+            tracing::info!(hosts = ?acme.hosts, directory = %acme.directory, "certificates over ACME");
+            server.add_service(background_service(
+                "acme",
+                AcmeClient::new(
+                    acme,
+                    certificates.clone(),
+                    tls.acme_failures.clone(),
+                    tls.acme_issued.clone(),
+                ),
+            ));
+        }
+        server.add_service(background_service(
+            "certificates",
+            CertificateWatcher::new(certificates),
+        ));
+    }
+    tracing::info!(listen = %args.listen, tls_listen = ?args.tls_listen, admin = %args.admin, service = %args.service, run_dir = %run_dir.display(), "proxy serving");
     server.run_forever()
 }

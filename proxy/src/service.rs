@@ -18,9 +18,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, Result};
-use pingora_http::ResponseHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 
+use crate::edge::{self, RedirectError};
 use crate::router::Router;
 use crate::routing_table::{Placement, RoutingTable};
 use crate::session::{is_legacy, now_ms, SessionId, SessionToken};
@@ -57,6 +58,8 @@ pub struct RequestCtx {
     in_flight: Option<InFlight>,
     /// The status the instance answered with (`None`: no answer from an instance).
     upstream_status: Option<u16>,
+    /// The request came over TLS: the cookie is `Secure`, HSTS may be sent.
+    tls: bool,
     started: Instant,
 }
 
@@ -118,17 +121,57 @@ impl HaddockProxy {
         }
     }
 
+    /// Answers a plain HTTP request with a 308 to the same URL over HTTPS (400 when its `Host`
+    /// names no host to send the client to).
+    async fn redirect_to_https(session: &mut Session, port: u16) -> Result<()> {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok());
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        match edge::redirect_location(host, path, port) {
+            Ok(location) => {
+                let mut resp = ResponseHeader::build(308, Some(3))?;
+                resp.insert_header(http::header::LOCATION, location)?;
+                resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+                session.write_response_header(Box::new(resp), true).await
+            }
+            Err(RedirectError::BadHost) => {
+                Self::respond_json(
+                    session,
+                    400,
+                    r#"{"error":{"code":"bad_host","message":"the Host header names no host to redirect to"}}"#,
+                )
+                .await
+            }
+        }
+    }
+
     async fn respond_json(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+        Self::respond(
+            session,
+            status,
+            "application/json",
+            Bytes::from_static(body.as_bytes()),
+        )
+        .await
+    }
+
+    async fn respond(
+        session: &mut Session,
+        status: u16,
+        content_type: &'static str,
+        body: Bytes,
+    ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(4))?;
-        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-type", content_type)?;
         resp.insert_header("content-length", body.len().to_string())?;
         if status == 503 {
             resp.insert_header("retry-after", "1")?;
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session
-            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-            .await
+        session.write_response_body(Some(body), true).await
     }
 }
 
@@ -150,12 +193,40 @@ impl ProxyHttp for HaddockProxy {
             tried: Vec::new(),
             in_flight: None,
             upstream_status: None,
+            tls: false,
             started: Instant::now(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let router = &self.router;
+        ctx.tls = edge::is_tls(session);
+        if !ctx.tls {
+            if let Some(challenges) = &router.options.edge.challenges {
+                let path = session.req_header().uri.path();
+                if let Some(token) = path.strip_prefix(edge::ACME_CHALLENGE_PREFIX) {
+                    let token = token.to_string();
+                    match challenges.answer(&token).await {
+                        Some(answer) => {
+                            Self::respond(session, 200, "text/plain", Bytes::from(answer)).await?;
+                        }
+                        None => {
+                            Self::respond_json(
+                                session,
+                                404,
+                                r#"{"error":{"code":"no_such_challenge","message":"no ACME challenge is pending with this token"}}"#,
+                            )
+                            .await?;
+                        }
+                    }
+                    return Ok(true);
+                }
+            }
+            if let Some(port) = router.options.edge.redirect_to_port {
+                Self::redirect_to_https(session, port).await?;
+                return Ok(true);
+            }
+        }
         let table = router.table.load_full();
         let now = now_ms();
         let ttl = table.settings.idle_ttl_ms;
@@ -285,6 +356,28 @@ impl ProxyHttp for HaddockProxy {
         e
     }
 
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let sent = upstream_request
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let trust = self.router.options.edge.trust_forwarded;
+        match edge::forwarded_for(sent, edge::client_ip(session), trust) {
+            Some(value) => upstream_request.insert_header("x-forwarded-for", value)?,
+            None => {
+                upstream_request.remove_header("x-forwarded-for");
+            }
+        }
+        let proto = if ctx.tls { "https" } else { "http" };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -308,6 +401,14 @@ impl ProxyHttp for HaddockProxy {
             // Pingora then writes `Connection: close` and ends the connection after this answer.
             session.set_keepalive(None);
         }
+        if ctx.tls {
+            if let Some(max_age) = self.router.options.edge.hsts_max_age {
+                resp.insert_header(
+                    http::header::STRICT_TRANSPORT_SECURITY,
+                    format!("max-age={max_age}"),
+                )?;
+            }
+        }
         if !ctx.write_token {
             return Ok(());
         }
@@ -327,8 +428,10 @@ impl ProxyHttp for HaddockProxy {
             resp.append_header(
                 http::header::SET_COOKIE,
                 format!(
-                    "{}={value}; Path=/; HttpOnly; SameSite=Lax",
-                    table.settings.cookie_name
+                    "{}={value}; Path=/; HttpOnly; SameSite=Lax{}",
+                    table.settings.cookie_name,
+                    // Over HTTPS the browser must never send the session over plain HTTP.
+                    if ctx.tls { "; Secure" } else { "" }
                 ),
             )?;
         }

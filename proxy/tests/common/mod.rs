@@ -28,6 +28,9 @@ pub const SERVICE: &str = "svc";
 
 pub use locator_wire::testing::eventually;
 
+pub mod pebble;
+pub mod pki;
+
 /// A free port on 127.0.0.1 (bound then released; the tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -40,7 +43,8 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------- upstream processes
 
 /// Entry point of an upstream process: answers every request with its own id (and echoes a
-/// request body after it), `/slow` waits 300 ms first. Prints `LISTENING <port>` when ready.
+/// request body after it), `/slow` waits 300 ms first, `/headers` answers its id and the
+/// forwarding headers it received. Prints `LISTENING <port>` when ready.
 pub fn upstream_main(id: String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,6 +63,22 @@ pub fn upstream_main(id: String) {
                     async move {
                         if req.headers().contains_key(hyper::header::UPGRADE) {
                             return Ok(echo_upgraded(req, id));
+                        }
+                        if req.uri().path() == "/headers" {
+                            let h = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("-")
+                                    .to_string()
+                            };
+                            let out = format!(
+                                "{id} xff={} proto={} host={}",
+                                h("x-forwarded-for"),
+                                h("x-forwarded-proto"),
+                                h("host")
+                            );
+                            return Ok(Response::new(Full::new(Bytes::from(out))));
                         }
                         if req.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,0 +1,285 @@
+//! Automatic certificates against a real ACME server (Debian's pebble): obtained, renewed when
+//! due, left alone when not, shared by two proxies through one certificate directory, and a CA
+//! that cannot be reached leaving what is served in service.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::pebble::Pebble;
+use common::pki::Pki;
+use common::*;
+use locator_wire::api::InstanceState::*;
+
+/// Not a test: the body of the upstream processes the other tests start (see `common`).
+#[test]
+fn upstream_process() {
+    if let Ok(id) = std::env::var("HADDOCK_TEST_UPSTREAM") {
+        upstream_main(id);
+    }
+}
+
+const HOSTS: [&str; 4] = ["app.test", "renew.test", "kept.test", "b.test"];
+
+/// A client trusting only `root`, with the test hosts resolving to the HTTPS port `tls`.
+fn client(root: reqwest::Certificate, tls: u16) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root)
+        .tls_info(true)
+        .timeout(Duration::from_secs(10));
+    for host in HOSTS {
+        b = b.resolve(host, ([127, 0, 0, 1], tls).into());
+    }
+    b.build().unwrap()
+}
+
+/// The certificate an HTTPS request to `host` was answered with, if the client trusts it.
+async fn served(http: &reqwest::Client, host: &str, tls: u16) -> Option<Vec<u8>> {
+    let resp = http
+        .get(format!("https://{host}:{tls}/"))
+        .send()
+        .await
+        .ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    resp.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .map(<[u8]>::to_vec)
+}
+
+async fn metric(proxy: &Proxy, name: &str) -> f64 {
+    let metrics = proxy.metrics().await;
+    let prefix = format!("haddock_proxy_{name}{{service=\"svc\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Starts a proxy with HTTPS on `tls` and ACME for `hosts`, on the certificate directory
+/// `certs`.
+#[allow(clippy::too_many_arguments)]
+fn acme_proxy(
+    plain: u16,
+    tls: u16,
+    locator: &str,
+    state: &Path,
+    certs: &Path,
+    pebble: &Pebble,
+    hosts: &str,
+    extra: &[&str],
+) -> Proxy {
+    let tls_listen = format!("127.0.0.1:{tls}");
+    let mut args = vec![
+        "--tls-listen",
+        &tls_listen,
+        "--tls-certs",
+        certs.to_str().unwrap(),
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-ca-root",
+        pebble.ca_root.to_str().unwrap(),
+        "--acme-host",
+        hosts,
+        "--acme-email",
+        "ops@example.com",
+    ];
+    args.extend_from_slice(extra);
+    Proxy::spawn_on(plain, free_port(), locator, state, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_obtained_renewed_and_shared_over_acme() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    // Pebble validates challenges on the first proxy's plain port.
+    let plain = free_port();
+    let pebble = Pebble::start(plain).await;
+    let certs = tempfile::tempdir().unwrap();
+    // Certificates from another CA: renew.test's has a twelfth of its life left (due),
+    // kept.test's almost all of it (not due).
+    let other = Pki::new();
+    let due = other.issue(certs.path(), "renew.test", &["renew.test"], -3300, 300);
+    let kept = other.issue(certs.path(), "kept.test", &["kept.test"], -60, 3600);
+
+    let (state_a, tls_a) = (tempfile::tempdir().unwrap(), free_port());
+    // The first proxy also redirects plain HTTP: challenges must be answered, not redirected.
+    let proxy_a = acme_proxy(
+        plain,
+        tls_a,
+        &stub.url,
+        state_a.path(),
+        certs.path(),
+        &pebble,
+        "app.test,renew.test,kept.test",
+        &["--redirect-https"],
+    );
+    proxy_a.wait_revision(1).await;
+    let root = pebble.issuing_root().await;
+    let http_a = client(root.clone(), tls_a);
+    for host in ["app.test", "renew.test"] {
+        eventually(
+            &format!("{host} served with a certificate from the ACME CA"),
+            Duration::from_secs(60),
+            || async { served(&http_a, host, tls_a).await.is_some() },
+        )
+        .await;
+    }
+    assert_ne!(served(&http_a, "renew.test", tls_a).await, Some(due));
+    // Not due: left alone (pebble's root does not trust it; the other CA's does).
+    let http_other = client(other.root(), tls_a);
+    assert_eq!(served(&http_other, "kept.test", tls_a).await, Some(kept));
+    assert_eq!(
+        metric(&proxy_a, "tls_acme_certificates_issued_total").await,
+        2.0
+    );
+    assert_eq!(metric(&proxy_a, "tls_acme_orders_failed_total").await, 0.0);
+    // The keys and the account key are private to the proxy's user.
+    assert_eq!(mode(&certs.path().join("app.test.key")), 0o600);
+    let accounts: Vec<_> = std::fs::read_dir(certs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("acme-account-"))
+        .collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(mode(&certs.path().join(&accounts[0])), 0o600);
+
+    // A second proxy on the same directory orders b.test. Pebble asks the first proxy for the
+    // challenge, which answers it from the shared directory; both then serve the certificate,
+    // and the account is the one already stored.
+    let (state_b, tls_b) = (tempfile::tempdir().unwrap(), free_port());
+    let proxy_b = acme_proxy(
+        free_port(),
+        tls_b,
+        &stub.url,
+        state_b.path(),
+        certs.path(),
+        &pebble,
+        "b.test",
+        &[],
+    );
+    proxy_b.wait_revision(1).await;
+    let http_b = client(root.clone(), tls_b);
+    eventually(
+        "b.test served by the proxy that ordered it",
+        Duration::from_secs(60),
+        || async { served(&http_b, "b.test", tls_b).await.is_some() },
+    )
+    .await;
+    eventually(
+        "b.test served by the other proxy on the directory",
+        Duration::from_secs(10),
+        || async {
+            served(&http_a, "b.test", tls_a).await == served(&http_b, "b.test", tls_b).await
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy_b, "tls_acme_certificates_issued_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&proxy_a, "tls_acme_certificates_issued_total").await,
+        2.0
+    );
+    let accounts = std::fs::read_dir(certs.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("acme-account-")
+        })
+        .count();
+    assert_eq!(accounts, 1);
+    // No challenge answer is left behind.
+    let pending = std::fs::read_dir(certs.path().join("acme-challenges"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pending, 0, "{}", pebble.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_is_retried_and_what_is_served_stays() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let served_before = pki.issue(certs.path(), "app.test", &["app.test"], -3300, 300);
+    let state = tempfile::tempdir().unwrap();
+    let tls = free_port();
+    let tls_listen = format!("127.0.0.1:{tls}");
+    let proxy = Proxy::spawn(
+        &stub.url,
+        state.path(),
+        &[
+            "--tls-listen",
+            &tls_listen,
+            "--tls-certs",
+            certs.path().to_str().unwrap(),
+            "--acme-directory",
+            &format!("https://127.0.0.1:{}/dir", free_port()),
+            "--acme-host",
+            "app.test",
+        ],
+    );
+    proxy.wait_revision(1).await;
+    eventually(
+        "the failed order counted",
+        Duration::from_secs(20),
+        || async { metric(&proxy, "tls_acme_orders_failed_total").await >= 1.0 },
+    )
+    .await;
+    let http = client(pki.root(), tls);
+    assert_eq!(served(&http, "app.test", tls).await, Some(served_before));
+    assert_eq!(
+        metric(&proxy, "tls_acme_certificates_issued_total").await,
+        0.0
+    );
+}
+
+#[test]
+fn bad_acme_flags_stop_the_proxy_with_a_clear_error() {
+    let certs = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args([
+            "serve",
+            "--locator",
+            "http://127.0.0.1:1",
+            "--service",
+            "svc",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--tls-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--tls-certs", certs.path().to_str().unwrap()])
+        .args(["--acme-directory", "https://ca.example/dir"])
+        .args(["--acme-host", "*.example.com"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wildcard"), "{stderr}");
+}
