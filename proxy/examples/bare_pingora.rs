@@ -3,7 +3,10 @@
 //! allocator as `proxy serve` (threads, no work stealing, pingora's default upstream keep-alive
 //! pool, mimalloc). The gap between this row and the proxy's is what our hooks cost; the gap
 //! between this row and nginx's is what the framework costs.
-//! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]`.
+//! With a TLS address, certificate and key it also serves HTTPS from the same rustls stack as
+//! `proxy serve --tls-listen` (pingora's listener; one certificate, no SNI choice), the
+//! baseline of `proxy/bench/edge.sh`.
+//! Usage: `bare_pingora LISTEN UPSTREAM [THREADS [TLS_LISTEN CERT KEY]]`.
 use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
@@ -57,6 +60,12 @@ fn main() {
         "bare",
     );
     proxy.add_tcp(&listen);
+    if let (Some(tls), Some(cert), Some(key)) = (args.next(), args.next(), args.next()) {
+        let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            .expect("TLS settings");
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&tls, None, settings);
+    }
     server.add_service(proxy);
     server.run_forever()
 }

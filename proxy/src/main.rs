@@ -9,7 +9,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    locator_wire::logging::init(cli.log_format);
+    // Pingora logs every failed TLS handshake at ERROR (its listener's only other lines are a
+    // handshake timeout and a failed accept): any client can cause one per connection (a
+    // scanner, a hello for a host we do not serve, a load tool cutting connections), so by
+    // default they are off. Refusals are counted (`haddock_proxy_tls_handshakes_refused_total`);
+    // RUST_LOG brings the lines back.
+    locator_wire::logging::init_with_default(
+        cli.log_format,
+        "info,pingora_core::services::listening=off",
+    );
     match cli.command {
         Command::Serve(args) => proxy::server::serve(&args)?,
     }
