@@ -303,6 +303,7 @@ fn controls_that_mean_nothing_in_a_state_are_refused_with_the_reason() {
                         idle_ttl_ms: 1000,
                         max_drain_ms: 1000,
                     },
+                    routes: Default::default(),
                 },
             )
             .await

@@ -78,6 +78,7 @@ fn bench_spec() -> ServiceSpec {
             idle_ttl_ms: 60_000,
             max_drain_ms: 60_000,
         },
+        routes: Default::default(),
     }
 }
 

@@ -64,6 +64,13 @@ pub enum Error {
     },
     /// 409 `service_locked`: someone holds the service's deploy lock (`haddock lock`): no new
     /// release, and no second lock, until it is released. Names who and why.
+    /// Another service already answers this host and path prefix.
+    #[error("host `{host}` (path prefix {prefix}) is already routed to service `{service}`")]
+    RouteTaken {
+        host: String,
+        prefix: String,
+        service: String,
+    },
     #[error("service `{service}` is locked by {who}: {message}")]
     ServiceLocked {
         service: String,
@@ -142,6 +149,7 @@ impl Error {
             IllegalTransition { .. }
             | ReleaseActive { .. }
             | ServiceLocked { .. }
+            | RouteTaken { .. }
             | ReleaseFinished(_)
             | InstanceExists(_)
             | StateConflict { .. }
@@ -174,6 +182,7 @@ impl Error {
             IllegalTransition { .. } => "illegal_transition",
             ReleaseActive { .. } => "release_active",
             ServiceLocked { .. } => "service_locked",
+            RouteTaken { .. } => "route_taken",
             ReleaseFinished(_) => "release_finished",
             InstanceExists(_) => "instance_exists",
             StateConflict { .. } => "state_conflict",

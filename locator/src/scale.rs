@@ -208,6 +208,7 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
                 &service_name(k),
                 &ServiceSpec {
                     sessions: settings.clone(),
+                    routes: Default::default(),
                 },
             )
             .await

@@ -530,12 +530,28 @@ impl State {
                 "sessions.idle_ttl_ms and sessions.max_drain_ms must be > 0".into(),
             ));
         }
+        let routes = spec.routes.checked().map_err(Error::InvalidInput)?;
+        for other in self.services.values().filter(|o| o.name != name) {
+            let same_prefix = other.routes.path_prefix == routes.path_prefix;
+            if let Some(host) = routes.hosts.iter().find(|h| other.routes.hosts.contains(h)) {
+                if same_prefix {
+                    return Err(Error::RouteTaken {
+                        host: host.clone(),
+                        prefix: routes.path_prefix.clone().unwrap_or_else(|| "/".into()),
+                        service: other.name.clone(),
+                    });
+                }
+            }
+        }
         let service = match self.services.get(name) {
             // Same settings: a no-op, so that re-applying a spec does not wake every watcher.
-            Some(cur) if cur.sessions == *s => return Ok(Reply::Service(cur.clone())),
+            Some(cur) if cur.sessions == *s && cur.routes == routes => {
+                return Ok(Reply::Service(cur.clone()))
+            }
             Some(cur) => Service {
                 sessions: s.clone(),
                 revision: b.peek(),
+                routes,
                 ..cur.clone()
             },
             None => Service {
@@ -546,6 +562,7 @@ impl State {
                 revision: b.peek(),
                 limit_changes: Vec::new(),
                 lock: None,
+                routes,
             },
         };
         b.push(Change::Service(service.clone()));
@@ -1319,6 +1336,7 @@ mod tests {
                 idle_ttl_ms: 1000,
                 max_drain_ms: 5000,
             },
+            routes: Default::default(),
         }
     }
 

@@ -48,6 +48,7 @@ fn spec(n: u64) -> ServiceSpec {
             idle_ttl_ms: n,
             max_drain_ms: 1,
         },
+        routes: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ fn spec(idle_ttl_ms: u64) -> ServiceSpec {
             idle_ttl_ms,
             max_drain_ms: 60_000,
         },
+        routes: Default::default(),
     }
 }
 
@@ -483,6 +484,7 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
             svc,
             &ServiceSpec {
                 sessions: settings.clone(),
+                routes: Default::default(),
             },
         )
         .await

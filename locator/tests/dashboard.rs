@@ -159,6 +159,7 @@ async fn set_up(client: &Client) -> Release {
                     idle_ttl_ms: 60_000,
                     max_drain_ms: 60_000,
                 },
+                routes: Default::default(),
             },
         )
         .await

@@ -94,7 +94,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let loc = testing::embedded(Duration::from_secs(10)).await;
     let url = &loc.url;
     let t = Some(DEPLOY_TOKEN);
-    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000}}"#;
+    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000},"routes":{"hosts":["Shop.example.com"],"path_prefix":"/api"}}"#;
     assert_eq!(
         call(url, "PUT", "/v1/services/svc", t, Some(spec)).await.0,
         200
@@ -106,6 +106,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"extra":1}"#, 400, "invalid_json"),
         ("PUT", "/v1/services/bad%20name", spec, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":0,"max_drain_ms":1}}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["shop.EXAMPLE.com"],"path_prefix":"/api"}}"#, 409, "route_taken"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["bad host"]}}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"path_prefix":"api/"}}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"prefix":"/x"}}"#, 400, "invalid_json"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"nowhere"}"#, 400, "invalid_address"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"10.0.0.1:0"}"#, 400, "invalid_address"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"nope","version":"1","address":"10.0.0.1:80"}"#, 404, "unknown_service"),
@@ -179,6 +183,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
         before,
         "nothing changed"
     );
+
+    // The same host under another path prefix is another service's; routes come back
+    // normalised (lower case).
+    let web = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["shop.example.com"],"path_prefix":"/web"}}"#;
+    let (got, text) = call(url, "PUT", "/v1/services/svc2", t, Some(web)).await;
+    assert_eq!(got, 200, "{text}");
+    let snap = loc.deploy().snapshot().await.unwrap();
+    let svc = snap.services.iter().find(|s| s.name == "svc").unwrap();
+    assert_eq!(svc.routes.hosts, ["shop.example.com"]);
+    assert_eq!(svc.routes.path_prefix.as_deref(), Some("/api"));
 
     // The driver's fields of a release update, on a release that exists.
     let new = br#"{"service":"svc","from_version":null,"to_version":"2","image":"i:2","who":"me"}"#;

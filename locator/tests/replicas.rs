@@ -26,6 +26,7 @@ async fn two_replicas_stream_every_change_and_share_the_rules() {
             idle_ttl_ms: 1000,
             max_drain_ms: 1000,
         },
+        routes: Default::default(),
     };
     let svc = ca.put_service("svc", &spec).await.unwrap();
     let event = tokio::time::timeout(WAIT, watch_b.next())
@@ -131,6 +132,7 @@ async fn postgres_restarted_under_two_replicas_loses_nothing_and_both_reconnect(
             idle_ttl_ms: ttl_ms,
             max_drain_ms: 60_000,
         },
+        routes: Default::default(),
     };
     let before = ca.put_service("before", &spec(1000)).await.unwrap();
 

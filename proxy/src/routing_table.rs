@@ -304,6 +304,7 @@ pub(crate) mod tests {
                 revision: 7,
                 limit_changes: Vec::new(),
                 lock: None,
+                routes: Default::default(),
             }],
             instances,
             ..Snapshot::default()

@@ -198,9 +198,22 @@ impl Deployer {
             idle_ttl_ms: ms(sessions.idle_ttl),
             max_drain_ms: ms(sessions.max_drain),
         };
-        if current.as_ref().is_none_or(|s| s.sessions != settings) {
+        // Normalised as the locator stores them, so that an unchanged spec changes nothing.
+        // (A spec whose routes fail the check was refused when it was read.)
+        let raw = self.spec.service.routes();
+        let routes = raw.checked().unwrap_or(raw);
+        if current
+            .as_ref()
+            .is_none_or(|s| s.sessions != settings || s.routes != routes)
+        {
             self.client
-                .put_service(self.service(), &ServiceSpec { sessions: settings })
+                .put_service(
+                    self.service(),
+                    &ServiceSpec {
+                        sessions: settings,
+                        routes,
+                    },
+                )
                 .await?;
         }
         // The last word before anything changes: the spec's pre_release hook.

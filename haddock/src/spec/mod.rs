@@ -92,6 +92,24 @@ pub struct ServiceSection {
     /// Arguments passed to the image's entrypoint (`{port}` and `{instance}` are substituted).
     #[serde(default)]
     pub args: Vec<String>,
+    /// Host names users reach the service by, at a proxy that carries several services
+    /// (`*.example.com` covers one label). Empty: only a proxy carrying it alone (or as its
+    /// default) serves it.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path prefix of the service at those hosts (`/api`; whole segments).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+}
+
+impl ServiceSection {
+    /// The routes the locator is given for this service.
+    pub fn routes(&self) -> locator_wire::api::Routes {
+        locator_wire::api::Routes {
+            hosts: self.hosts.clone(),
+            path_prefix: self.path_prefix.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

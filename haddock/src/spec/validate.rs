@@ -31,6 +31,15 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
     if s.port == 0 {
         bad("service.port", "0 is not a port (1..=65535)".into());
     }
+    // The locator's own rule, so that a spec it would refuse fails here, at its line.
+    if let Err(msg) = s.routes().checked() {
+        let field = if msg.starts_with("hosts") {
+            "service.hosts"
+        } else {
+            "service.path_prefix"
+        };
+        bad(field, msg);
+    }
     for key in s.env.keys() {
         if key.is_empty() || key.contains('=') {
             bad(
@@ -1229,6 +1238,18 @@ mod tests {
             "tag",
         );
         rejects("port = 8080", "port = 0", "service.port", "not a port");
+        rejects(
+            "port = 8080",
+            "port = 8080\nhosts = [\"shop.example.com\", \"bad host\"]",
+            "service.hosts",
+            "not a host name",
+        );
+        rejects(
+            "port = 8080",
+            "port = 8080\nhosts = [\"shop.example.com\"]\npath_prefix = \"api/\"",
+            "service.path_prefix",
+            "not a path",
+        );
     }
 
     #[test]

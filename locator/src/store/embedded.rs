@@ -320,6 +320,7 @@ mod tests {
                     idle_ttl_ms: ttl,
                     max_drain_ms: 10,
                 },
+                routes: Default::default(),
             },
         }
     }

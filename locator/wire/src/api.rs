@@ -34,6 +34,104 @@ pub struct SessionSettings {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub sessions: SessionSettings,
+    /// Where users reach the service through a proxy carrying several services.
+    #[serde(default, skip_serializing_if = "Routes::is_empty")]
+    pub routes: Routes,
+}
+
+/// The requests of a service, among the services one proxy carries (the deploy spec's
+/// `[service] hosts` and `path_prefix`): a request is the service's when its host is one of
+/// `hosts` (`*.example.com`: any one label before it) and its path starts with `path_prefix`.
+/// Empty: the service is reached only through a proxy that carries it alone or as its default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routes {
+    /// Host names, lower case, without port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// A path prefix (`/api`), matched on whole segments; `None`: every path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+}
+
+/// Host names a service may declare at most (each is matched per request at the proxies).
+pub const MAX_ROUTE_HOSTS: usize = 32;
+
+impl Routes {
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.path_prefix.is_none()
+    }
+
+    /// The routes checked and normalised, or what is wrong with them (the locator's rule, which
+    /// haddock also applies to a spec): hosts are DNS names, or `*.` and one, lower case, each
+    /// once; the path prefix starts with `/`, has no empty, `.` or `..` segment and no trailing
+    /// `/` (`/` alone means every path: no prefix).
+    pub fn checked(&self) -> Result<Routes, String> {
+        if self.hosts.len() > MAX_ROUTE_HOSTS {
+            return Err(format!(
+                "hosts: at most {MAX_ROUTE_HOSTS}, not {}",
+                self.hosts.len()
+            ));
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        for host in &self.hosts {
+            let lower = host.to_ascii_lowercase();
+            let name = lower.strip_prefix("*.").unwrap_or(&lower);
+            let ok = name.len() <= 253
+                && name.split('.').all(|l| {
+                    (1..=63).contains(&l.len())
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                });
+            if !ok {
+                return Err(format!(
+                    "hosts: `{host}` is not a host name (letters, digits, hyphens; `*.` may start it)"
+                ));
+            }
+            if !hosts.contains(&lower) {
+                hosts.push(lower);
+            }
+        }
+        let path_prefix = match self.path_prefix.as_deref() {
+            None | Some("/") => None,
+            Some(p) => {
+                let ok = p.len() <= 256
+                    && p.starts_with('/')
+                    && p[1..].split('/').all(|seg| {
+                        !seg.is_empty()
+                            && seg != "."
+                            && seg != ".."
+                            && seg
+                                .bytes()
+                                .all(|c| c.is_ascii_graphic() && c != b'?' && c != b'#')
+                    });
+                if !ok {
+                    return Err(format!(
+                        "path_prefix: `{p}` is not a path like /api (no trailing /, no empty, . or .. segment)"
+                    ));
+                }
+                Some(p.to_string())
+            }
+        };
+        Ok(Routes { hosts, path_prefix })
+    }
+
+    /// Whether a request for `host` (lower case, no port) and `path` is the service's: the host
+    /// is one of the hosts (a wildcard covers one label), and the path is the prefix or under it.
+    pub fn matches(&self, host: &str, path: &str) -> bool {
+        let host_ok = self.hosts.iter().any(|h| match h.strip_prefix("*.") {
+            Some(parent) => host
+                .split_once('.')
+                .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+            None => h == host,
+        });
+        host_ok
+            && self.path_prefix.as_deref().is_none_or(|p| {
+                path.strip_prefix(p)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+    }
 }
 
 /// A service as the locator holds it.
@@ -55,6 +153,9 @@ pub struct Service {
     /// releases of the service (409 `service_locked`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<DeployLock>,
+    /// Its host names and path prefix at a proxy carrying several services.
+    #[serde(default, skip_serializing_if = "Routes::is_empty")]
+    pub routes: Routes,
 }
 
 /// Body of `PUT /v1/services/{name}/lock`: who takes the service's deploy lock, and why.
@@ -673,6 +774,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routes_are_checked_normalised_and_matched() {
+        let routes = |hosts: &[&str], prefix: Option<&str>| Routes {
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path_prefix: prefix.map(str::to_string),
+        };
+        let ok = routes(
+            &["Shop.Example.com", "*.shop.example.com", "shop.example.com"],
+            Some("/api"),
+        )
+        .checked()
+        .unwrap();
+        assert_eq!(ok.hosts, ["shop.example.com", "*.shop.example.com"]);
+        assert!(ok.matches("shop.example.com", "/api"));
+        assert!(ok.matches("eu.shop.example.com", "/api/cart"));
+        assert!(!ok.matches("shop.example.com", "/apix"));
+        assert!(!ok.matches("shop.example.com", "/"));
+        assert!(!ok.matches("a.b.shop.example.com", "/api"));
+        assert!(!ok.matches("other.example.com", "/api"));
+        assert_eq!(
+            routes(&["a.b"], Some("/")).checked().unwrap().path_prefix,
+            None
+        );
+        for (bad, says) in [
+            (routes(&["a b"], None), "not a host name"),
+            (routes(&["-a.b"], None), "not a host name"),
+            (routes(&["a..b"], None), "not a host name"),
+            (routes(&["*.*.b"], None), "not a host name"),
+            (routes(&["a.b:80"], None), "not a host name"),
+            (routes(&["a.b"], Some("api")), "not a path"),
+            (routes(&["a.b"], Some("/api/")), "not a path"),
+            (routes(&["a.b"], Some("/a/../b")), "not a path"),
+            (routes(&["a.b"], Some("/a?x")), "not a path"),
+            (routes(&vec!["a.b"; 33], None), "at most 32"),
+        ] {
+            let err = bad.checked().unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
     fn instance_transitions_follow_the_lifecycle() {
         use InstanceState::*;
         assert!(Starting.can_become(Ready));
@@ -766,6 +907,7 @@ mod tests {
                 message: "freeze".into(),
                 at: 7,
             }),
+            routes: Default::default(),
         };
         let snap = Snapshot {
             revision: 9,

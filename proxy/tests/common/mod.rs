@@ -221,6 +221,7 @@ pub fn service(weights: &[(&str, u8)], primary: &str, ttl_ms: u64) -> Service {
         revision: 0,
         limit_changes: Vec::new(),
         lock: None,
+        routes: Default::default(),
     }
 }
 
