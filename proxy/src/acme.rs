@@ -17,11 +17,12 @@
 //! problem, counted, and retried with a doubling pause (1 minute to the check interval); the
 //! certificate already served stays in service meanwhile.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use instant_acme::{
@@ -33,7 +34,7 @@ use pingora_core::services::background::BackgroundService;
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 
-use crate::certificates::Certificates;
+use crate::certificates::{unix_now, Certificates};
 use crate::error::ProxyError;
 
 /// The folder of pending challenge answers, inside the certificate directory.
@@ -61,23 +62,94 @@ impl Challenges {
     /// is base64url (RFC 8555 §8.3); anything else is never looked up, so a request path cannot
     /// name another file.
     pub async fn answer(&self, token: &str) -> Option<String> {
-        let valid = (1..=256).contains(&token.len())
-            && token
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
-        if !valid {
+        if !valid_token(token) {
             return None;
         }
         tokio::fs::read_to_string(self.dir.join(token)).await.ok()
     }
 
+    /// Stores the answer for `token`; a token that is not base64url (a CA misbehaving) is
+    /// refused, so that it cannot name a file outside the folder.
     fn put(&self, token: &str, key_authorization: &str) -> std::io::Result<()> {
+        if !valid_token(token) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the CA sent a challenge token that is not base64url: {token:?}"),
+            ));
+        }
         std::fs::create_dir_all(&self.dir)?;
         write_atomically(&self.dir.join(token), key_authorization.as_bytes(), 0o644)
     }
 
     fn remove(&self, token: &str) {
         let _ = std::fs::remove_file(self.dir.join(token));
+    }
+}
+
+/// A challenge token as RFC 8555 §8.1 has it: base64url, here at most 256 characters.
+fn valid_token(token: &str) -> bool {
+    (1..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// When each host may be ordered again after a failed order, shared by every proxy on the
+/// directory (`acme-retry.json`, read and written under the directory lock): N proxies retrying
+/// on their own clocks would make N times the failed validations, and a CA limits those
+/// (Let's Encrypt: 5 per host and hour).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RetryBook {
+    hosts: BTreeMap<String, Retry>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct Retry {
+    /// Not before this time (seconds since the epoch).
+    next: i64,
+    /// The pause that led to it; the next failure doubles it.
+    pause_s: u64,
+}
+
+const RETRY_FILE: &str = "acme-retry.json";
+
+impl RetryBook {
+    /// The book of `dir`; a missing or unreadable one is empty (the worst case is one early
+    /// retry).
+    fn load(dir: &Path) -> Self {
+        std::fs::read(dir.join(RETRY_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, dir: &Path) {
+        let json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        if let Err(e) = write_atomically(&dir.join(RETRY_FILE), &json, 0o644) {
+            tracing::warn!(error = %e, "cannot write the ACME retry times");
+        }
+    }
+
+    fn may_order(&self, host: &str, now: i64) -> bool {
+        self.hosts.get(host).is_none_or(|r| r.next <= now)
+    }
+
+    /// Records a failure of `host`: the next attempt waits twice the last pause (the first
+    /// one [`FIRST_RETRY`]), at most `longest`.
+    fn failed(&mut self, host: &str, now: i64, longest: Duration) {
+        let pause_s = self
+            .hosts
+            .get(host)
+            .map_or(FIRST_RETRY.as_secs(), |r| r.pause_s.saturating_mul(2))
+            .min(longest.as_secs())
+            .max(1);
+        self.hosts.insert(
+            host.to_string(),
+            Retry {
+                next: now + pause_s as i64,
+                pause_s,
+            },
+        );
     }
 }
 
@@ -154,11 +226,14 @@ impl AcmeClient {
         // What the proxy that held the lock before may have written.
         let certificates = self.certificates.clone();
         let _ = tokio::task::spawn_blocking(move || certificates.reload()).await;
+        let dir = self.certificates.dir().to_path_buf();
+        let mut book = RetryBook::load(&dir);
+        let now = unix_now();
         let due: Vec<String> = self
             .options
             .hosts
             .iter()
-            .filter(|h| self.due(h))
+            .filter(|h| self.due(h) && book.may_order(h, now))
             .cloned()
             .collect();
         if due.is_empty() {
@@ -169,6 +244,10 @@ impl AcmeClient {
             Err(e) => {
                 self.failures.inc();
                 tracing::error!(error = %e, "no ACME account; the certificates served stay");
+                for host in &due {
+                    book.failed(host, now, self.options.check_every);
+                }
+                book.save(&dir);
                 return Err(e);
             }
         };
@@ -177,14 +256,17 @@ impl AcmeClient {
             match self.order(&account, &host).await {
                 Ok(()) => {
                     self.issued.inc();
+                    book.hosts.remove(&host);
                 }
                 Err(e) => {
                     self.failures.inc();
+                    book.failed(&host, unix_now(), self.options.check_every);
                     tracing::error!(%host, error = %e, "ACME order failed; the certificate served (if any) stays");
                     first_error.get_or_insert(e);
                 }
             }
         }
+        book.save(&dir);
         let certificates = self.certificates.clone();
         let _ = tokio::task::spawn_blocking(move || certificates.reload()).await;
         match first_error {
@@ -408,12 +490,6 @@ fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +509,39 @@ mod tests {
         }
         challenges.remove("tok_en-1");
         assert_eq!(challenges.answer("tok_en-1").await, None);
+    }
+
+    #[test]
+    fn a_bad_token_from_the_ca_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let challenges = Challenges::new(dir.path());
+        let err = challenges.put("../../escape", "x").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(!dir.path().join("escape").exists());
+    }
+
+    #[test]
+    fn failed_hosts_wait_a_doubling_pause_shared_through_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut book = RetryBook::load(dir.path());
+        assert!(book.may_order("a.test", 1_000));
+        let longest = Duration::from_secs(3600);
+        book.failed("a.test", 1_000, longest);
+        book.save(dir.path());
+        // Another proxy reads the same book.
+        let mut other = RetryBook::load(dir.path());
+        assert!(!other.may_order("a.test", 1_059));
+        assert!(other.may_order("a.test", 1_060));
+        assert!(other.may_order("b.test", 1_000));
+        other.failed("a.test", 1_060, longest);
+        assert_eq!(other.hosts["a.test"].next, 1_060 + 120);
+        for _ in 0..10 {
+            other.failed("a.test", 0, longest);
+        }
+        assert_eq!(other.hosts["a.test"].pause_s, 3600);
+        // A corrupt book is an empty one.
+        std::fs::write(dir.path().join(RETRY_FILE), "{").unwrap();
+        assert!(RetryBook::load(dir.path()).hosts.is_empty());
     }
 
     #[test]

@@ -56,25 +56,53 @@ pub struct TlsCounters {
     pub acme_issued: Counter,
 }
 
-/// When a pair's files last changed: both files' modification time and length.
+/// What a pair's files are now: for each, its inode (a file renamed into place is a new one),
+/// change and modification times, and length. Times alone could miss a rewrite within the
+/// file system's time granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
-    crt: (SystemTime, u64),
-    key: (SystemTime, u64),
+    crt: FileStamp,
+    key: FileStamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    changed: (i64, i64),
+    modified: SystemTime,
+    len: u64,
 }
 
 impl Stamp {
     fn of(crt: &Path, key: &Path) -> std::io::Result<Self> {
-        let one = |p: &Path| -> std::io::Result<(SystemTime, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let one = |p: &Path| -> std::io::Result<FileStamp> {
             let m = std::fs::metadata(p)?;
-            Ok((m.modified()?, m.len()))
+            Ok(FileStamp {
+                inode: m.ino(),
+                changed: (m.ctime(), m.ctime_nsec()),
+                modified: m.modified()?,
+                len: m.len(),
+            })
         };
         Ok(Stamp {
             crt: one(crt)?,
             key: one(key)?,
         })
     }
+
+    /// Whether either file changed in the last `window`: a pair being written (its key and
+    /// certificate are two files, so there is a moment when one is new and the other old).
+    fn recent(&self, window: Duration) -> bool {
+        let newest = self.crt.modified.max(self.key.modified);
+        SystemTime::now()
+            .duration_since(newest)
+            .map_or(true, |age| age < window)
+    }
 }
+
+/// The start of the reason a pair whose key does not fit its certificate is refused with.
+const KEY_MISMATCH: &str = "the key does not fit the certificate";
 
 /// One certificate pair being served.
 #[derive(Clone)]
@@ -207,15 +235,21 @@ impl Certificates {
                 return outcome;
             }
         };
-        let current = self.catalog.load();
+        // Taken before reading the catalog: two reloads at once (the watcher's and the ACME
+        // client's) run one after the other, each from what the other stored.
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.catalog.load();
         let mut pairs = BTreeMap::new();
         let now = unix_now();
         for name in names {
             let crt = self.dir.join(format!("{name}.crt"));
             let key = self.dir.join(format!("{name}.key"));
             let Ok(stamp) = Stamp::of(&crt, &key) else {
-                // Removed between the listing and now: the next pass sees it gone.
+                // Gone between the listing and now, or being replaced: the previous version
+                // stays until a listing no longer names the pair.
+                if let Some(p) = current.pairs.get(&name) {
+                    pairs.insert(name, p.clone());
+                }
                 continue;
             };
             let previous = current.pairs.get(&name);
@@ -235,6 +269,16 @@ impl Certificates {
                     refused.remove(&name);
                     outcome.loaded.push(name.clone());
                     pairs.insert(name, pair);
+                }
+                Err(reason)
+                    if reason.starts_with(KEY_MISMATCH) && stamp.recent(2 * RELOAD_INTERVAL) =>
+                {
+                    // Probably half-way through a renewal (new key, old certificate, or the
+                    // reverse): not a refusal yet; the next pass reads the pair again.
+                    tracing::debug!(file = %crt.display(), "pair being written; read again later");
+                    if let Some(p) = previous {
+                        pairs.insert(name, p.clone());
+                    }
                 }
                 Err(reason) => {
                     tracing::error!(file = %crt.display(), %reason, kept_previous = previous.is_some(), "certificate refused");
@@ -329,7 +373,7 @@ fn load_pair(crt: &Path, key: &Path, stamp: Stamp, now: i64) -> Result<Pair, Str
     }
     let provider = rustls::crypto::ring::default_provider();
     let certified = CertifiedKey::from_der(chain, private, &provider)
-        .map_err(|e| format!("the key does not fit the certificate: {e}"))?;
+        .map_err(|e| format!("{KEY_MISMATCH}: {e}"))?;
     Ok(Pair {
         stamp,
         key: Arc::new(certified),
@@ -362,7 +406,8 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64, i64), Stri
     ))
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -420,13 +465,25 @@ mod tests {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// Writes a pair as a deploy finished a minute ago would have (each file renamed in).
     fn write(dir: &Path, name: &str, (crt, key): &(String, String)) {
-        // Written beside and renamed in, as a careful deploy does: a reader never sees half.
-        for (ext, body) in [("key", key), ("crt", crt)] {
-            let tmp = dir.join(format!(".{name}.{ext}.tmp"));
-            std::fs::write(&tmp, body).unwrap();
-            std::fs::rename(&tmp, dir.join(format!("{name}.{ext}"))).unwrap();
+        write_now(dir, name, "key", key);
+        write_now(dir, name, "crt", crt);
+        let a_minute_ago = SystemTime::now() - Duration::from_secs(60);
+        for ext in ["key", "crt"] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(format!("{name}.{ext}")))
+                .unwrap()
+                .set_modified(a_minute_ago)
+                .unwrap();
         }
+    }
+
+    fn write_now(dir: &Path, name: &str, ext: &str, body: &str) {
+        let tmp = dir.join(format!(".{name}.{ext}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{name}.{ext}"))).unwrap();
     }
 
     fn store(dir: &Path, default_host: Option<&str>) -> Certificates {
@@ -497,6 +554,23 @@ mod tests {
         std::fs::remove_file(dir.path().join("app.crt")).unwrap();
         assert_eq!(certs.reload().removed, ["app"]);
         assert!(certs.hosts().is_empty());
+    }
+
+    #[test]
+    fn a_pair_half_way_through_a_renewal_is_not_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "app", &pair(&["app.example.com"], -60, 3600));
+        let certs = store(dir.path(), None);
+        assert_eq!(certs.reload().loaded, ["app"]);
+        let served = certs.not_after("app.example.com").unwrap();
+        let (crt, key) = pair(&["app.example.com"], -60, 7200);
+        // The new key is in, the certificate not yet: nothing refused, the old pair served.
+        write_now(dir.path(), "app", "key", &key);
+        assert_eq!(certs.reload(), Reload::default());
+        assert_eq!(certs.not_after("app.example.com"), Some(served));
+        write_now(dir.path(), "app", "crt", &crt);
+        assert_eq!(certs.reload().loaded, ["app"]);
+        assert!(certs.not_after("app.example.com").unwrap() > served);
     }
 
     #[test]

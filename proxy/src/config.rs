@@ -120,8 +120,9 @@ pub struct ServeArgs {
     /// refuses plain HTTP to the host for N seconds).
     #[arg(long, requires = "tls_listen")]
     pub hsts_max_age: Option<u64>,
-    /// Append to the client's X-Forwarded-For instead of replacing it: only behind a balancer
-    /// that sets it (anyone can send one).
+    /// Append to the client's X-Forwarded-For instead of replacing it, and believe its
+    /// X-Forwarded-Proto: https (no redirect, Secure cookie): only behind a balancer that sets
+    /// both (anyone can send them).
     #[arg(long)]
     pub trust_forwarded: bool,
     /// ACME directory URL (https) to obtain certificates from, by HTTP-01: the CA must reach

@@ -13,9 +13,9 @@ use pingora_proxy::Session;
 
 use crate::acme::Challenges;
 
-/// Requests under this path are ACME HTTP-01 challenges: answered over plain HTTP, never
-/// redirected (the CA validates over port 80 and follows no redirect to a certificate it
-/// cannot check yet).
+/// Requests under this path are ACME HTTP-01 challenges: answered over plain HTTP before any
+/// redirect (a CA may follow a redirect to HTTPS, but the host may have no valid certificate
+/// yet: that is what is being ordered).
 pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// The edge behaviour (`proxy serve --redirect-https --hsts-max-age --trust-forwarded`).
@@ -27,7 +27,8 @@ pub struct EdgeOptions {
     /// `Strict-Transport-Security: max-age=N` on answers over HTTPS (`None`: not sent, the
     /// default, since a browser then refuses plain HTTP to the host for N seconds).
     pub hsts_max_age: Option<u64>,
-    /// Append to the client's `X-Forwarded-For` rather than replace it.
+    /// Append to the client's `X-Forwarded-For` rather than replace it, and believe its
+    /// `X-Forwarded-Proto: https` (the cookie is then `Secure`, no redirect, HSTS sent).
     pub trust_forwarded: bool,
     /// Pending ACME challenges answered on the plain listener (set with a certificate
     /// directory).
@@ -42,13 +43,25 @@ pub fn is_tls(session: &Session) -> bool {
         .is_some_and(|d| d.ssl_digest.is_some())
 }
 
-/// The client's IP address, if the connection is over IP.
+/// The client's IP address, if the connection is over IP (an IPv4 client on a dual-stack
+/// socket as IPv4, not `::ffff:a.b.c.d`).
 pub fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .as_ref()
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+        .map(|a| a.ip().to_canonical())
+}
+
+/// Whether the request says it came over HTTPS to a balancer in front (`X-Forwarded-Proto:
+/// https`): believed only with `trust_forwarded`, where that balancer terminated TLS.
+pub fn forwarded_https(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
 /// Why a plain request cannot be redirected.

@@ -22,6 +22,7 @@ pub mod certificates;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod first_bytes;
 pub mod metrics;
 pub mod reporter;
 pub mod request_head;

@@ -29,6 +29,8 @@ use bytes::{BufMut, BytesMut};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
+
+use crate::first_bytes::{FirstBytes, H2_FIRST_BYTES};
 use pingora_core::server::ShutdownWatch;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,7 +47,7 @@ const MAX_HEADERS: usize = 256;
 
 /// Pingora's keep-alive idle timeout (its `ServerApp` sets 60 s on every new connection, and
 /// the proxy never changes it): how long a kept-alive connection may wait for its next request.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// How long the error answer may take to write before the connection is dropped anyway.
 const ANSWER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -100,8 +102,10 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // HTTP/2 (negotiated over TLS) frames its requests itself, and its server bounds
-            // what a peer may hold open: pingora's own path takes the connection as it is.
+            // HTTP/2 (negotiated over TLS) frames its requests itself: pingora's own path takes
+            // the connection, with its opening bytes due within the same deadline as a head
+            // (see `first_bytes`).
+            let stream: Stream = Box::new(FirstBytes::new(stream, H2_FIRST_BYTES, self.total));
             return self.app.process_new(stream, shutdown).await;
         }
         // `None` on the first request; then what pingora kept from the previous one.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use locator_wire::api::Snapshot;
 use locator_wire::client::Client;
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
@@ -18,7 +19,7 @@ use crate::certificates::{CertificateWatcher, Certificates};
 use crate::config::ServeArgs;
 use crate::error::ProxyError;
 use crate::reporter::Reporter;
-use crate::request_head::HeadDeadline;
+use crate::request_head::{HeadDeadline, KEEPALIVE_IDLE};
 use crate::router::Router;
 use crate::run_dir::{current_uid, default_run_dir, ensure_private_dir};
 use crate::service::HaddockProxy;
@@ -147,11 +148,18 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let client = Client::new(&args.locator, args.token.clone());
 
-    // Pingora's HTTP application behind our total deadline on request heads.
+    // Pingora's HTTP application behind our total deadline on request heads. An HTTP/2
+    // connection with no request open is closed after the keep-alive idle time, as an idle
+    // HTTP/1 one is.
+    let mut app =
+        pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(router.clone()));
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+    app.server_options = Some(options);
     let mut proxy = Service::new(
         "haddock proxy".to_string(),
         HeadDeadline::new(
-            pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(router.clone())),
+            app,
             router.options.header_timeout,
             router.metrics.request_heads.clone(),
         ),

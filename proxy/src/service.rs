@@ -200,7 +200,8 @@ impl ProxyHttp for HaddockProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let router = &self.router;
-        ctx.tls = edge::is_tls(session);
+        ctx.tls = edge::is_tls(session)
+            || (router.options.edge.trust_forwarded && edge::forwarded_https(session));
         if !ctx.tls {
             if let Some(challenges) = &router.options.edge.challenges {
                 let path = session.req_header().uri.path();
@@ -401,7 +402,12 @@ impl ProxyHttp for HaddockProxy {
             // Pingora then writes `Connection: close` and ends the connection after this answer.
             session.set_keepalive(None);
         }
-        if ctx.tls {
+        if ctx.tls
+            && !resp
+                .headers
+                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+        {
+            // The service's own policy, when it sends one, wins.
             if let Some(max_age) = self.router.options.edge.hsts_max_age {
                 resp.insert_header(
                     http::header::STRICT_TRANSPORT_SECURITY,

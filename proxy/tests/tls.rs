@@ -297,26 +297,96 @@ async fn plain_http_is_redirected_and_https_carries_hsts_secure_cookies_and_forw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trusted_forwarded_for_is_appended_to() {
+async fn behind_a_trusted_balancer_its_forwarded_headers_are_believed() {
     let a = Upstream::start("a");
     let stub = LocatorStub::start(snapshot(
         service(&[("1", 100)], "1", 60_000),
         vec![a.instance("1", Ready)],
     ))
     .await;
-    let edge = Edge::start(&stub.url, &["--trust-forwarded"]).await;
-    let body = reqwest::Client::new()
+    let edge = Edge::start(&stub.url, &["--trust-forwarded", "--redirect-https"]).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // The balancer terminated TLS: not redirected, a Secure cookie, the instance sees https
+    // and the chain of addresses.
+    let resp = plain
         .get(edge.proxy.url("/headers"))
         .header("x-forwarded-for", "198.51.100.1")
+        .header("x-forwarded-proto", "https")
         .send()
         .await
-        .unwrap()
-        .text()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.starts_with("a xff=198.51.100.1, 127.0.0.1 proto=https"),
+        "{body}"
+    );
+    // Plain HTTP at the balancer: redirected as any plain request.
+    let resp = plain
+        .get(edge.proxy.url("/headers"))
+        .header("x-forwarded-proto", "http")
+        .send()
         .await
         .unwrap();
+    assert_eq!(resp.status(), 308);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_sends_nothing_after_tls_is_cut_off() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let edge = Edge::start(&stub.url, &["--header-timeout-ms", "1000"]).await;
+    // openssl negotiates h2 and then sends nothing (its stdin stays open, empty).
+    let mut client = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", edge.tls_port),
+        ])
+        .args(["-servername", "app.test", "-alpn", "h2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let closed = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut out = String::new();
+    if closed.is_none() {
+        let _ = client.kill();
+    }
+    use std::io::Read;
+    client
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("ALPN protocol: h2"), "{out}");
     assert!(
-        body.starts_with("a xff=198.51.100.1, 127.0.0.1 proto=http"),
-        "{body}"
+        closed.is_some(),
+        "the proxy kept a silent HTTP/2 connection open for 10 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early"
     );
 }
 
