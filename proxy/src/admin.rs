@@ -1,5 +1,6 @@
-//! The admin port: `/metrics` (Prometheus), `/healthz`, and `/routing` (the table in use, as
-//! JSON: what operators and tests look at to see what the proxy believes).
+//! The admin port: `/metrics` (Prometheus, every carried service's in one document),
+//! `/healthz`, and `/routing` (the tables in use, as JSON: what operators and tests look at to
+//! see what the proxy believes; `table` is the first service's, `services` has each).
 
 use std::sync::Arc;
 
@@ -8,17 +9,18 @@ use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
-use crate::router::Router;
+use crate::metrics::merge_openmetrics;
+use crate::services::Services;
 
 /// The admin HTTP app.
 #[derive(Debug)]
 pub struct Admin {
-    router: Arc<Router>,
+    services: Arc<Services>,
 }
 
 impl Admin {
-    pub fn new(router: Arc<Router>) -> Self {
-        Admin { router }
+    pub fn new(services: Arc<Services>) -> Self {
+        Admin { services }
     }
 
     /// Answers one admin path (split out so it can be tested without sockets).
@@ -27,14 +29,30 @@ impl Admin {
             "/metrics" => (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.router.metrics.encode().into_bytes(),
+                {
+                    let routers = self.services.routers();
+                    if routers.len() == 1 {
+                        routers[0].metrics.encode().into_bytes()
+                    } else {
+                        let parts: Vec<String> =
+                            routers.iter().map(|r| r.metrics.encode()).collect();
+                        merge_openmetrics(&parts).into_bytes()
+                    }
+                },
             ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/routing" => {
-                let table = self.router.table.load();
+                let one = |r: &crate::router::Router| {
+                    serde_json::json!({
+                        "table": r.table.load().summary(),
+                        "live_sessions": r.tracker.len(),
+                    })
+                };
+                let first = self.services.first();
                 let body = serde_json::json!({
-                    "table": table.summary(),
-                    "live_sessions": self.router.tracker.len(),
+                    "table": first.table.load().summary(),
+                    "live_sessions": first.tracker.len(),
+                    "services": self.services.routers().iter().map(|r| one(r)).collect::<Vec<_>>(),
                 });
                 (200, "application/json", body.to_string().into_bytes())
             }
@@ -65,12 +83,13 @@ impl ServeHttp for Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::Options;
+    use crate::router::{Options, Router};
     use crate::session::CookieKeys;
 
     #[test]
     fn serves_metrics_health_and_routing() {
-        let admin = Admin::new(Router::new("svc", CookieKeys::random(), Options::default()));
+        let router = Router::new("svc", CookieKeys::random(), Options::default());
+        let admin = Admin::new(Services::new(vec![router], None).unwrap());
         let (s, _, body) = admin.answer("/metrics");
         assert_eq!(s, 200);
         assert!(String::from_utf8(body)

@@ -45,10 +45,16 @@ pub struct ServeArgs {
     /// next when one fails and resumes its watch there).
     #[arg(long, env = "HADDOCK_LOCATOR_URL")]
     pub locator: String,
-    /// The service whose traffic this proxy carries (a name the locator accepts: 1 to 63
-    /// letters, digits and -_.:+).
-    #[arg(long, value_parser = service_name)]
-    pub service: String,
+    /// The services whose traffic this proxy carries (repeat the flag, or separate by commas;
+    /// each a name the locator accepts: 1 to 63 letters, digits and -_.:+). With several, a
+    /// request goes to the service whose routes (spec `hosts`, `path_prefix`) take its host and
+    /// path.
+    #[arg(long = "service", value_parser = service_name, value_delimiter = ',', required = true)]
+    pub services: Vec<String>,
+    /// The service requests that no route takes go to (default: the only service, when one is
+    /// carried; with several and no default, such requests get 404 `unknown_host`).
+    #[arg(long)]
+    pub default_service: Option<String>,
     /// Locator token with the `proxy` role (reads the watch stream, posts session reports).
     #[arg(long, env = "HADDOCK_PROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -172,6 +178,28 @@ impl ServeArgs {
                 Ok(CookieKeys::random())
             }
         }
+    }
+
+    /// The carried services, each once.
+    pub fn service_names(&self) -> Result<Vec<String>, ProxyError> {
+        let mut names: Vec<String> = Vec::new();
+        for name in &self.services {
+            if names.contains(name) {
+                return Err(ProxyError::Config(format!(
+                    "--service {name} is given twice"
+                )));
+            }
+            names.push(name.clone());
+        }
+        if let Some(default) = &self.default_service {
+            if !names.contains(default) {
+                return Err(ProxyError::Config(format!(
+                    "--default-service {default} is not one of --service {}",
+                    names.join(",")
+                )));
+            }
+        }
+        Ok(names)
     }
 
     pub fn options(&self) -> Result<Options, ProxyError> {
@@ -324,7 +352,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.log_format, LogFormat::Pretty);
         let Command::Serve(a) = cli.command;
-        assert_eq!(a.service, "svc");
+        assert_eq!(a.services, ["svc"]);
         assert!(a.keys().is_ok());
         assert_eq!(a.options().unwrap().header_timeout, Duration::from_secs(10));
     }
@@ -484,6 +512,28 @@ mod tests {
         let lonely =
             Cli::try_parse_from([&base[..], &["--acme-directory", "https://ca/d"]].concat());
         assert!(lonely.is_err());
+    }
+
+    #[test]
+    fn several_services_each_once_and_a_default_among_them() {
+        let parse = |extra: &[&str]| {
+            let base = ["proxy", "serve", "--locator", "http://l"];
+            let Command::Serve(a) = Cli::try_parse_from([&base[..], extra].concat())
+                .unwrap()
+                .command;
+            a.service_names()
+        };
+        assert_eq!(
+            parse(&["--service", "shop,blog", "--service", "api"]).unwrap(),
+            ["shop", "blog", "api"]
+        );
+        let twice = parse(&["--service", "shop,shop"]).unwrap_err().to_string();
+        assert!(twice.contains("given twice"), "{twice}");
+        let stray = parse(&["--service", "shop,blog", "--default-service", "api"])
+            .unwrap_err()
+            .to_string();
+        assert!(stray.contains("not one of --service"), "{stray}");
+        assert!(parse(&["--service", "shop,blog", "--default-service", "blog"]).is_ok());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! sessions, retries failed connections on healthy instances, and reports live sessions to the
 //! locator.
 //!
-//! Start reading at [`service`] (the request path, a pingora `ProxyHttp`), which uses
+//! A proxy carries one service or several ([`services`]: one [`router`] each, chosen per
+//! request by host and path). Start reading at [`service`] (the request path, a pingora
+//! `ProxyHttp`), which uses
 //! [`routing_table`] (built from the locator's snapshot and swapped atomically in [`router`]),
 //! [`session`] (the signed token) and [`balancer`] (the weighted choice). [`watcher`] feeds the
 //! router from the locator's watch stream and persists it; [`tracker`] and [`reporter`] count
@@ -31,6 +33,7 @@ pub mod routing_table;
 pub mod run_dir;
 pub mod server;
 pub mod service;
+pub mod services;
 pub mod session;
 pub mod tracker;
 pub mod watcher;

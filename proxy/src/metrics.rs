@@ -69,6 +69,8 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_moved: Counter,
     pub no_instance: Counter,
+    /// Requests whose host and path no carried service takes, with no default service (404).
+    pub unknown_host: Counter,
     pub untracked_sessions: Counter,
     pub request_heads: HeadCounters,
     pub tls: TlsCounters,
@@ -106,6 +108,12 @@ impl Metrics {
         let sessions_created = Counter::default();
         let sessions_moved = Counter::default();
         let no_instance = Counter::default();
+        let unknown_host = Counter::default();
+        registry.register(
+            "unknown_host_requests",
+            "Requests answered 404 because no carried service's routes take their host and path (counted under the first service)",
+            unknown_host.clone(),
+        );
         let untracked_sessions = Counter::default();
         let request_heads = HeadCounters::default();
         // The resolver counts in handles of the family's two series (a counter clone shares
@@ -237,6 +245,7 @@ impl Metrics {
             sessions_created,
             sessions_moved,
             no_instance,
+            unknown_host,
             untracked_sessions,
             request_heads,
             tls,
@@ -329,6 +338,50 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One OpenMetrics text made of several registries' (one per carried service): each family's
+/// `# HELP`/`# TYPE`/`# UNIT` lines once, then its samples from every part, and one `# EOF`.
+/// prometheus-client encodes a registry as a whole document; two of them concatenated would
+/// repeat families and end twice, which a scraper refuses.
+pub fn merge_openmetrics(parts: &[String]) -> String {
+    // Family name -> (descriptor lines, samples), in first-seen order.
+    let mut order: Vec<String> = Vec::new();
+    let mut families: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
+    for part in parts {
+        let mut current = String::new();
+        for line in part.lines() {
+            if line == "# EOF" || line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut words = rest.splitn(3, ' ');
+                let (_kind, name) = (words.next(), words.next().unwrap_or(""));
+                current = name.to_string();
+                let family = families.entry(current.clone()).or_insert_with(|| {
+                    order.push(current.clone());
+                    (Vec::new(), Vec::new())
+                });
+                if !family.0.iter().any(|l| l == line) {
+                    family.0.push(line.to_string());
+                }
+                continue;
+            }
+            if let Some(family) = families.get_mut(&current) {
+                family.1.push(line.to_string());
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let (descriptors, samples) = &families[&name];
+        for line in descriptors.iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 /// Status codes are three digits (and `0` for no response): one counter slot for each.
@@ -474,6 +527,37 @@ impl VersionWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_services_metrics_are_one_document() {
+        let a = Metrics::new("a");
+        let b = Metrics::new("b");
+        a.retries.inc();
+        b.retries.inc();
+        b.retries.inc();
+        let merged = merge_openmetrics(&[a.encode(), b.encode()]);
+        assert_eq!(merged.matches("# EOF").count(), 1);
+        assert!(merged.ends_with("# EOF\n"));
+        assert_eq!(
+            merged
+                .matches("# TYPE haddock_proxy_retries counter")
+                .count(),
+            1
+        );
+        let type_at = merged.find("# TYPE haddock_proxy_retries counter").unwrap();
+        let a_at = merged
+            .find("haddock_proxy_retries_total{service=\"a\"} 1")
+            .unwrap();
+        let b_at = merged
+            .find("haddock_proxy_retries_total{service=\"b\"} 2")
+            .unwrap();
+        assert!(type_at < a_at && a_at < b_at, "{merged}");
+        // Every family of one registry is there once.
+        assert_eq!(
+            merged.matches("# TYPE ").count(),
+            a.encode().matches("# TYPE ").count()
+        );
+    }
 
     #[test]
     fn p99_tracks_the_slow_tail_within_a_bucket() {

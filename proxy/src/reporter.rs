@@ -108,10 +108,31 @@ impl Reporter {
     }
 }
 
+/// The reporters of every carried service, as tasks of one background service: pingora gives
+/// each background service a runtime and a thread of its own, which for 300 services was
+/// 1.5 MiB of memory a service.
+#[derive(Debug)]
+pub struct Reporters {
+    reporters: Vec<Arc<Reporter>>,
+}
+
+impl Reporters {
+    pub fn new(reporters: Vec<Reporter>) -> Self {
+        Reporters {
+            reporters: reporters.into_iter().map(Arc::new).collect(),
+        }
+    }
+}
+
 #[async_trait]
-impl BackgroundService for Reporter {
+impl BackgroundService for Reporters {
     async fn start(&self, shutdown: ShutdownWatch) {
-        self.run(shutdown).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for r in &self.reporters {
+            let (r, shutdown) = (r.clone(), shutdown.clone());
+            tasks.spawn(async move { r.run(shutdown).await });
+        }
+        while tasks.join_next().await.is_some() {}
     }
 }
 

@@ -18,18 +18,19 @@ use crate::admin::Admin;
 use crate::certificates::{CertificateWatcher, Certificates};
 use crate::config::ServeArgs;
 use crate::error::ProxyError;
-use crate::reporter::Reporter;
+use crate::reporter::{Reporter, Reporters};
 use crate::request_head::{HeadDeadline, KEEPALIVE_IDLE};
 use crate::router::Router;
 use crate::run_dir::{current_uid, default_run_dir, ensure_private_dir};
 use crate::service::HaddockProxy;
+use crate::services::Services;
 use crate::watcher::{load_state, Watcher, STATE_FILE};
 
 /// Pingora drops idle keep-alive connections as soon as its shutdown starts, which resets a
 /// client that sent a request on one at that instant. On an upgrade it first waits a few
 /// seconds with the sockets handed over: answering `Connection: close` during that window moves
 /// every active client to the new process before any connection is dropped.
-fn close_keepalives_on_shutdown(server: &Server, router: Arc<Router>) {
+fn close_keepalives_on_shutdown(server: &Server, services: Arc<Services>) {
     use pingora_core::server::ExecutionPhase;
     let mut phases = server.watch_execution_phase();
     std::thread::spawn(move || {
@@ -41,7 +42,7 @@ fn close_keepalives_on_shutdown(server: &Server, router: Arc<Router>) {
                     | ExecutionPhase::GracefulTerminate
                     | ExecutionPhase::ShutdownStarted,
                 ) => {
-                    router.start_closing();
+                    services.start_closing();
                     return;
                 }
                 // The channel holds 100 phases and a process goes through about ten.
@@ -91,7 +92,16 @@ fn tls_settings(
 /// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
 /// sockets to a proxy started with `--upgrade`, then exit gracefully).
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
-    let router = Router::new(&args.service, args.keys()?, args.options()?);
+    let names = args.service_names()?;
+    let (keys, options) = (args.keys()?, args.options()?);
+    let routers = names
+        .iter()
+        .map(|name| Router::new(name, keys.clone(), options.clone()))
+        .collect();
+    let services =
+        Services::new(routers, args.default_service.as_deref()).map_err(ProxyError::Config)?;
+    // Process-wide settings and counters are the first service's.
+    let router = services.first().clone();
     let acme = args.acme()?;
 
     // The upgrade socket and the pid file live in the run directory: the state dir, else a
@@ -107,7 +117,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
                 .map(Path::new),
             &std::env::temp_dir(),
             uid,
-            &args.service,
+            &names.join(","),
         ),
     };
     ensure_private_dir(&run_dir, uid)?;
@@ -124,7 +134,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         None => Snapshot::default(),
     };
     if initial.revision > 0 {
-        router.install(&initial);
+        services.install(&initial, |_| true);
     }
 
     let conf = ServerConf {
@@ -144,7 +154,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    close_keepalives_on_shutdown(&server, router.clone());
+    close_keepalives_on_shutdown(&server, services.clone());
 
     let client = Client::new(&args.locator, args.token.clone());
 
@@ -152,7 +162,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     // connection with no request open is closed after the keep-alive idle time, as an idle
     // HTTP/1 one is.
     let mut app =
-        pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(router.clone()));
+        pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(services.clone()));
     let mut options = HttpServerOptions::default();
     options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
     app.server_options = Some(options);
@@ -176,24 +186,26 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let mut admin = Service::new(
         "haddock proxy admin".to_string(),
-        Admin::new(router.clone()),
+        Admin::new(services.clone()),
     );
     admin.threads = Some(1);
     admin.add_tcp(&args.admin);
 
     let watcher = background_service(
         "watcher",
-        Watcher::new(router.clone(), client.clone(), state_file, initial),
+        Watcher::new(services.clone(), client.clone(), state_file, initial),
     );
-    let reporter = background_service(
-        "reporter",
-        Reporter::new(Arc::clone(&router), client, args.proxy_id()),
-    );
-
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(watcher);
-    server.add_service(reporter);
+    // Each service reports its own sessions, as a proxy carrying it alone would.
+    let proxy_id = args.proxy_id();
+    let reporters = services
+        .routers()
+        .iter()
+        .map(|r| Reporter::new(Arc::clone(r), client.clone(), proxy_id.clone()))
+        .collect();
+    server.add_service(background_service("reporters", Reporters::new(reporters)));
     if let Some(certificates) = certificates {
         if let Some(acme) = acme {
             let tls = &router.metrics.tls;
@@ -213,6 +225,6 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
             CertificateWatcher::new(certificates),
         ));
     }
-    tracing::info!(listen = %args.listen, tls_listen = ?args.tls_listen, admin = %args.admin, service = %args.service, run_dir = %run_dir.display(), "proxy serving");
+    tracing::info!(listen = %args.listen, tls_listen = ?args.tls_listen, admin = %args.admin, services = ?names, run_dir = %run_dir.display(), "proxy serving");
     server.run_forever()
 }

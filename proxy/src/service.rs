@@ -24,6 +24,7 @@ use pingora_proxy::{ProxyHttp, Session};
 use crate::edge::{self, RedirectError};
 use crate::router::Router;
 use crate::routing_table::{Placement, RoutingTable};
+use crate::services::Services;
 use crate::session::{is_legacy, now_ms, SessionId, SessionToken};
 use crate::tracker::{InFlight, Touched};
 
@@ -36,12 +37,14 @@ const PINGORA_REPLAY_LIMIT: usize = 64 * 1024;
 /// The proxy service.
 #[derive(Debug, Clone)]
 pub struct HaddockProxy {
-    pub router: Arc<Router>,
+    pub services: Arc<Services>,
 }
 
 /// Per-request state.
 #[derive(Debug)]
 pub struct RequestCtx {
+    /// The service the request is for (set once its host and path are read).
+    router: Option<Arc<Router>>,
     table: Option<Arc<RoutingTable>>,
     idx: usize,
     routed: bool,
@@ -75,8 +78,14 @@ fn idempotent(method: &http::Method) -> bool {
 }
 
 impl HaddockProxy {
-    pub fn new(router: Arc<Router>) -> Self {
-        HaddockProxy { router }
+    pub fn new(services: Arc<Services>) -> Self {
+        HaddockProxy { services }
+    }
+
+    /// The router of the service the request is for (the first service's before it is known:
+    /// options and keys are the same for every service).
+    fn router_of<'a>(&'a self, ctx: &'a RequestCtx) -> &'a Router {
+        ctx.router.as_deref().unwrap_or(self.services.first())
     }
 
     /// The raw token from the header or the cookie, and whether it came from the header.
@@ -105,7 +114,11 @@ impl HaddockProxy {
             return false;
         };
         ctx.tried.push(ctx.idx);
-        if ctx.tried.len() >= self.router.options.max_attempts {
+        let router = ctx
+            .router
+            .clone()
+            .unwrap_or_else(|| self.services.first().clone());
+        if ctx.tried.len() >= router.options.max_attempts {
             return false;
         }
         let version = table.route(ctx.idx).version.clone();
@@ -114,7 +127,7 @@ impl HaddockProxy {
                 ctx.idx = next;
                 // The session follows: the failed instance is likely on its way out.
                 ctx.write_token = true;
-                self.router.metrics.retries.inc();
+                router.metrics.retries.inc();
                 true
             }
             None => false,
@@ -181,6 +194,7 @@ impl ProxyHttp for HaddockProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            router: None,
             table: None,
             idx: 0,
             routed: false,
@@ -199,11 +213,12 @@ impl ProxyHttp for HaddockProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let router = &self.router;
+        let first = self.services.first();
+        let edge_options = &first.options.edge;
         ctx.tls = edge::is_tls(session)
-            || (router.options.edge.trust_forwarded && edge::forwarded_https(session));
+            || (edge_options.trust_forwarded && edge::forwarded_https(session));
         if !ctx.tls {
-            if let Some(challenges) = &router.options.edge.challenges {
+            if let Some(challenges) = &edge_options.challenges {
                 let path = session.req_header().uri.path();
                 if let Some(token) = path.strip_prefix(edge::ACME_CHALLENGE_PREFIX) {
                     let token = token.to_string();
@@ -223,11 +238,30 @@ impl ProxyHttp for HaddockProxy {
                     return Ok(true);
                 }
             }
-            if let Some(port) = router.options.edge.redirect_to_port {
+            if let Some(port) = edge_options.redirect_to_port {
                 Self::redirect_to_https(session, port).await?;
                 return Ok(true);
             }
         }
+        // Which carried service the request is for.
+        let req = session.req_header();
+        let host = req.uri.host().or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        });
+        let Some(router) = self.services.pick(host, req.uri.path()).cloned() else {
+            first.metrics.unknown_host.inc();
+            Self::respond_json(
+                session,
+                404,
+                r#"{"error":{"code":"unknown_host","message":"no service is served at this host and path"}}"#,
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.router = Some(router.clone());
+        let router = &router;
         let table = router.table.load_full();
         let now = now_ms();
         let ttl = table.settings.idle_ttl_ms;
@@ -315,7 +349,7 @@ impl ProxyHttp for HaddockProxy {
         ctx.in_flight = Some(InFlight::enter(&route.in_flight));
         ctx.routed = true;
         let mut peer = HttpPeer::new(route.addr, false, String::new());
-        peer.options.connection_timeout = Some(self.router.options.connect_timeout);
+        peer.options.connection_timeout = Some(self.router_of(ctx).options.connect_timeout);
         Ok(Box::new(peer))
     }
 
@@ -367,7 +401,7 @@ impl ProxyHttp for HaddockProxy {
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        let trust = self.router.options.edge.trust_forwarded;
+        let trust = self.services.first().options.edge.trust_forwarded;
         match edge::forwarded_for(sent, edge::client_ip(session), trust) {
             Some(value) => upstream_request.insert_header("x-forwarded-for", value)?,
             None => {
@@ -398,7 +432,8 @@ impl ProxyHttp for HaddockProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if self.router.is_closing() {
+        let router = self.router_of(ctx);
+        if router.is_closing() {
             // Pingora then writes `Connection: close` and ends the connection after this answer.
             session.set_keepalive(None);
         }
@@ -408,7 +443,7 @@ impl ProxyHttp for HaddockProxy {
                 .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
         {
             // The service's own policy, when it sends one, wins.
-            if let Some(max_age) = self.router.options.edge.hsts_max_age {
+            if let Some(max_age) = router.options.edge.hsts_max_age {
                 resp.insert_header(
                     http::header::STRICT_TRANSPORT_SECURITY,
                     format!("max-age={max_age}"),
@@ -429,7 +464,7 @@ impl ProxyHttp for HaddockProxy {
             issued_ms: ctx.issued_ms,
             last_seen_ms: now_ms(),
         };
-        let value = self.router.keys.encode(&table.service, &token);
+        let value = router.keys.encode(&table.service, &token);
         if !ctx.via_header {
             resp.append_header(
                 http::header::SET_COOKIE,
@@ -460,12 +495,13 @@ impl ProxyHttp for HaddockProxy {
             service_outcome(ctx.upstream_status, e),
             ctx.started.elapsed(),
         );
+        let router = self.router_of(ctx);
         let touched =
-            self.router
+            router
                 .tracker
                 .touch(ctx.hash, &route.id, now_ms(), table.settings.idle_ttl_ms);
         if touched == Touched::Refused {
-            self.router.metrics.untracked_sessions.inc();
+            router.metrics.untracked_sessions.inc();
         }
     }
 

@@ -18,7 +18,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use crate::error::ProxyError;
-use crate::router::Router;
+use crate::services::Services;
 
 /// File name of the persisted snapshot inside the state directory.
 pub const STATE_FILE: &str = "routing.json";
@@ -87,7 +87,7 @@ fn concerns(event: &WatchEvent, before: &Snapshot, service: &str) -> bool {
 /// The background task following the locator.
 #[derive(Debug)]
 pub struct Watcher {
-    router: Arc<Router>,
+    services: Arc<Services>,
     client: Client,
     state_file: Option<PathBuf>,
     initial: Snapshot,
@@ -97,13 +97,13 @@ impl Watcher {
     /// `initial` is what was loaded from the state file (or empty); the watch resumes after
     /// its revision.
     pub fn new(
-        router: Arc<Router>,
+        services: Arc<Services>,
         client: Client,
         state_file: Option<PathBuf>,
         initial: Snapshot,
     ) -> Self {
         Watcher {
-            router,
+            services,
             client,
             state_file,
             initial,
@@ -112,7 +112,7 @@ impl Watcher {
 
     fn persist(&self, snapshot: &Snapshot) {
         if let Some(path) = &self.state_file {
-            self.router.metrics.state_saves.inc();
+            self.services.first().metrics.state_saves.inc();
             if let Err(e) = save_state(path, snapshot) {
                 tracing::warn!(error = %e, "could not persist the routing snapshot");
             }
@@ -128,7 +128,7 @@ impl Watcher {
             let since = (snapshot.revision > 0).then_some(snapshot.revision);
             // Only this proxy's service: the others' events (every proxy's session reports
             // among them) are none of its business.
-            let only = [self.router.service.clone()];
+            let only = self.services.names();
             match self.client.watch_only(since, &only).await {
                 Ok(stream) => {
                     let mut stream = Box::pin(stream);
@@ -144,14 +144,28 @@ impl Watcher {
                                     reported_down = false;
                                 }
                                 backoff = MIN_BACKOFF;
-                                let relevant = concerns(&event, &snapshot, &self.router.service);
+                                // The services whose routing the event changes.
+                                let concerned: Vec<String> = self
+                                    .services
+                                    .routers()
+                                    .iter()
+                                    .filter(|r| concerns(&event, &snapshot, &r.service))
+                                    .map(|r| r.service.clone())
+                                    .collect();
                                 snapshot.apply(&event);
-                                if relevant {
-                                    self.router.install(&snapshot);
+                                if !concerned.is_empty() {
+                                    self.services
+                                        .install(&snapshot, |r| concerned.contains(&r.service));
                                     self.persist(&snapshot);
-                                } else if matches!(&event.change, Change::Instance(i) if i.service == self.router.service)
-                                {
-                                    self.router.metrics.load_only_events.inc();
+                                } else if let Change::Instance(i) = &event.change {
+                                    if let Some(r) = self
+                                        .services
+                                        .routers()
+                                        .iter()
+                                        .find(|r| r.service == i.service)
+                                    {
+                                        r.metrics.load_only_events.inc();
+                                    }
                                 }
                             }
                             Some(Err(e)) => {

@@ -376,13 +376,17 @@ impl Proxy {
                 &format!("127.0.0.1:{admin}"),
                 "--locator",
                 locator_url,
-                "--service",
-                SERVICE,
                 "--state-dir",
                 state_dir.to_str().unwrap(),
                 "--grace-period-s",
                 "1",
             ])
+            // The one test service, unless the test names the services itself.
+            .args(if extra.contains(&"--service") {
+                &[][..]
+            } else {
+                &["--service", SERVICE][..]
+            })
             .args(extra)
             .env("HADDOCK_COOKIE_KEY", KEY)
             .env("RUST_LOG", "warn")
