@@ -304,15 +304,7 @@ fn not_an_acme_host(host: &str) -> Option<&'static str> {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return Some("an IP address gets no certificate over HTTP-01 here; name a DNS host");
     }
-    let labels_ok = host.split('.').all(|label| {
-        (1..=63).contains(&label.len())
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-')
-    });
-    if host.len() > 253 || !labels_ok || !host.contains('.') {
+    if !locator_wire::api::is_dns_name(host) || !host.contains('.') {
         return Some("not a DNS name with at least two labels (letters, digits, hyphens)");
     }
     None

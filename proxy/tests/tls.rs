@@ -107,6 +107,17 @@ impl Edge {
     }
 }
 
+/// One upstream `a` serving version 1 of the test service, and the locator stub routing to it.
+async fn one_instance() -> (Upstream, LocatorStub) {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    (a, stub)
+}
+
 /// The DER of the certificate a handshake for `host` was answered with.
 async fn served_certificate(http: &reqwest::Client, url: &str) -> Vec<u8> {
     let resp = http.get(url).send().await.unwrap();
@@ -119,12 +130,7 @@ async fn served_certificate(http: &reqwest::Client, url: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_are_chosen_by_sni_reloaded_and_bad_ones_refused() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let edge = Edge::start(&stub.url, &[]).await;
     let http = edge.https(true);
 
@@ -209,12 +215,7 @@ fn hello_without_a_name(port: u16, ca: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_default_host_answers_hellos_without_a_name() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let without = Edge::start(&stub.url, &[]).await;
     let with = Edge::start(&stub.url, &["--tls-default-host", "APP.test"]).await;
     let ca_dir = tempfile::tempdir().unwrap();
@@ -240,12 +241,7 @@ async fn a_default_host_answers_hellos_without_a_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_is_redirected_and_https_carries_hsts_secure_cookies_and_forwarded_headers() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let edge = Edge::start(&stub.url, &["--redirect-https", "--hsts-max-age", "600"]).await;
 
     // Plain HTTP: a 308 to the same URL over HTTPS, nothing reaches the instance.
@@ -298,12 +294,7 @@ async fn plain_http_is_redirected_and_https_carries_hsts_secure_cookies_and_forw
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_balancer_its_forwarded_headers_are_believed() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let edge = Edge::start(&stub.url, &["--trust-forwarded", "--redirect-https"]).await;
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -338,12 +329,7 @@ async fn behind_a_trusted_balancer_its_forwarded_headers_are_believed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_sends_nothing_after_tls_is_cut_off() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let edge = Edge::start(&stub.url, &["--header-timeout-ms", "1000"]).await;
     // openssl negotiates h2 and then sends nothing (its stdin stays open, empty).
     let mut client = std::process::Command::new("openssl")
@@ -392,12 +378,7 @@ async fn an_http2_client_that_sends_nothing_after_tls_is_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_and_garbage_leave_real_clients_served() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
+    let (_a, stub) = one_instance().await;
     let edge = Edge::start(&stub.url, &[]).await;
     let addr = edge.tls_addr();
     // 300 connections that never start a handshake, 100 that stop halfway through a client

@@ -54,6 +54,18 @@ pub struct Routes {
     pub path_prefix: Option<String>,
 }
 
+/// Whether `name` is a DNS host name: labels of 1 to 63 letters, digits and hyphens, none
+/// starting or ending with a hyphen, 253 characters at most.
+pub fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
 /// Host names a service may declare at most (each is matched per request at the proxies).
 pub const MAX_ROUTE_HOSTS: usize = 32;
 
@@ -76,15 +88,7 @@ impl Routes {
         let mut hosts: Vec<String> = Vec::new();
         for host in &self.hosts {
             let lower = host.to_ascii_lowercase();
-            let name = lower.strip_prefix("*.").unwrap_or(&lower);
-            let ok = name.len() <= 253
-                && name.split('.').all(|l| {
-                    (1..=63).contains(&l.len())
-                        && !l.starts_with('-')
-                        && !l.ends_with('-')
-                        && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                });
-            if !ok {
+            if !is_dns_name(lower.strip_prefix("*.").unwrap_or(&lower)) {
                 return Err(format!(
                     "hosts: `{host}` is not a host name (letters, digits, hyphens; `*.` may start it)"
                 ));
