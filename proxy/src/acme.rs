@@ -35,10 +35,15 @@ use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 
 use crate::certificates::{unix_now, Certificates};
+use crate::config::not_an_acme_host;
 use crate::error::ProxyError;
+use crate::services::Services;
 
 /// The folder of pending challenge answers, inside the certificate directory.
 pub const CHALLENGE_DIR: &str = "acme-challenges";
+
+/// How often the routes' hosts are looked at with `--acme-routes`.
+const ROUTES_CHECK: Duration = Duration::from_secs(5);
 
 /// The first pause after a failed order; it doubles up to the check interval.
 const FIRST_RETRY: Duration = Duration::from_secs(60);
@@ -160,6 +165,8 @@ pub struct AcmeOptions {
     pub directory: String,
     /// Hosts to keep a certificate for (no wildcards: HTTP-01 cannot prove them).
     pub hosts: Vec<String>,
+    /// Also the hosts the carried services' routes name (`--acme-routes`).
+    pub from_routes: bool,
     /// Contact address given to the CA (`mailto:` added).
     pub email: Option<String>,
     /// A PEM root to trust for the ACME server's own HTTPS (a private or test CA).
@@ -171,6 +178,7 @@ pub struct AcmeOptions {
 /// Keeps the certificates of [`AcmeOptions::hosts`] valid (a background service).
 pub struct AcmeClient {
     options: AcmeOptions,
+    services: Arc<Services>,
     certificates: Arc<Certificates>,
     challenges: Challenges,
     failures: Counter,
@@ -188,6 +196,7 @@ impl std::fmt::Debug for AcmeClient {
 impl AcmeClient {
     pub fn new(
         options: AcmeOptions,
+        services: Arc<Services>,
         certificates: Arc<Certificates>,
         failures: Counter,
         issued: Counter,
@@ -195,11 +204,27 @@ impl AcmeClient {
         let challenges = Challenges::new(certificates.dir());
         AcmeClient {
             options,
+            services,
             certificates,
             challenges,
             failures,
             issued,
         }
+    }
+
+    /// The hosts to keep a certificate for now: the configured ones, and with `--acme-routes`
+    /// those the carried services' routes name (wildcards and anything HTTP-01 cannot prove
+    /// left out).
+    fn hosts(&self) -> Vec<String> {
+        let mut hosts = self.options.hosts.clone();
+        if self.options.from_routes {
+            for host in self.services.route_hosts() {
+                if not_an_acme_host(&host).is_none() && !hosts.contains(&host) {
+                    hosts.push(host);
+                }
+            }
+        }
+        hosts
     }
 
     /// Whether `host` needs a certificate: none served, or under a third of its lifetime left.
@@ -216,7 +241,8 @@ impl AcmeClient {
     /// One round: every due host ordered, under the directory's lock. `Ok(false)` when another
     /// proxy holds the lock.
     async fn round(&self) -> Result<bool, ProxyError> {
-        if !self.options.hosts.iter().any(|h| self.due(h)) {
+        let hosts = self.hosts();
+        if !hosts.iter().any(|h| self.due(h)) {
             return Ok(true);
         }
         let Some(_lock) = DirLock::try_take(self.certificates.dir())? else {
@@ -229,12 +255,9 @@ impl AcmeClient {
         let dir = self.certificates.dir().to_path_buf();
         let mut book = RetryBook::load(&dir);
         let now = unix_now();
-        let due: Vec<String> = self
-            .options
-            .hosts
-            .iter()
+        let due: Vec<String> = hosts
+            .into_iter()
             .filter(|h| self.due(h) && book.may_order(h, now))
-            .cloned()
             .collect();
         if due.is_empty() {
             return Ok(true);
@@ -424,11 +447,18 @@ impl AcmeClient {
 impl BackgroundService for AcmeClient {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut retry = FIRST_RETRY.min(self.options.check_every);
+        // Routes change with the locator's snapshot: a new host is looked at within seconds
+        // (a round with nothing due reads no file and asks the CA nothing).
+        let every = if self.options.from_routes {
+            self.options.check_every.min(ROUTES_CHECK)
+        } else {
+            self.options.check_every
+        };
         loop {
             let pause = match self.round().await {
                 Ok(true) => {
                     retry = FIRST_RETRY.min(self.options.check_every);
-                    self.options.check_every
+                    every
                 }
                 // The lock holder is ordering: look again soon.
                 Ok(false) => Duration::from_secs(5),

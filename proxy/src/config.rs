@@ -132,12 +132,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub trust_forwarded: bool,
     /// ACME directory URL (https) to obtain certificates from, by HTTP-01: the CA must reach
-    /// a proxy on the certificate directory at port 80 of each host. Needs --acme-host.
-    #[arg(long, requires_all = ["tls_listen", "acme_host"])]
+    /// a proxy on the certificate directory at port 80 of each host. Needs --acme-host or
+    /// --acme-routes.
+    #[arg(long, requires = "tls_listen")]
     pub acme_directory: Option<String>,
     /// A host to keep a certificate for over ACME (repeat the flag, or separate by commas).
     #[arg(long, value_delimiter = ',', requires = "acme_directory")]
     pub acme_host: Vec<String>,
+    /// Also keep a certificate for every host the carried services' routes name (spec
+    /// `hosts`; wildcards, which HTTP-01 cannot prove, are skipped), as they change.
+    #[arg(long, requires = "acme_directory")]
+    pub acme_routes: bool,
     /// Contact address given to the ACME CA (expiry notices).
     #[arg(long, requires = "acme_directory")]
     pub acme_email: Option<String>,
@@ -271,6 +276,11 @@ impl ServeArgs {
                 hosts.push(host);
             }
         }
+        if hosts.is_empty() && !self.acme_routes {
+            return Err(ProxyError::Config(
+                "--acme-directory needs --acme-host or --acme-routes: no host to order for".into(),
+            ));
+        }
         if self.acme_check_interval_s == 0 {
             return Err(ProxyError::Config(
                 "--acme-check-interval-s must be at least 1".into(),
@@ -279,6 +289,7 @@ impl ServeArgs {
         Ok(Some(AcmeOptions {
             directory: directory.clone(),
             hosts,
+            from_routes: self.acme_routes,
             email: self.acme_email.clone(),
             ca_root: self.acme_ca_root.clone(),
             check_every: Duration::from_secs(self.acme_check_interval_s),
@@ -297,7 +308,7 @@ impl ServeArgs {
 
 /// Why `host` cannot get a certificate over HTTP-01 (`None`: it can). It also names the
 /// certificate's files, so it must be a plain DNS name.
-fn not_an_acme_host(host: &str) -> Option<&'static str> {
+pub(crate) fn not_an_acme_host(host: &str) -> Option<&'static str> {
     if host.starts_with("*.") {
         return Some("HTTP-01 cannot prove a wildcard name");
     }
@@ -500,10 +511,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("at least 1"), "{err}");
-        // A directory without a host to order for is refused by the parser.
-        let lonely =
-            Cli::try_parse_from([&base[..], &["--acme-directory", "https://ca/d"]].concat());
-        assert!(lonely.is_err());
+        // A directory without a host to order for is refused.
+        let err = acme(&["--acme-directory", "https://ca/d"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no host to order for"), "{err}");
+        let routes = acme(&["--acme-directory", "https://ca/d", "--acme-routes"])
+            .unwrap()
+            .unwrap();
+        assert!(routes.from_routes && routes.hosts.is_empty());
     }
 
     #[test]

@@ -214,6 +214,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
                 "acme",
                 AcmeClient::new(
                     acme,
+                    services.clone(),
                     certificates.clone(),
                     tls.acme_failures.clone(),
                     tls.acme_issued.clone(),

@@ -130,6 +130,21 @@ impl Services {
             .store(Arc::new(HostTable::build(snapshot, &self.routers)));
     }
 
+    /// The exact hosts (no wildcards) the carried services' routes name.
+    pub fn route_hosts(&self) -> Vec<String> {
+        let table = self.hosts.load();
+        let mut hosts: Vec<String> = table
+            .rules
+            .iter()
+            .flat_map(|r| r.routes.hosts.iter())
+            .filter(|h| !h.starts_with("*."))
+            .cloned()
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
     /// From now on every answer says `Connection: close` (see `server::close_keepalives`).
     pub fn start_closing(&self) {
         for r in &self.routers {
@@ -203,6 +218,8 @@ mod tests {
         assert_eq!(pick(Some("other.test"), "/").as_deref(), Some("blog"));
         assert_eq!(pick(None, "/").as_deref(), Some("blog"));
         assert_eq!(pick(Some("[::1]:80"), "/").as_deref(), Some("blog"));
+        // What --acme-routes orders for: exact hosts, each once.
+        assert_eq!(services.route_hosts(), ["shop.test", "wild.test"]);
 
         let strict = carried(&["shop", "blog"], None);
         strict.install(&with_routes(&[("shop", &["shop.test"], None)]), |_| false);

@@ -220,6 +220,56 @@ async fn certificates_are_obtained_renewed_and_shared_over_acme() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_of_the_carried_services_routes_get_certificates() {
+    let a = Upstream::start("a");
+    let mut routed = service(&[("1", 100)], "1", 60_000);
+    routed.routes = locator_wire::api::Routes {
+        hosts: vec!["app.test".into(), "*.wild.test".into()],
+        path_prefix: None,
+    };
+    let stub = LocatorStub::start(snapshot(routed, vec![a.instance("1", Ready)])).await;
+    let plain = free_port();
+    let pebble = Pebble::start(plain).await;
+    let (certs, state, tls) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        free_port(),
+    );
+    let tls_listen = format!("127.0.0.1:{tls}");
+    let proxy = Proxy::spawn_on(
+        plain,
+        free_port(),
+        &stub.url,
+        state.path(),
+        &[
+            "--tls-listen",
+            &tls_listen,
+            "--tls-certs",
+            certs.path().to_str().unwrap(),
+            "--acme-directory",
+            &pebble.directory,
+            "--acme-ca-root",
+            pebble.ca_root.to_str().unwrap(),
+            "--acme-routes",
+        ],
+    );
+    proxy.wait_revision(1).await;
+    let http = client(pebble.issuing_root().await, tls);
+    eventually(
+        "app.test, named by the service's routes, served with an ACME certificate",
+        Duration::from_secs(60),
+        || async { served(&http, "app.test", tls).await.is_some() },
+    )
+    .await;
+    // The wildcard, which HTTP-01 cannot prove, was never ordered.
+    assert_eq!(
+        metric(&proxy, "tls_acme_certificates_issued_total").await,
+        1.0
+    );
+    assert_eq!(metric(&proxy, "tls_acme_orders_failed_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_ca_is_retried_and_what_is_served_stays() {
     let a = Upstream::start("a");
     let stub = LocatorStub::start(snapshot(

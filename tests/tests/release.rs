@@ -821,12 +821,12 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
         writer.id
     );
 
-    // Watch the killed instance from before the kill: its state in the locator (each change),
-    // and how many of its own readiness probes went unanswered.
+    // Watch the killed instance from before the kill: its state in the locator (each change).
+    // (That it died is proven by Docker below: a new PID and one more restart. A probe of its
+    // address could miss the dead spell: Docker restarts it in about 100 ms, and on a loaded
+    // machine a 50 ms prober was seen to catch no failure at all.)
     let stop = Arc::new(AtomicBool::new(false));
     let looks = Arc::new(AtomicU32::new(0));
-    // Two loops: a probe of the dead address may take up to its 1 s timeout, and the
-    // `unhealthy` spell can be shorter than that.
     let watcher = {
         let client =
             locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
@@ -844,20 +844,6 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             states
-        })
-    };
-    let prober = {
-        let (http, stop) = (http.clone(), stop.clone());
-        let address = writer.address.clone();
-        tokio::spawn(async move {
-            let mut unanswered = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                if role_at(&http, &address).await.is_none() {
-                    unanswered += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            unanswered
         })
     };
     eventually(
@@ -926,11 +912,7 @@ async fn writer_killed_mid_canary_is_restarted_by_docker_and_no_request_fails() 
     )
     .await;
     stop.store(true, Ordering::SeqCst);
-    let (states, unanswered) = (watcher.await.unwrap(), prober.await.unwrap());
-    assert!(
-        unanswered > 0,
-        "the killed instance's /readyz never failed: was it killed at all?"
-    );
+    let states = watcher.await.unwrap();
     // The agent took it out on the `die` event and brought it back once its probe passed.
     assert!(
         states.contains(&InstanceState::Unhealthy) && states.last() == Some(&InstanceState::Ready),
