@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::certificates::{unix_now, Certificates};
 use crate::config::not_an_acme_host;
 use crate::error::ProxyError;
+use crate::files::write_atomically;
 use crate::services::Services;
 
 /// The folder of pending challenge answers, inside the certificate directory.
@@ -502,22 +502,6 @@ impl DirLock {
             }),
         }
     }
-}
-
-/// Writes `path` whole or not at all: a temporary file beside it, synced, then renamed.
-fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

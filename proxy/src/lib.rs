@@ -24,6 +24,7 @@ pub mod certificates;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod files;
 pub mod first_bytes;
 pub mod metrics;
 pub mod reporter;

@@ -18,6 +18,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use crate::error::ProxyError;
+use crate::files::write_atomically;
 use crate::services::Services;
 
 /// File name of the persisted snapshot inside the state directory.
@@ -48,17 +49,12 @@ pub fn load_state(path: &Path) -> Result<Option<Snapshot>, ProxyError> {
 
 /// Writes a snapshot atomically (temp file in the same directory, fsync, rename).
 pub fn save_state(path: &Path, snapshot: &Snapshot) -> Result<(), ProxyError> {
-    use std::io::Write;
     let io = |source| ProxyError::State {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec(snapshot).map_err(|e| io(std::io::Error::other(e)))?;
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_atomically(path, &bytes, 0o644).map_err(io)
 }
 
 /// Whether an event changes what the routing table of `service` is built from, judged against
@@ -216,7 +212,8 @@ mod tests {
         );
         save_state(&path, &s).unwrap();
         assert_eq!(load_state(&path).unwrap(), Some(s));
-        assert!(!path.with_extension("json.tmp").exists());
+        // Nothing but the state file is left in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         std::fs::write(&path, b"{not json").unwrap();
         assert!(matches!(
             load_state(&path),
