@@ -54,15 +54,9 @@ async fn served(http: &reqwest::Client, host: &str, tls: u16) -> Option<Vec<u8>>
 }
 
 async fn metric(proxy: &Proxy, name: &str) -> f64 {
-    let metrics = proxy.metrics().await;
-    let prefix = format!("haddock_proxy_{name}{{service=\"svc\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-        .trim()
-        .parse()
-        .unwrap()
+    proxy
+        .metric(&format!("haddock_proxy_{name}{{service=\"svc\"}} "))
+        .await
 }
 
 fn mode(path: &Path) -> u32 {

@@ -96,14 +96,7 @@ impl Edge {
     }
 
     async fn metric(&self, prefix: &str) -> f64 {
-        let metrics = self.proxy.metrics().await;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
-            .trim()
-            .parse()
-            .unwrap()
+        self.proxy.metric(prefix).await
     }
 }
 

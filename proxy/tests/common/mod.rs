@@ -422,6 +422,18 @@ impl Proxy {
             .unwrap()
     }
 
+    /// The value of the metric line starting with `prefix` (name and labels, then a space).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let metrics = self.metrics().await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Waits until the proxy serves a table at least as new as `revision`.
     pub async fn wait_revision(&self, revision: u64) {
         eventually(

@@ -32,19 +32,10 @@ impl Pebble {
         }
         let dir = tempfile::tempdir().unwrap();
         // Pebble's own HTTPS certificate, from a CA of ours (Debian ships no test certs).
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
+        let ca = super::pki::Pki::new();
+        ca.issue(dir.path(), "pebble", &["localhost", "127.0.0.1"], -60, 3600);
         let path = |name: &str| dir.path().join(name);
-        std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(path("pebble.crt"), leaf.pem()).unwrap();
-        std::fs::write(path("pebble.key"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca.pem"), ca.ca.pem()).unwrap();
 
         let (acme, management, dns, dns_management) =
             (free_port(), free_port(), free_port(), free_port());
@@ -87,7 +78,7 @@ impl Pebble {
             directory: format!("https://127.0.0.1:{acme}/dir"),
             ca_root: path("ca.pem"),
             management,
-            ca_pem: ca.pem(),
+            ca_pem: ca.ca.pem(),
             children: vec![dns_server, pebble],
             _dir: dir,
         };
