@@ -115,6 +115,7 @@ fn report_sessions(
                 )
             })
             .collect(),
+        changes_only: false,
     };
     rt().block_on(proxy.report_sessions(&report)).unwrap();
 }

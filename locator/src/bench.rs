@@ -115,7 +115,7 @@ pub async fn watch_latency<A: Store, B: Store>(
 
     // Commit instants, from the writer's own feed.
     let commits: Arc<Mutex<HashMap<Revision, Instant>>> = Arc::default();
-    let mut feed = writer.store.committed().subscribe();
+    let mut feed = writer.store.committed().subscribe(crate::store::Scope::All);
     let commit_log = commits.clone();
     let recorder = tokio::spawn(async move {
         while let Ok(msg) = feed.recv().await {

@@ -62,21 +62,26 @@ pub enum Error {
         id: String,
         state: String,
     },
-    /// 409 `service_locked`: someone holds the service's deploy lock (`haddock lock`): no new
-    /// release, and no second lock, until it is released. Names who and why.
-    /// Another service already answers this host and path prefix.
+    /// 409 `route_taken`: another service already answers this host and path prefix.
     #[error("host `{host}` (path prefix {prefix}) is already routed to service `{service}`")]
     RouteTaken {
         host: String,
         prefix: String,
         service: String,
     },
+    /// 409 `service_locked`: someone holds the service's deploy lock (`haddock lock`): no new
+    /// release, and no second lock, until it is released. Names who and why.
     #[error("service `{service}` is locked by {who}: {message}")]
     ServiceLocked {
         service: String,
         who: String,
         message: String,
     },
+    /// 409 `full_report_needed`: a session report of changes only, from a proxy whose previous
+    /// report this locator does not hold (it restarted, the report aged out, or the proxy moved
+    /// to another replica). Nothing was counted; send the whole report.
+    #[error("no live report of proxy `{proxy}` for service `{service}` to apply changes to; send the whole report")]
+    FullReportNeeded { proxy: String, service: String },
     /// 409 `release_finished`: a finished release is history and cannot change.
     #[error("release {0} is finished and cannot change")]
     ReleaseFinished(String),
@@ -154,7 +159,8 @@ impl Error {
             | InstanceExists(_)
             | StateConflict { .. }
             | LeaseHeld { .. }
-            | ControlRefused { .. } => StatusCode::CONFLICT,
+            | ControlRefused { .. }
+            | FullReportNeeded { .. } => StatusCode::CONFLICT,
             RevisionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -188,6 +194,7 @@ impl Error {
             StateConflict { .. } => "state_conflict",
             LeaseHeld { .. } => "lease_held",
             ControlRefused { .. } => "control_refused",
+            FullReportNeeded { .. } => "full_report_needed",
             RevisionMismatch { .. } => "revision_mismatch",
             RequestTimeout(_) => "request_timeout",
             PayloadTooLarge(_) => "payload_too_large",

@@ -17,6 +17,7 @@ pub mod connections;
 pub mod dashboard;
 pub mod error;
 pub mod metrics;
+pub mod reports;
 pub mod scale;
 pub mod serve;
 pub mod server;

@@ -11,8 +11,10 @@
 //!
 //! Each configuration runs twice, in the same run: `before`, as the platform worked until the
 //! scale issue (every proxy hears every service's events; one heartbeat request per instance),
-//! and `after` (a proxy watches only its service, `?service=`; an agent heartbeats all its
-//! instances in one `POST /v1/heartbeats`), so the table shows the ratio on one machine.
+//! and `after` (a proxy watches only its service's routing events, `?service=…&routing=true`,
+//! and reports only the instances whose figures changed after its first whole report; an
+//! agent heartbeats all its instances in one `POST /v1/heartbeats`), so the table shows the
+//! ratio on one machine.
 
 use crate::api::{
     InstanceLoad, InstanceState, RegisterInstance, ServiceSpec, SessionReport, SessionSettings,
@@ -187,6 +189,8 @@ fn service_event_revision(line: &[u8]) -> Option<u64> {
 #[derive(Default)]
 struct Seen {
     bytes: AtomicU64,
+    /// Watchers that received their first line (the snapshot).
+    started: AtomicU64,
     /// (service index, revision, when) of every service event a proxy received.
     service_events: Mutex<Vec<(usize, u64, Instant)>>,
 }
@@ -252,7 +256,11 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
         let svc = p % services;
         let url = match mode {
             Mode::Before => format!("{}/v1/watch", loc.url),
-            Mode::After => format!("{}/v1/watch?service={}", loc.url, service_name(svc)),
+            Mode::After => format!(
+                "{}/v1/watch?service={}&routing=true",
+                loc.url,
+                service_name(svc)
+            ),
         };
         let (http, seen, stop) = (http.clone(), seen.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -261,6 +269,7 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
             };
             let mut body = resp.bytes_stream();
             let mut carry: Vec<u8> = Vec::new();
+            let mut started = false;
             while let Some(Ok(chunk)) = body.next().await {
                 if stop.load(Ordering::Relaxed) {
                     return;
@@ -271,6 +280,10 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
                 let mut start = 0;
                 while let Some(pos) = memchr::memchr(b'\n', &carry[start..]) {
                     let line = &carry[start..start + pos];
+                    if !started {
+                        started = true;
+                        seen.started.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let Some(rev) = service_event_revision(line) {
                         seen.service_events
                             .lock()
@@ -295,33 +308,56 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
         let (stop, requests) = (stop.clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let load = |n| InstanceLoad {
+                live_sessions: n,
+                in_flight: 0,
+            };
+            let mut whole = SessionReport {
+                proxy_id: format!("proxy-{p}"),
+                service: service_name(svc),
+                instances: mine.iter().map(|id| (id.clone(), load(1))).collect(),
+                versions: BTreeMap::new(),
+                changes_only: false,
+            };
+            // The two instances whose counts move at this proxy.
+            let moving: Vec<&String> = mine
+                .iter()
+                .cycle()
+                .skip(p)
+                .take(mine.len().min(2))
+                .collect();
+            let mut accepted = false;
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 round += 1;
-                let instances = mine
-                    .iter()
-                    .enumerate()
-                    .map(|(j, id)| {
-                        let moving = (j + p) % mine.len().max(1) < 2;
-                        let n = if moving { (round + j as u64) % 3 } else { 1 };
-                        (
-                            id.clone(),
-                            InstanceLoad {
-                                live_sessions: n,
-                                in_flight: 0,
-                            },
-                        )
-                    })
-                    .collect();
-                let report = SessionReport {
-                    proxy_id: format!("proxy-{p}"),
-                    service: service_name(svc),
-                    instances,
+                let mut changes = SessionReport {
+                    proxy_id: whole.proxy_id.clone(),
+                    service: whole.service.clone(),
+                    instances: BTreeMap::new(),
                     versions: BTreeMap::new(),
+                    changes_only: true,
                 };
-                if client.report_sessions(&report).await.is_ok() {
+                for (j, id) in moving.iter().enumerate() {
+                    let l = load((round + j as u64) % 3);
+                    whole.instances.insert((*id).clone(), l);
+                    changes.instances.insert((*id).clone(), l);
+                }
+                // What a proxy sends: the whole report first (and whenever the locator lacks
+                // it), then the instances that changed (built here directly: the simulator
+                // shares the cores with the locator and must not spend them on diffs).
+                let sent = match mode {
+                    Mode::After if accepted => match client.report_sessions(&changes).await {
+                        Err(e) if e.code() == Some("full_report_needed") => {
+                            client.report_sessions(&whole).await
+                        }
+                        other => other,
+                    },
+                    _ => client.report_sessions(&whole).await,
+                };
+                if sent.is_ok() {
                     requests.fetch_add(1, Ordering::Relaxed);
+                    accepted = true;
                 }
             }
         }));
@@ -353,7 +389,13 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
         }));
     }
 
-    // Let the load settle, then measure over the window while the weights move.
+    // Every watcher has its snapshot (a thousand proxies connecting in the same second is a
+    // restart's thundering herd, not the steady state measured here), the load settles, then
+    // the window runs while the weights move.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.started.load(Ordering::Relaxed) < proxies as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (cpu0, bytes0, req0, rev0, t0) = (
         loc.cpu_seconds(),

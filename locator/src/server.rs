@@ -561,8 +561,22 @@ impl<S: Store> App<S> {
                     None => None,
                     Some(list) => Some(service_filter(list)?),
                 };
-                let lines =
-                    crate::watch::open(committed.clone(), since, self.config.keepalive, only)?;
+                let scope = match query(&req).get("routing").map(String::as_str) {
+                    None | Some("false") => crate::store::Scope::All,
+                    Some("true") => crate::store::Scope::Routing,
+                    Some(other) => {
+                        return Err(Error::InvalidInput(format!(
+                            "routing must be true or false, not `{other}`"
+                        )))
+                    }
+                };
+                let lines = crate::watch::open(
+                    committed.clone(),
+                    since,
+                    self.config.keepalive,
+                    only,
+                    scope,
+                )?;
                 let body = StreamBody::new(lines.map(|b| Ok::<_, Infallible>(Frame::data(b))));
                 let mut resp = Response::new(body.boxed_unsync());
                 resp.headers_mut().insert(

@@ -9,6 +9,7 @@
 
 use crate::api::*;
 use crate::error::Error;
+use crate::reports::Reports;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -114,10 +115,10 @@ pub struct State {
     /// All releases, finished ones included (the history).
     releases: BTreeMap<String, Release>,
     traffic: BTreeMap<String, TrafficByVersion>,
-    /// Latest report per (proxy, service) with the time it arrived. Ephemeral: reports are
-    /// re-sent every second, so they are never written to disk.
+    /// The proxies' latest reports and their sums. Ephemeral: reports are re-sent every
+    /// second, so they are never written to disk.
     #[serde(skip)]
-    reports: BTreeMap<(String, String), (UnixMillis, SessionReport)>,
+    reports: Reports,
     /// When this process started counting reports: sums are not aged before every live proxy
     /// had a chance to report, or a restart would briefly show draining instances as empty.
     #[serde(skip)]
@@ -147,6 +148,16 @@ impl Batch {
 }
 
 impl State {
+    /// Whether `change`, applied to this state, can alter a proxy's routing table (see
+    /// [`Change::is_routing`]).
+    pub fn is_routing(&self, change: &Change) -> bool {
+        let before = match change {
+            Change::Instance(i) => self.instances.get(&i.id),
+            _ => None,
+        };
+        change.is_routing(before)
+    }
+
     /// Starts counting proxies' reports from `now` (see `reports_since`).
     pub fn start_reports(&mut self, now: UnixMillis) {
         self.reports_since = now;
@@ -377,14 +388,39 @@ impl State {
             .find(|r| r.service == service && !r.state.is_terminal())
     }
 
-    /// Remembers a proxy's report once its command succeeded (see [`Command::Sessions`]),
-    /// keeping only what [`State::known_report`] keeps.
-    pub fn record_report(&mut self, report: SessionReport, ctx: Ctx) {
-        let now = ctx.now;
-        self.note_report(&report.service, ctx);
-        let report = self.known_report(&report);
-        let key = (report.proxy_id.clone(), report.service.clone());
-        self.reports.insert(key, (now, report));
+    /// Checks a proxy's report and cuts it to what this locator knows
+    /// ([`State::known_report`]): the proxy must be named and the service known, and a report
+    /// of changes needs the proxy's live previous report in `reports` (409
+    /// `full_report_needed` otherwise: the proxy then sends the whole report).
+    pub fn checked_report(
+        &self,
+        report: &SessionReport,
+        reports: &Reports,
+        now: UnixMillis,
+    ) -> Result<SessionReport, Error> {
+        if report.proxy_id.trim().is_empty() {
+            return Err(Error::InvalidInput("proxy_id must not be empty".into()));
+        }
+        self.service(&report.service)?;
+        if report.changes_only
+            && reports
+                .live(&report.service, &report.proxy_id, now)
+                .is_none()
+        {
+            return Err(Error::FullReportNeeded {
+                proxy: report.proxy_id.clone(),
+                service: report.service.clone(),
+            });
+        }
+        Ok(self.known_report(report))
+    }
+
+    /// Takes a proxy's report into the sums ([`State::checked_report`] first). The embedded
+    /// store calls it before [`Command::Sessions`], which publishes the sums when due.
+    pub fn accept_report(&mut self, report: &SessionReport, now: UnixMillis) -> Result<(), Error> {
+        let known = self.checked_report(report, &self.reports, now)?;
+        self.reports.record(known, now);
+        Ok(())
     }
 
     /// Whether a report of `service` now publishes the service's sums.
@@ -414,19 +450,22 @@ impl State {
     /// counted from the proxy's next report (one a second).
     pub fn known_report(&self, report: &SessionReport) -> SessionReport {
         let service = self.services.get(&report.service);
-        // The service's versions once, not a scan of every instance per reported version
-        // (a report of V versions against I instances was O(V × I), three times per report).
-        let known_versions: std::collections::BTreeSet<&str> = self
-            .instances
-            .values()
-            .filter(|i| i.service == report.service)
-            .map(|i| i.version.as_str())
-            .chain(
-                service
-                    .iter()
-                    .flat_map(|s| s.weights.keys().map(String::as_str)),
-            )
-            .collect();
+        let weighted = |v: &str| service.is_some_and(|s| s.weights.contains_key(v));
+        // Reported versions are nearly always the weighted ones. Only when one is not are the
+        // service's running versions gathered, in one scan of the instances (not one per
+        // reported version: a report of V versions against I instances was O(V × I)); a scan
+        // per report was itself most of the locator's work at a thousand proxies before ten
+        // thousand instances.
+        let running: std::collections::BTreeSet<&str> =
+            if report.versions.keys().all(|v| weighted(v)) {
+                Default::default()
+            } else {
+                self.instances
+                    .values()
+                    .filter(|i| i.service == report.service)
+                    .map(|i| i.version.as_str())
+                    .collect()
+            };
         let instances = report
             .instances
             .iter()
@@ -440,7 +479,7 @@ impl State {
         let versions = report
             .versions
             .iter()
-            .filter(|(version, _)| known_versions.contains(version.as_str()))
+            .filter(|(version, _)| weighted(version) || running.contains(version.as_str()))
             .map(|(version, traffic)| (version.clone(), *traffic))
             .collect();
         SessionReport {
@@ -448,15 +487,13 @@ impl State {
             service: report.service.clone(),
             instances,
             versions,
+            changes_only: report.changes_only,
         }
     }
 
-    /// Replaces every report (the PostgreSQL store shares reports between replicas in a table).
-    pub fn set_reports(&mut self, reports: Vec<(UnixMillis, SessionReport)>) {
-        self.reports = reports
-            .into_iter()
-            .map(|(at, r)| ((r.proxy_id.clone(), r.service.clone()), (at, r)))
-            .collect();
+    /// Replaces every report (the PostgreSQL store sums the replicas' shares this way).
+    pub fn set_reports(&mut self, reports: Reports) {
+        self.reports = reports;
     }
 
     /// Keeps `other`'s reports (local knowledge) when the rest of the state is reloaded.
@@ -467,8 +504,7 @@ impl State {
 
     /// Forgets reports that aged out.
     pub fn prune_reports(&mut self, now: UnixMillis) {
-        self.reports
-            .retain(|_, (at, _)| at.saturating_add(SESSION_REPORT_TTL_MS) > now);
+        self.reports.prune(now);
     }
 
     /// Checks `command` against the rules and returns the events that carry it out, numbered
@@ -859,53 +895,30 @@ impl State {
         Ok(Reply::Heartbeats(HeartbeatsAccepted { accepted, unknown }))
     }
 
-    /// Sums over proxies: a new report replaces that proxy's previous one. Only changed sums
-    /// become events, so proxies re-sending the same figures every second cost nothing.
+    /// Publishes the sums of the report's service when due ([`LOAD_PUBLISH_MS`]); the store
+    /// took the report in first ([`State::accept_report`]). Only changed sums become events,
+    /// so proxies re-sending the same figures every second cost nothing.
     fn sessions(&self, report: &SessionReport, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
-        if report.proxy_id.trim().is_empty() {
-            return Err(Error::InvalidInput("proxy_id must not be empty".into()));
-        }
         self.service(&report.service)?;
         if !self.loads_due(&report.service, ctx) {
-            // Kept by the store; its sums go out with the next due report or sweep.
+            // Kept in the sums; they go out with the next due report or sweep.
             return Ok(Reply::Accepted);
         }
-        let report = &self.known_report(report);
-        let key = (report.proxy_id.clone(), report.service.clone());
-        let live: Vec<&SessionReport> = self
-            .live_reports(&report.service, ctx.now)
-            .filter(|r| {
-                (r.proxy_id.as_str(), r.service.as_str()) != (key.0.as_str(), key.1.as_str())
-            })
-            .chain(std::iter::once(report))
-            .collect();
         let mut changed = BTreeMap::new();
-        self.recompute(&report.service, &live, &mut changed, b);
+        self.recompute(&report.service, ctx.now, &mut changed, b);
         for inst in changed.into_values() {
             b.push(Change::Instance(inst));
         }
         Ok(Reply::Accepted)
     }
 
-    fn live_reports<'a>(
-        &'a self,
-        service: &'a str,
-        now: UnixMillis,
-    ) -> impl Iterator<Item = &'a SessionReport> + 'a {
-        self.reports
-            .values()
-            .filter(move |(at, r)| {
-                r.service == service && at.saturating_add(SESSION_REPORT_TTL_MS) > now
-            })
-            .map(|(_, r)| r)
-    }
-
-    /// Recomputes one service's sums from `reports`; changed instances land in `changed`
-    /// (merged with changes the caller already made), a changed traffic sum is pushed.
+    /// Compares one service's sums with what was published; changed instances land in
+    /// `changed` (merged with changes the caller already made), a changed traffic sum is
+    /// pushed.
     fn recompute(
         &self,
         service: &str,
-        reports: &[&SessionReport],
+        now: UnixMillis,
         changed: &mut BTreeMap<String, Instance>,
         b: &mut Batch,
     ) {
@@ -913,15 +926,7 @@ impl State {
             if inst.service != service || inst.state == InstanceState::Gone {
                 continue;
             }
-            let mut load = InstanceLoad::default();
-            for r in reports {
-                // Saturating: the figures come from the network, and release builds do not
-                // check overflow, so a plain `+=` would wrap a huge report round to a small sum.
-                if let Some(l) = r.instances.get(&inst.id) {
-                    load.live_sessions = load.live_sessions.saturating_add(l.live_sessions);
-                    load.in_flight = load.in_flight.saturating_add(l.in_flight);
-                }
-            }
+            let load = self.reports.load(service, &inst.id);
             let current = changed.get(&inst.id).unwrap_or(inst);
             if current.load != load {
                 let next = Instance {
@@ -931,15 +936,7 @@ impl State {
                 changed.insert(inst.id.clone(), next);
             }
         }
-        let mut traffic = TrafficByVersion::new();
-        for r in reports {
-            for (version, t) in &r.versions {
-                let sum = traffic.entry(version.clone()).or_default();
-                sum.requests = sum.requests.saturating_add(t.requests);
-                sum.responses_5xx = sum.responses_5xx.saturating_add(t.responses_5xx);
-                sum.p99_ms = sum.p99_ms.max(t.p99_ms);
-            }
-        }
+        let traffic = self.reports.traffic(service, now);
         let empty = TrafficByVersion::new();
         if *self.traffic.get(service).unwrap_or(&empty) != traffic {
             b.push(Change::Traffic {
@@ -967,9 +964,8 @@ impl State {
         // reports (a report between two due ones waits for this).
         let settled = ctx.now >= self.reports_since.saturating_add(SESSION_REPORT_TTL_MS);
         for service in self.services.keys() {
-            let live: Vec<&SessionReport> = self.live_reports(service, ctx.now).collect();
-            if settled || !live.is_empty() {
-                self.recompute(service, &live, &mut changed, b);
+            if settled || self.reports.live_of(service, ctx.now).next().is_some() {
+                self.recompute(service, ctx.now, &mut changed, b);
             }
         }
         for inst in changed.into_values() {
@@ -1317,16 +1313,30 @@ mod tests {
         load_publish_ms: LOAD_PUBLISH_MS,
     };
 
+    /// Runs a command as the embedded store does: a report is taken in first, reports age
+    /// out before a sweep, and a report's publication is noted once it succeeded.
     fn run(state: &mut State, cmd: Command, ctx: Ctx) -> Result<Reply, Error> {
+        match &cmd {
+            Command::Sessions(r) => state.accept_report(r, ctx.now)?,
+            Command::Sweep => state.prune_reports(ctx.now),
+            _ => {}
+        }
         let out = state.execute(&cmd, ctx)?;
         for e in &out.events {
             assert_eq!(e.revision, state.revision + 1, "events are consecutive");
             state.apply(e);
         }
-        if let Command::Sessions(r) = cmd {
-            state.record_report(r, ctx);
+        if let Command::Sessions(r) = &cmd {
+            state.note_report(&r.service, ctx);
         }
         Ok(out.reply)
+    }
+
+    /// How many events `cmd` would commit, run on a copy of the state.
+    fn events_of(state: &State, cmd: Command, ctx: Ctx) -> u64 {
+        let mut copy = state.clone();
+        run(&mut copy, cmd, ctx).unwrap();
+        copy.revision - state.revision
     }
 
     fn spec() -> ServiceSpec {
@@ -1654,6 +1664,7 @@ mod tests {
                     },
                 )]
                 .into(),
+                changes_only: false,
             })
         };
         run(&mut s, report("p1", 3), T).unwrap();
@@ -1677,16 +1688,11 @@ mod tests {
         let t = s.snapshot().traffic["svc"]["1"];
         assert_eq!((t.requests, t.responses_5xx, t.p99_ms), (70, 7, 4.0));
         // Same figures again: no event.
-        let again = s
-            .execute(
-                &report("p2", 4),
-                Ctx {
-                    now: T.now + 2100,
-                    ..T
-                },
-            )
-            .unwrap();
-        assert!(again.events.is_empty());
+        let again = Ctx {
+            now: T.now + 2100,
+            ..T
+        };
+        assert_eq!(events_of(&s, report("p2", 4), again), 0);
         // p1 ages out.
         run(
             &mut s,
@@ -1711,25 +1717,28 @@ mod tests {
             now: T.now + ms,
             ..T
         };
-        let out = s.execute(&sessions("p1", &[("a", 2)], &[]), at(0)).unwrap();
-        assert_eq!(out.events.len(), 1, "the first report publishes");
-        run(&mut s, sessions("p1", &[("a", 2)], &[]), at(0)).unwrap();
+        let first = sessions("p1", &[("a", 2)], &[]);
+        assert_eq!(
+            events_of(&s, first.clone(), at(0)),
+            1,
+            "the first report publishes"
+        );
+        run(&mut s, first, at(0)).unwrap();
         for (proxy, ms) in [("p2", 100), ("p3", 400), ("p4", 900)] {
-            let out = s
-                .execute(&sessions(proxy, &[("a", 1)], &[]), at(ms))
-                .unwrap();
-            assert!(out.events.is_empty(), "{proxy} published within the period");
-            run(&mut s, sessions(proxy, &[("a", 1)], &[]), at(ms)).unwrap();
+            let report = sessions(proxy, &[("a", 1)], &[]);
+            assert_eq!(
+                events_of(&s, report.clone(), at(ms)),
+                0,
+                "{proxy} published within the period"
+            );
+            run(&mut s, report, at(ms)).unwrap();
         }
         assert_eq!(s.instance("a").unwrap().load.live_sessions, 2);
         // The sweep publishes what the reports in between said, before the reports settled.
         run(&mut s, Command::Sweep, at(950)).unwrap();
         assert_eq!(s.instance("a").unwrap().load.live_sessions, 5);
         // A report after the period publishes at once.
-        let out = s
-            .execute(&sessions("p2", &[("a", 3)], &[]), at(1000))
-            .unwrap();
-        assert_eq!(out.events.len(), 1);
+        assert_eq!(events_of(&s, sessions("p2", &[("a", 3)], &[]), at(1000)), 1);
     }
 
     fn sessions(proxy: &str, instances: &[(&str, u64)], versions: &[(&str, u64)]) -> Command {
@@ -1757,7 +1766,50 @@ mod tests {
                     (v.to_string(), t)
                 })
                 .collect(),
+            changes_only: false,
         })
+    }
+
+    /// A report of changes applies to the proxy's previous report; without one (a restarted
+    /// locator) it is refused with `full_report_needed` and counts nothing.
+    #[test]
+    fn a_report_of_changes_needs_the_previous_report() {
+        let mut s = with_service();
+        s.start_reports(T.now);
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        run(&mut s, inst("b", "1", InstanceState::Ready), T).unwrap();
+        let changes = |proxy: &str, instances: &[(&str, u64)]| {
+            let Command::Sessions(mut r) = sessions(proxy, instances, &[]) else {
+                unreachable!()
+            };
+            r.changes_only = true;
+            Command::Sessions(r)
+        };
+        assert!(matches!(
+            run(&mut s, changes("p1", &[("a", 5)]), T),
+            Err(Error::FullReportNeeded { .. })
+        ));
+        assert_eq!(s.instance("a").unwrap().load.live_sessions, 0);
+        run(&mut s, sessions("p1", &[("a", 2), ("b", 3)], &[]), T).unwrap();
+        let later = Ctx {
+            now: T.now + 1000,
+            ..T
+        };
+        run(&mut s, changes("p1", &[("a", 0)]), later).unwrap();
+        let loads = (
+            s.instance("a").unwrap().load.live_sessions,
+            s.instance("b").unwrap().load.live_sessions,
+        );
+        assert_eq!(loads, (0, 3), "b kept its figure from the whole report");
+        // The previous report ages out: changes are refused again.
+        let aged = Ctx {
+            now: later.now + SESSION_REPORT_TTL_MS,
+            ..T
+        };
+        assert!(matches!(
+            run(&mut s, changes("p1", &[("a", 1)]), aged),
+            Err(Error::FullReportNeeded { .. })
+        ));
     }
 
     #[test]
@@ -1810,7 +1862,7 @@ mod tests {
         assert_eq!(s.instance("b").unwrap().load.live_sessions, 0);
         assert!(s.instance("x").is_err(), "a report registers nothing");
         // What is remembered for the next sums is the filtered report too.
-        let (_, kept) = &s.reports[&("p1".to_string(), "svc".to_string())];
+        let kept = s.reports.live("svc", "p1", T.now).unwrap();
         assert_eq!(kept.instances.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(kept.versions.keys().collect::<Vec<_>>(), ["1", "2"]);
         let after = serde_json::to_vec(&s.snapshot()).unwrap().len();

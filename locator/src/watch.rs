@@ -11,10 +11,15 @@
 //! and their service, instance, release and traffic events): a proxy serves a few services and
 //! need not hear of the others. Revisions stay the locator's, so a filtered stream has gaps;
 //! `since` still means "everything of mine after this".
+//!
+//! `GET /v1/watch?routing=true` gets only the events that can change a proxy's routing table
+//! ([`Change::is_routing`](crate::api::Change::is_routing)): service settings and instances'
+//! state, address and version, not the session sums and heartbeat times that move every
+//! second. It follows a feed of its own, so a routing watcher is not even woken for the rest.
 
 use crate::api::Revision;
 use crate::error::Error;
-use crate::store::{Committed, Feed};
+use crate::store::{Committed, Feed, Scope};
 use bytes::Bytes;
 use futures_util::Stream;
 use std::collections::{BTreeSet, VecDeque};
@@ -56,13 +61,14 @@ pub fn open(
     since: Option<Revision>,
     keepalive: Duration,
     only: Option<BTreeSet<String>>,
+    scope: Scope,
 ) -> Result<impl Stream<Item = Bytes> + Send, Error> {
     let only = only.map(Arc::new);
     let (rx, pending, last) = {
         let view = committed.view();
-        let rx = committed.subscribe();
+        let rx = committed.subscribe(scope);
         let current = view.state.revision;
-        let oldest = view.recent.front().map(|(r, _, _)| *r);
+        let oldest = view.recent.front().map(|r| r.revision);
         let replayable = match since {
             Some(s) if s == current => true,
             // Everything after `s` is retained when the oldest retained event is `s + 1`.
@@ -74,8 +80,12 @@ pub fn open(
             let backlog: VecDeque<Bytes> = view
                 .recent
                 .iter()
-                .filter(|(r, service, _)| *r > s && wanted(only.as_deref(), service.as_deref()))
-                .map(|(_, _, line)| line.clone())
+                .filter(|r| {
+                    r.revision > s
+                        && (scope == Scope::All || r.routing)
+                        && wanted(only.as_deref(), r.service.as_deref())
+                })
+                .map(|r| r.line.clone())
                 .collect();
             (rx, backlog, current)
         } else {

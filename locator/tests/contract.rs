@@ -239,6 +239,7 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
                 p99_ms: sessions as f64,
             },
         )]),
+        changes_only: false,
     };
     proxy.report_sessions(&report("p1", 3)).await.unwrap();
     proxy.report_sessions(&report("p2", 4)).await.unwrap();
@@ -494,7 +495,7 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
             .unwrap();
     }
     let only_a = ["a".to_string()];
-    let mut a = Box::pin(c.watch_only(None, &only_a).await.unwrap());
+    let mut a = Box::pin(c.watch_only(None, &only_a, false).await.unwrap());
     let first = a.next().await.unwrap().unwrap();
     let Change::Snapshot(snap) = &first.change else {
         panic!("a watch starts with a snapshot: {first:?}")
@@ -515,12 +516,93 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
     assert!(matches!(&next.change, Change::Instance(i) if i.id == "a-2"));
 
     // Resuming from the snapshot's revision replays only a's event.
-    let mut resumed = Box::pin(c.watch_only(Some(first.revision), &only_a).await.unwrap());
+    let mut resumed = Box::pin(
+        c.watch_only(Some(first.revision), &only_a, false)
+            .await
+            .unwrap(),
+    );
     let replayed = resumed.next().await.unwrap().unwrap();
     assert_eq!(replayed.revision, next.revision, "{replayed:?}");
 
     let bad = reqwest::Client::new()
         .get(format!("{}/v1/watch?service=,", loc.url))
+        .bearer_auth(testing::READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().await.unwrap().contains("invalid_input"));
+}
+
+/// `watch?routing=true` (what proxies use) hears of what routes — an instance's state, address
+/// and version, a service's settings — and not of session sums, which move every second; a
+/// full watch hears of both, and a malformed flag is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_watch_skips_session_sums_and_hears_state_changes() {
+    let loc = testing::embedded(Duration::from_secs(10)).await;
+    let c = loc.deploy();
+    c.put_service("a", &spec(60_000)).await.unwrap();
+    c.register(&RegisterInstance {
+        id: "a-1".into(),
+        service: "a".into(),
+        version: "1".into(),
+        address: "127.0.0.1:8080".into(),
+        docker_host: String::new(),
+        container_id: String::new(),
+        labels: BTreeMap::new(),
+        state: InstanceState::Ready,
+    })
+    .await
+    .unwrap();
+    let only_a = ["a".to_string()];
+    let mut routing = Box::pin(c.watch_only(None, &only_a, true).await.unwrap());
+    let mut full = Box::pin(c.watch_only(None, &only_a, false).await.unwrap());
+    let first = routing.next().await.unwrap().unwrap();
+    assert!(matches!(first.change, Change::Snapshot(_)), "{first:?}");
+    full.next().await.unwrap().unwrap();
+
+    let report = SessionReport {
+        proxy_id: "p".into(),
+        service: "a".into(),
+        instances: BTreeMap::from([(
+            "a-1".to_string(),
+            InstanceLoad {
+                live_sessions: 7,
+                in_flight: 1,
+            },
+        )]),
+        versions: BTreeMap::new(),
+        changes_only: false,
+    };
+    loc.client(PROXY_TOKEN)
+        .report_sessions(&report)
+        .await
+        .unwrap();
+    c.set_state("a-1", InstanceState::Draining).await.unwrap();
+
+    let sums = full.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&sums.change, Change::Instance(i) if i.load.live_sessions == 7),
+        "the full watch hears the session sums first: {sums:?}"
+    );
+    let next = routing.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&next.change, Change::Instance(i) if i.state == InstanceState::Draining),
+        "the routing watch's next event is the state change: {next:?}"
+    );
+    assert!(next.revision > sums.revision);
+
+    // Resuming from the snapshot replays the state change alone.
+    let mut resumed = Box::pin(
+        c.watch_only(Some(first.revision), &only_a, true)
+            .await
+            .unwrap(),
+    );
+    let replayed = resumed.next().await.unwrap().unwrap();
+    assert_eq!(replayed.revision, next.revision, "{replayed:?}");
+
+    let bad = reqwest::Client::new()
+        .get(format!("{}/v1/watch?routing=yes", loc.url))
         .bearer_auth(testing::READ_TOKEN)
         .send()
         .await

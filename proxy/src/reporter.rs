@@ -21,6 +21,11 @@ const PERIOD: Duration = Duration::from_secs(1);
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// Latency windows rotate this often, so the reported p99 covers the last 5–10 s.
 const WINDOW: Duration = Duration::from_secs(5);
+/// Between whole reports, only changes are sent ([`SessionReport::changes_since`]): before a
+/// thousand instances a whole report is a thousand entries a second per proxy, which at a
+/// thousand proxies was most of the locator's work. A whole one still goes this often, so that
+/// the locator forgets instances this proxy no longer knows of.
+const WHOLE_EVERY: Duration = Duration::from_secs(60);
 
 /// The background reporting task.
 #[derive(Debug)]
@@ -62,6 +67,7 @@ impl Reporter {
             service: router.service.clone(),
             instances,
             versions: router.metrics.version_traffic(),
+            changes_only: false,
         }
     }
 
@@ -69,6 +75,7 @@ impl Reporter {
         let mut last_rotation = Instant::now();
         let mut last_sent: Option<SessionReport> = None;
         let mut last_sent_at = Instant::now();
+        let mut last_whole_at: Option<Instant> = None;
         let mut failing = false;
         loop {
             tokio::select! {
@@ -88,14 +95,19 @@ impl Reporter {
             if last_sent.as_ref() == Some(&report) && last_sent_at.elapsed() < PERIOD {
                 continue;
             }
-            match self.client.report_sessions(&report).await {
-                Ok(_) => {
+            let whole_due = last_whole_at.is_none_or(|at| at.elapsed() >= WHOLE_EVERY);
+            let previous = last_sent.as_ref().filter(|_| !whole_due);
+            match self.client.report_session_changes(&report, previous).await {
+                Ok(whole) => {
                     if failing {
                         tracing::info!("session reports accepted again");
                         failing = false;
                     }
                     last_sent = Some(report);
                     last_sent_at = Instant::now();
+                    if whole {
+                        last_whole_at = Some(last_sent_at);
+                    }
                 }
                 Err(e) => {
                     if !failing {

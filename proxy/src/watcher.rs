@@ -65,18 +65,12 @@ pub fn save_state(path: &Path, snapshot: &Snapshot) -> Result<(), ProxyError> {
 fn concerns(event: &WatchEvent, before: &Snapshot, service: &str) -> bool {
     match &event.change {
         Change::Snapshot(_) => true,
-        Change::Service(s) => s.name == service,
-        Change::Instance(i) => {
-            i.service == service
-                && before
-                    .instances
-                    .iter()
-                    .find(|old| old.id == i.id)
-                    .is_none_or(|old| {
-                        (old.state, &old.address, &old.version) != (i.state, &i.address, &i.version)
-                    })
-        }
-        Change::Release(_) | Change::Traffic { .. } => false,
+        Change::Instance(i) if i.service != service => false,
+        Change::Instance(i) => event
+            .change
+            .is_routing(before.instances.iter().find(|old| old.id == i.id)),
+        Change::Service(s) if s.name != service => false,
+        change => change.is_routing(None),
     }
 }
 
@@ -122,10 +116,11 @@ impl Watcher {
         let mut reported_down = false;
         loop {
             let since = (snapshot.revision > 0).then_some(snapshot.revision);
-            // Only this proxy's service: the others' events (every proxy's session reports
-            // among them) are none of its business.
+            // Only this proxy's services, and only what routes: the others' events, session
+            // sums and heartbeat times are none of its business (at a thousand proxies and ten
+            // thousand instances they were most of the locator's work).
             let only = self.services.names();
-            match self.client.watch_only(since, &only).await {
+            match self.client.watch_only(since, &only, true).await {
                 Ok(stream) => {
                     let mut stream = Box::pin(stream);
                     loop {

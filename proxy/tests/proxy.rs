@@ -627,6 +627,48 @@ async fn locator_down_keeps_serving_and_a_restart_uses_the_persisted_table() {
     );
 }
 
+/// After its first whole report a proxy sends only what changed. A locator that restarted
+/// holds no previous report and refuses changes (409 `full_report_needed`): the proxy sends
+/// the whole report at once, and what it says (a live session on `a`) is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_carry_changes_and_a_restarted_locator_gets_the_whole_report() {
+    let a = Upstream::start("a");
+    let port = free_port();
+    let snap = snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    );
+    let stub = LocatorStub::start_on(port, snap.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn(&stub.url, dir.path(), &[]);
+    proxy.wait_revision(1).await;
+    let mut u = User::new();
+    assert_eq!(u.get(&http(), &proxy.url("/")).await.unwrap().body, "a");
+    let has_session = |r: &locator_wire::api::SessionReport| {
+        r.instances.get("a").is_some_and(|l| l.live_sessions == 1)
+    };
+    eventually(
+        "a report with a's session",
+        Duration::from_secs(5),
+        || async { stub.last_report().is_some_and(|r| has_session(&r)) },
+    )
+    .await;
+
+    stub.stop();
+    let stub = LocatorStub::start_on(port, snap).await;
+    eventually(
+        "a refused report of changes, then the whole report",
+        Duration::from_secs(10),
+        || async {
+            stub.refused_changes
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+                && stub.last_report().is_some_and(|r| has_session(&r))
+        },
+    )
+    .await;
+}
+
 // The old process answers `Connection: close` from the moment it hands its sockets over, so
 // clients leave its keep-alive connections before it drops the idle ones (server.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

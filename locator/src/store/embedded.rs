@@ -9,8 +9,17 @@
 //! through the rules one after the other, appends all their events with a single `write` +
 //! `fdatasync` (group commit) and only then publishes the events and answers. A crash before
 //! the fsync loses only writes nobody was told about; a crash in the middle of an append leaves
-//! a torn last line, which recovery cuts off. When the log grows long it is folded into the
-//! snapshot (write a temp file, fsync, rename, fsync the directory, then empty the log).
+//! a torn last line, which recovery cuts off.
+//!
+//! When the log grows long it is folded into the snapshot, in the background: between two
+//! commits the writer renames `changes.log` to `changes.folding.log` (which then holds exactly
+//! the events up to the working state's revision) and appends to a fresh `changes.log`, while
+//! a blocking task writes that state as the new snapshot (temp file, fsync, rename, fsync the
+//! directory) and then deletes the folded log. Writes go on meanwhile: at ten thousand
+//! instances a snapshot is megabytes, and writing it inline held every write (a weight change
+//! among them) for a hundred milliseconds every few seconds. A crash at any point leaves a
+//! snapshot and the logs after it: recovery replays `changes.folding.log` then `changes.log`,
+//! skipping what the snapshot already holds, and finishes the fold before it opens.
 
 use super::{now_ms, Committed, Encoded, Store};
 use crate::api::WatchEvent;
@@ -25,6 +34,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 const LOG: &str = "changes.log";
+/// The log being folded into the snapshot (see the module documentation).
+const FOLDING: &str = "changes.folding.log";
 const SNAPSHOT: &str = "snapshot.json";
 /// Commands taken per group commit at most (bounds the latency of the first one).
 const MAX_BATCH: usize = 256;
@@ -93,6 +104,7 @@ impl EmbeddedStore {
             dir,
             log: Arc::new(log),
             lines,
+            folding: None,
             working,
             committed: committed.clone(),
             options,
@@ -106,6 +118,8 @@ struct Writer {
     dir: PathBuf,
     log: Arc<File>,
     lines: usize,
+    /// The fold in progress, if any (see the module documentation).
+    folding: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     working: State,
     committed: Arc<Committed>,
     options: Options,
@@ -142,15 +156,20 @@ impl Writer {
             if matches!(job.command, Command::Sweep) {
                 self.working.prune_reports(ctx.now);
             }
-            let result = self.working.execute(&job.command, ctx);
+            // A report goes into the sums first; the command then publishes them when due.
+            let accepted = match &job.command {
+                Command::Sessions(report) => self.working.accept_report(report, ctx.now),
+                _ => Ok(()),
+            };
+            let result = accepted.and_then(|()| self.working.execute(&job.command, ctx));
             let result = match result {
                 Ok(outcome) => {
                     for event in outcome.events {
                         self.working.apply(&event);
                         encoded.push(Encoded::new(event)?);
                     }
-                    if let Command::Sessions(report) = job.command {
-                        self.working.record_report(report, ctx);
+                    if let Command::Sessions(report) = &job.command {
+                        self.working.note_report(&report.service, ctx);
                     }
                     Ok(outcome.reply)
                 }
@@ -197,60 +216,82 @@ impl Writer {
         Ok(())
     }
 
+    /// Starts folding the log into the snapshot in the background, unless a fold is still
+    /// running (the log then grows a little longer). A failed fold stops the store, as a
+    /// failed append does.
     async fn compact(&mut self) -> Result<(), Error> {
-        let started = Instant::now();
+        if let Some(fold) = &self.folding {
+            if !fold.is_finished() {
+                return Ok(());
+            }
+        }
+        if let Some(fold) = self.folding.take() {
+            fold.await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| Error::Unavailable(format!("compacting into {SNAPSHOT}: {e}")))?;
+        }
+        let unavailable =
+            |e: std::io::Error| Error::Unavailable(format!("starting a fold of {LOG}: {e}"));
+        // Every event up to the working revision is in the log and fsynced: the renamed file
+        // holds exactly what the snapshot below will.
+        std::fs::rename(self.dir.join(LOG), self.dir.join(FOLDING)).map_err(unavailable)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(LOG))
+            .map_err(unavailable)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(unavailable)?;
+        self.log = Arc::new(log);
+        let lines = std::mem::take(&mut self.lines);
         let state = self.working.clone();
         let dir = self.dir.clone();
-        let log = self.log.clone();
-        tokio::task::spawn_blocking(move || write_snapshot(&dir, &state, &log))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::Unavailable(format!("compacting into {SNAPSHOT}: {e}")))?;
-        tracing::info!(
-            lines = self.lines,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "log compacted into snapshot"
-        );
-        self.lines = 0;
+        self.folding = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let folded = write_snapshot(&dir, &state)
+                .and_then(|()| std::fs::remove_file(dir.join(FOLDING)))
+                .and_then(|()| File::open(&dir)?.sync_all());
+            match &folded {
+                Ok(()) => tracing::info!(
+                    lines,
+                    revision = state.revision,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "log folded into the snapshot"
+                ),
+                // The next fold stops the store with this error; until then nothing is lost:
+                // both logs are on disk.
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %dir.display(), "folding the log into the snapshot failed")
+                }
+            }
+            folded
+        }));
         Ok(())
     }
 }
 
-/// Writes `state` as the new snapshot, then empties the log. A crash at any point leaves either
-/// the old snapshot with the full log, or the new snapshot with a log whose events it already
-/// contains (replay skips them by revision).
-fn write_snapshot(dir: &Path, state: &State, log: &File) -> std::io::Result<()> {
+/// Writes `state` as the new snapshot: a crash at any point leaves the old one or the new one.
+fn write_snapshot(dir: &Path, state: &State) -> std::io::Result<()> {
     let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
     let mut f = File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(state)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(SNAPSHOT))?;
-    File::open(dir)?.sync_all()?;
-    log.set_len(0)?;
-    log.sync_all()
+    File::open(dir)?.sync_all()
 }
 
-/// Rebuilds the state from the snapshot and the log, cutting off a torn tail.
-fn recover(dir: &Path) -> Result<(State, File, usize), Error> {
-    let io = |what: &str, e: std::io::Error| {
-        Error::Unavailable(format!("{what} in {}: {e}", dir.display()))
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io("creating the data directory", e))?;
-    let mut state = match std::fs::read(dir.join(SNAPSHOT)) {
-        Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| {
-            Error::Unavailable(format!(
-                "{}: corrupt snapshot: {e}",
-                dir.join(SNAPSHOT).display()
-            ))
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-        Err(e) => return Err(io("reading the snapshot", e)),
-    };
-    let log_path = dir.join(LOG);
-    let bytes = match std::fs::read(&log_path) {
+/// One log file's events, where its last readable line ends, and its length.
+fn read_log(path: &Path) -> Result<(Vec<WatchEvent>, usize, usize), Error> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io("reading the log", e)),
+        Err(e) => {
+            return Err(Error::Unavailable(format!(
+                "reading {}: {e}",
+                path.display()
+            )))
+        }
     };
     let mut events = Vec::new();
     let mut good_end = 0;
@@ -267,7 +308,7 @@ fn recover(dir: &Path) -> Result<(State, File, usize), Error> {
             Ok(_) => {
                 return Err(Error::Unavailable(format!(
                     "{}: unreadable line at byte {} followed by valid ones; refusing to guess",
-                    log_path.display(),
+                    path.display(),
                     torn_at.unwrap_or(0)
                 )))
             }
@@ -275,9 +316,41 @@ fn recover(dir: &Path) -> Result<(State, File, usize), Error> {
         }
         pos = end;
     }
-    for ev in &events {
+    Ok((events, good_end, bytes.len()))
+}
+
+/// Rebuilds the state from the snapshot and the logs, cutting off a torn tail, and finishes
+/// a fold a crash interrupted.
+fn recover(dir: &Path) -> Result<(State, File, usize), Error> {
+    let io = |what: &str, e: std::io::Error| {
+        Error::Unavailable(format!("{what} in {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io("creating the data directory", e))?;
+    let mut state = match std::fs::read(dir.join(SNAPSHOT)) {
+        Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| {
+            Error::Unavailable(format!(
+                "{}: corrupt snapshot: {e}",
+                dir.join(SNAPSHOT).display()
+            ))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+        Err(e) => return Err(io("reading the snapshot", e)),
+    };
+    let folding_path = dir.join(FOLDING);
+    let folding = folding_path.exists();
+    let (folded, end, len) = read_log(&folding_path)?;
+    if end < len {
+        // It was renamed only after every line in it was fsynced.
+        return Err(Error::Unavailable(format!(
+            "{}: unreadable tail at byte {end} in a log that was complete; refusing to guess",
+            folding_path.display()
+        )));
+    }
+    let log_path = dir.join(LOG);
+    let (events, good_end, len) = read_log(&log_path)?;
+    for ev in folded.iter().chain(&events) {
         if ev.revision <= state.revision {
-            continue; // already in the snapshot (crash between rename and truncate)
+            continue; // already in the snapshot (a crash during a fold)
         }
         if ev.revision != state.revision + 1 {
             return Err(Error::Unavailable(format!(
@@ -294,14 +367,26 @@ fn recover(dir: &Path) -> Result<(State, File, usize), Error> {
         .append(true)
         .open(&log_path)
         .map_err(|e| io("opening the log", e))?;
-    if good_end < bytes.len() {
+    if good_end < len {
         tracing::warn!(
-            bytes = bytes.len() - good_end,
+            bytes = len - good_end,
             "cutting off a torn write at the end of the log"
         );
         log.set_len(good_end as u64)
             .map_err(|e| io("truncating the log", e))?;
         log.sync_all().map_err(|e| io("syncing the log", e))?;
+    }
+    if folding {
+        // Finish the fold: the snapshot takes everything, then both logs go.
+        write_snapshot(dir, &state).map_err(|e| io("finishing a fold", e))?;
+        std::fs::remove_file(&folding_path).map_err(|e| io("removing the folded log", e))?;
+        log.set_len(0).map_err(|e| io("emptying the log", e))?;
+        log.sync_all().map_err(|e| io("syncing the log", e))?;
+        tracing::info!(
+            revision = state.revision,
+            "finished a fold a stop interrupted"
+        );
+        return Ok((state, log, 0));
     }
     Ok((state, log, events.len()))
 }
@@ -359,7 +444,10 @@ mod tests {
         }
         let rev = store.committed().revision();
         drop(store);
-        assert!(dir.path().join(SNAPSHOT).exists());
+        let folded =
+            || async { dir.path().join(SNAPSHOT).exists() && !dir.path().join(FOLDING).exists() };
+        crate::testing::eventually("the last fold to finish", Duration::from_secs(10), folded)
+            .await;
         let store = open(dir.path(), 5).await;
         assert_eq!(store.committed().revision(), rev);
         assert_eq!(
@@ -373,6 +461,57 @@ mod tests {
         );
         store.execute(spec(99)).await.unwrap();
         assert_eq!(store.committed().revision(), rev + 1);
+    }
+
+    /// A stop in the middle of a fold (the log renamed, the snapshot not yet written, new
+    /// writes in a fresh log) loses nothing: recovery replays both logs and finishes the fold.
+    #[tokio::test]
+    async fn a_fold_interrupted_by_a_stop_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000).await;
+        for ttl in 1..=3 {
+            store.execute(spec(ttl)).await.unwrap();
+        }
+        drop(store);
+        // What a fold does first, and the writes after it.
+        std::fs::rename(dir.path().join(LOG), dir.path().join(FOLDING)).unwrap();
+        let store = open(dir.path(), 1000).await;
+        assert_eq!(store.committed().revision(), 3);
+        assert!(!dir.path().join(FOLDING).exists(), "the fold was finished");
+        store.execute(spec(4)).await.unwrap();
+        drop(store);
+        std::fs::rename(dir.path().join(LOG), dir.path().join(FOLDING)).unwrap();
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join(LOG))
+            .unwrap();
+        // Revision 5, appended to the fresh log while the fold ran.
+        let five = Encoded::new(WatchEvent {
+            revision: 5,
+            change: Change::Service(Service {
+                name: "other".into(),
+                sessions: SessionSettings {
+                    cookie_name: "o".into(),
+                    idle_ttl_ms: 1,
+                    max_drain_ms: 1,
+                },
+                weights: Default::default(),
+                primary_version: None,
+                revision: 5,
+                limit_changes: Vec::new(),
+                lock: None,
+                routes: Default::default(),
+            }),
+        })
+        .unwrap();
+        log.write_all(&five.line).unwrap();
+        drop(log);
+        let store = open(dir.path(), 1000).await;
+        assert_eq!(store.committed().revision(), 5);
+        let ttl = store.committed().read(|s| s.service("svc")).unwrap();
+        assert_eq!(ttl.sessions.idle_ttl_ms, 4);
+        assert!(store.committed().read(|s| s.service("other")).is_ok());
     }
 
     #[tokio::test]

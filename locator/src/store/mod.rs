@@ -82,8 +82,25 @@ pub struct Gap {
     pub got: Revision,
 }
 
-/// One retained event: its revision, its service (`None`: every service) and its line.
-pub(crate) type Retained = (Revision, Option<Arc<str>>, Bytes);
+/// One retained event: its revision, its service (`None`: every service), whether it routes
+/// (see [`Change::is_routing`]) and its line.
+pub(crate) struct Retained {
+    pub(crate) revision: Revision,
+    pub(crate) service: Option<Arc<str>>,
+    pub(crate) routing: bool,
+    pub(crate) line: Bytes,
+}
+
+/// Which of the two feeds a watcher follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every event.
+    All,
+    /// Only events that can change a proxy's routing table. They are a few a minute, where
+    /// session sums and heartbeat times are thousands a second at ten thousand instances: a
+    /// feed of their own means a thousand proxies are not woken for each of those.
+    Routing,
+}
 
 pub(crate) struct View {
     pub(crate) state: State,
@@ -96,6 +113,8 @@ pub(crate) struct View {
 pub struct Committed {
     view: RwLock<View>,
     feed: broadcast::Sender<Feed>,
+    /// The routing events of `feed` alone (see [`Scope::Routing`]).
+    routing_feed: broadcast::Sender<Feed>,
     retain: usize,
     /// `GET /v1/snapshot` is the proxies' hot read: serialise it once per revision.
     snapshot_cache: Mutex<Option<(Revision, Bytes)>>,
@@ -106,12 +125,14 @@ impl Committed {
     pub fn new(state: State, metrics: Arc<Metrics>) -> Self {
         metrics.revision.set(state.revision as i64);
         let (feed, _) = broadcast::channel(4096);
+        let (routing_feed, _) = broadcast::channel(4096);
         Committed {
             view: RwLock::new(View {
                 state,
                 recent: VecDeque::new(),
             }),
             feed,
+            routing_feed,
             retain: 10_000,
             snapshot_cache: Mutex::new(None),
             metrics,
@@ -137,8 +158,11 @@ impl Committed {
         self.view().state.revision
     }
 
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Feed> {
-        self.feed.subscribe()
+    pub(crate) fn subscribe(&self, scope: Scope) -> broadcast::Receiver<Feed> {
+        match scope {
+            Scope::All => self.feed.subscribe(),
+            Scope::Routing => self.routing_feed.subscribe(),
+        }
     }
 
     /// Applies durable events, logs the state changes among them and hands them to watchers.
@@ -159,19 +183,28 @@ impl Committed {
                 });
             }
             view.state.log_change(&e.event);
+            let routing = view.state.is_routing(&e.event.change);
             view.state.apply(&e.event);
             let service: Option<Arc<str>> = e.event.change.service().map(Arc::from);
-            view.recent
-                .push_back((e.event.revision, service.clone(), e.line.clone()));
+            view.recent.push_back(Retained {
+                revision: e.event.revision,
+                service: service.clone(),
+                routing,
+                line: e.line.clone(),
+            });
             if view.recent.len() > self.retain {
                 view.recent.pop_front();
             }
-            // No receivers is fine: nobody is watching.
-            let _ = self.feed.send(Feed::Event {
+            let feed = Feed::Event {
                 revision: e.event.revision,
                 service,
                 line: e.line.clone(),
-            });
+            };
+            // No receivers is fine: nobody is watching.
+            if routing {
+                let _ = self.routing_feed.send(feed.clone());
+            }
+            let _ = self.feed.send(feed);
             self.metrics.events.inc();
         }
         self.metrics.revision.set(view.state.revision as i64);
@@ -188,6 +221,7 @@ impl Committed {
         view.recent.clear();
         self.metrics.revision.set(view.state.revision as i64);
         let _ = self.feed.send(Feed::Reset);
+        let _ = self.routing_feed.send(Feed::Reset);
     }
 
     /// The body of `GET /v1/snapshot`, cached per revision.

@@ -8,8 +8,14 @@
 //! - `locator_changes (revision, body)`: every event, the replication log (old rows pruned);
 //! - `locator_entities (kind, key, body)`: the latest version of every entity, what a replica
 //!   loads at start;
-//! - `locator_reports`: the proxies' latest session reports, shared so that every replica sums
-//!   over every proxy whichever replica it reports to.
+//! - `locator_reports`: each replica's share of the session sums, one row per replica and
+//!   service (`proxy_id` holds the replica's id). A proxy's report stays in the memory of the
+//!   replica it reached, which adds it to its own sums at once; each replica's sweep writes
+//!   its sums here and publishes the total of every live replica's row. A report so costs no
+//!   database write and no lock: at a thousand proxies, a report a second each taking the
+//!   revision lock and reading every other report was more than the database could serve.
+//!   (A proxy that moves to another replica is counted twice until its report on the first
+//!   ages out, [`SESSION_REPORT_TTL_MS`]: a drain waits that much longer, never less.)
 //!
 //! A write: lock the revision row, catch up on changes other replicas made, run the rules on
 //! the caught-up state, insert the events, bump the revision, `NOTIFY locator_changes`, commit,
@@ -21,6 +27,7 @@ use super::{now_ms, Committed, Encoded, Store};
 use crate::api::{Change, SessionReport, UnixMillis, WatchEvent};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::reports::Reports;
 use crate::state::{Command, Ctx, Reply, State, SESSION_REPORT_TTL_MS};
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -69,6 +76,10 @@ pub struct PostgresStore {
     committed: Arc<Committed>,
     /// The write connection; `None` after it broke (reconnected on the next write).
     writer: Mutex<Option<Client>>,
+    /// The reports of the proxies that reach this replica (see the module documentation).
+    local: std::sync::Mutex<Reports>,
+    /// This replica's name in `locator_reports`: unique per process.
+    replica_id: String,
     options: Options,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -103,6 +114,9 @@ async fn open_client(url: &str) -> Result<Client, Error> {
 
 impl Store for PostgresStore {
     async fn execute(&self, command: Command) -> Result<Reply, Error> {
+        if let Command::Sessions(report) = &command {
+            return self.take_report(report);
+        }
         let mut guard = self.writer.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(open_client(&self.url).await?);
@@ -143,9 +157,53 @@ impl PostgresStore {
             url: url.to_string(),
             committed,
             writer: Mutex::new(Some(client)),
+            local: Default::default(),
+            replica_id: format!("replica-{:016x}", rand::random::<u64>()),
             options,
             listener,
         })
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, Reports> {
+        // Reports are plain data updated in one call each; a panic elsewhere cannot leave
+        // them half-changed, so a poisoned lock is still usable.
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A proxy's report goes into this replica's own sums, in memory; the sweep shares them.
+    fn take_report(&self, report: &SessionReport) -> Result<Reply, Error> {
+        let now = now_ms();
+        let known = {
+            let local = self.local();
+            self.committed
+                .read(|s| s.checked_report(report, &local, now))?
+        };
+        self.local().record(known, now);
+        Ok(Reply::Accepted)
+    }
+
+    /// Writes this replica's share of every reported service's sums (see the module
+    /// documentation).
+    async fn share_reports<C: GenericClient>(&self, tx: &C, now: UnixMillis) -> Result<(), Error> {
+        let shares: Vec<SessionReport> = {
+            let mut local = self.local();
+            local.prune(now);
+            local
+                .services()
+                .map(|service| local.partial(service, &self.replica_id, now))
+                .collect()
+        };
+        for share in shares {
+            let body = serde_json::to_string(&share).map_err(corrupt)?;
+            tx.execute(
+                "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
+                &[&share.proxy_id, &share.service, &(now as i64), &body],
+            )
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
     }
 
     async fn write(&self, client: &mut Client, command: &Command) -> Result<Reply, Error> {
@@ -168,9 +226,10 @@ impl PostgresStore {
                 self.committed.revision()
             )));
         }
-        if matches!(command, Command::Sessions(_) | Command::Sweep) {
-            let reports = load_reports(&tx, now).await?;
-            self.committed.view_mut().state.set_reports(reports);
+        if matches!(command, Command::Sweep) {
+            self.share_reports(&tx, now).await?;
+            let shares = Reports::from_whole(load_reports(&tx, now).await?);
+            self.committed.view_mut().state.set_reports(shares);
         }
         let ctx = Ctx {
             now,
@@ -179,38 +238,18 @@ impl PostgresStore {
         };
         // A refused command returns here; dropping `tx` rolls it back.
         let outcome = self.committed.read(|s| s.execute(command, ctx))?;
-        match command {
-            Command::Sessions(report) => {
-                // The sums' publishing period (`LOAD_PUBLISH_MS`) is this replica's own.
-                self.committed
-                    .view_mut()
-                    .state
-                    .note_report(&report.service, ctx);
-                // Only what the rules counted is shared (see `State::known_report`).
-                let report = self.committed.read(|s| s.known_report(report));
-                let body = serde_json::to_string(&report).map_err(corrupt)?;
-                tx.execute(
-                    "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
-                    &[&report.proxy_id, &report.service, &(now as i64), &body],
-                )
+        if matches!(command, Command::Sweep) {
+            let old = now.saturating_sub(60_000) as i64;
+            tx.execute("DELETE FROM locator_reports WHERE at < $1", &[&old])
                 .await
                 .map_err(db)?;
-            }
-            Command::Sweep => {
-                let old = now.saturating_sub(60_000) as i64;
-                tx.execute("DELETE FROM locator_reports WHERE at < $1", &[&old])
-                    .await
-                    .map_err(db)?;
-                let keep_after = db_revision as i64 - self.options.retain_changes;
-                tx.execute(
-                    "DELETE FROM locator_changes WHERE revision <= $1",
-                    &[&keep_after],
-                )
-                .await
-                .map_err(db)?;
-            }
-            _ => {}
+            let keep_after = db_revision as i64 - self.options.retain_changes;
+            tx.execute(
+                "DELETE FROM locator_changes WHERE revision <= $1",
+                &[&keep_after],
+            )
+            .await
+            .map_err(db)?;
         }
         if outcome.events.is_empty() {
             tx.commit().await.map_err(db)?;

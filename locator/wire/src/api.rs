@@ -368,6 +368,52 @@ pub struct SessionReport {
     /// Keyed by version.
     #[serde(default)]
     pub versions: BTreeMap<String, VersionTraffic>,
+    /// `instances` lists only the instances whose figures changed since this proxy's previous
+    /// report of the service (a zero for one that emptied); the others keep theirs. A proxy
+    /// before a thousand instances sends a few entries a second instead of a thousand. When
+    /// the locator holds no live previous report it answers 409 `full_report_needed` and
+    /// counts nothing: send the whole report.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub changes_only: bool,
+}
+
+impl SessionReport {
+    /// The report of what changed from `previous` (this proxy's last accepted report of the
+    /// same service) to `self`: the instances whose figures differ, a zero for each that
+    /// `previous` had and `self` lacks, and every version's traffic (a few lines).
+    pub fn changes_since(&self, previous: &SessionReport) -> SessionReport {
+        let mut instances: BTreeMap<String, InstanceLoad> = self
+            .instances
+            .iter()
+            .filter(|(id, load)| previous.instances.get(*id) != Some(*load))
+            .map(|(id, load)| (id.clone(), *load))
+            .collect();
+        for id in previous.instances.keys() {
+            if !self.instances.contains_key(id) {
+                instances.insert(id.clone(), InstanceLoad::default());
+            }
+        }
+        SessionReport {
+            proxy_id: self.proxy_id.clone(),
+            service: self.service.clone(),
+            instances,
+            versions: self.versions.clone(),
+            changes_only: true,
+        }
+    }
+
+    /// Applies a report of changes ([`SessionReport::changes_since`]) to this whole report.
+    /// A zero removes the entry: when sums are made, an absent instance counts as zero.
+    pub fn apply_changes(&mut self, changes: SessionReport) {
+        for (id, load) in changes.instances {
+            if load == InstanceLoad::default() {
+                self.instances.remove(&id);
+            } else {
+                self.instances.insert(id, load);
+            }
+        }
+        self.versions = changes.versions;
+    }
 }
 
 /// Body of `POST /v1/heartbeats` (role `deploy`): one host agent's heartbeats for all its
@@ -708,6 +754,21 @@ impl Change {
             Change::Traffic { service, .. } => Some(service),
         }
     }
+
+    /// Whether this change can alter a proxy's routing table, given the instance it replaces
+    /// (`before`, for an instance change). Proxies route by a service's settings and by each
+    /// instance's state, address and version; session sums, heartbeat times, releases and
+    /// traffic figures move every second and route nothing, so a `?routing=true` watcher never
+    /// hears of them.
+    pub fn is_routing(&self, before: Option<&Instance>) -> bool {
+        match self {
+            Change::Snapshot(_) | Change::Service(_) => true,
+            Change::Instance(i) => before.is_none_or(|old| {
+                (old.state, &old.address, &old.version) != (i.state, &i.address, &i.version)
+            }),
+            Change::Release(_) | Change::Traffic { .. } => false,
+        }
+    }
 }
 
 impl Snapshot {
@@ -776,6 +837,45 @@ pub struct ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_of_changes_lists_what_moved_and_zeros_what_left() {
+        let load = |n| InstanceLoad {
+            live_sessions: n,
+            in_flight: 0,
+        };
+        let report = |instances: &[(&str, u64)]| SessionReport {
+            proxy_id: "p".into(),
+            service: "s".into(),
+            instances: instances
+                .iter()
+                .map(|(id, n)| (id.to_string(), load(*n)))
+                .collect(),
+            versions: BTreeMap::from([("1".to_string(), VersionTraffic::default())]),
+            changes_only: false,
+        };
+        let before = report(&[("a", 1), ("b", 2), ("c", 3)]);
+        let now = report(&[("a", 1), ("b", 5), ("d", 0)]);
+        let changes = now.changes_since(&before);
+        assert!(changes.changes_only);
+        assert_eq!(
+            changes.instances,
+            BTreeMap::from([
+                ("b".to_string(), load(5)),
+                ("c".to_string(), load(0)),
+                ("d".to_string(), load(0)),
+            ])
+        );
+        assert_eq!(changes.versions, now.versions, "traffic goes whole");
+        assert!(now.changes_since(&now).instances.is_empty());
+        let mut applied = before.clone();
+        applied.apply_changes(changes);
+        assert_eq!(
+            applied.instances,
+            BTreeMap::from([("a".to_string(), load(1)), ("b".to_string(), load(5))]),
+            "zeros are dropped, as an absent instance counts as zero"
+        );
+    }
 
     #[test]
     fn routes_are_checked_normalised_and_matched() {

@@ -367,6 +367,28 @@ impl Client {
         self.call(Method::POST, "/v1/sessions", Some(report)).await
     }
 
+    /// Sends the whole `report` as its changes since `previous` (the last accepted report)
+    /// when given; whole when not, or when the locator lacks the previous one (409
+    /// `full_report_needed`: it restarted, or this client moved to another replica). Figures
+    /// are absolute, not increments, so a report whose answer was lost is harmless to send
+    /// again. Returns whether the whole report went.
+    pub async fn report_session_changes(
+        &self,
+        report: &SessionReport,
+        previous: Option<&SessionReport>,
+    ) -> Result<bool> {
+        if let Some(previous) = previous {
+            match self.report_sessions(&report.changes_since(previous)).await {
+                Ok(_) => return Ok(false),
+                Err(e) if e.code() == Some("full_report_needed") => {
+                    tracing::debug!(error = %e, "the locator asks for the whole report");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.report_sessions(report).await.map(|_| true)
+    }
+
     // --- releases ---
 
     /// Takes the service's release lock: `409 release_active` names the active release.
@@ -422,15 +444,19 @@ impl Client {
         &self,
         since: Option<Revision>,
     ) -> Result<impl Stream<Item = Result<WatchEvent>>> {
-        self.watch_only(since, &[]).await
+        self.watch_only(since, &[], false).await
     }
 
     /// [`Client::watch`] of only what concerns `services` (all when empty): their part of the
-    /// snapshot, and their services', instances', releases' and traffic's events.
+    /// snapshot, and their services', instances', releases' and traffic's events. With
+    /// `routing_only`, only the events that can change a proxy's routing table (see
+    /// [`Change::is_routing`](crate::api::Change::is_routing)): what a proxy needs, without the
+    /// session sums and heartbeat times that move every second.
     pub async fn watch_only(
         &self,
         since: Option<Revision>,
         services: &[String],
+        routing_only: bool,
     ) -> Result<impl Stream<Item = Result<WatchEvent>>> {
         let mut query = Vec::new();
         if let Some(rev) = since {
@@ -438,6 +464,9 @@ impl Client {
         }
         if !services.is_empty() {
             query.push(format!("service={}", services.join(",")));
+        }
+        if routing_only {
+            query.push("routing=true".to_string());
         }
         let path = if query.is_empty() {
             "/v1/watch".to_string()

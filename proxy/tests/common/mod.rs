@@ -204,7 +204,11 @@ pub struct LocatorStub {
     pub port: u16,
     state: Arc<Mutex<Snapshot>>,
     events: broadcast::Sender<WatchEvent>,
+    /// Every report received, whole: a report of changes is applied to the proxy's previous
+    /// one, as the locator does.
     pub reports: Arc<Mutex<Vec<SessionReport>>>,
+    /// Reports of changes refused with 409 `full_report_needed` (no previous report here).
+    pub refused_changes: Arc<std::sync::atomic::AtomicUsize>,
     server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -238,9 +242,16 @@ impl LocatorStub {
             state: Arc::new(Mutex::new(initial)),
             events,
             reports: Arc::new(Mutex::new(Vec::new())),
+            refused_changes: Default::default(),
             server: Arc::new(Mutex::new(None)),
         };
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        // A stub stopped on this port a moment ago may not have closed its listener yet.
+        let listener = eventually(
+            "the stub's port to be free",
+            Duration::from_secs(10),
+            || async { TcpListener::bind(("127.0.0.1", port)).await.ok() },
+        )
+        .await;
         let me = stub.clone();
         let handle = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -277,7 +288,30 @@ impl LocatorStub {
         if path == "/v1/sessions" {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let report: SessionReport = serde_json::from_slice(&body).unwrap();
-            self.reports.lock().unwrap().push(report);
+            let mut reports = self.reports.lock().unwrap();
+            let whole = if report.changes_only {
+                let previous = reports
+                    .iter()
+                    .rev()
+                    .find(|r| (&r.proxy_id, &r.service) == (&report.proxy_id, &report.service));
+                let Some(previous) = previous else {
+                    self.refused_changes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let body = r#"{"error":{"code":"full_report_needed","message":"send the whole report"}}"#;
+                    let mut resp =
+                        Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+                    *resp.status_mut() = hyper::StatusCode::CONFLICT;
+                    return resp;
+                };
+                // Zeros are kept (the locator drops them): tests read what the proxy said.
+                let mut whole = previous.clone();
+                whole.instances.extend(report.instances);
+                whole.versions = report.versions;
+                whole
+            } else {
+                report
+            };
+            reports.push(whole);
             return Response::new(Full::new(Bytes::from_static(b"{}")).boxed());
         }
         if path == "/v1/watch" {
