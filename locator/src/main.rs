@@ -86,9 +86,13 @@ enum Cmd {
         window: Duration,
         #[arg(long, default_value_t = 10)]
         changes: usize,
-        /// Run the locator on this PostgreSQL database instead of the embedded store.
+        /// Run the locator on PostgreSQL instead of the embedded store: a scratch database
+        /// per run is created on this server (the URL's user must be allowed to) and dropped.
         #[arg(long)]
         database_url: Option<String>,
+        /// Locator replicas on that database (proxies, agents and watchers spread over them).
+        #[arg(long, default_value_t = 1, requires = "database_url")]
+        replicas: usize,
         /// Only the `after` configuration (the `before` one saturates at large P and I).
         #[arg(long, conflicts_with = "only_before")]
         only_after: bool,
@@ -160,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             window,
             changes,
             database_url,
+            replicas,
             only_after,
             only_before,
         } => {
@@ -170,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                 window,
                 changes,
                 database_url,
+                replicas,
                 before: !only_after,
                 after: !only_before,
             }));

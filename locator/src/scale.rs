@@ -44,8 +44,12 @@ pub struct ScaleOptions {
     pub window: Duration,
     /// Weight changes per run (one service after another).
     pub changes: usize,
-    /// `postgres://…`: run the locator on PostgreSQL instead of the embedded store.
+    /// `postgres://…`: run the locator on PostgreSQL instead of the embedded store. Each run
+    /// gets a scratch database of its own on that server, dropped afterwards.
     pub database_url: Option<String>,
+    /// Locator replicas (PostgreSQL only): proxies, agents and watchers are spread over them,
+    /// weight changes go through the first.
+    pub replicas: usize,
     /// Run the `before` configuration (the baseline), the `after` one, or both.
     pub before: bool,
     pub after: bool,
@@ -198,7 +202,86 @@ struct Seen {
 /// One run: a fresh locator, the platform set up, the load for `window`, `changes` weight
 /// changes during it.
 async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usize) -> Row {
-    let loc = Locator::start(opts.database_url.as_deref(), mode).await;
+    let scratch = match &opts.database_url {
+        Some(url) => Some(Scratch::create(url).await),
+        None => None,
+    };
+    let replicas = if scratch.is_some() {
+        opts.replicas.max(1)
+    } else {
+        1
+    };
+    let mut locs = Vec::new();
+    for _ in 0..replicas {
+        locs.push(Locator::start(scratch.as_ref().map(|s| s.url.as_str()), mode).await);
+    }
+    let row = load(opts, mode, proxies, instances, &locs).await;
+    drop(locs);
+    if let Some(scratch) = scratch {
+        scratch.drop_database().await;
+    }
+    row
+}
+
+/// A database of its own for one run, on the server `--database-url` names.
+struct Scratch {
+    admin: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl Scratch {
+    async fn create(url: &str) -> Scratch {
+        let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to --database-url");
+        tokio::spawn(connection);
+        let name = format!(
+            "haddock_scale_{}_{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create a scratch database");
+        Scratch {
+            admin,
+            url: with_database(url, &name),
+            name,
+        }
+    }
+
+    async fn drop_database(self) {
+        let dropped = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await;
+        if let Err(e) = dropped {
+            eprintln!("could not drop the scratch database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let host_at = url.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = url.split_at(host_at);
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let query = tail.find('?').map_or("", |q| &tail[q..]);
+    format!("{head}{authority}/{name}{query}")
+}
+
+/// The platform's load around `locs` (one, or several replicas of one database).
+async fn load(
+    opts: &ScaleOptions,
+    mode: Mode,
+    proxies: usize,
+    instances: usize,
+    locs: &[Locator],
+) -> Row {
+    let loc = &locs[0];
+    let replica = |n: usize| &locs[n % locs.len()].url;
     let deploy = Client::new(&loc.url, Some(DEPLOY.into()));
     let services = opts.services.max(1);
     let settings = SessionSettings {
@@ -255,10 +338,10 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
     for p in 0..proxies {
         let svc = p % services;
         let url = match mode {
-            Mode::Before => format!("{}/v1/watch", loc.url),
+            Mode::Before => format!("{}/v1/watch", replica(p)),
             Mode::After => format!(
                 "{}/v1/watch?service={}&routing=true",
-                loc.url,
+                replica(p),
                 service_name(svc)
             ),
         };
@@ -304,7 +387,7 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
             .filter(|n| n % services == svc)
             .map(|n| format!("i-{n}"))
             .collect();
-        let client = Client::new(&loc.url, Some(PROXY.into()));
+        let client = Client::new(replica(p), Some(PROXY.into()));
         let (stop, requests) = (stop.clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -363,9 +446,9 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
         }));
     }
     // The host agents' heartbeats, every second.
-    for host in ids.chunks(INSTANCES_PER_HOST) {
+    for (h, host) in ids.chunks(INSTANCES_PER_HOST).enumerate() {
         let host = host.to_vec();
-        let client = deploy.clone();
+        let client = Client::new(replica(h), Some(DEPLOY.into()));
         let (stop, requests) = (stop.clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -396,9 +479,11 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
     while seen.started.load(Ordering::Relaxed) < proxies as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Past the first reports' sums (a burst of one event per instance) and a report TTL.
+    tokio::time::sleep(Duration::from_millis(crate::state::SESSION_REPORT_TTL_MS)).await;
+    let cpu_seconds = || locs.iter().map(Locator::cpu_seconds).sum::<f64>();
     let (cpu0, bytes0, req0, rev0, t0) = (
-        loc.cpu_seconds(),
+        cpu_seconds(),
         seen.bytes.load(Ordering::Relaxed),
         requests.load(Ordering::Relaxed),
         deploy.snapshot().await.map(|s| s.revision).unwrap_or(0),
@@ -420,11 +505,11 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
         tokio::time::sleep(pause).await;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = loc.cpu_seconds() - cpu0;
+    let cpu = cpu_seconds() - cpu0;
     let bytes = seen.bytes.load(Ordering::Relaxed) - bytes0;
     let reqs = requests.load(Ordering::Relaxed) - req0;
     let rev1 = deploy.snapshot().await.map(|s| s.revision).unwrap_or(rev0);
-    let rss = loc.rss_mib();
+    let rss = locs.iter().map(Locator::rss_mib).sum();
     // Give the last change time to arrive.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
@@ -466,15 +551,15 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
 /// Runs every configuration, both modes, and returns the printed table.
 pub async fn run(opts: ScaleOptions) -> String {
     let store = if opts.database_url.is_some() {
-        "PostgreSQL"
+        format!("PostgreSQL ({} replicas)", opts.replicas.max(1))
     } else {
-        "embedded"
+        "embedded".to_string()
     };
     let mut out = format!(
         "locator scale: {store} store, {} services, {}s window, {} weight changes per run, \
          {} instances per host agent, {} cores (the locator in its own process, the simulator in this one)\n\
-         before = every proxy watches everything, one heartbeat request per instance;\n\
-         after  = a proxy watches its service (?service=), one heartbeat request per host\n\n",
+         before = every proxy watches everything and sends whole reports, every report published, one heartbeat request per instance;\n\
+         after  = a proxy watches its service's routing events (?service=…&routing=true) and reports changes, one heartbeat request per host\n\n",
         opts.services,
         opts.window.as_secs_f64(),
         opts.changes,
@@ -516,6 +601,15 @@ pub async fn run(opts: ScaleOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scratch_database_replaces_the_named_one() {
+        assert_eq!(
+            with_database("postgres://u@h:5/postgres?sslmode=disable", "x"),
+            "postgres://u@h:5/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://u@h:5", "x"), "postgres://u@h:5/x");
+    }
 
     #[test]
     fn service_lines_are_recognised() {

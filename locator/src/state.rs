@@ -119,10 +119,18 @@ pub struct State {
     /// second, so they are never written to disk.
     #[serde(skip)]
     reports: Reports,
-    /// When this process started counting reports: sums are not aged before every live proxy
-    /// had a chance to report, or a restart would briefly show draining instances as empty.
+    /// When this process started counting reports and heartbeats: sums are not aged before
+    /// every live proxy had a chance to report, or a restart would briefly show draining
+    /// instances as empty; and no instance is found silent before it had a TTL to be heard.
     #[serde(skip)]
     reports_since: UnixMillis,
+    /// When each instance was last heard, in memory ([`State::hear`]). A heartbeat of a ready,
+    /// starting or draining instance changes nothing anyone routes or records by, so it is not
+    /// an event: at ten thousand instances, writing each one every TTL/4 was more than half of
+    /// all events, each fsynced, logged and sent to every watcher of the whole state. An
+    /// instance's `last_heartbeat` as read is the later of this and the recorded one.
+    #[serde(skip)]
+    heard: std::collections::HashMap<String, UnixMillis>,
     /// When each service's sums were last published on a report (see [`LOAD_PUBLISH_MS`]).
     /// Ephemeral, like the reports.
     #[serde(skip)]
@@ -148,6 +156,15 @@ impl Batch {
 }
 
 impl State {
+    /// The instance ids a heartbeat command names (none for other commands).
+    pub fn heartbeat_ids(command: &Command) -> &[String] {
+        match command {
+            Command::Heartbeat { id } => std::slice::from_ref(id),
+            Command::Heartbeats { ids } => ids,
+            _ => &[],
+        }
+    }
+
     /// Whether `change`, applied to this state, can alter a proxy's routing table (see
     /// [`Change::is_routing`]).
     pub fn is_routing(&self, change: &Change) -> bool {
@@ -185,7 +202,7 @@ impl State {
                 .instances
                 .values()
                 .filter(|i| i.state != InstanceState::Gone && wanted(&i.service))
-                .cloned()
+                .map(|i| self.as_heard(i))
                 .collect(),
             releases: self
                 .releases
@@ -223,7 +240,7 @@ impl State {
             .values()
             .filter(|i| i.state != InstanceState::Gone)
             .filter(|i| service.is_none_or(|s| i.service == s))
-            .cloned()
+            .map(|i| self.as_heard(i))
             .collect())
     }
 
@@ -231,8 +248,65 @@ impl State {
     pub fn instance(&self, id: &str) -> Result<Instance, Error> {
         self.instances
             .get(id)
-            .cloned()
+            .map(|i| self.as_heard(i))
             .ok_or_else(|| Error::UnknownInstance(id.to_string()))
+    }
+
+    /// `inst` with `last_heartbeat` the later of the recorded and the heard one.
+    fn as_heard(&self, inst: &Instance) -> Instance {
+        let mut inst = inst.clone();
+        if let Some(at) = self.heard.get(&inst.id) {
+            inst.last_heartbeat = inst.last_heartbeat.max(*at);
+        }
+        inst
+    }
+
+    /// Records heartbeats that [`Command::Heartbeat`] or [`Command::Heartbeats`] accepted
+    /// (the store calls it once the command succeeded), or that another replica heard.
+    /// Unknown and gone ids are skipped.
+    pub fn hear<'a>(&mut self, heard: impl IntoIterator<Item = (&'a str, UnixMillis)>) {
+        for (id, at) in heard {
+            if self
+                .instances
+                .get(id)
+                .is_some_and(|i| i.state != InstanceState::Gone)
+            {
+                let heard = self.heard.entry(id.to_string()).or_default();
+                *heard = (*heard).max(at);
+            }
+        }
+    }
+
+    /// Ready instances not heard of (here, recorded, or since the start) for `for_ms`: the
+    /// ones another PostgreSQL replica may have heard.
+    pub fn quiet(&self, now: UnixMillis, for_ms: u64) -> Vec<String> {
+        self.instances
+            .values()
+            .filter(|i| {
+                i.state == InstanceState::Ready && now.saturating_sub(self.seen(i)) > for_ms
+            })
+            .map(|i| i.id.clone())
+            .collect()
+    }
+
+    /// When `inst` was last known alive: heard here, recorded, or (after a restart, when
+    /// nothing was heard yet) the start, so that every instance gets a TTL to be heard.
+    fn seen(&self, inst: &Instance) -> UnixMillis {
+        self.heard
+            .get(&inst.id)
+            .copied()
+            .unwrap_or(0)
+            .max(inst.last_heartbeat)
+            .max(self.reports_since)
+    }
+
+    /// The heartbeats heard here since `since` (the PostgreSQL store shares them).
+    pub fn heard_since(&self, since: UnixMillis) -> Vec<(String, UnixMillis)> {
+        self.heard
+            .iter()
+            .filter(|(_, at)| **at > since)
+            .map(|(id, at)| (id.clone(), *at))
+            .collect()
     }
 
     /// Releases newest first, optionally of one service and only unfinished ones.
@@ -496,10 +570,12 @@ impl State {
         self.reports = reports;
     }
 
-    /// Keeps `other`'s reports (local knowledge) when the rest of the state is reloaded.
+    /// Keeps `other`'s reports and heartbeats (local knowledge) when the rest of the state is
+    /// reloaded.
     pub fn take_reports_from(&mut self, other: State) {
         self.reports = other.reports;
         self.reports_since = other.reports_since;
+        self.heard = other.heard;
     }
 
     /// Forgets reports that aged out.
@@ -849,6 +925,8 @@ impl State {
         Ok(Reply::Instance(next))
     }
 
+    /// A heartbeat: the store then [hears](State::hear) it. Only an unhealthy instance's
+    /// heartbeat can be an event (see below); the others are held in memory.
     fn heartbeat(&self, id: &str, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
         let cur = self.instance(id)?;
         let age = ctx.now.saturating_sub(cur.last_heartbeat);
@@ -859,13 +937,25 @@ impl State {
             InstanceState::Unhealthy if age > ctx.heartbeat_ttl_ms => {
                 instance_moved(&cur, InstanceState::Ready, ctx)?
             }
-            // Heartbeats are persisted at most every TTL/4: enough for the sweeper (on any
-            // replica) to see the instance alive, without a disk write per heartbeat.
-            _ if age >= ctx.heartbeat_ttl_ms / 4 => Instance {
-                last_heartbeat: ctx.now,
-                ..cur
-            },
-            _ => return Ok(Reply::Instance(cur)),
+            // An unhealthy instance's heartbeats are still recorded, every TTL/4: after a
+            // restart (nothing heard yet) they tell one that haddock judged unhealthy while it
+            // kept beating, which stays so, from one that went silent, which its next
+            // heartbeat revives. There are few unhealthy instances.
+            InstanceState::Unhealthy
+                if ctx.now.saturating_sub(self.instances[id].last_heartbeat)
+                    >= ctx.heartbeat_ttl_ms / 4 =>
+            {
+                Instance {
+                    last_heartbeat: ctx.now,
+                    ..cur
+                }
+            }
+            _ => {
+                return Ok(Reply::Instance(Instance {
+                    last_heartbeat: ctx.now,
+                    ..cur
+                }))
+            }
         };
         b.push(Change::Instance(next.clone()));
         Ok(Reply::Instance(next))
@@ -952,7 +1042,7 @@ impl State {
             // Only `ready` is demoted: a starting instance is haddock's to judge, and a draining
             // one keeps its sessions until haddock removes it.
             if inst.state == InstanceState::Ready
-                && ctx.now.saturating_sub(inst.last_heartbeat) > ctx.heartbeat_ttl_ms
+                && ctx.now.saturating_sub(self.seen(inst)) > ctx.heartbeat_ttl_ms
             {
                 if let Ok(next) = instance_moved(inst, InstanceState::Unhealthy, ctx) {
                     changed.insert(inst.id.clone(), next);
@@ -1314,7 +1404,8 @@ mod tests {
     };
 
     /// Runs a command as the embedded store does: a report is taken in first, reports age
-    /// out before a sweep, and a report's publication is noted once it succeeded.
+    /// out before a sweep, and a report's publication and heartbeats are noted once it
+    /// succeeded.
     fn run(state: &mut State, cmd: Command, ctx: Ctx) -> Result<Reply, Error> {
         match &cmd {
             Command::Sessions(r) => state.accept_report(r, ctx.now)?,
@@ -1329,6 +1420,8 @@ mod tests {
         if let Command::Sessions(r) = &cmd {
             state.note_report(&r.service, ctx);
         }
+        let heard = State::heartbeat_ids(&cmd).to_vec();
+        state.hear(heard.iter().map(|id| (id.as_str(), ctx.now)));
         Ok(out.reply)
     }
 
@@ -1593,26 +1686,46 @@ mod tests {
         assert_eq!(s.instance("b").unwrap().state, InstanceState::Unhealthy);
     }
 
+    /// A ready instance's heartbeats are held in memory, not written: they keep it ready past
+    /// the TTL and show in its `last_heartbeat`, and silence still demotes it.
     #[test]
-    fn frequent_heartbeats_are_not_written() {
+    fn heartbeats_are_heard_not_written() {
         let mut s = with_service();
         run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
-        let out = s.execute(
-            &Command::Heartbeat { id: "a".into() },
-            Ctx {
-                now: T.now + 100,
-                ..T
-            },
-        );
-        assert!(out.unwrap().events.is_empty());
-        let out = s.execute(
-            &Command::Heartbeat { id: "a".into() },
-            Ctx {
-                now: T.now + 2500,
-                ..T
-            },
-        );
-        assert_eq!(out.unwrap().events.len(), 1);
+        let at = |ms| Ctx {
+            now: T.now + ms,
+            ..T
+        };
+        let beat = || Command::Heartbeat { id: "a".into() };
+        assert_eq!(events_of(&s, beat(), at(8_000)), 0);
+        run(&mut s, beat(), at(8_000)).unwrap();
+        assert_eq!(s.instance("a").unwrap().last_heartbeat, T.now + 8_000);
+        run(&mut s, Command::Sweep, at(15_000)).unwrap();
+        assert_eq!(s.instance("a").unwrap().state, InstanceState::Ready);
+        run(&mut s, Command::Sweep, at(18_001)).unwrap();
+        assert_eq!(s.instance("a").unwrap().state, InstanceState::Unhealthy);
+        // An unhealthy instance's heartbeats are recorded (every TTL/4), so that a restarted
+        // locator still tells a silent one from one judged unhealthy while beating.
+        assert_eq!(events_of(&s, beat(), at(18_001)), 1, "the revival");
+    }
+
+    /// A locator that restarts has heard nothing yet: every instance gets one TTL from the
+    /// start before it can be found silent.
+    #[test]
+    fn after_a_restart_instances_get_a_ttl_to_be_heard() {
+        let mut s = with_service();
+        run(&mut s, inst("a", "1", InstanceState::Ready), T).unwrap();
+        let restart = T.now + 60_000;
+        let mut s: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        s.start_reports(restart);
+        let at = |ms| Ctx {
+            now: restart + ms,
+            ..T
+        };
+        run(&mut s, Command::Sweep, at(9_000)).unwrap();
+        assert_eq!(s.instance("a").unwrap().state, InstanceState::Ready);
+        run(&mut s, Command::Sweep, at(10_001)).unwrap();
+        assert_eq!(s.instance("a").unwrap().state, InstanceState::Unhealthy);
     }
 
     #[test]
@@ -1625,12 +1738,17 @@ mod tests {
             ..T
         };
         let ids = ["a", "b", "a", "gone"].map(String::from).to_vec();
-        let out = s.execute(&Command::Heartbeats { ids }, later).unwrap();
-        assert_eq!(out.events.len(), 2, "one write per known instance");
-        let Reply::Heartbeats(h) = out.reply else {
-            panic!("{:?}", out.reply)
+        let Reply::Heartbeats(h) = run(&mut s, Command::Heartbeats { ids }, later).unwrap() else {
+            panic!("not a heartbeats reply")
         };
         assert_eq!((h.accepted, h.unknown), (2, vec!["gone".to_string()]));
+        for id in ["a", "b"] {
+            assert_eq!(
+                s.instance(id).unwrap().last_heartbeat,
+                later.now,
+                "{id} heard"
+            );
+        }
         let too_many = vec!["a".to_string(); MAX_HEARTBEATS + 1];
         assert!(matches!(
             s.execute(&Command::Heartbeats { ids: too_many }, later),

@@ -171,3 +171,95 @@ async fn postgres_restarted_under_two_replicas_loses_nothing_and_both_reconnect(
     .await;
     drop(pg);
 }
+
+/// Heartbeats and session reports stay in the memory of the replica they reach; each replica's
+/// sweep shares them through the database. An instance heartbeated only through A stays ready
+/// whichever replica sweeps, silence demotes it, and reports made to A and to B are summed
+/// on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_reports_reaching_one_replica_count_on_both() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ttl = Duration::from_secs(1);
+    let url = pg.url();
+    let (a, b) = tokio::join!(testing::postgres(&url, ttl), testing::postgres(&url, ttl));
+    let (ca, cb) = (a.deploy(), b.deploy());
+    let spec = ServiceSpec {
+        sessions: SessionSettings {
+            cookie_name: "c".into(),
+            idle_ttl_ms: 60_000,
+            max_drain_ms: 60_000,
+        },
+        routes: Default::default(),
+    };
+    ca.put_service("svc", &spec).await.unwrap();
+    ca.register(&RegisterInstance {
+        id: "i1".into(),
+        service: "svc".into(),
+        version: "1".into(),
+        address: "127.0.0.1:80".into(),
+        docker_host: String::new(),
+        container_id: String::new(),
+        labels: BTreeMap::new(),
+        state: InstanceState::Ready,
+    })
+    .await
+    .unwrap();
+    let beating = {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = ca.heartbeats(&["i1".to_string()]).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    // Five TTLs of heartbeats through A alone: B's sweeps never find i1 silent.
+    let mut watch_b = Box::pin(b.client(READ_TOKEN).watch(None).await.unwrap());
+    let quiet = tokio::time::timeout(5 * ttl, async {
+        while let Some(Ok(e)) = watch_b.next().await {
+            if matches!(&e.change, Change::Instance(i) if i.state == InstanceState::Unhealthy) {
+                return e;
+            }
+        }
+        panic!("the watch ended")
+    })
+    .await;
+    assert!(quiet.is_err(), "i1 was demoted while beating: {quiet:?}");
+    assert_eq!(cb.instance("i1").await.unwrap().state, InstanceState::Ready);
+
+    // Reports to A and to B add up on both replicas.
+    let report = |proxy: &str, n: u64| SessionReport {
+        proxy_id: proxy.into(),
+        service: "svc".into(),
+        instances: BTreeMap::from([(
+            "i1".to_string(),
+            InstanceLoad {
+                live_sessions: n,
+                in_flight: 0,
+            },
+        )]),
+        versions: BTreeMap::new(),
+        changes_only: false,
+    };
+    a.client(testing::PROXY_TOKEN)
+        .report_sessions(&report("p1", 3))
+        .await
+        .unwrap();
+    b.client(testing::PROXY_TOKEN)
+        .report_sessions(&report("p2", 4))
+        .await
+        .unwrap();
+    for c in [&ca, &cb] {
+        eventually("both reports summed", WAIT, || async {
+            (c.instance("i1").await.ok()?.load.live_sessions == 7).then_some(())
+        })
+        .await;
+    }
+
+    // Silence demotes it.
+    beating.abort();
+    eventually("i1 to be found silent", WAIT, || async {
+        (cb.instance("i1").await.ok()?.state == InstanceState::Unhealthy).then_some(())
+    })
+    .await;
+}

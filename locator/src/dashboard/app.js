@@ -511,7 +511,7 @@
         h("td", { "data-field": "weight", class: "num" }, weight === undefined ? "0 %" : `${weight} %`),
         h("td", { "data-field": "live_sessions", class: "num" }, String(load.live_sessions ?? 0)),
         h("td", { "data-field": "in_flight", class: "num" }, String(load.in_flight ?? 0)),
-        h("td", { "data-field": "health" }, health(i), " · heartbeat ", ago(i.last_heartbeat))
+        h("td", { "data-field": "health" }, health(i))
       );
     });
     return h(

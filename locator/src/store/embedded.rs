@@ -152,6 +152,7 @@ impl Writer {
         };
         let mut encoded = Vec::new();
         let mut answers = Vec::with_capacity(batch.len());
+        let mut heard: Vec<String> = Vec::new();
         for job in batch {
             if matches!(job.command, Command::Sweep) {
                 self.working.prune_reports(ctx.now);
@@ -171,6 +172,10 @@ impl Writer {
                     if let Command::Sessions(report) = &job.command {
                         self.working.note_report(&report.service, ctx);
                     }
+                    let ids = State::heartbeat_ids(&job.command);
+                    self.working
+                        .hear(ids.iter().map(|id| (id.as_str(), ctx.now)));
+                    heard.extend_from_slice(ids);
                     Ok(outcome.reply)
                 }
                 Err(e) => Err(e),
@@ -206,6 +211,11 @@ impl Writer {
                 self.committed.reset(self.working.clone());
             }
             self.lines += encoded.len();
+        }
+        if !heard.is_empty() {
+            // Readers see heartbeats too (an instance's `last_heartbeat`).
+            let heard = heard.iter().map(|id| (id.as_str(), ctx.now));
+            self.committed.view_mut().state.hear(heard);
         }
         for (reply, result) in answers {
             let _ = reply.send(result);

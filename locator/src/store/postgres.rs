@@ -17,6 +17,11 @@
 //!   (A proxy that moves to another replica is counted twice until its report on the first
 //!   ages out, [`SESSION_REPORT_TTL_MS`]: a drain waits that much longer, never less.)
 //!
+//! - `locator_heartbeats (id, at)`: when each instance was last heard by any replica. A
+//!   heartbeat is held in the memory of the replica it reached (it is not an event: see
+//!   `State::hear`); each replica's sweep writes what it heard since its last sweep here and
+//!   reads what the others heard, before it looks for silent instances.
+//!
 //! A write: lock the revision row, catch up on changes other replicas made, run the rules on
 //! the caught-up state, insert the events, bump the revision, `NOTIFY locator_changes`, commit,
 //! then publish. Each replica also `LISTEN`s on a dedicated connection and, on a notification
@@ -30,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::reports::Reports;
 use crate::state::{Command, Ctx, Reply, State, SESSION_REPORT_TTL_MS};
 use futures_util::StreamExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Mutex};
@@ -55,17 +61,23 @@ impl Default for Options {
     }
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE locator_revision (id int PRIMARY KEY, value bigint NOT NULL);
-     INSERT INTO locator_revision VALUES (1, 0);
-     CREATE TABLE locator_changes (revision bigint PRIMARY KEY, body text NOT NULL);
-     CREATE TABLE locator_entities (kind text NOT NULL, key text NOT NULL, body text NOT NULL,
-                                    PRIMARY KEY (kind, key));
-     CREATE TABLE locator_reports (proxy_id text NOT NULL, service text NOT NULL,
-                                   at bigint NOT NULL, body text NOT NULL,
-                                   PRIMARY KEY (proxy_id, service));",
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE locator_revision (id int PRIMARY KEY, value bigint NOT NULL);
+         INSERT INTO locator_revision VALUES (1, 0);
+         CREATE TABLE locator_changes (revision bigint PRIMARY KEY, body text NOT NULL);
+         CREATE TABLE locator_entities (kind text NOT NULL, key text NOT NULL, body text NOT NULL,
+                                        PRIMARY KEY (kind, key));
+         CREATE TABLE locator_reports (proxy_id text NOT NULL, service text NOT NULL,
+                                       at bigint NOT NULL, body text NOT NULL,
+                                       PRIMARY KEY (proxy_id, service));",
+    ),
+    (
+        2,
+        "CREATE TABLE locator_heartbeats (id text PRIMARY KEY, at bigint NOT NULL);",
+    ),
+];
 
 /// An arbitrary constant: the advisory lock that serialises migrations of several replicas.
 const MIGRATION_LOCK: i64 = 0x6c6f_6361_746f;
@@ -80,6 +92,10 @@ pub struct PostgresStore {
     local: std::sync::Mutex<Reports>,
     /// This replica's name in `locator_reports`: unique per process.
     replica_id: String,
+    /// When each instance's heartbeat was last written to `locator_heartbeats`.
+    heard_shared: std::sync::Mutex<std::collections::HashMap<String, UnixMillis>>,
+    /// The connection sweeps share through (see [`PostgresStore::share`]).
+    sharer: Mutex<Option<Client>>,
     options: Options,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -117,6 +133,26 @@ impl Store for PostgresStore {
         if let Command::Sessions(report) = &command {
             return self.take_report(report);
         }
+        if matches!(command, Command::Sweep) {
+            // Sums and heartbeats from the other replicas first; a failure is logged and the
+            // sweep goes on with what this replica knows.
+            if let Err(e) = self.share(now_ms()).await {
+                tracing::warn!(error = %e, "sharing heartbeats and session sums failed");
+                *self.sharer.lock().await = None;
+            }
+        }
+        let heartbeats = State::heartbeat_ids(&command);
+        if !heartbeats.is_empty() {
+            // Most heartbeats change nothing recorded: answered from memory, no lock.
+            let now = now_ms();
+            let outcome = self
+                .committed
+                .read(|s| s.execute(&command, self.ctx(now)))?;
+            if outcome.events.is_empty() {
+                self.hear(heartbeats, now);
+                return Ok(outcome.reply);
+            }
+        }
         let mut guard = self.writer.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(open_client(&self.url).await?);
@@ -125,6 +161,9 @@ impl Store for PostgresStore {
             return Err(Error::Internal("no write connection".into()));
         };
         let result = self.write(client, &command).await;
+        if result.is_ok() && !heartbeats.is_empty() {
+            self.hear(heartbeats, now_ms());
+        }
         if let Err(e @ (Error::Unavailable(_) | Error::Internal(_))) = &result {
             tracing::error!(error = %e, "PostgreSQL write failed");
             if client.is_closed() {
@@ -159,9 +198,98 @@ impl PostgresStore {
             writer: Mutex::new(Some(client)),
             local: Default::default(),
             replica_id: format!("replica-{:016x}", rand::random::<u64>()),
+            heard_shared: Default::default(),
+            sharer: Mutex::new(None),
             options,
             listener,
         })
+    }
+
+    fn ctx(&self, now: UnixMillis) -> Ctx {
+        Ctx {
+            now,
+            heartbeat_ttl_ms: self.options.heartbeat_ttl.as_millis() as u64,
+            load_publish_ms: self.options.load_publish.as_millis() as u64,
+        }
+    }
+
+    fn hear(&self, ids: &[String], now: UnixMillis) {
+        let heard = ids.iter().map(|id| (id.as_str(), now));
+        self.committed.view_mut().state.hear(heard);
+    }
+
+    /// Writes the heartbeats this replica heard (each instance at most every TTL/4, as
+    /// heartbeats were once written) and takes in what the others heard of the instances that
+    /// look silent here, in one statement each (see the module documentation).
+    async fn share_heartbeats(&self, pg: &Client, now: UnixMillis) -> Result<(), Error> {
+        let ttl = self.options.heartbeat_ttl.as_millis() as u64;
+        let mine: Vec<(String, UnixMillis)> = {
+            let mut shared = self.heard_shared.lock().unwrap_or_else(|p| p.into_inner());
+            let heard = self.committed.read(|s| s.heard_since(0));
+            heard
+                .into_iter()
+                .filter(|(id, at)| {
+                    let due = shared.get(id).is_none_or(|s| *at >= s + ttl / 4);
+                    if due {
+                        shared.insert(id.clone(), *at);
+                    }
+                    due
+                })
+                .collect()
+        };
+        if !mine.is_empty() {
+            let (ids, ats): (Vec<String>, Vec<i64>) =
+                mine.into_iter().map(|(id, at)| (id, at as i64)).unzip();
+            pg.execute(
+                "INSERT INTO locator_heartbeats (id, at) SELECT * FROM UNNEST($1::text[], $2::bigint[])
+                 ON CONFLICT (id) DO UPDATE SET at = GREATEST(locator_heartbeats.at, EXCLUDED.at)",
+                &[&ids, &ats],
+            )
+            .await
+            .map_err(db)?;
+        }
+        // Only what this replica would otherwise find silent: with every agent on one replica
+        // that is nothing, and no row is read.
+        let quiet = self.committed.read(|s| s.quiet(now, ttl / 2));
+        if !quiet.is_empty() {
+            let rows = pg
+                .query(
+                    "SELECT id, at FROM locator_heartbeats WHERE id = ANY($1)",
+                    &[&quiet],
+                )
+                .await
+                .map_err(db)?;
+            let heard = rows
+                .iter()
+                .map(|r| (r.get::<_, &str>(0), r.get::<_, i64>(1) as u64));
+            self.committed.view_mut().state.hear(heard);
+        }
+        let forgotten = now.saturating_sub(60_000.max(6 * ttl)) as i64;
+        pg.execute(
+            "DELETE FROM locator_heartbeats WHERE at < $1",
+            &[&forgotten],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Before each sweep, on a connection of its own (so that neither the revision lock nor
+    /// this replica's other writes wait for it): shares heartbeats and report sums with the
+    /// other replicas and takes in theirs.
+    async fn share(&self, now: UnixMillis) -> Result<(), Error> {
+        let mut guard = self.sharer.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(open_client(&self.url).await?);
+        }
+        let Some(pg) = guard.as_ref() else {
+            return Err(Error::Internal("no sharing connection".into()));
+        };
+        self.share_heartbeats(pg, now).await?;
+        self.share_reports(pg, now).await?;
+        let shares = Reports::from_whole(load_reports(pg, now).await?);
+        self.committed.view_mut().state.set_reports(shares);
+        Ok(())
     }
 
     fn local(&self) -> std::sync::MutexGuard<'_, Reports> {
@@ -184,7 +312,7 @@ impl PostgresStore {
 
     /// Writes this replica's share of every reported service's sums (see the module
     /// documentation).
-    async fn share_reports<C: GenericClient>(&self, tx: &C, now: UnixMillis) -> Result<(), Error> {
+    async fn share_reports(&self, pg: &Client, now: UnixMillis) -> Result<(), Error> {
         let shares: Vec<SessionReport> = {
             let mut local = self.local();
             local.prune(now);
@@ -195,7 +323,7 @@ impl PostgresStore {
         };
         for share in shares {
             let body = serde_json::to_string(&share).map_err(corrupt)?;
-            tx.execute(
+            pg.execute(
                 "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
                 &[&share.proxy_id, &share.service, &(now as i64), &body],
@@ -226,16 +354,7 @@ impl PostgresStore {
                 self.committed.revision()
             )));
         }
-        if matches!(command, Command::Sweep) {
-            self.share_reports(&tx, now).await?;
-            let shares = Reports::from_whole(load_reports(&tx, now).await?);
-            self.committed.view_mut().state.set_reports(shares);
-        }
-        let ctx = Ctx {
-            now,
-            heartbeat_ttl_ms: self.options.heartbeat_ttl.as_millis() as u64,
-            load_publish_ms: self.options.load_publish.as_millis() as u64,
-        };
+        let ctx = self.ctx(now);
         // A refused command returns here; dropping `tx` rolls it back.
         let outcome = self.committed.read(|s| s.execute(command, ctx))?;
         if matches!(command, Command::Sweep) {
@@ -257,27 +376,43 @@ impl PostgresStore {
         }
         let started = Instant::now();
         let mut encoded = Vec::with_capacity(outcome.events.len());
+        let (mut revisions, mut lines) = (Vec::new(), Vec::new());
+        // The latest body of each entity the events touch (an entity changed twice in one
+        // command is written once: one statement cannot update a row twice).
+        let mut entities: BTreeMap<(&'static str, String), String> = BTreeMap::new();
         for event in outcome.events {
             let e = Encoded::new(event)?;
             let line = std::str::from_utf8(&e.line[..e.line.len() - 1])
                 .map_err(|err| Error::Internal(err.to_string()))?;
-            tx.execute(
-                "INSERT INTO locator_changes (revision, body) VALUES ($1, $2)",
-                &[&(e.event.revision as i64), &line],
-            )
-            .await
-            .map_err(db)?;
-            let (kind, key) = entity_key(&e.event.change);
+            revisions.push(e.event.revision as i64);
+            lines.push(line.to_string());
             let body = serde_json::to_string(&e.event.change).map_err(corrupt)?;
-            tx.execute(
-                "INSERT INTO locator_entities (kind, key, body) VALUES ($1, $2, $3)
-                 ON CONFLICT (kind, key) DO UPDATE SET body = EXCLUDED.body",
-                &[&kind, &key, &body],
-            )
-            .await
-            .map_err(db)?;
+            entities.insert(entity_key(&e.event.change), body);
             encoded.push(e);
         }
+        // One statement per table, whatever the number of events: a sweep publishing the
+        // session sums of ten thousand instances was twenty thousand round trips under the
+        // revision lock, and every write waited for them.
+        tx.execute(
+            "INSERT INTO locator_changes (revision, body) SELECT * FROM UNNEST($1::bigint[], $2::text[])",
+            &[&revisions, &lines],
+        )
+        .await
+        .map_err(db)?;
+        let (mut kinds, mut keys, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+        for ((kind, key), body) in entities {
+            kinds.push(kind);
+            keys.push(key);
+            bodies.push(body);
+        }
+        tx.execute(
+            "INSERT INTO locator_entities (kind, key, body)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
+             ON CONFLICT (kind, key) DO UPDATE SET body = EXCLUDED.body",
+            &[&kinds, &keys, &bodies],
+        )
+        .await
+        .map_err(db)?;
         let last = encoded
             .last()
             .map(|e| e.event.revision)
