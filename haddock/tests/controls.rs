@@ -115,7 +115,8 @@ fn report_sessions(
                 )
             })
             .collect(),
-        changes_only: false,
+        seq: 0,
+        base: None,
     };
     rt().block_on(proxy.report_sessions(&report)).unwrap();
 }

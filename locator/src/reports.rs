@@ -61,14 +61,14 @@ impl Reports {
             .map(|(_, (_, r))| r)
     }
 
-    /// Records a report, whole or of changes ([`SessionReport::changes_only`]), already cut to
+    /// Records a report, whole or of changes ([`SessionReport::base`]), already cut to
     /// what the locator knows. Changes without a previous report count as a whole report (the
     /// caller refuses them first: see `State::checked_report`).
     pub fn record(&mut self, report: SessionReport, now: UnixMillis) {
         let key = (report.service.clone(), report.proxy_id.clone());
         let sums = self.sums.entry(report.service.clone()).or_default();
         match self.latest.get_mut(&key) {
-            Some((at, base)) if report.changes_only => {
+            Some((at, base)) if report.base.is_some() => {
                 for (id, load) in &report.instances {
                     let old = base.instances.get(id).copied().unwrap_or_default();
                     adjust(sums, id, old, *load);
@@ -86,7 +86,7 @@ impl Reports {
                 whole
                     .instances
                     .retain(|_, load| *load != InstanceLoad::default());
-                whole.changes_only = false;
+                whole.base = None;
                 for (id, load) in &whole.instances {
                     adjust(sums, id, InstanceLoad::default(), *load);
                 }
@@ -160,7 +160,8 @@ impl Reports {
             service: service.to_string(),
             instances,
             versions: self.traffic(service, now),
-            changes_only: false,
+            seq: 0,
+            base: None,
         }
     }
 
@@ -197,6 +198,7 @@ mod tests {
     use super::*;
 
     fn report(proxy: &str, instances: &[(&str, u64)], changes_only: bool) -> SessionReport {
+        let seq = 0;
         SessionReport {
             proxy_id: proxy.into(),
             service: "svc".into(),
@@ -211,7 +213,8 @@ mod tests {
                 })
                 .collect(),
             versions: BTreeMap::new(),
-            changes_only,
+            seq,
+            base: changes_only.then_some(seq),
         }
     }
 

@@ -68,12 +68,15 @@ struct Row {
     proxies: usize,
     instances: usize,
     propagation: crate::bench::Percentiles,
-    /// Weight changes some proxy of the service never received within the wait.
+    /// Weight changes some proxy of the service never received within the wait (or that the
+    /// locator did not acknowledge).
     missed: usize,
     cpu_per_s: f64,
     rss_mib: f64,
     bytes_per_watcher_s: f64,
     events_per_s: f64,
+    /// PostgreSQL only: committed transactions and rows written per second in the database.
+    db_per_s: Option<(f64, f64)>,
     requests_per_s: f64,
 }
 
@@ -215,7 +218,7 @@ async fn run_one(opts: &ScaleOptions, mode: Mode, proxies: usize, instances: usi
     for _ in 0..replicas {
         locs.push(Locator::start(scratch.as_ref().map(|s| s.url.as_str()), mode).await);
     }
-    let row = load(opts, mode, proxies, instances, &locs).await;
+    let row = load(opts, mode, proxies, instances, &locs, scratch.as_ref()).await;
     drop(locs);
     if let Some(scratch) = scratch {
         scratch.drop_database().await;
@@ -252,6 +255,20 @@ impl Scratch {
         }
     }
 
+    /// Committed transactions and rows written so far in the scratch database.
+    async fn writes(&self) -> (i64, i64) {
+        let row = self
+            .admin
+            .query_one(
+                "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
+                 FROM pg_stat_database WHERE datname = $1",
+                &[&self.name],
+            )
+            .await
+            .expect("read pg_stat_database");
+        (row.get(0), row.get(1))
+    }
+
     async fn drop_database(self) {
         let dropped = self
             .admin
@@ -279,6 +296,7 @@ async fn load(
     proxies: usize,
     instances: usize,
     locs: &[Locator],
+    scratch: Option<&Scratch>,
 ) -> Row {
     let loc = &locs[0];
     let replica = |n: usize| &locs[n % locs.len()].url;
@@ -400,7 +418,8 @@ async fn load(
                 service: service_name(svc),
                 instances: mine.iter().map(|id| (id.clone(), load(1))).collect(),
                 versions: BTreeMap::new(),
-                changes_only: false,
+                seq: 0,
+                base: None,
             };
             // The two instances whose counts move at this proxy.
             let moving: Vec<&String> = mine
@@ -414,12 +433,14 @@ async fn load(
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 round += 1;
+                whole.seq = round;
                 let mut changes = SessionReport {
                     proxy_id: whole.proxy_id.clone(),
                     service: whole.service.clone(),
                     instances: BTreeMap::new(),
                     versions: BTreeMap::new(),
-                    changes_only: true,
+                    seq: round,
+                    base: Some(round - 1),
                 };
                 for (j, id) in moving.iter().enumerate() {
                     let l = load((round + j as u64) % 3);
@@ -482,6 +503,10 @@ async fn load(
     // Past the first reports' sums (a burst of one event per instance) and a report TTL.
     tokio::time::sleep(Duration::from_millis(crate::state::SESSION_REPORT_TTL_MS)).await;
     let cpu_seconds = || locs.iter().map(Locator::cpu_seconds).sum::<f64>();
+    let db0 = match scratch {
+        Some(s) => Some(s.writes().await),
+        None => None,
+    };
     let (cpu0, bytes0, req0, rev0, t0) = (
         cpu_seconds(),
         seen.bytes.load(Ordering::Relaxed),
@@ -510,8 +535,17 @@ async fn load(
     let reqs = requests.load(Ordering::Relaxed) - req0;
     let rev1 = deploy.snapshot().await.map(|s| s.revision).unwrap_or(rev0);
     let rss = locs.iter().map(Locator::rss_mib).sum();
-    // Give the last change time to arrive.
+    // Give the last change time to arrive (and PostgreSQL's statistics time to be flushed).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let db_per_s = match (scratch, db0) {
+        (Some(s), Some((c0, w0))) => {
+            let (c1, w1) = s.writes().await;
+            // The statistics lag by up to a second; the wait above covers the window's end.
+            let span = elapsed + 3.0;
+            Some(((c1 - c0) as f64 / span, (w1 - w0) as f64 / span))
+        }
+        _ => None,
+    };
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
@@ -522,7 +556,8 @@ async fn load(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let per_service = |svc: usize| (0..proxies).filter(|p| p % services == svc).count();
-    let (mut latencies, mut missed) = (Vec::new(), 0);
+    // A change the locator did not even acknowledge counts as missed.
+    let (mut latencies, mut missed) = (Vec::new(), opts.changes - sent.len());
     for (svc, rev, at) in &sent {
         let got: Vec<Duration> = received
             .iter()
@@ -544,6 +579,7 @@ async fn load(
         rss_mib: rss,
         bytes_per_watcher_s: bytes as f64 / proxies.max(1) as f64 / elapsed,
         events_per_s: rev1.saturating_sub(rev0) as f64 / elapsed,
+        db_per_s,
         requests_per_s: reqs as f64 / elapsed,
     }
 }
@@ -567,7 +603,7 @@ pub async fn run(opts: ScaleOptions) -> String {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     out.push_str(
-        "mode      P      I  | weight change → every proxy of its service        missed | locator CPU s/s  RSS MiB | KB/s per watcher | events/s | requests/s\n",
+        "mode      P      I  | weight change → every proxy of its service        missed | locator CPU s/s  RSS MiB | B/s per watcher | events/s | requests/s | DB commits/s rows/s\n",
     );
     for &i in &opts.instances {
         for &p in &opts.proxies {
@@ -575,7 +611,7 @@ pub async fn run(opts: ScaleOptions) -> String {
             for mode in modes.into_iter().filter(|m| m.1).map(|m| m.0) {
                 let r = run_one(&opts, mode, p, i).await;
                 let line = format!(
-                    "{:<6} {:>5} {:>6}  | {:<50} {:>5} | {:>15.2} {:>8.0} | {:>16.1} | {:>8.0} | {:>10.0}\n",
+                    "{:<6} {:>5} {:>6}  | {:<50} {:>5} | {:>15.2} {:>8.0} | {:>15.0} | {:>8.0} | {:>10.0} | {}\n",
                     match r.mode {
                         Mode::Before => "before",
                         Mode::After => "after",
@@ -586,9 +622,11 @@ pub async fn run(opts: ScaleOptions) -> String {
                     r.missed,
                     r.cpu_per_s,
                     r.rss_mib,
-                    r.bytes_per_watcher_s / 1024.0,
+                    r.bytes_per_watcher_s,
                     r.events_per_s,
                     r.requests_per_s,
+                    r.db_per_s
+                        .map_or("-".to_string(), |(c, w)| format!("{c:>12.0} {w:>6.0}")),
                 );
                 eprint!("{line}");
                 out.push_str(&line);

@@ -357,6 +357,9 @@ impl State {
                 self.services.insert(s.name.clone(), s.clone());
             }
             Change::Instance(i) => {
+                if i.state == InstanceState::Gone {
+                    self.heard.remove(&i.id);
+                }
                 self.instances.insert(i.id.clone(), i.clone());
             }
             Change::Release(r) => {
@@ -464,7 +467,7 @@ impl State {
 
     /// Checks a proxy's report and cuts it to what this locator knows
     /// ([`State::known_report`]): the proxy must be named and the service known, and a report
-    /// of changes needs the proxy's live previous report in `reports` (409
+    /// of changes needs the proxy's live report numbered its `base` in `reports` (409
     /// `full_report_needed` otherwise: the proxy then sends the whole report).
     pub fn checked_report(
         &self,
@@ -476,11 +479,11 @@ impl State {
             return Err(Error::InvalidInput("proxy_id must not be empty".into()));
         }
         self.service(&report.service)?;
-        if report.changes_only
-            && reports
+        if report.base.is_some_and(|base| {
+            reports
                 .live(&report.service, &report.proxy_id, now)
-                .is_none()
-        {
+                .is_none_or(|live| live.seq != base)
+        }) {
             return Err(Error::FullReportNeeded {
                 proxy: report.proxy_id.clone(),
                 service: report.service.clone(),
@@ -561,7 +564,8 @@ impl State {
             service: report.service.clone(),
             instances,
             versions,
-            changes_only: report.changes_only,
+            seq: report.seq,
+            base: report.base,
         }
     }
 
@@ -920,7 +924,12 @@ impl State {
         if cur.state == state {
             return Ok(Reply::Instance(cur));
         }
-        let next = instance_moved(&cur, state, ctx)?;
+        let mut next = instance_moved(&cur, state, ctx)?;
+        if state == InstanceState::Unhealthy {
+            // Judged, not silent: its heartbeats (if any) must not revive it. Recording now
+            // holds also right after a restart, when nothing was heard yet.
+            next.last_heartbeat = ctx.now;
+        }
         b.push(Change::Instance(next.clone()));
         Ok(Reply::Instance(next))
     }
@@ -929,7 +938,11 @@ impl State {
     /// heartbeat can be an event (see below); the others are held in memory.
     fn heartbeat(&self, id: &str, ctx: Ctx, b: &mut Batch) -> Result<Reply, Error> {
         let cur = self.instance(id)?;
-        let age = ctx.now.saturating_sub(cur.last_heartbeat);
+        // Silence is measured from the *recorded* time: an unhealthy instance's heartbeats
+        // are recorded (below), a ready one's are not, so the recorded time of one the sweep
+        // demoted is old. The heard time could be fresh on a replica that heard it just
+        // before another demoted it, and the instance would then never come back.
+        let age = ctx.now.saturating_sub(self.instances[id].last_heartbeat);
         let next = match cur.state {
             InstanceState::Gone => return Ok(Reply::Instance(cur)),
             // Only an instance that went unhealthy by *silence* is revived by a heartbeat; one
@@ -941,15 +954,10 @@ impl State {
             // restart (nothing heard yet) they tell one that haddock judged unhealthy while it
             // kept beating, which stays so, from one that went silent, which its next
             // heartbeat revives. There are few unhealthy instances.
-            InstanceState::Unhealthy
-                if ctx.now.saturating_sub(self.instances[id].last_heartbeat)
-                    >= ctx.heartbeat_ttl_ms / 4 =>
-            {
-                Instance {
-                    last_heartbeat: ctx.now,
-                    ..cur
-                }
-            }
+            InstanceState::Unhealthy if age >= ctx.heartbeat_ttl_ms / 4 => Instance {
+                last_heartbeat: ctx.now,
+                ..cur
+            },
             _ => {
                 return Ok(Reply::Instance(Instance {
                     last_heartbeat: ctx.now,
@@ -1782,7 +1790,8 @@ mod tests {
                     },
                 )]
                 .into(),
-                changes_only: false,
+                seq: 0,
+                base: None,
             })
         };
         run(&mut s, report("p1", 3), T).unwrap();
@@ -1884,12 +1893,14 @@ mod tests {
                     (v.to_string(), t)
                 })
                 .collect(),
-            changes_only: false,
+            seq: 0,
+            base: None,
         })
     }
 
     /// A report of changes applies to the proxy's previous report; without one (a restarted
-    /// locator) it is refused with `full_report_needed` and counts nothing.
+    /// locator), or with another one than it is based on, it is refused with
+    /// `full_report_needed` and counts nothing.
     #[test]
     fn a_report_of_changes_needs_the_previous_report() {
         let mut s = with_service();
@@ -1900,7 +1911,7 @@ mod tests {
             let Command::Sessions(mut r) = sessions(proxy, instances, &[]) else {
                 unreachable!()
             };
-            r.changes_only = true;
+            r.base = Some(0);
             Command::Sessions(r)
         };
         assert!(matches!(
@@ -1919,6 +1930,18 @@ mod tests {
             s.instance("b").unwrap().load.live_sessions,
         );
         assert_eq!(loads, (0, 3), "b kept its figure from the whole report");
+        // Changes based on another report than the copy held (the proxy came back from
+        // another replica, or a late retry) are refused too.
+        let Command::Sessions(mut newer) = sessions("p1", &[("a", 1)], &[]) else {
+            unreachable!()
+        };
+        newer.seq = 7;
+        run(&mut s, Command::Sessions(newer), later).unwrap();
+        assert!(matches!(
+            run(&mut s, changes("p1", &[("a", 4)]), later),
+            Err(Error::FullReportNeeded { .. })
+        ));
+        assert_eq!(s.reports.live("svc", "p1", later.now).unwrap().seq, 7);
         // The previous report ages out: changes are refused again.
         let aged = Ctx {
             now: later.now + SESSION_REPORT_TTL_MS,

@@ -244,7 +244,8 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
                 p99_ms: sessions as f64,
             },
         )]),
-        changes_only: false,
+        seq: 0,
+        base: None,
     };
     proxy.report_sessions(&report("p1", 3)).await.unwrap();
     proxy.report_sessions(&report("p2", 4)).await.unwrap();
@@ -577,7 +578,8 @@ async fn a_routing_watch_skips_session_sums_and_hears_state_changes() {
             },
         )]),
         versions: BTreeMap::new(),
-        changes_only: false,
+        seq: 0,
+        base: None,
     };
     loc.client(PROXY_TOKEN)
         .report_sessions(&report)

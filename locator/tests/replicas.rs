@@ -179,7 +179,9 @@ async fn postgres_restarted_under_two_replicas_loses_nothing_and_both_reconnect(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_and_reports_reaching_one_replica_count_on_both() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
-    let ttl = Duration::from_secs(1);
+    // 2 s: heartbeats every 200 ms, a replica shares each instance at most every TTL/4 and
+    // sweeps every TTL/4, so what B reads is at most ~1.2 s old, well inside the TTL.
+    let ttl = Duration::from_secs(2);
     let url = pg.url();
     let (a, b) = tokio::join!(testing::postgres(&url, ttl), testing::postgres(&url, ttl));
     let (ca, cb) = (a.deploy(), b.deploy());
@@ -213,9 +215,9 @@ async fn heartbeats_and_reports_reaching_one_replica_count_on_both() {
             }
         })
     };
-    // Five TTLs of heartbeats through A alone: B's sweeps never find i1 silent.
+    // Four TTLs of heartbeats through A alone: B's sweeps never find i1 silent.
     let mut watch_b = Box::pin(b.client(READ_TOKEN).watch(None).await.unwrap());
-    let quiet = tokio::time::timeout(5 * ttl, async {
+    let quiet = tokio::time::timeout(4 * ttl, async {
         while let Some(Ok(e)) = watch_b.next().await {
             if matches!(&e.change, Change::Instance(i) if i.state == InstanceState::Unhealthy) {
                 return e;
@@ -239,7 +241,8 @@ async fn heartbeats_and_reports_reaching_one_replica_count_on_both() {
             },
         )]),
         versions: BTreeMap::new(),
-        changes_only: false,
+        seq: 0,
+        base: None,
     };
     a.client(testing::PROXY_TOKEN)
         .report_sessions(&report("p1", 3))

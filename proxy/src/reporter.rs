@@ -67,7 +67,8 @@ impl Reporter {
             service: router.service.clone(),
             instances,
             versions: router.metrics.version_traffic(),
-            changes_only: false,
+            seq: 0,
+            base: None,
         }
     }
 
@@ -89,12 +90,18 @@ impl Reporter {
                 self.router.metrics.rotate_windows();
                 last_rotation = Instant::now();
             }
-            let report = self.report();
+            let mut report = self.report();
             // Unchanged figures are still re-sent every period: the locator ages out proxies
             // that go quiet.
-            if last_sent.as_ref() == Some(&report) && last_sent_at.elapsed() < PERIOD {
+            let unchanged = last_sent.as_ref().is_some_and(|l| {
+                (&l.instances, &l.versions) == (&report.instances, &report.versions)
+            });
+            if unchanged && last_sent_at.elapsed() < PERIOD {
                 continue;
             }
+            // Numbered, so that a locator whose copy is another report than the one these
+            // changes are based on refuses them (see `SessionReport::base`).
+            report.seq = last_sent.as_ref().map_or(1, |l| l.seq + 1);
             let whole_due = last_whole_at.is_none_or(|at| at.elapsed() >= WHOLE_EVERY);
             let previous = last_sent.as_ref().filter(|_| !whole_due);
             match self.client.report_session_changes(&report, previous).await {

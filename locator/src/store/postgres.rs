@@ -134,11 +134,12 @@ impl Store for PostgresStore {
             return self.take_report(report);
         }
         if matches!(command, Command::Sweep) {
-            // Sums and heartbeats from the other replicas first; a failure is logged and the
-            // sweep goes on with what this replica knows.
+            // Sums and heartbeats from the other replicas first.
+            // Without the other replicas' heartbeats this one would find every instance they
+            // hear silent: no sweep then (the sweeper logs the error and tries again).
             if let Err(e) = self.share(now_ms()).await {
-                tracing::warn!(error = %e, "sharing heartbeats and session sums failed");
                 *self.sharer.lock().await = None;
+                return Err(e);
             }
         }
         let heartbeats = State::heartbeat_ids(&command);
@@ -226,6 +227,10 @@ impl PostgresStore {
         let mine: Vec<(String, UnixMillis)> = {
             let mut shared = self.heard_shared.lock().unwrap_or_else(|p| p.into_inner());
             let heard = self.committed.read(|s| s.heard_since(0));
+            // Instances no longer heard (gone) are forgotten here too.
+            let live: std::collections::HashSet<&str> =
+                heard.iter().map(|(id, _)| id.as_str()).collect();
+            shared.retain(|id, _| live.contains(id.as_str()));
             heard
                 .into_iter()
                 .filter(|(id, at)| {
@@ -301,12 +306,13 @@ impl PostgresStore {
     /// A proxy's report goes into this replica's own sums, in memory; the sweep shares them.
     fn take_report(&self, report: &SessionReport) -> Result<Reply, Error> {
         let now = now_ms();
-        let known = {
-            let local = self.local();
-            self.committed
-                .read(|s| s.checked_report(report, &local, now))?
-        };
-        self.local().record(known, now);
+        // One hold of the lock for the check and the record: the sweep's pruning in between
+        // would turn a report of changes into a whole one.
+        let mut local = self.local();
+        let known = self
+            .committed
+            .read(|s| s.checked_report(report, &local, now))?;
+        local.record(known, now);
         Ok(Reply::Accepted)
     }
 

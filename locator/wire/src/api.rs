@@ -368,19 +368,30 @@ pub struct SessionReport {
     /// Keyed by version.
     #[serde(default)]
     pub versions: BTreeMap<String, VersionTraffic>,
-    /// `instances` lists only the instances whose figures changed since this proxy's previous
-    /// report of the service (a zero for one that emptied); the others keep theirs. A proxy
+    /// This report's number: each of a proxy's reports of a service counts up from its first
+    /// (0: not numbered, for clients that only send whole reports).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+    /// Set: `instances` lists only the instances whose figures changed since this proxy's
+    /// report number `base` (a zero for one that emptied); the others keep theirs. A proxy
     /// before a thousand instances sends a few entries a second instead of a thousand. When
-    /// the locator holds no live previous report it answers 409 `full_report_needed` and
-    /// counts nothing: send the whole report.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub changes_only: bool,
+    /// the locator's live copy of this proxy's report is not number `base` (it has none: it
+    /// restarted, the report aged out, the proxy moved to another replica; or another one: the
+    /// proxy came back from another replica, a late retry) it answers 409
+    /// `full_report_needed` and counts nothing: send the whole report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl SessionReport {
     /// The report of what changed from `previous` (this proxy's last accepted report of the
     /// same service) to `self`: the instances whose figures differ, a zero for each that
-    /// `previous` had and `self` lacks, and every version's traffic (a few lines).
+    /// `previous` had and `self` lacks, and every version's traffic (a few lines); numbered
+    /// `self.seq`, based on `previous.seq`.
     pub fn changes_since(&self, previous: &SessionReport) -> SessionReport {
         let mut instances: BTreeMap<String, InstanceLoad> = self
             .instances
@@ -398,13 +409,15 @@ impl SessionReport {
             service: self.service.clone(),
             instances,
             versions: self.versions.clone(),
-            changes_only: true,
+            seq: self.seq,
+            base: Some(previous.seq),
         }
     }
 
     /// Applies a report of changes ([`SessionReport::changes_since`]) to this whole report.
     /// A zero removes the entry: when sums are made, an absent instance counts as zero.
     pub fn apply_changes(&mut self, changes: SessionReport) {
+        self.seq = changes.seq;
         for (id, load) in changes.instances {
             if load == InstanceLoad::default() {
                 self.instances.remove(&id);
@@ -852,12 +865,13 @@ mod tests {
                 .map(|(id, n)| (id.to_string(), load(*n)))
                 .collect(),
             versions: BTreeMap::from([("1".to_string(), VersionTraffic::default())]),
-            changes_only: false,
+            seq: 0,
+            base: None,
         };
         let before = report(&[("a", 1), ("b", 2), ("c", 3)]);
         let now = report(&[("a", 1), ("b", 5), ("d", 0)]);
         let changes = now.changes_since(&before);
-        assert!(changes.changes_only);
+        assert_eq!(changes.base, Some(before.seq));
         assert_eq!(
             changes.instances,
             BTreeMap::from([

@@ -380,7 +380,9 @@ impl Client {
         if let Some(previous) = previous {
             match self.report_sessions(&report.changes_since(previous)).await {
                 Ok(_) => return Ok(false),
-                Err(e) if e.code() == Some("full_report_needed") => {
+                // `invalid_json`: a locator from before reports of changes, which refuses the
+                // unknown fields; it takes whole reports.
+                Err(e) if matches!(e.code(), Some("full_report_needed" | "invalid_json")) => {
                     tracing::debug!(error = %e, "the locator asks for the whole report");
                 }
                 Err(e) => return Err(e),

@@ -289,7 +289,7 @@ impl LocatorStub {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let report: SessionReport = serde_json::from_slice(&body).unwrap();
             let mut reports = self.reports.lock().unwrap();
-            let whole = if report.changes_only {
+            let whole = if report.base.is_some() {
                 let previous = reports
                     .iter()
                     .rev()
