@@ -465,6 +465,32 @@ async fn postgres_store_passes_the_contract() {
     drop(pg);
 }
 
+/// A ready instance `id` of `service` (version 1).
+fn ready_in(service: &str, id: &str) -> RegisterInstance {
+    RegisterInstance {
+        id: id.into(),
+        service: service.into(),
+        version: "1".into(),
+        address: "127.0.0.1:8080".into(),
+        docker_host: String::new(),
+        container_id: String::new(),
+        labels: BTreeMap::new(),
+        state: InstanceState::Ready,
+    }
+}
+
+/// `GET /v1/watch?{query}` is refused with 400 `invalid_input`.
+async fn watch_is_refused(loc_url: &str, query: &str) {
+    let bad = reqwest::Client::new()
+        .get(format!("{loc_url}/v1/watch?{query}"))
+        .bearer_auth(testing::READ_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400, "{query}");
+    assert!(bad.text().await.unwrap().contains("invalid_input"));
+}
+
 /// `watch?service=a` hears only of `a`: its part of the snapshot, then its events, none of
 /// `b`'s — also when resuming from a revision — and a malformed filter is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,16 +502,6 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
         idle_ttl_ms: 1000,
         max_drain_ms: 1000,
     };
-    let register = |svc: &str, id: &str| RegisterInstance {
-        id: id.into(),
-        service: svc.into(),
-        version: "1".into(),
-        address: "127.0.0.1:8080".into(),
-        docker_host: String::new(),
-        container_id: String::new(),
-        labels: BTreeMap::new(),
-        state: InstanceState::Ready,
-    };
     for svc in ["a", "b"] {
         c.put_service(
             svc,
@@ -496,7 +512,7 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
         )
         .await
         .unwrap();
-        c.register(&register(svc, &format!("{svc}-1")))
+        c.register(&ready_in(svc, &format!("{svc}-1")))
             .await
             .unwrap();
     }
@@ -514,9 +530,9 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
     assert!(snap.services[0].name == "a" && snap.instances[0].id == "a-1");
 
     // b changes twice, then a once: the filtered watch gets a's change next.
-    c.register(&register("b", "b-2")).await.unwrap();
-    c.register(&register("b", "b-3")).await.unwrap();
-    c.register(&register("a", "a-2")).await.unwrap();
+    c.register(&ready_in("b", "b-2")).await.unwrap();
+    c.register(&ready_in("b", "b-3")).await.unwrap();
+    c.register(&ready_in("a", "a-2")).await.unwrap();
     let next = a.next().await.unwrap().unwrap();
     assert_eq!(next.change.service(), Some("a"), "{next:?}");
     assert!(matches!(&next.change, Change::Instance(i) if i.id == "a-2"));
@@ -530,14 +546,7 @@ async fn a_watch_filtered_by_service_hears_only_of_that_service() {
     let replayed = resumed.next().await.unwrap().unwrap();
     assert_eq!(replayed.revision, next.revision, "{replayed:?}");
 
-    let bad = reqwest::Client::new()
-        .get(format!("{}/v1/watch?service=,", loc.url))
-        .bearer_auth(testing::READ_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status().as_u16(), 400);
-    assert!(bad.text().await.unwrap().contains("invalid_input"));
+    watch_is_refused(&loc.url, "service=,").await;
 }
 
 /// `watch?routing=true` (what proxies use) hears of what routes — an instance's state, address
@@ -548,18 +557,7 @@ async fn a_routing_watch_skips_session_sums_and_hears_state_changes() {
     let loc = testing::embedded(Duration::from_secs(10)).await;
     let c = loc.deploy();
     c.put_service("a", &spec(60_000)).await.unwrap();
-    c.register(&RegisterInstance {
-        id: "a-1".into(),
-        service: "a".into(),
-        version: "1".into(),
-        address: "127.0.0.1:8080".into(),
-        docker_host: String::new(),
-        container_id: String::new(),
-        labels: BTreeMap::new(),
-        state: InstanceState::Ready,
-    })
-    .await
-    .unwrap();
+    c.register(&ready_in("a", "a-1")).await.unwrap();
     let only_a = ["a".to_string()];
     let mut routing = Box::pin(c.watch_only(None, &only_a, true).await.unwrap());
     let mut full = Box::pin(c.watch_only(None, &only_a, false).await.unwrap());
@@ -608,12 +606,5 @@ async fn a_routing_watch_skips_session_sums_and_hears_state_changes() {
     let replayed = resumed.next().await.unwrap().unwrap();
     assert_eq!(replayed.revision, next.revision, "{replayed:?}");
 
-    let bad = reqwest::Client::new()
-        .get(format!("{}/v1/watch?routing=yes", loc.url))
-        .bearer_auth(testing::READ_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status().as_u16(), 400);
-    assert!(bad.text().await.unwrap().contains("invalid_input"));
+    watch_is_refused(&loc.url, "routing=yes").await;
 }

@@ -8,6 +8,31 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+fn spec() -> ServiceSpec {
+    ServiceSpec {
+        sessions: SessionSettings {
+            cookie_name: "c".into(),
+            idle_ttl_ms: 1000,
+            max_drain_ms: 1000,
+        },
+        routes: Default::default(),
+    }
+}
+
+/// A ready instance `i1` of `svc`.
+fn i1() -> RegisterInstance {
+    RegisterInstance {
+        id: "i1".into(),
+        service: "svc".into(),
+        version: "1".into(),
+        address: "127.0.0.1:80".into(),
+        docker_host: String::new(),
+        container_id: String::new(),
+        labels: BTreeMap::new(),
+        state: InstanceState::Ready,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_stream_every_change_and_share_the_rules() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
@@ -20,15 +45,7 @@ async fn two_replicas_stream_every_change_and_share_the_rules() {
     let mut watch_b = Box::pin(b.client(READ_TOKEN).watch(None).await.unwrap());
     let first = watch_b.next().await.unwrap().unwrap();
     assert!(matches!(first.change, Change::Snapshot(_)));
-    let spec = ServiceSpec {
-        sessions: SessionSettings {
-            cookie_name: "c".into(),
-            idle_ttl_ms: 1000,
-            max_drain_ms: 1000,
-        },
-        routes: Default::default(),
-    };
-    let svc = ca.put_service("svc", &spec).await.unwrap();
+    let svc = ca.put_service("svc", &spec()).await.unwrap();
     let event = tokio::time::timeout(WAIT, watch_b.next())
         .await
         .unwrap()
@@ -39,16 +56,7 @@ async fn two_replicas_stream_every_change_and_share_the_rules() {
     assert_eq!(cb.service("svc").await.unwrap(), svc, "B reads A's write");
 
     // Writes through B see A's state (B catches up inside its transaction).
-    let inst = RegisterInstance {
-        id: "i1".into(),
-        service: "svc".into(),
-        version: "1".into(),
-        address: "127.0.0.1:80".into(),
-        docker_host: String::new(),
-        container_id: String::new(),
-        labels: BTreeMap::new(),
-        state: InstanceState::Ready,
-    };
+    let inst = i1();
     cb.register(&inst).await.unwrap();
     let w = WeightsUpdate {
         weights: BTreeMap::from([("1".to_string(), 100)]),
@@ -185,27 +193,8 @@ async fn heartbeats_and_reports_reaching_one_replica_count_on_both() {
     let url = pg.url();
     let (a, b) = tokio::join!(testing::postgres(&url, ttl), testing::postgres(&url, ttl));
     let (ca, cb) = (a.deploy(), b.deploy());
-    let spec = ServiceSpec {
-        sessions: SessionSettings {
-            cookie_name: "c".into(),
-            idle_ttl_ms: 60_000,
-            max_drain_ms: 60_000,
-        },
-        routes: Default::default(),
-    };
-    ca.put_service("svc", &spec).await.unwrap();
-    ca.register(&RegisterInstance {
-        id: "i1".into(),
-        service: "svc".into(),
-        version: "1".into(),
-        address: "127.0.0.1:80".into(),
-        docker_host: String::new(),
-        container_id: String::new(),
-        labels: BTreeMap::new(),
-        state: InstanceState::Ready,
-    })
-    .await
-    .unwrap();
+    ca.put_service("svc", &spec()).await.unwrap();
+    ca.register(&i1()).await.unwrap();
     let beating = {
         let ca = ca.clone();
         tokio::spawn(async move {
