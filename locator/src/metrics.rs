@@ -45,6 +45,11 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
 pub use locator_wire::metrics::latency_histogram;
 
 /// Every metric the locator exports.
@@ -54,6 +59,10 @@ pub struct Metrics {
     pub request_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Latest committed revision seen by this process.
     pub revision: Gauge,
+    /// Per service, the revision of its latest event that can change a routing table: what a
+    /// proxy's `haddock_proxy_routing_revision` of that service catches up to (proxies hear
+    /// only routing events, so the overall revision runs ahead of them).
+    pub routing_revision: Family<ServiceLabels, Gauge>,
     /// Events published to watchers (committed here or received from another replica).
     pub events: Counter,
     /// Durable commits (one fsync or one database transaction, possibly several writes).
@@ -82,6 +91,7 @@ impl Metrics {
                 latency_histogram as fn() -> Histogram,
             );
         let revision = Gauge::default();
+        let routing_revision = Family::<ServiceLabels, Gauge>::default();
         let events = Counter::default();
         let commits = Counter::default();
         let commit_seconds = latency_histogram();
@@ -95,6 +105,11 @@ impl Metrics {
             request_seconds.clone(),
         );
         registry.register("revision", "Latest committed revision", revision.clone());
+        registry.register(
+            "routing_revision",
+            "Revision of the latest event of the service that can change a routing table",
+            routing_revision.clone(),
+        );
         registry.register(
             "watch_events",
             "Events published to watchers",
@@ -118,6 +133,7 @@ impl Metrics {
             requests,
             request_seconds,
             revision,
+            routing_revision,
             events,
             commits,
             commit_seconds,

@@ -44,6 +44,7 @@ struct Watcher {
     keepalive: tokio::time::Interval,
     /// The services this watcher hears of; `None`: all.
     only: Option<Arc<BTreeSet<String>>>,
+    scope: Scope,
 }
 
 /// Whether an event about `service` (`None`: every service) goes to a watcher of `only`.
@@ -89,7 +90,7 @@ pub fn open(
                 .collect();
             (rx, backlog, current)
         } else {
-            let (rev, line) = Committed::snapshot_line(&view, only.as_deref())?;
+            let (rev, line) = committed.snapshot_line(&view, only.as_deref(), scope)?;
             (rx, VecDeque::from([line]), rev)
         }
     };
@@ -104,6 +105,7 @@ pub fn open(
         last,
         keepalive,
         only,
+        scope,
     };
     Ok(futures_util::stream::unfold(watcher, |mut w| async move {
         loop {
@@ -121,8 +123,9 @@ pub fn open(
                         }
                     }
                     Ok(Feed::Reset) | Err(RecvError::Lagged(_)) => {
+                        let committed = &w.committed.0;
                         let snap =
-                            Committed::snapshot_line(&w.committed.0.view(), w.only.as_deref());
+                            committed.snapshot_line(&committed.view(), w.only.as_deref(), w.scope);
                         match snap {
                             Ok((rev, line)) => {
                                 w.last = rev;

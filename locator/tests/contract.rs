@@ -607,4 +607,37 @@ async fn a_routing_watch_skips_session_sums_and_hears_state_changes() {
     assert_eq!(replayed.revision, next.revision, "{replayed:?}");
 
     watch_is_refused(&loc.url, "routing=yes").await;
+
+    // The locator's per-service routing revision is what the routing watch reached.
+    let metrics = reqwest::get(format!("{}/metrics", loc.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = format!(
+        "haddock_locator_routing_revision{{service=\"a\"}} {}",
+        next.revision
+    );
+    assert!(metrics.contains(&gauge), "{gauge} in:\n{metrics}");
+
+    // Until the next routing event, routing watchers share one snapshot: a release (not a
+    // routing event) moves the revision, and a new routing watch still starts from the
+    // snapshot the one before it got.
+    let mut x = Box::pin(c.watch_only(None, &only_a, true).await.unwrap());
+    let x_first = x.next().await.unwrap().unwrap();
+    c.create_release(&NewRelease {
+        service: "a".into(),
+        from_version: Some("1".into()),
+        to_version: "2".into(),
+        image: "img:2".into(),
+        who: "ci".into(),
+    })
+    .await
+    .unwrap();
+    let mut y = Box::pin(c.watch_only(None, &only_a, true).await.unwrap());
+    let y_first = y.next().await.unwrap().unwrap();
+    assert!(matches!(y_first.change, Change::Snapshot(_)), "{y_first:?}");
+    assert_eq!(y_first.revision, x_first.revision);
+    assert!(c.snapshot().await.unwrap().revision > y_first.revision);
 }

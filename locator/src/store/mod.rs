@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::state::{Command, Reply, State};
 use bytes::Bytes;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -82,6 +82,16 @@ pub struct Gap {
     pub got: Revision,
 }
 
+/// Routing watchers' snapshot lines of one routing revision, keyed by service filter.
+#[derive(Default)]
+struct RoutingSnapshots {
+    routing_revision: Revision,
+    lines: HashMap<Option<BTreeSet<String>>, (Revision, Bytes)>,
+}
+
+/// Filters kept per routing revision at most (a proxy's filter is its service list).
+const ROUTING_SNAPSHOTS: usize = 1024;
+
 /// One retained event: its revision, its service (`None`: every service), whether it routes
 /// (see [`Change::is_routing`]) and its line.
 pub(crate) struct Retained {
@@ -104,6 +114,9 @@ pub enum Scope {
 
 pub(crate) struct View {
     pub(crate) state: State,
+    /// The revision of the last event that could change a routing table (see
+    /// [`Scope::Routing`]): a routing watcher's snapshot taken since is still good.
+    pub(crate) routing_revision: Revision,
     /// The most recent events, so that a watcher reconnecting with `since` gets exactly what
     /// it missed instead of a full snapshot.
     pub(crate) recent: VecDeque<Retained>,
@@ -118,6 +131,9 @@ pub struct Committed {
     retain: usize,
     /// `GET /v1/snapshot` is the proxies' hot read: serialise it once per revision.
     snapshot_cache: Mutex<Option<(Revision, Bytes)>>,
+    /// Routing watchers' first lines, per service filter, good until the next routing event
+    /// (see [`Committed::snapshot_line`]).
+    routing_snapshots: Mutex<RoutingSnapshots>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -128,6 +144,7 @@ impl Committed {
         let (routing_feed, _) = broadcast::channel(4096);
         Committed {
             view: RwLock::new(View {
+                routing_revision: state.revision,
                 state,
                 recent: VecDeque::new(),
             }),
@@ -135,6 +152,7 @@ impl Committed {
             routing_feed,
             retain: 10_000,
             snapshot_cache: Mutex::new(None),
+            routing_snapshots: Default::default(),
             metrics,
         }
     }
@@ -185,6 +203,16 @@ impl Committed {
             view.state.log_change(&e.event);
             let routing = view.state.is_routing(&e.event.change);
             view.state.apply(&e.event);
+            if routing {
+                view.routing_revision = e.event.revision;
+                if let Some(service) = e.event.change.service() {
+                    let labels = crate::metrics::ServiceLabels {
+                        service: service.to_string(),
+                    };
+                    let gauge = self.metrics.routing_revision.get_or_create(&labels);
+                    gauge.set(e.event.revision as i64);
+                }
+            }
             let service: Option<Arc<str>> = e.event.change.service().map(Arc::from);
             view.recent.push_back(Retained {
                 revision: e.event.revision,
@@ -219,6 +247,7 @@ impl Committed {
         let reports_state = state;
         view.state.take_reports_from(reports_state);
         view.recent.clear();
+        view.routing_revision = view.state.revision;
         self.metrics.revision.set(view.state.revision as i64);
         let _ = self.feed.send(Feed::Reset);
         let _ = self.routing_feed.send(Feed::Reset);
@@ -244,17 +273,48 @@ impl Committed {
         Ok(body)
     }
 
-    /// A `snapshot` watch line at the current revision, of `only` these services when given.
+    /// A `snapshot` watch line of `only` these services when given (all otherwise), and its
+    /// revision. For [`Scope::All`], at the current revision. For [`Scope::Routing`], possibly
+    /// an earlier one, built for another watcher of the same filter since the last routing
+    /// event: it routes exactly as the current state, and the watcher's live events all come
+    /// after it. A thousand proxies reconnecting after a restart then cost one serialisation
+    /// per service, not one of the whole service each.
     pub(crate) fn snapshot_line(
+        &self,
         view: &View,
         only: Option<&BTreeSet<String>>,
+        scope: Scope,
     ) -> Result<(Revision, Bytes), Error> {
-        let rev = view.state.revision;
-        let e = Encoded::new(WatchEvent {
-            revision: rev,
-            change: Change::Snapshot(view.state.snapshot_of(only)),
-        })?;
-        Ok((rev, e.line))
+        let build = || {
+            let rev = view.state.revision;
+            let e = Encoded::new(WatchEvent {
+                revision: rev,
+                change: Change::Snapshot(view.state.snapshot_of(only)),
+            })?;
+            Ok::<_, Error>((rev, e.line))
+        };
+        if scope == Scope::All {
+            return build();
+        }
+        let mut cache = self
+            .routing_snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cache.routing_revision != view.routing_revision {
+            *cache = RoutingSnapshots {
+                routing_revision: view.routing_revision,
+                lines: HashMap::new(),
+            };
+        }
+        let key = only.cloned();
+        if let Some(hit) = cache.lines.get(&key) {
+            return Ok(hit.clone());
+        }
+        let line = build()?;
+        if cache.lines.len() < ROUTING_SNAPSHOTS {
+            cache.lines.insert(key, line.clone());
+        }
+        Ok(line)
     }
 }
 
