@@ -115,16 +115,8 @@ impl Reports {
 
     /// `instance`'s load summed over every report of `service` (saturating at u64::MAX).
     pub fn load(&self, service: &str, instance: &str) -> InstanceLoad {
-        let (sessions, in_flight) = self
-            .sums
-            .get(service)
-            .and_then(|s| s.get(instance))
-            .copied()
-            .unwrap_or_default();
-        InstanceLoad {
-            live_sessions: clamp(sessions),
-            in_flight: clamp(in_flight),
-        }
+        let sum = self.sums.get(service).and_then(|s| s.get(instance));
+        as_load(sum.copied().unwrap_or_default())
     }
 
     /// Each version's traffic summed over the live reports of `service` (p99: the maximum).
@@ -150,8 +142,8 @@ impl Reports {
             .sums
             .get(service)
             .map(|sums| {
-                sums.keys()
-                    .map(|id| (id.clone(), self.load(service, id)))
+                sums.iter()
+                    .map(|(id, sum)| (id.clone(), as_load(*sum)))
                     .collect()
             })
             .unwrap_or_default();
@@ -175,8 +167,13 @@ fn is_live(at: UnixMillis, now: UnixMillis) -> bool {
     at.saturating_add(SESSION_REPORT_TTL_MS) > now
 }
 
-fn clamp(sum: u128) -> u64 {
-    u64::try_from(sum).unwrap_or(u64::MAX)
+/// An exact sum as the API's figures, saturating at u64::MAX.
+fn as_load((sessions, in_flight): Sum) -> InstanceLoad {
+    let clamp = |n: u128| u64::try_from(n).unwrap_or(u64::MAX);
+    InstanceLoad {
+        live_sessions: clamp(sessions),
+        in_flight: clamp(in_flight),
+    }
 }
 
 /// Moves one instance's sum from `old` to `new` figures; a zero sum is removed.

@@ -300,11 +300,10 @@ impl State {
             .max(self.reports_since)
     }
 
-    /// The heartbeats heard here since `since` (the PostgreSQL store shares them).
-    pub fn heard_since(&self, since: UnixMillis) -> Vec<(String, UnixMillis)> {
+    /// Every heartbeat heard here, with its time (the PostgreSQL store shares them).
+    pub fn heard(&self) -> Vec<(String, UnixMillis)> {
         self.heard
             .iter()
-            .filter(|(_, at)| **at > since)
             .map(|(id, at)| (id.clone(), *at))
             .collect()
     }

@@ -19,8 +19,9 @@
 //!
 //! - `locator_heartbeats (id, at)`: when each instance was last heard by any replica. A
 //!   heartbeat is held in the memory of the replica it reached (it is not an event: see
-//!   `State::hear`); each replica's sweep writes what it heard since its last sweep here and
-//!   reads what the others heard, before it looks for silent instances.
+//!   `State::hear`); before each sweep a replica writes what it heard here (each instance at
+//!   most every TTL/4) and reads what the others heard of the instances it would otherwise
+//!   find silent.
 //!
 //! A write: lock the revision row, catch up on changes other replicas made, run the rules on
 //! the caught-up state, insert the events, bump the revision, `NOTIFY locator_changes`, commit,
@@ -226,7 +227,7 @@ impl PostgresStore {
         let ttl = self.options.heartbeat_ttl.as_millis() as u64;
         let mine: Vec<(String, UnixMillis)> = {
             let mut shared = self.heard_shared.lock().unwrap_or_else(|p| p.into_inner());
-            let heard = self.committed.read(|s| s.heard_since(0));
+            let heard = self.committed.read(|s| s.heard());
             // Instances no longer heard (gone) are forgotten here too.
             let live: std::collections::HashSet<&str> =
                 heard.iter().map(|(id, _)| id.as_str()).collect();
@@ -327,16 +328,24 @@ impl PostgresStore {
                 .map(|service| local.partial(service, &self.replica_id, now))
                 .collect()
         };
-        for share in shares {
-            let body = serde_json::to_string(&share).map_err(corrupt)?;
-            pg.execute(
-                "INSERT INTO locator_reports (proxy_id, service, at, body) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
-                &[&share.proxy_id, &share.service, &(now as i64), &body],
-            )
-            .await
-            .map_err(db)?;
+        if shares.is_empty() {
+            return Ok(());
         }
+        // One statement for every service, as for the events and the heartbeats.
+        let services: Vec<&str> = shares.iter().map(|s| s.service.as_str()).collect();
+        let bodies = shares
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(corrupt)?;
+        pg.execute(
+            "INSERT INTO locator_reports (proxy_id, service, at, body)
+             SELECT $1, service, $2, body FROM UNNEST($3::text[], $4::text[]) AS s (service, body)
+             ON CONFLICT (proxy_id, service) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
+            &[&self.replica_id, &(now as i64), &services, &bodies],
+        )
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
