@@ -2,7 +2,7 @@
 # Builds haddock/<component>:<version> for every VERSION given, from ONE release build of the
 # binary (the version lives in the image's ENV/labels, not in the binary).
 #
-#   ci/build-images.sh [--failpoints] VERSION...                 # haddock/optimizer
+#   ci/build-images.sh [--failpoints] [--format 1] VERSION...    # haddock/optimizer
 #   ci/build-images.sh --component locator|proxy|optimizer VERSION...
 #   ci/build-images.sh --component dnsmasq VERSION...             # the DNS cache accessory
 #
@@ -14,20 +14,28 @@
 # image reads FAILPOINTS, e.g. FAILPOINTS='http::request=return' (every request but the health probes answers 500)
 # or FAILPOINTS='http::readyz=return' (never turns healthy). Images get the label
 # haddock.failpoints=true|false. --failpoints is for the optimizer only. Uses the legacy builder (no buildx, nothing is pulled).
+#
+# --format 1 builds the optimizer that writes the previous on-disk format (cargo feature
+# `format-v1`, see optimizer/src/format.rs): the tests build 1.0.0 so, and every release of 1.1.0
+# then crosses a real format change. Images get the label haddock.optimizer-format=1|2.
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--component locator|proxy|optimizer|dnsmasq] [--failpoints] VERSION..." >&2
+  echo "usage: $0 [--component locator|proxy|optimizer|dnsmasq] [--failpoints] [--format 1|2] VERSION..." >&2
   exit 2
 }
 
 features=()
 failpoints=false
+format=2
 versions=()
 component=optimizer
 while [ "$#" -gt 0 ]; do
   case "$1" in
-    --failpoints) features=(--features optimizer/failpoints); failpoints=true ;;
+    --failpoints) failpoints=true ;;
+    --format)
+      [ "$#" -ge 2 ] || usage
+      format="$2"; shift ;;
     --component)
       [ "$#" -ge 2 ] || usage
       component="$2"; shift ;;
@@ -43,8 +51,17 @@ case "$component" in
   optimizer|locator|proxy|dnsmasq) ;;
   *) echo "unknown component: $component (locator, proxy, optimizer or dnsmasq)" >&2; exit 2 ;;
 esac
-if $failpoints && [ "$component" != optimizer ]; then
-  echo "--failpoints only exists for the optimizer" >&2; exit 2
+if { $failpoints || [ "$format" != 2 ]; } && [ "$component" != optimizer ]; then
+  echo "--failpoints and --format only exist for the optimizer" >&2; exit 2
+fi
+case "$format" in
+  1) features+=(optimizer/format-v1) ;;
+  2) ;;
+  *) echo "unknown optimizer format: $format (1 or 2)" >&2; exit 2 ;;
+esac
+$failpoints && features+=(optimizer/failpoints)
+if [ "${#features[@]}" -gt 0 ]; then
+  features=(--features "$(IFS=,; echo "${features[*]}")")
 fi
 for v in "${versions[@]}"; do
   # Docker tag grammar.
@@ -89,12 +106,17 @@ if [ "$component" = dnsmasq ]; then
   printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$ctx/rootfs/etc/nsswitch.conf"
 fi
 
+labels=(--label "haddock.component=$component" --label "haddock.failpoints=$failpoints")
+what="failpoints=$failpoints"
+if [ "$component" = optimizer ]; then
+  labels+=(--label "haddock.optimizer-format=$format")
+  what="$what, format=$format"
+fi
 for v in "${versions[@]}"; do
   DOCKER_BUILDKIT=0 docker build --quiet \
     --build-arg "VERSION=$v" "${build_args[@]}" \
-    --label "haddock.component=$component" \
-    --label "haddock.failpoints=$failpoints" \
+    "${labels[@]}" \
     -t "haddock/$component:$v" "$ctx" >/dev/null
   size=$(docker image inspect -f '{{.Size}}' "haddock/$component:$v")
-  echo "built haddock/$component:$v ($((size / 1024 / 1024)) MiB, failpoints=$failpoints)"
+  echo "built haddock/$component:$v ($((size / 1024 / 1024)) MiB, $what)"
 done

@@ -22,7 +22,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/haddock/target}"
 if [ "${1:-}" = --build ]; then
   bash "$root/ci/build-images.sh" --component locator 0.1.0
   bash "$root/ci/build-images.sh" --component proxy 0.1.0
-  bash "$root/ci/build-images.sh" 1.0.0
+  bash "$root/ci/build-images.sh" --format 1 1.0.0
   bash "$root/ci/build-images.sh" --component dnsmasq 1
 fi
 for img in haddock/locator:0.1.0 haddock/proxy:0.1.0 haddock/optimizer:1.0.0 haddock/dnsmasq:1; do

@@ -12,5 +12,6 @@ source ci/setup.sh
 haddock_require_docker
 # The whole workspace, as every other script builds it (one feature set, no rebuilds).
 cargo build --release --workspace --all-targets
-bash ci/build-images.sh 1.0.0 1.1.0
+bash ci/build-images.sh --format 1 1.0.0
+bash ci/build-images.sh 1.1.0
 exec "$CARGO_TARGET_DIR/release/haddock-proof" "$@"

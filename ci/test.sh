@@ -10,9 +10,12 @@ haddock_require_postgres
 
 cargo build --release --workspace --all-targets
 # Test images: a build with failpoints (the failure cases pick theirs with FAILPOINTS), then the
-# two good versions — built last, so the binary left in the target dir is the default build.
+# two good versions: 1.0.0 writes the previous on-disk format (1), 1.1.0 the current one (2), so
+# every release of 1.1.0 crosses a format change. The default build goes last, so the binary
+# left in the target dir is the default one.
 bash ci/build-images.sh --failpoints 9.9.9-faulty
-bash ci/build-images.sh 1.0.0 1.1.0
+bash ci/build-images.sh --format 1 1.0.0
+bash ci/build-images.sh 1.1.0
 # The DNS cache accessory (Debian's dnsmasq, no cargo build).
 bash ci/build-images.sh --component dnsmasq 1
 # The Compose stack: up, healthy, a haddock release into it, traffic through its proxy, down.

@@ -523,6 +523,58 @@ impl Host {
         Ok(info.ncpu.and_then(|n| u32::try_from(n).ok()))
     }
 
+    /// Runs `cmd` inside the running container `id` (Docker's exec, as the container's user,
+    /// with its environment) and waits for it, at most `timeout`: its exit code and its output
+    /// (stdout then stderr as they came, the last 4 KiB).
+    pub async fn exec(&self, id: &str, cmd: &[String], timeout: Duration) -> Result<(i64, String)> {
+        let what = || {
+            format!(
+                "exec {:?} in {id}",
+                cmd.first().cloned().unwrap_or_default()
+            )
+        };
+        let config = bollard::models::ExecConfig {
+            cmd: Some(cmd.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let run = async {
+            let exec = self.docker.create_exec(id, config).await?;
+            let mut out = String::new();
+            if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+                self.docker.start_exec(&exec.id, None).await?
+            {
+                while let Some(chunk) = output.next().await {
+                    out.push_str(&chunk?.to_string());
+                    if out.len() > 8192 {
+                        out.drain(..out.len() - 4096);
+                    }
+                }
+            }
+            let inspect = self.docker.inspect_exec(&exec.id).await?;
+            Ok::<_, bollard::errors::Error>((inspect.exit_code.unwrap_or(-1), out))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((code, mut out))) => {
+                if out.len() > 4096 {
+                    let cut = out.len() - 4096;
+                    let cut = (cut..out.len())
+                        .find(|i| out.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    out.drain(..cut);
+                }
+                Ok((code, out))
+            }
+            Ok(Err(e)) => Err(Error::docker(&self.name, what(), e)),
+            Err(_) => Err(Error::docker(
+                &self.name,
+                format!("{} (no exit within {timeout:?})", what()),
+                bollard::errors::Error::RequestTimeoutError,
+            )),
+        }
+    }
+
     /// The last `lines` lines of stdout and stderr (best effort: an error becomes the text).
     pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
         let opts = LogsOptions {

@@ -148,7 +148,7 @@ fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
     // The same steps as a PUT: chunker, per-chunk hash and ingest, commit.
     let mut ingest = store.begin_ingest()?;
     chunk_frames(data, store.chunk_params(), |c| ingest.add(c))?;
-    Ok(ingest.commit(key)?.stored_bytes)
+    Ok(ingest.commit(key, None)?.stored_bytes)
 }
 
 fn peak_rss() -> u64 {

@@ -1,5 +1,5 @@
-//! Command line: `serve`, `health` (for Docker's HEALTHCHECK in an image with no shell) and
-//! `bench`. `main.rs` only parses and calls `run`.
+//! Command line: `serve`, `health` (for Docker's HEALTHCHECK in an image with no shell),
+//! `handover` (run by haddock inside an old container, see `Volume::hand_over`) and `bench`. `main.rs` only parses and calls `run`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +67,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Exit 0 when the local instance is ready, 1 otherwise.
     Health(HealthArgs),
+    /// Ask the local instance to hand the cache volume's writer role over to other instances
+    /// of the volume (what haddock runs in an old container once the new ones take all new
+    /// sessions). Exit 0 when it answered (handed over, or it was not the writer), 1 otherwise.
+    Handover(HandoverArgs),
     /// Print throughput, dedup and memory figures on synthetic data.
     Bench(BenchArgs),
 }
@@ -165,6 +169,21 @@ pub struct HealthArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct HandoverArgs {
+    /// Instance ids that may take the writer role, comma-separated (readers of the same volume).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub to: Vec<String>,
+    /// The local instance's listen address; the request goes to `127.0.0.1:<its port>`.
+    #[arg(long, env = "OPTIMIZER_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// The write token's file, as for `serve` (or OPTIMIZER_WRITE_TOKEN).
+    #[arg(long, env = "OPTIMIZER_WRITE_TOKEN_FILE")]
+    pub write_token_file: Option<PathBuf>,
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Size of the synthetic dataset.
     #[arg(long, default_value_t = 128)]
@@ -205,6 +224,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
+        Command::Handover(args) => handover(args),
         Command::Bench(args) => {
             let report = bench::run(&BenchConfig {
                 size_mib: args.size_mib,
@@ -212,6 +232,46 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             println!("{report}");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `optimizer handover`: POST /v1/volume/handover to the local instance; its answer on stdout.
+fn handover(args: HandoverArgs) -> Result<ExitCode> {
+    let token = WriteToken::load(
+        args.write_token_file.as_deref(),
+        std::env::var(auth::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
+    )?;
+    let url = format!("http://127.0.0.1:{}/v1/volume/handover", args.listen.port());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = rt.block_on(async {
+        let client = reqwest::Client::builder().timeout(args.timeout).build()?;
+        let mut req = client
+            .post(&url)
+            .json(&serde_json::json!({ "to": args.to }));
+        if let Some(t) = &token {
+            req = req.header(http::header::AUTHORIZATION, t.bearer());
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        Ok::<_, reqwest::Error>((status, resp.text().await?))
+    });
+    match answer {
+        Ok((status, body)) if status.is_success() => {
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok((status, body)) => {
+            eprintln!("hand-over refused by {url}: {status} {body}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("hand-over: {url}: {e}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -286,6 +346,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             Some((url.to_owned(), service))
         }
     };
+    // Before anything on the volume is touched: a volume a newer, incompatible version wrote
+    // is refused here, whole, and haddock's health gate then fails the release.
+    let format = crate::format::Marker::new(&args.cache).check()?;
+    tracing::info!(volume = ?format, writes = crate::format::FORMAT, "cache volume format");
     std::fs::create_dir_all(&args.cache)?;
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;

@@ -79,6 +79,13 @@ pub enum Error {
     /// The cache is not open yet.
     #[error("cache not open yet")]
     NotReady,
+    /// The cache volume's on-disk format is one this build cannot read (see `format`): refused
+    /// before anything on the volume is touched.
+    #[error("incompatible cache volume: {0}")]
+    IncompatibleFormat(String),
+    /// A `Content-Type` this service does not store (see `manifest::content_type`).
+    #[error("invalid content type: {0}")]
+    InvalidContentType(String),
     /// The command line or environment is unusable (reported at startup, never on the wire).
     #[error("configuration: {0}")]
     Config(String),
@@ -129,16 +136,18 @@ impl Error {
             | Error::InvalidHash(_)
             | Error::BadRequest(_)
             | Error::HashMismatch { .. }
-            | Error::UnknownPeer(_) => StatusCode::BAD_REQUEST,
+            | Error::UnknownPeer(_)
+            | Error::InvalidContentType(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::PeerUnreachable { .. } | Error::PeerError { .. } => StatusCode::BAD_GATEWAY,
-            Error::WriterUnavailable(_) | Error::NotWriter | Error::NotReady => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::WriterUnavailable(_)
+            | Error::NotWriter
+            | Error::NotReady
+            | Error::IncompatibleFormat(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::CorruptChunk { .. }
             | Error::MissingChunk(_)
@@ -173,6 +182,8 @@ impl Error {
             Error::WriterUnavailable(_) => "writer_unavailable",
             Error::NotWriter => "not_writer",
             Error::NotReady => "not_ready",
+            Error::IncompatibleFormat(_) => "incompatible_format",
+            Error::InvalidContentType(_) => "invalid_content_type",
             Error::Internal(_) => "internal",
         }
     }

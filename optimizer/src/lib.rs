@@ -11,6 +11,7 @@ pub mod bench;
 pub mod chunker;
 pub mod cli;
 pub mod error;
+pub mod format;
 pub mod manifest;
 pub mod metrics;
 /// The peer optimizers pulls and read-through fetch from: `--peer` and locator discovery.

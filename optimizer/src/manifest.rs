@@ -69,6 +69,10 @@ pub struct ChunkRef {
 }
 
 /// What an object is made of.
+///
+/// `format` and `content_type` are format 2 (see [`crate::format`]): a build with the
+/// `format-v1` feature neither writes nor reads them, exactly as the optimizers before them,
+/// and ignores them in what a newer version wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Total length of the object in bytes.
@@ -76,6 +80,37 @@ pub struct Manifest {
     /// The object's digest, hex (see [`Manifest::digest_of`]); also its ETag.
     pub digest: String,
     pub chunks: Vec<ChunkRef>,
+    /// The format the manifest was written in; absent, so 1, in format 1.
+    #[cfg_attr(not(feature = "format-v1"), serde(default = "format_1"))]
+    #[cfg_attr(feature = "format-v1", serde(skip, default = "format_1"))]
+    pub format: u32,
+    /// The `Content-Type` the object was stored with (checked by [`content_type`]).
+    #[cfg_attr(
+        not(feature = "format-v1"),
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    #[cfg_attr(feature = "format-v1", serde(skip))]
+    pub content_type: Option<String>,
+}
+
+fn format_1() -> u32 {
+    1
+}
+
+/// The longest `Content-Type` an object is stored with.
+pub const MAX_CONTENT_TYPE: usize = 256;
+
+/// The `Content-Type` to store with an object: `None` when absent; refused when longer than
+/// [`MAX_CONTENT_TYPE`] or not printable ASCII (it goes back into response headers).
+pub fn content_type(value: Option<&[u8]>) -> Result<Option<String>> {
+    let Some(v) = value else { return Ok(None) };
+    if v.is_empty() || v.len() > MAX_CONTENT_TYPE || v.iter().any(|b| !(b' '..=b'~').contains(b)) {
+        return Err(Error::InvalidContentType(format!(
+            "{:?}: use 1..={MAX_CONTENT_TYPE} printable ASCII characters",
+            String::from_utf8_lossy(&v[..v.len().min(64)])
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(v).into_owned()))
 }
 
 /// Key-derivation context of object digests: a BLAKE3 mode of their own, so that an object
@@ -83,6 +118,17 @@ pub struct Manifest {
 const DIGEST_CONTEXT: &str = "haddock optimizer 2026-11 object digest v1";
 
 impl Manifest {
+    /// The manifest of an object made of `chunks`, in this build's format.
+    pub fn new(chunks: Vec<ChunkRef>, content_type: Option<String>) -> Manifest {
+        Manifest {
+            size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+            digest: Manifest::digest_of(&chunks),
+            chunks,
+            format: crate::format::FORMAT,
+            content_type,
+        }
+    }
+
     /// The digest of an object made of `chunks`: BLAKE3 (key-derivation mode) over every chunk's
     /// length and hash, in order — a hash list, like a Merkle root of one level. Each chunk
     /// hash is BLAKE3 of the chunk's bytes, so this pins the content down as surely as hashing
@@ -259,6 +305,56 @@ fn position(s: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn manifests_of_other_formats_are_read_and_their_unknown_fields_ignored() {
+        let v1: Manifest = serde_json::from_str(r#"{"size":0,"digest":"d","chunks":[]}"#).unwrap();
+        assert_eq!((v1.format, v1.content_type.as_deref()), (1, None));
+        let later: Manifest = serde_json::from_str(
+            r#"{"size":0,"digest":"d","chunks":[],"format":3,"content_type":"text/csv","tier":"cold"}"#,
+        )
+        .unwrap();
+        assert_eq!(later.size, 0);
+        if crate::format::FORMAT >= 2 {
+            assert_eq!(
+                (later.format, later.content_type.as_deref()),
+                (3, Some("text/csv"))
+            );
+            let json = serde_json::to_value(Manifest::new(Vec::new(), Some("a/b".into()))).unwrap();
+            assert_eq!(
+                (json["format"].as_u64(), json["content_type"].as_str()),
+                (Some(2), Some("a/b"))
+            );
+        } else {
+            // Format 1 neither reads nor writes them: its manifests are those of before.
+            assert_eq!((later.format, later.content_type.as_deref()), (1, None));
+            let json =
+                serde_json::to_string(&Manifest::new(Vec::new(), Some("a/b".into()))).unwrap();
+            assert!(
+                !json.contains("format") && !json.contains("content_type"),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_types_are_bounded_printable_ascii() {
+        assert_eq!(content_type(None).unwrap(), None);
+        assert_eq!(
+            content_type(Some(b"text/plain; charset=utf-8"))
+                .unwrap()
+                .as_deref(),
+            Some("text/plain; charset=utf-8")
+        );
+        for bad in [
+            &b""[..],
+            b"a\x01b",
+            "é".as_bytes(),
+            &[b'a'; MAX_CONTENT_TYPE + 1],
+        ] {
+            assert!(content_type(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
     fn manifest(lens: &[u32]) -> Manifest {
         Manifest {
             size: lens.iter().map(|&l| u64::from(l)).sum(),
@@ -270,6 +366,8 @@ mod tests {
                     len,
                 })
                 .collect(),
+            format: crate::format::FORMAT,
+            content_type: None,
         }
     }
 

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use crate::auth::WriteToken;
 use crate::chunker::{self, Chunker};
 use crate::error::{task_failed, Error, Result};
-use crate::manifest::{parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
+use crate::manifest::{self, parse_range, validate_key, ChunkHash, ChunkRef, Manifest};
 use crate::metrics::{
     method_label, read_through, Metrics, OutcomeLabels, RequestLabels, RouteLabels,
 };
@@ -61,6 +61,10 @@ const MAX_STORED_CHUNK: u64 = sync::MAX_STORED_CHUNK as u64;
 /// are all in memory at once (~3x the body), so this stays far below the 256 MiB cap of a
 /// container (it was 64 MiB: ~200 MB per request).
 const MISSING_BODY_LIMIT: u64 = 8 << 20;
+/// `POST /v1/volume/handover` takes a short list of instance ids.
+const HANDOVER_BODY_LIMIT: u64 = 64 << 10;
+/// How long a hand-over's answer waits for a successor to publish itself as the writer.
+const HANDOVER_TAKEN_WAIT: Duration = Duration::from_secs(5);
 /// An oversized body is read and discarded up to this much before answering 413, so that the
 /// client sees the answer instead of a reset connection.
 const DRAIN_LIMIT: u64 = 64 << 20;
@@ -108,6 +112,7 @@ enum Route<'a> {
     Pull(&'a str),
     Missing,
     Chunk(&'a str),
+    Handover,
     Unknown,
 }
 
@@ -124,6 +129,7 @@ impl<'a> Route<'a> {
             ["v1", "objects", k, "pull"] => Route::Pull(k),
             ["v1", "chunks", "missing"] => Route::Missing,
             ["v1", "chunks", h] => Route::Chunk(h),
+            ["v1", "volume", "handover"] => Route::Handover,
             _ => Route::Unknown,
         }
     }
@@ -140,6 +146,7 @@ impl<'a> Route<'a> {
             Route::Pull(_) => "/v1/objects/{key}/pull",
             Route::Missing => "/v1/chunks/missing",
             Route::Chunk(_) => "/v1/chunks/{hash}",
+            Route::Handover => "/v1/volume/handover",
             Route::Unknown => "unknown",
         }
     }
@@ -265,6 +272,13 @@ struct MissingRequest {
     hashes: Vec<String>,
 }
 
+/// Body of `POST /v1/volume/handover`: the instances that may become the writer.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandoverRequest {
+    to: Vec<String>,
+}
+
 impl App {
     pub fn new(volume: Arc<Volume>, metrics: Arc<Metrics>, cfg: ServerConfig) -> Arc<App> {
         let client = reqwest::Client::builder()
@@ -331,6 +345,7 @@ impl App {
             (Route::Object(_), &Method::PUT | &Method::DELETE)
                 | (Route::Chunk(_), &Method::PUT)
                 | (Route::Pull(_), &Method::POST)
+                | (Route::Handover, &Method::POST)
         );
         if mutation {
             // Before anything else (key checks, forwarding): an anonymous client learns nothing.
@@ -449,6 +464,23 @@ impl App {
                     }
                     Exec::Remote(resp) => Ok(resp),
                 }
+            }
+            Route::Handover if method == Method::POST => {
+                let body = read_body(req.into_body(), HANDOVER_BODY_LIMIT).await?;
+                let parsed: HandoverRequest = serde_json::from_slice(&body).map_err(|e| {
+                    Error::BadRequest(format!(
+                        "expected {{\"to\": [\"<instance id>\", ...]}}: {e}"
+                    ))
+                })?;
+                if parsed.to.is_empty() || parsed.to.len() > 64 {
+                    return Err(Error::BadRequest(
+                        "\"to\" lists 1 to 64 instance ids".into(),
+                    ));
+                }
+                let volume = self.volume.clone();
+                let report =
+                    blocking(move || volume.hand_over(&parsed.to, HANDOVER_TAKEN_WAIT)).await?;
+                Ok(json(StatusCode::OK, &report))
             }
             Route::Missing if method == Method::POST => {
                 let store = self.volume.store()?;
@@ -732,6 +764,14 @@ impl App {
             drain(req.into_body()).await;
             return Err(Error::TooLarge { limit });
         }
+        let content_type =
+            match manifest::content_type(req.headers().get(CONTENT_TYPE).map(|v| v.as_bytes())) {
+                Ok(ct) => ct,
+                Err(e) => {
+                    drain(req.into_body()).await;
+                    return Err(e);
+                }
+            };
         let mut body = req.into_body();
         let mut ingest = store.begin_ingest()?;
         let mut chunker = Chunker::new(store.chunk_params());
@@ -753,7 +793,7 @@ impl App {
         let k = key.to_owned();
         let report = blocking(move || {
             fail::fail_point!("ingest::before_commit");
-            ingest.commit(&k)
+            ingest.commit(&k, content_type)
         })
         .await?;
         self.metrics.ingested(report.size, report.stored_bytes);
@@ -793,7 +833,13 @@ impl App {
         let mut builder = Response::builder()
             .header(ETAG, &etag)
             .header(ACCEPT_RANGES, "bytes")
-            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(
+                CONTENT_TYPE,
+                manifest
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+            )
             .header(CONTENT_LENGTH, end - start);
         if range.is_some() {
             builder = builder
@@ -823,8 +869,17 @@ impl App {
         }
         let metrics = self.metrics.clone();
         let path = req.uri().path().to_owned();
+        // The rest is read from whatever store the volume has then, not from `store`: a
+        // response that outlives a hand-over of the writer role must not hold the old
+        // writer's database open (the successor could not open it); the chunks it needs are
+        // in the secondary too, kept by the reclaim grace.
+        drop(store);
+        let volume = self.volume.clone();
         let rest = futures_util::stream::iter(groups)
-            .then(move |group| read_group(store.clone(), chunks.clone(), group))
+            .then(move |group| {
+                let (store, chunks) = (volume.store(), chunks.clone());
+                async move { read_group(store?, chunks, group).await }
+            })
             .map_ok(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok::<Bytes, Error>)))
             .try_flatten()
             .map_err(move |e: Error| {

@@ -692,13 +692,9 @@ impl Ingest {
     /// reference counts (replacing any previous object under `key`) together with the
     /// remaining chunks in one synced batch. Once this returns, the object survives a crash;
     /// before, none of it is visible.
-    pub fn commit(mut self, key: &str) -> Result<IngestReport> {
+    pub fn commit(mut self, key: &str, content_type: Option<String>) -> Result<IngestReport> {
         let chunks = std::mem::take(&mut self.chunks);
-        let manifest = Manifest {
-            size: self.size,
-            digest: Manifest::digest_of(&chunks),
-            chunks,
-        };
+        let manifest = Manifest::new(chunks, content_type);
         let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let store = self.store.clone();
         let mut batch = std::mem::take(&mut self.batch);
@@ -775,7 +771,7 @@ mod tests {
         for c in chunker::chunks_of(data, store.chunk_params()) {
             ingest.add(&c).unwrap();
         }
-        ingest.commit(key).unwrap()
+        ingest.commit(key, None).unwrap()
     }
 
     fn get(store: &Store, key: &str) -> Option<Vec<u8>> {
@@ -799,7 +795,7 @@ mod tests {
             if ingest.reference(ChunkRef { hash, len: listed }).unwrap() {
                 ingest.supply(hash, chunker::encode(&data)).unwrap();
             }
-            ingest.commit("liar").unwrap();
+            ingest.commit("liar", None).unwrap();
             let m = store.manifest("liar").unwrap().unwrap();
             let groups = Manifest::read_groups(&m.chunks, 0, m.size, 1 << 20);
             let err = store.pieces(&m.chunks, &groups[0]).unwrap_err();
@@ -884,7 +880,7 @@ mod tests {
             m.chunks.len() - 1,
             "all but the pinned one"
         );
-        let report = ingest.commit("b").unwrap();
+        let report = ingest.commit("b", None).unwrap();
         assert_eq!(report.new_chunks, 0);
         assert_eq!(store.reap(after_grace()).unwrap(), 0);
         assert!(store.chunk(&m.chunks[0].hash).is_ok());

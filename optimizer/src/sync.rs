@@ -171,6 +171,14 @@ pub async fn pull(
     max_size: u64,
 ) -> Result<PullReport> {
     let manifest = fetch_manifest(client, peer, key, max_size).await?;
+    // Kept as the peer stored it, if it is one we would have stored ourselves.
+    let content_type =
+        crate::manifest::content_type(manifest.content_type.as_deref().map(str::as_bytes))
+            .map_err(|e| Error::PeerError {
+                peer: peer.to_owned(),
+                status: 200,
+                message: format!("manifest of {key}: {e}"),
+            })?;
     let mut ingest = store.begin_ingest()?;
     let mut wanted = Vec::new();
     let mut held = Vec::new();
@@ -221,7 +229,7 @@ pub async fn pull(
     // The digest was checked against the chunk list (`validate`), and every chunk against its
     // hash and length: the committed object is exactly the one the peer listed.
     let key_owned = key.to_owned();
-    let report = tokio::task::spawn_blocking(move || ingest.commit(&key_owned))
+    let report = tokio::task::spawn_blocking(move || ingest.commit(&key_owned, content_type))
         .await
         .map_err(task_failed)??;
     let transfer_ratio = if report.size == 0 {

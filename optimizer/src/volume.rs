@@ -7,6 +7,8 @@
 //!   process dies, even by kill -9, which is what lets a reader notice and take over. Probing
 //!   it is free of side effects, unlike a failed `DB::open` (which rotates RocksDB's info log);
 //! - `writer.json`: the advertised URL of the current writer, where readers forward mutations;
+//! - `handover.json`: a planned hand-over of the writer role in progress (`Volume::hand_over`);
+//! - `format.json`: the volume's on-disk format (`crate::format`);
 //! - `secondary/<instance-id>/`: each reader's RocksDB secondary directory.
 
 use std::fs::{File, OpenOptions};
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::auth::WriteToken;
 use crate::error::{Error, Result};
+use crate::format::Marker;
 use crate::store::{Store, StoreOptions};
 
 /// Header marking a request forwarded by a reader, so that a stale writer.json can never make
@@ -53,6 +56,55 @@ pub struct WriterInfo {
     pub instance_id: String,
     pub url: String,
     pub pid: u32,
+}
+
+/// Contents of `handover.json`: a planned hand-over of the writer role (see
+/// [`Volume::hand_over`]). While it is fresh ([`HANDOVER_WINDOW`]) only the instances it names
+/// may take the volume over, and they try at once.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Handover {
+    pub from: String,
+    pub to: Vec<String>,
+    /// When it was written, in milliseconds since the Unix epoch (one kernel's clock).
+    pub at_ms: u64,
+    /// The old writer closed its database cleanly: no interrupted ingest left orphans to sweep.
+    pub clean: bool,
+}
+
+/// How long a hand-over reserves the volume for its successors. Past it, a successor that
+/// never came (it died meanwhile) no longer keeps the volume without a writer: anyone takes it.
+pub const HANDOVER_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long a hand-over waits for the writes in flight before it gives up (and stays the writer).
+pub const QUIESCE_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often a forwarded mutation tries again while no writer answers.
+const FORWARD_RETRY: Duration = Duration::from_millis(25);
+
+/// How often a named successor probes the volume's lock during a hand-over.
+const HANDOVER_POLL: Duration = Duration::from_millis(5);
+
+/// What [`Volume::hand_over`] did, answered to whoever asked (haddock, through `optimizer handover`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HandoverReport {
+    /// False when this instance was not the writer: nothing to hand over.
+    pub handed_over: bool,
+    pub instance_id: String,
+    pub to: Vec<String>,
+    /// The successor that published itself as the writer, if one did within the wait.
+    pub taken_by: Option<String>,
+    /// Waiting for the writes in flight to finish.
+    pub quiesce_ms: u64,
+    /// Flushing the database and closing it.
+    pub flush_ms: u64,
+    /// From the request until a successor published itself (or the wait ran out).
+    pub total_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A mutating request to be executed by the writer.
@@ -201,6 +253,9 @@ pub struct Volume {
     cfg: VolumeConfig,
     store: RwLock<Option<Arc<Store>>>,
     leader: Mutex<Option<Flock<File>>>,
+    /// Held while the role changes (becoming the writer, handing it over): the two never interleave.
+    role: Mutex<()>,
+    marker: Marker,
     client: reqwest::Client,
 }
 
@@ -213,9 +268,11 @@ impl Volume {
             .build()
             .expect("a client without TLS always builds");
         Arc::new(Volume {
+            marker: Marker::new(&cfg.cache_dir),
             cfg,
             store: RwLock::new(None),
             leader: Mutex::new(None),
+            role: Mutex::new(()),
             client,
         })
     }
@@ -226,6 +283,17 @@ impl Volume {
 
     fn writer_json(&self) -> PathBuf {
         self.cfg.cache_dir.join("writer.json")
+    }
+
+    fn handover_json(&self) -> PathBuf {
+        self.cfg.cache_dir.join("handover.json")
+    }
+
+    /// The hand-over in progress, if `handover.json` is fresh.
+    pub fn handover(&self) -> Option<Handover> {
+        let bytes = std::fs::read(self.handover_json()).ok()?;
+        let h: Handover = serde_json::from_slice(&bytes).ok()?;
+        (now_ms().saturating_sub(h.at_ms) < HANDOVER_WINDOW.as_millis() as u64).then_some(h)
     }
 
     /// The open store, whatever our role.
@@ -304,16 +372,10 @@ impl Volume {
             url: self.cfg.advertise.clone(),
             pid: std::process::id(),
         };
-        let tmp = self
-            .cfg
-            .cache_dir
-            .join(format!(".writer.json.{}", self.cfg.instance_id));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&info).map_err(|e| Error::Internal(e.to_string()))?,
-        )?;
-        std::fs::rename(&tmp, self.writer_json())?;
-        Ok(())
+        replace_file(
+            &self.writer_json(),
+            &serde_json::to_vec(&info).map_err(|e| Error::Internal(e.to_string()))?,
+        )
     }
 
     /// The current writer as published in writer.json.
@@ -322,27 +384,64 @@ impl Volume {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// One step of the life cycle: open if not open, take over if the writer is gone.
-    /// Blocking (RocksDB opens and recovery); run on a blocking thread.
-    fn step(&self) -> Result<()> {
+    /// One step of the life cycle: open if not open, take over if the writer is gone (and no
+    /// hand-over reserves the volume for others). `catch_up`: a reader that stays one catches
+    /// up with the writer. Blocking (RocksDB opens and recovery); run on a blocking thread.
+    fn step(&self, catch_up: bool) -> Result<()> {
+        let _role = self.role.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.store().ok();
         if current.as_ref().is_some_and(|s| s.is_writer()) {
             return Ok(());
         }
-        if self.try_lead()? {
+        // A newer, incompatible version may have claimed the volume since we opened it: then
+        // we must neither write nor serve what we can no longer read.
+        if let Err(e) = self.marker.check() {
+            self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+            return Err(e);
+        }
+        let planned = self.handover();
+        let named = planned
+            .as_ref()
+            .is_some_and(|h| h.to.contains(&self.cfg.instance_id));
+        if (planned.is_none() || named) && self.try_lead()? {
+            let t = Instant::now();
+            if let Err(e) = self.marker.claim() {
+                self.leader.lock().unwrap_or_else(|p| p.into_inner()).take();
+                return Err(e);
+            }
             let store = Arc::new(self.open_writer()?);
             *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store.clone());
             self.publish_writer()?;
-            tracing::info!(instance = %self.cfg.instance_id, url = %self.cfg.advertise, "became the writer of the cache volume");
-            match store.sweep_orphans() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(reclaimed = n, "reclaimed chunks of interrupted ingests"),
-                Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
+            // Read again now that the lock is ours: the old writer marks it clean last.
+            let planned = self
+                .handover()
+                .filter(|h| h.to.contains(&self.cfg.instance_id));
+            match &planned {
+                Some(h) => {
+                    let _ = std::fs::remove_file(self.handover_json());
+                    tracing::info!(instance = %self.cfg.instance_id, url = %self.cfg.advertise, from = %h.from,
+                        open_ms = t.elapsed().as_millis() as u64, since_handover_ms = now_ms().saturating_sub(h.at_ms),
+                        "became the writer of the cache volume (handed over)");
+                }
+                None => tracing::info!(instance = %self.cfg.instance_id, url = %self.cfg.advertise,
+                    open_ms = t.elapsed().as_millis() as u64, "became the writer of the cache volume"),
+            }
+            // A clean hand-over leaves no interrupted ingest behind: nothing to sweep (and the
+            // sweep reads every chunk, a cost users would feel right after the hand-over).
+            if !planned.is_some_and(|h| h.clean) {
+                match store.sweep_orphans() {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(reclaimed = n, "reclaimed chunks of interrupted ingests")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "orphan sweep failed"),
+                }
             }
             return Ok(());
         }
         match current {
-            Some(reader) => reader.catch_up(),
+            Some(reader) if catch_up => reader.catch_up(),
+            Some(_) => Ok(()),
             None => {
                 let store = self.open_reader()?;
                 *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
@@ -361,6 +460,7 @@ impl Volume {
         // Reaping a few seconds late costs nothing; a tight loop on a huge queue would.
         let reap_interval = (self.cfg.store.reclaim_grace / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let mut refused = false;
         loop {
             let this = self.clone();
             let writer = self.writer();
@@ -376,24 +476,39 @@ impl Volume {
                 .await;
                 (reap_interval, res)
             } else {
-                let try_lead =
-                    last_takeover_try.elapsed() >= self.cfg.takeover_interval || !self.is_open();
+                // Named by a hand-over: the old writer is closing for us, take its place at once.
+                let named = self
+                    .handover()
+                    .is_some_and(|h| h.to.contains(&self.cfg.instance_id));
+                let due = last_takeover_try.elapsed() >= self.cfg.takeover_interval;
+                let try_lead = due || named || !self.is_open();
                 if try_lead {
                     last_takeover_try = Instant::now();
                 }
                 let res = tokio::task::spawn_blocking(move || {
                     if try_lead {
-                        this.step()
+                        this.step(!named || due)
                     } else {
                         this.store()?.catch_up()
                     }
                 })
                 .await;
-                (self.cfg.catch_up_interval, res)
+                let wait = if named {
+                    HANDOVER_POLL
+                } else {
+                    self.cfg.catch_up_interval
+                };
+                (wait, res)
             };
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if is_writer => tracing::warn!(error = %e, "reclaiming chunks failed"),
+                // Logged once, not at every takeover try.
+                Ok(Err(e @ Error::IncompatibleFormat(_))) if !refused => {
+                    refused = true;
+                    tracing::error!(error = %e, "the cache volume is closed to this instance")
+                }
+                Ok(Err(Error::IncompatibleFormat(_))) => {}
                 // Normal while the writer has not created the database yet.
                 Ok(Err(e)) => tracing::debug!(error = %e, "cache volume step failed; retrying"),
                 Err(e) => tracing::warn!(error = %e, "cache volume task panicked"),
@@ -438,7 +553,9 @@ impl Volume {
                 return Err(Error::WriterUnavailable(last_problem));
             }
             tracing::debug!(problem = %last_problem, "writer not reachable; retrying");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Short: a planned hand-over moves the role in tens of milliseconds, and every
+            // write waiting meanwhile goes out on the retry after the successor published.
+            tokio::time::sleep(FORWARD_RETRY).await;
         }
     }
 
@@ -480,6 +597,112 @@ impl Volume {
         })
     }
 
+    /// Hands the writer role over to one of `to` (instance ids of readers of this volume),
+    /// planned, so that writers wait for it a fraction of a second instead of the seconds of a
+    /// takeover after the old writer's exit: new requests are served from a secondary and
+    /// their writes forwarded (they wait for the successor); the writes in flight finish
+    /// (at most [`QUIESCE_LIMIT`], else nothing changes and this instance stays the writer);
+    /// the database is flushed and closed, `handover.json` names the successors, and the lock
+    /// is released. The successors, which read `handover.json` every catch-up, probe the lock
+    /// every few milliseconds and the first takes it, with no WAL to replay and no orphans to
+    /// sweep. Waits up to `wait` for one to publish itself. Blocking; run on a blocking thread.
+    pub fn hand_over(&self, to: &[String], wait: Duration) -> Result<HandoverReport> {
+        let t0 = Instant::now();
+        let mut report = HandoverReport {
+            handed_over: false,
+            instance_id: self.cfg.instance_id.clone(),
+            to: to.to_vec(),
+            taken_by: None,
+            quiesce_ms: 0,
+            flush_ms: 0,
+            total_ms: 0,
+        };
+        let role = self.role.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(primary) = self.writer() else {
+            return Ok(report);
+        };
+        let readers = self.cfg.cache_dir.join("secondary");
+        let known = to.iter().any(|id| {
+            *id != self.cfg.instance_id
+                && !id.is_empty()
+                && !id.contains(['/', '\\'])
+                && !id.starts_with('.')
+                && readers.join(id).is_dir()
+        });
+        if !known {
+            return Err(Error::BadRequest(format!(
+                "none of {to:?} is a reader of this cache volume: the writer stays {}",
+                self.cfg.instance_id
+            )));
+        }
+        let mut handover = Handover {
+            from: self.cfg.instance_id.clone(),
+            to: to.to_vec(),
+            at_ms: now_ms(),
+            clean: false,
+        };
+        let announce = |h: &Handover| {
+            let json = serde_json::to_vec(h).map_err(|e| Error::Internal(e.to_string()))?;
+            replace_file(&self.handover_json(), &json)
+        };
+        // Announced first: the successors start probing the lock while the writes in flight
+        // finish, and no other reader will take it.
+        announce(&handover)?;
+        let restore = |primary: Arc<Store>, e: Error| {
+            *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(primary);
+            let _ = std::fs::remove_file(self.handover_json());
+            tracing::warn!(error = %e, "hand-over abandoned: still the writer");
+            Err(e)
+        };
+        // From here new requests find a reader: their reads go to a secondary, their writes
+        // are forwarded and wait for the successor.
+        match self.open_reader() {
+            Ok(reader) => {
+                *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(reader))
+            }
+            Err(e) => return restore(primary, e),
+        }
+        let deadline = Instant::now() + QUIESCE_LIMIT;
+        while Arc::strong_count(&primary) > 1 {
+            if Instant::now() >= deadline {
+                let e = Error::WriterUnavailable(format!(
+                    "writes in flight did not finish within {} s; {} stays the writer",
+                    QUIESCE_LIMIT.as_secs(),
+                    self.cfg.instance_id
+                ));
+                return restore(primary, e);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        report.quiesce_ms = t0.elapsed().as_millis() as u64;
+        let t1 = Instant::now();
+        if let Err(e) = primary.flush() {
+            return restore(primary, e);
+        }
+        handover.clean = true;
+        handover.at_ms = now_ms();
+        if let Err(e) = announce(&handover) {
+            return restore(primary, e);
+        }
+        // The last reference (counted above): RocksDB's LOCK goes with it, then ours.
+        drop(primary);
+        self.leader.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(role);
+        report.flush_ms = t1.elapsed().as_millis() as u64;
+        report.handed_over = true;
+        tracing::info!(to = ?to, quiesce_ms = report.quiesce_ms, flush_ms = report.flush_ms, "handed the cache volume over");
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if let Some(w) = self.writer_info().filter(|w| to.contains(&w.instance_id)) {
+                report.taken_by = Some(w.instance_id);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        report.total_ms = t0.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
     /// Closes the store (flushing it if we are the writer), then gives up the leadership.
     pub fn close(&self) {
         let store = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -500,6 +723,18 @@ impl Volume {
     pub fn cache_dir(&self) -> &Path {
         &self.cfg.cache_dir
     }
+}
+
+/// Replaces `path` whole: readers of the volume see the old contents or the new, never a
+/// part (a temporary file beside it, synced, then renamed over it).
+pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| Error::Io(e.error))?;
+    Ok(())
 }
 
 fn is_not_writer(answer: &Forwarded) -> bool {

@@ -233,15 +233,7 @@ async fn allowing_anonymous_writes_does_not_override_a_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pulls_fetch_only_configured_peers_follow_no_redirect_and_echo_nothing() {
     // `elsewhere` stands for anything on the instance's network a client would like fetched.
-    let stolen = {
-        let mut m = Manifest {
-            size: 0,
-            digest: String::new(),
-            chunks: Vec::new(),
-        };
-        m.digest = Manifest::digest_of(&m.chunks);
-        m
-    };
+    let stolen = Manifest::new(Vec::new(), None);
     let elsewhere = FakePeer::start(peer_routes("redir", &stolen, &[])).await;
     let mut routes = HashMap::new();
     routes.insert(
@@ -315,11 +307,7 @@ async fn lying_peer_manifests_store_nothing_and_never_panic() {
     let held = noise(20_000, 7);
     let fresh = noise(30_000, 8);
     let (held_hash, fresh_hash) = (ChunkHash::of(&held), ChunkHash::of(&fresh));
-    let manifest = |chunks: Vec<ChunkRef>| Manifest {
-        size: chunks.iter().map(|c| u64::from(c.len)).sum(),
-        digest: Manifest::digest_of(&chunks),
-        chunks,
-    };
+    let manifest = |chunks: Vec<ChunkRef>| Manifest::new(chunks, None);
     let at = |hash, len| ChunkRef { hash, len };
     let cases = [
         ("honest", manifest(vec![at(held_hash, 20_000)])),

@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::{cache_dir, client, eventually, text, Instance};
+use common::{cache_dir, client, error_code, eventually, text, Instance, TOKEN};
 use futures_util::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(30);
@@ -246,6 +247,157 @@ async fn reads_in_flight_survive_overwrite_and_delete() {
         );
     }
     for inst in [&a, &b] {
+        assert!(!inst.logs().contains("ERROR"), "{}", inst.logs());
+    }
+}
+
+/// Runs `optimizer handover --to <to>` against `from`, as haddock does inside a container: the
+/// exit status and stdout (the answer) or stderr (why not).
+fn handover_cli(from: &str, to: &str, token: Option<&str>) -> (bool, String) {
+    let port = from.rsplit(':').next().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_optimizer"));
+    cmd.args([
+        "handover",
+        "--listen",
+        &format!("0.0.0.0:{port}"),
+        "--to",
+        to,
+    ])
+    .env_remove("OPTIMIZER_WRITE_TOKEN");
+    if let Some(t) = token {
+        cmd.env("OPTIMIZER_WRITE_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
+    let text = if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).to_string()
+    } else {
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    (out.status.success(), text)
+}
+
+/// A planned hand-over (what haddock runs in the old instance after a promotion) under steady
+/// writes through every instance: the writer hands the volume to the reader it names, that one
+/// takes it and no other, no write fails, and every acknowledged object reads back everywhere.
+/// A hand-over to an instance that is not a reader of the volume, without the token or with a
+/// malformed body is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planned_handover_moves_the_writer_to_the_named_reader_under_writes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_dir, cache) = cache_dir();
+    let a = Instance::start(&cache, "a", &[]);
+    a.wait_ready(Some("writer")).await;
+    let b = Instance::start(&cache, "b", &[]);
+    let c = Instance::start(&cache, "c", &[]);
+    b.wait_ready(Some("reader")).await;
+    c.wait_ready(Some("reader")).await;
+
+    // Refused, nothing changes.
+    let (ok, said) = handover_cli(&a.url, "nobody", Some(TOKEN));
+    assert!(
+        !ok && said.contains("none of [\\\"nobody\\\"] is a reader of this cache volume"),
+        "{said}"
+    );
+    let (ok, said) = handover_cli(&a.url, "b", None);
+    assert!(!ok && said.contains("401"), "{said}");
+    for body in ["", "{", r#"{"to": []}"#, r#"{"to": ["b"], "extra": 1}"#] {
+        let resp = client()
+            .post(format!("{}/v1/volume/handover", a.url))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, code, text) = error_code(resp).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "bad_request"),
+            "{body:?}: {text}"
+        );
+    }
+    assert!(a.ready_as(Some("writer")).await, "{}", a.logs());
+    assert!(!cache.join("handover.json").exists());
+
+    // Writers through each instance while the role moves.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, url) in [&a, &b, &c, &b].iter().map(|i| i.url.clone()).enumerate() {
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed, mut slowest) = (Vec::new(), Vec::new(), Duration::ZERO);
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let (key, data) = (format!("w{w}-{n}"), text(40_000, w as u64 * 1000 + n));
+                let t = Instant::now();
+                let resp = client()
+                    .put(format!("{url}/v1/objects/{key}"))
+                    .body(data.clone())
+                    .send()
+                    .await;
+                slowest = slowest.max(t.elapsed());
+                match resp {
+                    Ok(r) if r.status() == 200 => acked.push((key, data)),
+                    Ok(r) => failed.push(format!("{key}: {}", r.status())),
+                    Err(e) => failed.push(format!("{key}: {e}")),
+                }
+            }
+            (acked, failed, slowest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a_url = a.url.clone();
+    let (ok, said) = tokio::task::spawn_blocking(move || handover_cli(&a_url, "b", Some(TOKEN)))
+        .await
+        .unwrap();
+    assert!(ok, "{said}\n{}", a.logs());
+    let report: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    assert_eq!(report["handed_over"], true, "{report}");
+    assert_eq!(report["taken_by"], "b", "{report}\n{}", b.logs());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for w in writers {
+        let (ok, failed, slow) = w.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "writes failed: {failed:?}\n{}\n{}",
+            a.logs(),
+            b.logs()
+        );
+        acked.extend(ok);
+        slowest = slowest.max(slow);
+    }
+    println!(
+        "hand-over: {report}; {} writes acknowledged, the slowest took {slowest:?}",
+        acked.len()
+    );
+    assert!(b.ready_as(Some("writer")).await, "{}", b.logs());
+    assert!(a.ready_as(Some("reader")).await, "{}", a.logs());
+    assert!(c.ready_as(Some("reader")).await, "{}", c.logs());
+    assert!(
+        !cache.join("handover.json").exists(),
+        "the successor removes handover.json"
+    );
+    for (key, data) in &acked {
+        for inst in [&a, &b, &c] {
+            assert_eq!(
+                inst.get(key).await.as_ref(),
+                Some(data),
+                "{key} on {}",
+                inst.id
+            );
+        }
+    }
+    // The old writer, a reader now, still forwards its writes.
+    let late = text(10_000, 99);
+    a.put("after-handover", &late).await;
+    assert_eq!(b.get("after-handover").await, Some(late));
+    // A reader asked to hand over has nothing to hand.
+    let (ok, said) = handover_cli(&c.url, "a", Some(TOKEN));
+    assert!(ok && said.contains("\"handed_over\":false"), "{said}");
+    assert!(b.logs().contains("(handed over)"), "{}", b.logs());
+    for inst in [&a, &b, &c] {
         assert!(!inst.logs().contains("ERROR"), "{}", inst.logs());
     }
 }

@@ -565,6 +565,9 @@ pub struct RateReport {
     /// Sorted. Open loop: from the request's scheduled time (so a stall of the load generator
     /// or of the stack counts in full); closed loop: from the moment it was sent.
     pub latencies_us: Vec<u64>,
+    /// (completion time since the start, latency) of every request, in µs, unsorted: the
+    /// latency of one window of the run (a release) against the rest.
+    pub timed_us: Vec<(u64, u64)>,
     /// From the start until [`RateControl::stop`].
     pub elapsed: Duration,
     /// The longest time in which no request succeeded: the largest interval between two
@@ -604,6 +607,30 @@ impl RateReport {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// Latency percentile in milliseconds (`q` in 0..=1) of the requests that completed
+    /// inside `from..to` (`inside`) or outside it, and how many those were.
+    pub fn percentile_ms_within(
+        &self,
+        q: f64,
+        from: Duration,
+        to: Duration,
+        inside: bool,
+    ) -> (f64, usize) {
+        let (a, b) = (from.as_micros() as u64, to.as_micros() as u64);
+        let mut v: Vec<u64> = self
+            .timed_us
+            .iter()
+            .filter(|(t, _)| (a..b).contains(t) == inside)
+            .map(|(_, l)| *l)
+            .collect();
+        if v.is_empty() {
+            return (0.0, 0);
+        }
+        v.sort_unstable();
+        let at = ((v.len() - 1) as f64 * q).round() as usize;
+        (v[at] as f64 / 1000.0, v.len())
+    }
+
     /// Successful requests per second over the run.
     pub fn ok_rps(&self) -> f64 {
         (self.requests - self.failed) as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -624,6 +651,7 @@ struct Tally {
     slow: u64,
     slow_window: Option<(u64, u64)>,
     latencies_us: Vec<u64>,
+    timed_us: Vec<(u64, u64)>,
     versions: BTreeMap<String, u64>,
     sessions: u64,
     switched: u64,
@@ -655,6 +683,7 @@ pub async fn run_rate(cfg: RateConfig, control: Arc<RateControl>) -> RateReport 
         failures.extend(t.failures);
         failures.extend(t.last_failures);
         r.latencies_us.extend(t.latencies_us);
+        r.timed_us.extend(t.timed_us);
         for (v, n) in t.versions {
             *r.versions.entry(v).or_default() += n;
         }
@@ -757,6 +786,7 @@ async fn rate_user(
         t.requests += 1;
         let latency = done.saturating_duration_since(scheduled);
         t.latencies_us.push(latency.as_micros() as u64);
+        t.timed_us.push((done_us, latency.as_micros() as u64));
         if latency >= SLOW {
             t.slow += 1;
             t.slow_window = merge(t.slow_window, Some((done_us, done_us)));

@@ -1073,3 +1073,156 @@ async fn a_redeploy_of_the_running_tag_goes_through_the_canary_under_load() {
         users.sessions.len()
     );
 }
+
+/// `docker cp` of the cache volume's `format.json` out of a running container of the stack.
+fn volume_format(stack: &Stack) -> serde_json::Value {
+    let id = stack
+        .containers(None)
+        .into_iter()
+        .next()
+        .expect("a running container");
+    let to = stack.dir.path().join("format.json");
+    let out = std::process::Command::new("docker")
+        .args(["cp", &format!("{id}:/cache/format.json")])
+        .arg(&to)
+        .output()
+        .expect("docker CLI runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&to).unwrap()).unwrap()
+}
+
+/// Two versions that really differ on disk, under load through the proxy: 1.0.0 is a format-1
+/// build (`ci/build-images.sh --format 1`), 1.1.0 writes format 2 (manifests with a content
+/// type). Through 1.1.0's canary both serve; at the promotion haddock runs the hand-over in
+/// the old container and 1.1.0 becomes the volume's writer while 1.0.0 still runs, and 1.0.0
+/// reads what 1.1.0 wrote. Then `haddock rollback` to 1.0.0 (which writes there again) and a
+/// release of 1.1.0 once more: no user request fails, every object any user stored reads back,
+/// and the content type 1.1.0 stored survives the format-1 writer in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn formats_cross_under_load_the_writer_moves_at_promotion_and_a_rollback_loses_nothing() {
+    use locator::api::InstanceState;
+    let _one = SERIAL.lock().await;
+    let stack = Stack::start(
+        "formats",
+        StackOptions {
+            // The old instance runs at least this long after the promotion (its drain).
+            session_ttl: Duration::from_secs(8),
+            ..quick()
+        },
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let (control, load, release, _) = mid_canary_under_load(&stack).await;
+
+    // Promoted: a 1.1.0 instance is the writer while the 1.0.0 one still runs (draining).
+    let client = locator::client::Client::new(&stack.locator_url, Some(stack.read_token.clone()));
+    let (old, new) = eventually(
+        "1.1.0 the writer while 1.0.0 still serves",
+        Duration::from_secs(90),
+        || async {
+            let all = client.instances(&stack.service).await.ok()?;
+            let old = all
+                .iter()
+                .find(|i| i.version == "1.0.0" && i.state == InstanceState::Draining)?;
+            let new = all
+                .iter()
+                .find(|i| i.version == "1.1.0" && i.state == InstanceState::Ready)?;
+            let roles = (
+                role_at(&http, &old.address).await?,
+                role_at(&http, &new.address).await?,
+            );
+            (roles == ("reader".into(), "writer".into())).then(|| (old.clone(), new.clone()))
+        },
+    )
+    .await;
+    let typed: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let put = http
+        .put(format!("http://{}/v1/objects/typed-by-1.1.0", new.address))
+        .bearer_auth(&stack.write_token)
+        .header("content-type", "text/csv")
+        .body(typed.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let get = |address: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://{address}/v1/objects/typed-by-1.1.0"))
+                .send()
+                .await
+                .unwrap();
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            (r.status().as_u16(), ct, r.bytes().await.unwrap().to_vec())
+        }
+    };
+    // Format 1 ignores the content type, and reads the rest.
+    let (status, ct, body) = get(old.address.clone()).await;
+    assert_eq!((status, ct.as_str()), (200, "application/octet-stream"));
+    assert!(body == typed, "1.0.0 read other bytes than 1.1.0 wrote");
+    assert_eq!(get(new.address.clone()).await.1, "text/csv");
+
+    let out = release.await.unwrap().unwrap();
+    let (code, _, text) = e2e::stack::release_result(&out);
+    assert_eq!(code, Some(0), "1.1.0 failed: {text}\n{}", stack.logs());
+    assert!(
+        text.contains("hand-over in"),
+        "no hand-over reported: {text}"
+    );
+    assert_eq!(
+        volume_format(&stack),
+        serde_json::json!({"format": 2, "readable_by": 1})
+    );
+
+    // Back to 1.0.0, the format-1 writer, under the same load; then 1.1.0 again.
+    let (code, out, err) = stack.haddock_with_spec(&["rollback", &stack.service]);
+    assert_eq!(
+        code,
+        Some(0),
+        "rollback failed: {out}\n{err}\n{}",
+        stack.logs()
+    );
+    let (status, ct, body) = get(stack.proxy_url.trim_start_matches("http://").into()).await;
+    assert_eq!((status, ct.as_str()), (200, "application/octet-stream"));
+    assert!(body == typed, "the rollback lost what 1.1.0 wrote");
+    assert_eq!(
+        volume_format(&stack),
+        serde_json::json!({"format": 2, "readable_by": 1}),
+        "a volume's format never goes down"
+    );
+    let (code, _, text) = tokio::task::block_in_place(|| stack.release("1.1.0"));
+    assert_eq!(code, Some(0), "1.1.0 again failed: {text}");
+    control.stop();
+    let report = load.await.unwrap();
+    assert_eq!(
+        report.failed, 0,
+        "user requests failed: {:?}",
+        report.failures
+    );
+    assert_eq!(report.sessions_switched(), 0, "a session switched version");
+    let (status, ct, _) = get(stack.proxy_url.trim_start_matches("http://").into()).await;
+    assert_eq!(
+        (status, ct.as_str()),
+        (200, "text/csv"),
+        "the content type was lost"
+    );
+    let by = |v: &str| report.objects.iter().filter(|o| o.version == v).count();
+    assert!(
+        by("1.0.0") > 0 && by("1.1.0") > 0,
+        "users stored through one version only"
+    );
+    let readable = e2e::load::verify_objects(&stack.proxy_url, &report.objects).await;
+    assert_eq!(
+        readable,
+        report.objects.len(),
+        "objects lost across the formats"
+    );
+}

@@ -28,6 +28,7 @@
 mod bake;
 mod controls;
 mod events;
+mod handover;
 mod lease;
 mod preview;
 mod run;

@@ -10,6 +10,7 @@
 use super::bake::{self, Bake, BakeOutcome, TICK};
 use super::controls::{self, Controls};
 use super::events::Events;
+use super::handover::{self, Direction};
 use super::lease::{self, driver_error, Lease};
 use super::status::Status;
 use super::{ms, steps_to_walk, weights_for, Deployer};
@@ -781,6 +782,10 @@ impl<'a> Run<'a> {
                 heartbeat_once(self.client(), &self.d.hosts, &self.rec.service).await;
                 self.apply_weights(&weights_for(None, &from, 100)).await?;
             }
+            // Past the promotion the new instances may hold a role the old ones handed them.
+            if !draining_old.is_empty() {
+                handover::run(self.d, &self.rec.service, &self.rec.id, Direction::ToOld).await;
+            }
         }
         let ids: Vec<String> = self.plans().into_iter().map(|(_, p)| p.name).collect();
         self.set_instances(&ids, InstanceState::Draining).await?;
@@ -876,6 +881,9 @@ impl<'a> Run<'a> {
         self.d
             .out
             .step(&format!("{} old instance(s) draining", old.len()), None);
+        // The old instances take no new session now: a role they hold moves to the new ones
+        // while both run (the optimizer's cache volume writer), not when they are stopped.
+        handover::run(self.d, &self.rec.service, &self.rec.id, Direction::ToNew).await;
         self.transition(ReleaseState::Draining, ReleaseUpdate::default())
             .await
     }

@@ -137,6 +137,15 @@ pub struct ContainerSection {
     /// answers container names and forwards every other lookup to these.
     #[serde(default)]
     pub dns: Vec<String>,
+    /// A command haddock runs *inside* each instance being replaced on a host once the
+    /// replacing instances there take every new session (after the promotion; after an abort
+    /// past it, inside the new instances, the old ones replacing them): the moment a stateful
+    /// service hands a role over (the optimizer: its cache volume's writer), while both still
+    /// run. `{successors}` becomes the replacing instances' ids on that host, comma-separated;
+    /// `{port}` the service port. A failure is reported and the release goes on: stopping the
+    /// old instance later hands the role over the slow way. Empty: nothing is run.
+    #[serde(default)]
+    pub handover: Vec<String>,
 }
 
 impl Default for ContainerSection {
@@ -149,6 +158,7 @@ impl Default for ContainerSection {
             volumes: Vec::new(),
             stop_grace: default_stop_grace(),
             dns: Vec::new(),
+            handover: Vec::new(),
         }
     }
 }

@@ -142,6 +142,29 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         }
     }
 
+    if c.handover.first().is_some_and(|p| p.trim().is_empty()) {
+        bad(
+            "container.handover",
+            "the first element is the program to run inside the container; it is empty".into(),
+        );
+    }
+    for (i, arg) in c.handover.iter().enumerate() {
+        let unknown = arg
+            .match_indices('{')
+            .map(|(at, _)| &arg[at..])
+            .find(|rest| !rest.starts_with("{successors}") && !rest.starts_with("{port}"));
+        if let Some(rest) = unknown {
+            let word: String = rest
+                .chars()
+                .take_while(|c| *c != '}')
+                .chain(Some('}'))
+                .collect();
+            bad(
+                &format!("container.handover[{i}]"),
+                format!("{word} is not a placeholder here: use {{successors}} or {{port}}"),
+            );
+        }
+    }
     for (i, d) in c.dns.iter().enumerate() {
         let path = format!("container.dns[{i}]");
         match d.strip_prefix("accessory:") {
@@ -1087,6 +1110,18 @@ mod tests {
         ] {
             rejects(analysis, &format!("{analysis}\n{extra}"), path, says);
         }
+        rejects(
+            "handover = [\"/optimizer\"",
+            "handover = [\" \"",
+            "container.handover",
+            "program to run",
+        );
+        rejects(
+            "\"{successors}\"]",
+            "\"{successor}\"]",
+            "container.handover[5]",
+            "{successor} is not a placeholder",
+        );
         let with_hooks = |hooks: &str| format!("{GOOD}\n[hooks]\n{hooks}\n");
         for (hooks, path, says) in [
             (

@@ -173,6 +173,20 @@ impl Phase {
             r.percentile_ms(0.999),
             r.percentile_ms(1.0)
         );
+        if let Some(w) = self.window() {
+            println!(
+                "    p99.9 of the {} requests completed while the redeploy ran ({:+.3} s to {:+.3} s): {:.2} ms \
+                 (max {:.2} ms); of the {} before and after it (steady state): {:.2} ms; ratio {:.2}",
+                w.inside_n,
+                self.rel(w.from),
+                self.rel(w.to),
+                w.inside_p999,
+                w.inside_max,
+                w.outside_n,
+                w.outside_p999,
+                w.ratio()
+            );
+        }
         println!(
             "    sessions {}  served by two versions {}  /version answers {:?}",
             r.sessions, r.sessions_switched, r.versions
@@ -197,8 +211,35 @@ impl Phase {
         }
     }
 
+    /// The latency of the redeploy's window (from its start to the last event: haddock
+    /// returned, or the new version answered) against the steady state around it.
+    fn window(&self) -> Option<Window> {
+        let to = self.events.iter().map(|e| e.2).max()?.max(self.start);
+        let r = &self.report;
+        let (inside_p999, inside_n) = r.percentile_ms_within(0.999, self.start, to, true);
+        let (inside_max, _) = r.percentile_ms_within(1.0, self.start, to, true);
+        let (outside_p999, outside_n) = r.percentile_ms_within(0.999, self.start, to, false);
+        Some(Window {
+            from: self.start,
+            to,
+            inside_p999,
+            inside_max,
+            inside_n,
+            outside_p999,
+            outside_n,
+        })
+    }
+
     fn json(&self) -> serde_json::Value {
         let r = &self.report;
+        let window = self.window().map(|w| {
+            json!({
+                "from_s": self.rel(w.from), "to_s": self.rel(w.to),
+                "p999_ms": w.inside_p999, "max_ms": w.inside_max, "requests": w.inside_n,
+                "steady_p999_ms": w.outside_p999, "steady_requests": w.outside_n,
+                "ratio": (w.ratio() * 100.0).round() / 100.0,
+            })
+        });
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let events: serde_json::Map<String, serde_json::Value> = self
             .events
@@ -220,7 +261,25 @@ impl Phase {
             "loadgen_cpu_s": (self.cpu * 10.0).round() / 10.0,
             "proxy_errors": self.proxy_errors,
             "events_s": events,
+            "window": window,
         })
+    }
+}
+
+/// Latency while a redeploy ran against the steady state before and after it.
+struct Window {
+    from: Duration,
+    to: Duration,
+    inside_p999: f64,
+    inside_max: f64,
+    inside_n: usize,
+    outside_p999: f64,
+    outside_n: usize,
+}
+
+impl Window {
+    fn ratio(&self) -> f64 {
+        self.inside_p999 / self.outside_p999.max(1e-9)
     }
 }
 
