@@ -539,16 +539,18 @@ impl Host {
             attach_stderr: Some(true),
             ..Default::default()
         };
+        const KEEP: usize = 4096;
         let run = async {
             let exec = self.docker.create_exec(id, config).await?;
-            let mut out = String::new();
+            // Bytes, decoded once at the end: a character may straddle two chunks.
+            let mut out: Vec<u8> = Vec::new();
             if let bollard::exec::StartExecResults::Attached { mut output, .. } =
                 self.docker.start_exec(&exec.id, None).await?
             {
                 while let Some(chunk) = output.next().await {
-                    out.push_str(&chunk?.to_string());
-                    if out.len() > 8192 {
-                        out.drain(..out.len() - 4096);
+                    out.extend_from_slice(&chunk?.into_bytes());
+                    if out.len() > 2 * KEEP {
+                        out.drain(..out.len() - KEEP);
                     }
                 }
             }
@@ -556,15 +558,9 @@ impl Host {
             Ok::<_, bollard::errors::Error>((inspect.exit_code.unwrap_or(-1), out))
         };
         match tokio::time::timeout(timeout, run).await {
-            Ok(Ok((code, mut out))) => {
-                if out.len() > 4096 {
-                    let cut = out.len() - 4096;
-                    let cut = (cut..out.len())
-                        .find(|i| out.is_char_boundary(*i))
-                        .unwrap_or(0);
-                    out.drain(..cut);
-                }
-                Ok((code, out))
+            Ok(Ok((code, out))) => {
+                let tail = &out[out.len().saturating_sub(KEEP)..];
+                Ok((code, String::from_utf8_lossy(tail).into_owned()))
             }
             Ok(Err(e)) => Err(Error::docker(&self.name, what(), e)),
             Err(_) => Err(Error::docker(

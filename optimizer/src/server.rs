@@ -801,16 +801,22 @@ impl App {
     }
 
     async fn get_object(&self, key: &str, req: &Request<Incoming>) -> Result<Response<Body>> {
-        let mut store = self.volume.store()?;
-        let (s, k) = (store.clone(), key.to_owned());
-        let mut manifest = blocking(move || s.manifest(&k)).await?;
+        // The store is taken afresh for each step, never held across the read-through's peer
+        // I/O: a writer handing its role over waits for every user of its database.
+        let manifest_of = |key: &str| {
+            let (store, k) = (self.volume.store(), key.to_owned());
+            async move {
+                let s = store?;
+                blocking(move || s.manifest(&k)).await
+            }
+        };
+        let mut manifest = manifest_of(key).await?;
         if manifest.is_none() && self.read_through(key).await {
             // Read again where the object now is: the writer's store, which may have become
             // ours meanwhile (a reader's `manifest` catches up with the writer on a miss).
-            store = self.volume.store()?;
-            let (s, k) = (store.clone(), key.to_owned());
-            manifest = blocking(move || s.manifest(&k)).await?;
+            manifest = manifest_of(key).await?;
         }
+        let store = self.volume.store()?;
         let manifest = manifest.ok_or_else(|| Error::NotFound(format!("object {key}")))?;
         let etag = manifest.etag();
         let header = |name: http::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());

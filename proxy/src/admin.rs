@@ -30,14 +30,10 @@ impl Admin {
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 {
-                    let routers = self.services.routers();
-                    if routers.len() == 1 {
-                        routers[0].metrics.encode().into_bytes()
-                    } else {
-                        let parts: Vec<String> =
-                            routers.iter().map(|r| r.metrics.encode()).collect();
-                        merge_openmetrics(&parts).into_bytes()
-                    }
+                    let parts: Vec<String> = std::iter::once(self.services.edge.encode())
+                        .chain(self.services.routers().iter().map(|r| r.metrics.encode()))
+                        .collect();
+                    merge_openmetrics(&parts).into_bytes()
                 },
             ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),

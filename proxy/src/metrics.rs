@@ -69,11 +69,7 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_moved: Counter,
     pub no_instance: Counter,
-    /// Requests whose host and path no carried service takes, with no default service (404).
-    pub unknown_host: Counter,
     pub untracked_sessions: Counter,
-    pub request_heads: HeadCounters,
-    pub tls: TlsCounters,
     pub table_revision: Gauge,
     /// Routing tables built and installed (a routing change: weights, instance state/address).
     pub table_installs: Counter,
@@ -108,52 +104,7 @@ impl Metrics {
         let sessions_created = Counter::default();
         let sessions_moved = Counter::default();
         let no_instance = Counter::default();
-        let unknown_host = Counter::default();
-        registry.register(
-            "unknown_host_requests",
-            "Requests answered 404 because no carried service's routes take their host and path (counted under the first service)",
-            unknown_host.clone(),
-        );
         let untracked_sessions = Counter::default();
-        let request_heads = HeadCounters::default();
-        // The resolver counts in handles of the family's two series (a counter clone shares
-        // its value), so a handshake never looks a label up.
-        let handshakes_refused = Family::<ReasonLabels, Counter>::default();
-        let reason = |r: &str| {
-            handshakes_refused
-                .get_or_create(&ReasonLabels { reason: r.into() })
-                .clone()
-        };
-        let tls = TlsCounters {
-            no_sni: reason("no_sni"),
-            unknown_host: reason("unknown_host"),
-            ..TlsCounters::default()
-        };
-        registry.register(
-            "tls_handshakes_refused",
-            "TLS handshakes refused: the hello named no host and no default is set (no_sni), or a host no certificate covers (unknown_host)",
-            handshakes_refused,
-        );
-        registry.register(
-            "tls_certificates",
-            "Certificate pairs being served",
-            tls.loaded.clone(),
-        );
-        registry.register(
-            "tls_acme_orders_failed",
-            "ACME orders that failed (CA unreachable, challenge refused, …); retried with a doubling pause",
-            tls.acme_failures.clone(),
-        );
-        registry.register(
-            "tls_acme_certificates_issued",
-            "Certificates obtained over ACME (first issue and renewals)",
-            tls.acme_issued.clone(),
-        );
-        registry.register(
-            "tls_certificates_refused",
-            "Certificate pairs refused when read (expired, not yet valid, key mismatch, unreadable)",
-            tls.refused.clone(),
-        );
         let table_revision = Gauge::default();
         let table_installs = Counter::default();
         let state_saves = Counter::default();
@@ -220,16 +171,6 @@ impl Metrics {
             untracked_sessions.clone(),
         );
         registry.register(
-            "request_header_timeouts",
-            "Connections answered 408 because the request head did not arrive within --header-timeout-ms",
-            request_heads.timed_out.clone(),
-        );
-        registry.register(
-            "request_headers_too_large",
-            "Connections answered 431 because the request head was larger than 64 KiB",
-            request_heads.too_large.clone(),
-        );
-        registry.register(
             "routing_revision",
             "Locator revision of the routing table in use",
             table_revision.clone(),
@@ -245,10 +186,7 @@ impl Metrics {
             sessions_created,
             sessions_moved,
             no_instance,
-            unknown_host,
             untracked_sessions,
-            request_heads,
-            tls,
             table_revision,
             table_installs,
             state_saves,
@@ -335,6 +273,99 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's own counters, which belong to no carried service: connections (request
+/// heads), TLS handshakes and certificates, requests for no service. Exported without a
+/// `service` label (they were once counted under the first service's).
+pub struct EdgeMetrics {
+    registry: Registry,
+    /// Requests whose host and path no carried service takes, with no default service (404).
+    pub unknown_host: Counter,
+    pub request_heads: HeadCounters,
+    pub tls: TlsCounters,
+}
+
+impl std::fmt::Debug for EdgeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("haddock_proxy");
+        let unknown_host = Counter::default();
+        registry.register(
+            "unknown_host_requests",
+            "Requests answered 404 because no carried service's routes take their host and path",
+            unknown_host.clone(),
+        );
+        let request_heads = HeadCounters::default();
+        registry.register(
+            "request_header_timeouts",
+            "Connections answered 408 because the request head did not arrive within --header-timeout-ms",
+            request_heads.timed_out.clone(),
+        );
+        registry.register(
+            "request_headers_too_large",
+            "Connections answered 431 because the request head was larger than 64 KiB",
+            request_heads.too_large.clone(),
+        );
+        // The resolver counts in handles of the family's two series (a counter clone shares
+        // its value), so a handshake never looks a label up.
+        let handshakes_refused = Family::<ReasonLabels, Counter>::default();
+        let reason = |r: &str| {
+            handshakes_refused
+                .get_or_create(&ReasonLabels { reason: r.into() })
+                .clone()
+        };
+        let tls = TlsCounters {
+            no_sni: reason("no_sni"),
+            unknown_host: reason("unknown_host"),
+            ..TlsCounters::default()
+        };
+        registry.register(
+            "tls_handshakes_refused",
+            "TLS handshakes refused: the hello named no host and no default is set (no_sni), or a host no certificate covers (unknown_host)",
+            handshakes_refused,
+        );
+        registry.register(
+            "tls_certificates",
+            "Certificate pairs being served",
+            tls.loaded.clone(),
+        );
+        registry.register(
+            "tls_acme_orders_failed",
+            "ACME orders that failed (CA unreachable, challenge refused, …); retried with a doubling pause",
+            tls.acme_failures.clone(),
+        );
+        registry.register(
+            "tls_acme_certificates_issued",
+            "Certificates obtained over ACME (first issue and renewals)",
+            tls.acme_issued.clone(),
+        );
+        registry.register(
+            "tls_certificates_refused",
+            "Certificate pairs refused when read (expired, not yet valid, key mismatch, unreadable)",
+            tls.refused.clone(),
+        );
+        EdgeMetrics {
+            registry,
+            unknown_host,
+            request_heads,
+            tls,
+        }
+    }
+}
+
+impl EdgeMetrics {
+    /// The Prometheus text exposition of these counters alone.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }

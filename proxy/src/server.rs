@@ -57,7 +57,7 @@ fn close_keepalives_on_shutdown(server: &Server, services: Arc<Services>) {
 /// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
 fn tls_settings(
     args: &ServeArgs,
-    router: &Router,
+    counters: &crate::certificates::TlsCounters,
 ) -> Result<(TlsSettings, Arc<Certificates>), ProxyError> {
     let Some(dir) = args.tls_certs.clone() else {
         return Err(ProxyError::Config("--tls-listen needs --tls-certs".into()));
@@ -71,7 +71,7 @@ fn tls_settings(
     let certificates = Arc::new(Certificates::new(
         dir,
         args.tls_default_host.clone(),
-        router.metrics.tls.clone(),
+        counters.clone(),
     ));
     certificates.reload();
     let hosts = certificates.hosts();
@@ -171,13 +171,13 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         HeadDeadline::new(
             app,
             router.options.header_timeout,
-            router.metrics.request_heads.clone(),
+            services.edge.request_heads.clone(),
         ),
     );
     proxy.add_tcp(&args.listen);
     let certificates = match &args.tls_listen {
         Some(addr) => {
-            let (settings, certificates) = tls_settings(args, &router)?;
+            let (settings, certificates) = tls_settings(args, &services.edge.tls)?;
             proxy.add_tls_with_settings(addr, None, settings);
             Some(certificates)
         }
@@ -208,7 +208,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     server.add_service(background_service("reporters", Reporters::new(reporters)));
     if let Some(certificates) = certificates {
         if let Some(acme) = acme {
-            let tls = &router.metrics.tls;
+            let tls = &services.edge.tls;
             tracing::info!(hosts = ?acme.hosts, directory = %acme.directory, "certificates over ACME");
             server.add_service(background_service(
                 "acme",

@@ -251,7 +251,7 @@ impl ProxyHttp for HaddockProxy {
                 .and_then(|v| v.to_str().ok())
         });
         let Some(router) = self.services.pick(host, req.uri.path()).cloned() else {
-            first.metrics.unknown_host.inc();
+            self.services.edge.unknown_host.inc();
             Self::respond_json(
                 session,
                 404,

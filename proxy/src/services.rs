@@ -67,13 +67,14 @@ impl HostTable {
 #[derive(Debug)]
 pub struct Services {
     routers: Vec<Arc<Router>>,
+    /// The counters of the process, not of one service.
+    pub edge: crate::metrics::EdgeMetrics,
     default: Option<usize>,
     hosts: ArcSwap<HostTable>,
 }
 
 impl Services {
-    /// `routers` in `--service` order (the first one also holds the process-wide counters);
-    /// `default` names the service requests no route takes go to.
+    /// `routers` in `--service` order; `default` names the service requests no route takes go to.
     pub fn new(routers: Vec<Arc<Router>>, default: Option<&str>) -> Result<Arc<Self>, String> {
         assert!(!routers.is_empty(), "a proxy carries at least one service");
         let default = match default {
@@ -88,6 +89,7 @@ impl Services {
         };
         Ok(Arc::new(Services {
             routers,
+            edge: crate::metrics::EdgeMetrics::default(),
             default,
             hosts: ArcSwap::from_pointee(HostTable::default()),
         }))
@@ -97,7 +99,7 @@ impl Services {
         &self.routers
     }
 
-    /// The first service's router: process-wide settings and counters live there.
+    /// The first service's router: process-wide settings live there.
     pub fn first(&self) -> &Arc<Router> {
         &self.routers[0]
     }

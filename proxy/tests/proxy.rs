@@ -355,7 +355,7 @@ async fn a_client_dribbling_its_request_head_is_cut_off_at_the_header_timeout() 
     assert!(proxy
         .metrics()
         .await
-        .contains("haddock_proxy_request_header_timeouts_total{service=\"svc\"} 1"));
+        .contains("haddock_proxy_request_header_timeouts_total 1"));
     // The proxy still serves, bodies included: the bytes read with the head (often the whole
     // body of a small request) and those after it reach the instance intact.
     assert_eq!(u.get(&http, &proxy.url("/")).await.unwrap().body, "a");
@@ -431,7 +431,7 @@ async fn a_complete_head_over_64_kib_in_one_write_is_a_431() {
     assert!(proxy
         .metrics()
         .await
-        .contains("haddock_proxy_request_headers_too_large_total{service=\"svc\"} 1"));
+        .contains("haddock_proxy_request_headers_too_large_total 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -584,6 +584,9 @@ pub struct RateReport {
     pub slow: u64,
     /// Completion times of the first and the last slow request.
     pub slow_window: Option<(Duration, Duration)>,
+    /// Slow requests by kind (`PUT`, `GET`, `version`) and the version their session was on
+    /// when they were sent (`new` before its first `/version` answer): where a stall was.
+    pub slow_kinds: BTreeMap<String, u64>,
     /// `/version` answers by version.
     pub versions: BTreeMap<String, u64>,
     pub sessions: u64,
@@ -650,6 +653,7 @@ struct Tally {
     failure_times: Vec<u64>,
     slow: u64,
     slow_window: Option<(u64, u64)>,
+    slow_kinds: BTreeMap<String, u64>,
     latencies_us: Vec<u64>,
     timed_us: Vec<(u64, u64)>,
     versions: BTreeMap<String, u64>,
@@ -691,6 +695,9 @@ pub async fn run_rate(cfg: RateConfig, control: Arc<RateControl>) -> RateReport 
         r.sessions_switched += t.switched;
         r.objects_stored += t.stored;
         r.slow += t.slow;
+        for (k, n) in t.slow_kinds {
+            *r.slow_kinds.entry(k).or_default() += n;
+        }
         r.failure_times
             .extend(t.failure_times.into_iter().map(Duration::from_micros));
         failure_window = merge(failure_window, t.failure_window);
@@ -788,6 +795,13 @@ async fn rate_user(
         t.latencies_us.push(latency.as_micros() as u64);
         t.timed_us.push((done_us, latency.as_micros() as u64));
         if latency >= SLOW {
+            let kind = match &op {
+                Op::Version => "version",
+                Op::Put(..) => "PUT",
+                Op::Get(_) => "GET",
+            };
+            let on = s.record.versions.last().map_or("new", String::as_str);
+            *t.slow_kinds.entry(format!("{kind} on {on}")).or_default() += 1;
             t.slow += 1;
             t.slow_window = merge(t.slow_window, Some((done_us, done_us)));
         }

@@ -393,6 +393,15 @@ impl Stack {
         )
     }
 
+    /// Stops the host agent (`haddock heartbeat`): nothing then judges the instances from their
+    /// containers' events; whoever keeps them registered must heartbeat them itself.
+    pub fn stop_heartbeat_agent(&mut self) {
+        if let Some(mut child) = self.heartbeat.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Rewrites the stack's spec: the first `from` becomes `to` (which must change it). The
     /// next haddock verb reads the new spec.
     pub fn edit_spec(&self, from: &str, to: &str) {

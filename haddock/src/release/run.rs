@@ -782,8 +782,9 @@ impl<'a> Run<'a> {
                 heartbeat_once(self.client(), &self.d.hosts, &self.rec.service).await;
                 self.apply_weights(&weights_for(None, &from, 100)).await?;
             }
-            // Past the promotion the new instances may hold a role the old ones handed them.
-            if !draining_old.is_empty() {
+            // The new instances may hold a role the old ones handed them at the promotion (if
+            // it came; before it, they answer that they hold none).
+            if ready_old {
                 handover::run(self.d, &self.rec.service, &self.rec.id, Direction::ToOld).await;
             }
         }

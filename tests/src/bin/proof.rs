@@ -159,11 +159,12 @@ impl Phase {
         }
         if let Some((a, b)) = r.slow_window {
             println!(
-                "    {} requests took ≥ {} s; they completed between {:+.3} s and {:+.3} s",
+                "    {} requests took ≥ {} s; they completed between {:+.3} s and {:+.3} s ({:?})",
                 r.slow,
                 SLOW.as_secs_f64(),
                 self.rel(a),
-                self.rel(b)
+                self.rel(b),
+                r.slow_kinds
             );
         }
         println!(
@@ -173,6 +174,22 @@ impl Phase {
             r.percentile_ms(0.999),
             r.percentile_ms(1.0)
         );
+        // p99.9 per second around the redeploy: where in it latency rose.
+        let mut seconds: std::collections::BTreeMap<i64, Vec<u64>> = Default::default();
+        for (t, l) in &r.timed_us {
+            let at = self.rel(Duration::from_micros(*t)).floor() as i64;
+            seconds.entry(at).or_default().push(*l);
+        }
+        let line: Vec<String> = seconds
+            .iter_mut()
+            .filter(|(s, _)| **s >= -2)
+            .map(|(s, v)| {
+                v.sort_unstable();
+                let p = v[((v.len() - 1) as f64 * 0.999).round() as usize];
+                format!("{s:+}: {:.0}", p as f64 / 1000.0)
+            })
+            .collect();
+        println!("    p99.9 ms per second (from s): {}", line.join(", "));
         if let Some(w) = self.window() {
             println!(
                 "    p99.9 of the {} requests completed while the redeploy ran ({:+.3} s to {:+.3} s): {:.2} ms \
@@ -356,7 +373,7 @@ async fn saturating_rate(a: &Args, stack: &Stack) -> RateReport {
 
 /// (a): stop + remove the old container, create + start the new version on the same address.
 async fn naive(a: &Args, rate: f64) -> Result<Phase, String> {
-    let stack = stack_on(
+    let mut stack = stack_on(
         "proof-naive",
         StackOptions {
             fixed_subnet: true,
@@ -391,8 +408,11 @@ async fn naive(a: &Args, rate: f64) -> Result<Phase, String> {
         .await
         .map_err(|e| e.to_string())?
         .ok_or(format!("image {} is not built", spec.image_ref(&a.to)))?;
-    // The proxy keeps routing to the registered address whatever runs behind it: heartbeat
-    // the instance ourselves (haddock's agent follows container ids, and the new one differs).
+    // The proxy keeps routing to the registered address whatever runs behind it, as a static
+    // upstream would: the host agent, which would judge the old instance unhealthy when its
+    // container dies (for good: heartbeats do not revive a judged instance), is stopped, and we
+    // heartbeat the instance ourselves (the agent follows container ids, and the new one differs).
+    stack.stop_heartbeat_agent();
     let _heartbeat = {
         let (client, id) = (client.clone(), old.id.clone());
         AbortOnDrop(tokio::spawn(async move {
@@ -645,6 +665,27 @@ async fn with_haddock(
             }
         }
     }
+    // What Docker did to the service's containers meanwhile (created, started, stopped,
+    // removed), and the hand-over haddock reported: what a latency bump lines up with.
+    for (t, what) in docker_events(&stack.service, wall_start) {
+        events.push(("docker".into(), what, start + t));
+    }
+    // haddock's progress line starts with the time since it started: "[  11.41s] hand-over in …".
+    for line in result.2.lines().filter(|l| l.contains("hand-over in")) {
+        let at = line
+            .trim()
+            .strip_prefix('[')
+            .and_then(|l| l.split_once("s]"))
+            .and_then(|(t, _)| t.trim().parse::<f64>().ok());
+        if let Some(at) = at {
+            let what = line.split_once("s]").map_or(line, |(_, w)| w).trim();
+            events.push((
+                "handover".into(),
+                format!("haddock: {what}"),
+                start + Duration::from_secs_f64(at),
+            ));
+        }
+    }
     events.sort_by_key(|e| e.2);
     Ok((
         Phase {
@@ -691,6 +732,48 @@ fn logged_at(id: &str, needle: &str) -> Option<SystemTime> {
         .filter(|l| l.contains(needle))
         .filter_map(|l| humantime::parse_rfc3339(l.split_whitespace().next()?).ok())
         .min()
+}
+
+/// Docker's events about the service's containers since `since` (create, start, kill, die,
+/// destroy), as (time since `since`, description).
+fn docker_events(service: &str, since: SystemTime) -> Vec<(Duration, String)> {
+    let from = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let out = std::process::Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &format!("{from:.3}"),
+            "--until",
+            &format!(
+                "{:.3}",
+                SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            ),
+            "--filter",
+            &format!("label=org.haddock.service={service}"),
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.TimeNano}} {{.Action}} {{.Actor.Attributes.name}}",
+        ])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            let nanos: u128 = w.next()?.parse().ok()?;
+            let (action, name) = (w.next()?, w.next().unwrap_or(""));
+            if !["create", "start", "kill", "die", "destroy"].contains(&action) {
+                return None;
+            }
+            let at = std::time::UNIX_EPOCH + Duration::from_nanos(nanos as u64);
+            Some((at.duration_since(since).ok()?, format!("docker: {action} {name}")))
+        })
+        .collect()
 }
 
 /// What the proxy and the optimizer containers logged, for a failed request in (b).
