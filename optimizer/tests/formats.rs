@@ -33,6 +33,17 @@ fn listing(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out
 }
 
+/// The `Content-Type` a GET of `key` is answered with.
+async fn served_type(url: &str, key: &str) -> String {
+    let got = client()
+        .get(format!("{url}/v1/objects/{key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200, "GET {key}");
+    got.headers()["content-type"].to_str().unwrap().to_owned()
+}
+
 #[test]
 fn a_volume_of_an_incompatible_format_is_refused_before_it_is_touched() {
     let (_dir, cache) = cache_dir();
@@ -89,12 +100,10 @@ async fn the_writer_records_its_format_and_objects_keep_their_content_type() {
         .await
         .unwrap();
     assert_eq!(typed.status(), 200);
-    let got = client()
-        .get(format!("{}/v1/objects/typed", a.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(got.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        served_type(&a.url, "typed").await,
+        "text/plain; charset=utf-8"
+    );
     let manifest: serde_json::Value = client()
         .get(format!("{}/v1/objects/typed/manifest", a.url))
         .send()
@@ -108,12 +117,10 @@ async fn the_writer_records_its_format_and_objects_keep_their_content_type() {
 
     // Untyped objects are served as bytes, and their manifests carry no content type.
     put("plain", None).await.unwrap();
-    let got = client()
-        .get(format!("{}/v1/objects/plain", a.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(got.headers()["content-type"], "application/octet-stream");
+    assert_eq!(
+        served_type(&a.url, "plain").await,
+        "application/octet-stream"
+    );
 
     // A content type that cannot be stored is refused, and nothing is stored.
     for bad in [
@@ -140,12 +147,10 @@ async fn the_writer_records_its_format_and_objects_keep_their_content_type() {
     std::thread::sleep(Duration::from_millis(20));
     let b = Instance::start(&cache, "b", &[]);
     b.wait_ready(Some("writer")).await;
-    let got = client()
-        .get(format!("{}/v1/objects/typed", b.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(got.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        served_type(&b.url, "typed").await,
+        "text/plain; charset=utf-8"
+    );
     assert_eq!(
         std::fs::metadata(cache.join("format.json"))
             .unwrap()

@@ -179,11 +179,7 @@ async fn certificates_are_chosen_by_sni_reloaded_and_bad_ones_refused() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(edge.metric(refusals).await, 1.0, "refused once per change");
     assert_eq!(served_certificate(&edge.https(true), &url).await, renewed);
-    assert_eq!(
-        edge.metric("haddock_proxy_tls_certificates ")
-            .await,
-        2.0
-    );
+    assert_eq!(edge.metric("haddock_proxy_tls_certificates ").await, 2.0);
 }
 
 /// What `openssl s_client` reports for a hello without SNI to `port`, verifying the answer

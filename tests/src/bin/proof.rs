@@ -771,7 +771,10 @@ fn docker_events(service: &str, since: SystemTime) -> Vec<(Duration, String)> {
                 return None;
             }
             let at = std::time::UNIX_EPOCH + Duration::from_nanos(nanos as u64);
-            Some((at.duration_since(since).ok()?, format!("docker: {action} {name}")))
+            Some((
+                at.duration_since(since).ok()?,
+                format!("docker: {action} {name}"),
+            ))
         })
         .collect()
 }
