@@ -11,12 +11,13 @@ use bytes::Bytes;
 
 use crate::chunker::{chunks_of, ChunkParams, Chunker};
 use crate::error::{Error, Result};
-use crate::manifest::{ChunkHash, Manifest};
+use crate::manifest::{ChunkHash, ChunkRef, Manifest};
 use crate::server::READ_GROUP;
 use crate::store::{Store, StoreOptions};
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
+    pub params: ChunkParams,
     pub size_mib: usize,
     pub block_cache_bytes: usize,
 }
@@ -34,6 +35,8 @@ pub struct BenchReport {
     /// ingesting data already stored.
     pub cdc_hash_mbps: f64,
     pub ingest_unique_mbps: f64,
+    /// The same ingest with every step on one thread, as before the encoder.
+    pub ingest_inline_mbps: f64,
     pub stored_bytes_unique: u64,
     pub ingest_stored_mbps: f64,
     pub restore_mbps: f64,
@@ -43,6 +46,9 @@ pub struct BenchReport {
     pub v2_stored_bytes: u64,
     pub peak_rss_bytes: u64,
     pub block_cache_bytes: usize,
+    /// Threads of the CPU pool the ingests and the restore use (the baselines use one).
+    pub cores: usize,
+    pub params: ChunkParams,
 }
 
 struct Rng(u64);
@@ -144,6 +150,23 @@ fn chunk_frames(
     chunker.finish(&mut each)
 }
 
+/// An ingest the way it ran before the encoder: every step of every chunk on the calling
+/// thread (the baseline of the pipelined `ingest`, in the same run).
+fn ingest_inline(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
+    let mut ingest = store.begin_ingest()?;
+    chunk_frames(data, store.chunk_params(), |c| {
+        let hash = ChunkHash::of(c);
+        if ingest.reference(ChunkRef {
+            hash,
+            len: c.len() as u32,
+        })? {
+            ingest.supply(hash, crate::chunker::encode(c))?;
+        }
+        Ok(())
+    })?;
+    Ok(ingest.commit(key, None)?.stored_bytes)
+}
+
 fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
     // The same steps as a PUT: chunker, per-chunk hash and ingest, commit.
     let mut ingest = store.begin_ingest()?;
@@ -176,7 +199,7 @@ fn saved(old: &[bytes::Bytes], new: &[bytes::Bytes]) -> f64 {
 /// Runs every measurement once.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let size = cfg.size_mib << 20;
-    let params = ChunkParams::default();
+    let params = cfg.params;
     let data = dataset(size, 42);
     let dir = std::env::temp_dir().join(format!("optimizer-bench-{}", std::process::id()));
     let store = Arc::new(Store::open_writer(
@@ -241,6 +264,22 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     std::hint::black_box(hashes);
     let cdc_hash_mbps = mbps(size, t);
 
+    // The inline baseline on a store of its own, so that it finds nothing stored either.
+    let inline_dir = dir.join("inline");
+    let inline_store = Arc::new(Store::open_writer(
+        &inline_dir,
+        &StoreOptions {
+            block_cache_bytes: cfg.block_cache_bytes,
+            chunk_params: params,
+            ..StoreOptions::default()
+        },
+    )?);
+    let t = Instant::now();
+    ingest_inline(&inline_store, "v1", &data)?;
+    let ingest_inline_mbps = mbps(size, t);
+    drop(inline_store);
+    let _ = std::fs::remove_dir_all(&inline_dir);
+
     let t = Instant::now();
     let stored_bytes_unique = ingest(&store, "v1", &data)?;
     let ingest_unique_mbps = mbps(size, t);
@@ -256,15 +295,22 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let manifest = store
         .manifest("v1")?
         .ok_or_else(|| Error::Internal("v1 vanished".into()))?;
-    // As a GET reads: groups of about READ_GROUP bytes, one batched lookup each.
-    let mut restored = 0;
-    for group in Manifest::read_groups(&manifest.chunks, 0, manifest.size, READ_GROUP) {
-        restored += store
-            .pieces(&manifest.chunks, &group)?
-            .iter()
-            .map(Bytes::len)
-            .sum::<usize>();
-    }
+    // As a GET reads: groups of about READ_GROUP bytes, one batched lookup each, decoded on
+    // every core (a GET keeps one group per core on its way, in order).
+    use rayon::prelude::*;
+    let groups = Manifest::read_groups(&manifest.chunks, 0, manifest.size, READ_GROUP);
+    let restored = groups
+        .par_iter()
+        .map(|group| {
+            Ok(store
+                .pieces(&manifest.chunks, group)?
+                .iter()
+                .map(Bytes::len)
+                .sum::<usize>())
+        })
+        .collect::<Result<Vec<usize>>>()?
+        .into_iter()
+        .sum();
     let restore_mbps = mbps(restored, t);
 
     // 1 % of the chunks see an edit.
@@ -289,6 +335,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         decode_verify_mbps,
         cdc_hash_mbps,
         ingest_unique_mbps,
+        ingest_inline_mbps,
         stored_bytes_unique,
         ingest_stored_mbps,
         restore_mbps,
@@ -298,6 +345,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         v2_stored_bytes,
         peak_rss_bytes,
         block_cache_bytes: cfg.block_cache_bytes,
+        cores: rayon::current_num_threads(),
+        params,
     })
 }
 
@@ -306,9 +355,15 @@ impl fmt::Display for BenchReport {
         let mib = |b: f64| b / (1 << 20) as f64;
         writeln!(
             f,
-            "dataset: {:.0} MiB synthetic log text, chunks 4/16/64 KiB, one thread",
-            mib(self.size_bytes as f64)
+            "dataset: {:.0} MiB synthetic log text, chunks {}/{}/{} KiB; the baselines on one thread, \
+             ingests and the restore on the CPU pool ({} threads)",
+            mib(self.size_bytes as f64),
+            self.params.min >> 10,
+            self.params.avg >> 10,
+            self.params.max >> 10,
+            self.cores
         )?;
+        let per_core = self.cores.max(1) as f64;
         writeln!(
             f,
             "lz4_flex compression alone      {:>9.0} MB/s",
@@ -316,10 +371,17 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "ingest, unique data             {:>9.0} MB/s  ({:.2}x of lz4; stored {:.1} MiB)",
+            "ingest, unique data             {:>9.0} MB/s  ({:.2}x of lz4 on one core; {:.0} MB/s per core; stored {:.1} MiB)",
             self.ingest_unique_mbps,
             self.ingest_unique_mbps / self.lz4_mbps,
+            self.ingest_unique_mbps / per_core,
             mib(self.stored_bytes_unique as f64)
+        )?;
+        writeln!(
+            f,
+            "  the same, all on one thread   {:>9.0} MB/s  ({:.2}x of lz4)",
+            self.ingest_inline_mbps,
+            self.ingest_inline_mbps / self.lz4_mbps
         )?;
         writeln!(
             f,
@@ -328,9 +390,10 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "ingest, data already stored     {:>9.0} MB/s  ({:.2}x of FastCDC + BLAKE3)",
+            "ingest, data already stored     {:>9.0} MB/s  ({:.2}x of FastCDC + BLAKE3 on one core; {:.0} MB/s per core)",
             self.ingest_stored_mbps,
-            self.ingest_stored_mbps / self.cdc_hash_mbps
+            self.ingest_stored_mbps / self.cdc_hash_mbps,
+            self.ingest_stored_mbps / per_core
         )?;
         writeln!(
             f,
@@ -344,9 +407,10 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "restore (verify + decompress)   {:>9.0} MB/s  ({:.2}x of decompression + BLAKE3)",
+            "restore (verify + decompress)   {:>9.0} MB/s  ({:.2}x of decompression + BLAKE3 on one core; {:.0} MB/s per core)",
             self.restore_mbps,
-            self.restore_mbps / self.decode_verify_mbps
+            self.restore_mbps / self.decode_verify_mbps,
+            self.restore_mbps / per_core
         )?;
         writeln!(
             f,
@@ -387,6 +451,7 @@ mod tests {
     #[test]
     fn tiny_run() {
         let r = run(&BenchConfig {
+            params: ChunkParams::default(),
             size_mib: 2,
             block_cache_bytes: 8 << 20,
         })

@@ -188,6 +188,9 @@ pub struct BenchArgs {
     /// Size of the synthetic dataset.
     #[arg(long, default_value_t = 128)]
     pub size_mib: usize,
+    /// Average chunk size to measure (min and max are a quarter and four times it).
+    #[arg(long, default_value_t = ChunkParams::default().avg)]
+    pub chunk_avg: u32,
     #[arg(long, default_value_t = 64 << 20)]
     pub block_cache_bytes: usize,
 }
@@ -226,7 +229,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Handover(args) => handover(args),
         Command::Bench(args) => {
+            let params = ChunkParams {
+                min: args.chunk_avg / 4,
+                avg: args.chunk_avg,
+                max: args.chunk_avg.saturating_mul(4),
+            };
+            params.validate()?;
             let report = bench::run(&BenchConfig {
+                params,
                 size_mib: args.size_mib,
                 block_cache_bytes: args.block_cache_bytes,
             })?;

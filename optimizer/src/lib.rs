@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bench;
 pub mod chunker;
 pub mod cli;
+pub mod encoder;
 pub mod error;
 pub mod format;
 pub mod manifest;

@@ -881,11 +881,14 @@ impl App {
         // in the secondary too, kept by the reclaim grace.
         drop(store);
         let volume = self.volume.clone();
+        // Several groups at once, one per core, delivered in order: a single download
+        // decodes and verifies on every core (docs/optimizer.md, "Benchmarks").
         let rest = futures_util::stream::iter(groups)
-            .then(move |group| {
+            .map(move |group| {
                 let (store, chunks) = (volume.store(), chunks.clone());
                 async move { read_group(store?, chunks, group).await }
             })
+            .buffered(read_ahead())
             .map_ok(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok::<Bytes, Error>)))
             .try_flatten()
             .map_err(move |e: Error| {
@@ -904,6 +907,12 @@ impl App {
             });
         build(builder, StreamBody::new(stream).boxed_unsync())
     }
+}
+
+/// Read groups of one response decoded at once: the cores (at most 4, so that one download
+/// cannot take a bigger machine whole).
+fn read_ahead() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// A peer that could not be reached, by us (`PeerUnreachable`) or by the writer a reader asked

@@ -39,6 +39,7 @@ use rocksdb::{
 use serde::Serialize;
 
 use crate::chunker::{self, ChunkParams};
+use crate::encoder::{Encoded, Encoder};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkHash, ChunkRef, Manifest};
 
@@ -325,7 +326,7 @@ impl Store {
             .collect()
     }
 
-    fn has_chunk(&self, hash: &ChunkHash) -> Result<bool> {
+    pub(crate) fn has_chunk(&self, hash: &ChunkHash) -> Result<bool> {
         // A referenced chunk is stored (chunks are deleted only at count zero), and its count
         // is 8 bytes in a small, cached block, where reading the chunk itself loads its 16 KiB
         // block: this halved the cost of ingesting data already stored.
@@ -378,6 +379,7 @@ impl Store {
     pub fn begin_ingest(self: &Arc<Self>) -> Result<Ingest> {
         self.require_writer()?;
         Ok(Ingest {
+            encoder: Encoder::new(self.clone()),
             store: self.clone(),
             seen: HashSet::new(),
             written: Vec::new(),
@@ -624,6 +626,8 @@ pub fn check_upload(hash: &ChunkHash, stored: &[u8]) -> Result<Bytes> {
 /// One object being ingested. Dropping it without `commit` releases its pins and reclaims the
 /// chunks it wrote that nothing else uses.
 pub struct Ingest {
+    /// Hashes and compresses the chunks given to `add` on the CPU pool.
+    encoder: Encoder,
     store: Arc<Store>,
     /// Hashes pinned by this ingest (each once).
     seen: HashSet<ChunkHash>,
@@ -639,30 +643,62 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Adds the next chunk of the object from its uncompressed data.
+    /// Adds the next chunk of the object from its uncompressed data. Its hashing and
+    /// compression happen on the CPU pool (`Encoder`); it is referenced, in order, once they
+    /// are done (at the latest by `commit`).
     pub fn add(&mut self, data: &[u8]) -> Result<()> {
-        let hash = ChunkHash::of(data);
-        if self.reference(ChunkRef {
-            hash,
-            len: data.len() as u32,
-        })? {
-            self.supply(hash, chunker::encode(data))?;
+        for e in self.encoder.push(data)? {
+            self.take(e)?;
         }
         Ok(())
+    }
+
+    /// References an encoded chunk and writes it if the store lacks it.
+    fn take(&mut self, e: Encoded) -> Result<()> {
+        let chunk = ChunkRef {
+            hash: e.hash,
+            len: e.data.len() as u32,
+        };
+        match e.stored {
+            // Absent at the encoder's lookup: pinned and written (once more, the same bytes,
+            // if another ingest wrote it since), with no second lookup.
+            Some(stored) => {
+                if self.pin(chunk) {
+                    self.supply(e.hash, stored)?;
+                }
+            }
+            // Present then: it must still be after our pin (it may have been reclaimed).
+            None => {
+                if self.reference(chunk)? {
+                    self.supply(e.hash, chunker::encode(&e.data))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk reference and pins the hash the first time this ingest sees it;
+    /// whether it was the first time.
+    fn pin(&mut self, chunk: ChunkRef) -> bool {
+        self.size += u64::from(chunk.len);
+        let hash = chunk.hash;
+        self.chunks.push(chunk);
+        if !self.seen.insert(hash) {
+            return false;
+        }
+        *self.store.lock_pins().entry(hash).or_insert(0) += 1;
+        true
     }
 
     /// Appends a chunk reference. Returns true when the store lacks the chunk and the caller
     /// must `supply` it (once per distinct hash).
     pub fn reference(&mut self, chunk: ChunkRef) -> Result<bool> {
-        self.size += u64::from(chunk.len);
         let hash = chunk.hash;
-        self.chunks.push(chunk);
-        if !self.seen.insert(hash) {
+        if !self.pin(chunk) {
             return Ok(false);
         }
-        // Pin first, then look: once pinned, the chunk cannot be reclaimed under us.
-        let mut pins = self.store.lock_pins();
-        *pins.entry(hash).or_insert(0) += 1;
+        // Pinned first, then looked up: once pinned, the chunk cannot be reclaimed under us.
+        let _pins = self.store.lock_pins();
         let exists = self.store.has_chunk(&hash)?;
         Ok(!exists)
     }
@@ -693,6 +729,9 @@ impl Ingest {
     /// remaining chunks in one synced batch. Once this returns, the object survives a crash;
     /// before, none of it is visible.
     pub fn commit(mut self, key: &str, content_type: Option<String>) -> Result<IngestReport> {
+        for e in self.encoder.finish()? {
+            self.take(e)?;
+        }
         let chunks = std::mem::take(&mut self.chunks);
         let manifest = Manifest::new(chunks, content_type);
         let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
@@ -803,6 +842,34 @@ mod tests {
         }
         assert_eq!(store.chunk_len(&hash).unwrap(), Some(10_000));
         assert_eq!(store.chunk_len(&ChunkHash::of(b"absent")).unwrap(), None);
+    }
+
+    /// More groups than the encoder keeps on their way, with chunks repeated inside the object
+    /// and chunks already stored: every chunk comes back in order, each stored once.
+    #[test]
+    fn an_ingest_through_the_encoder_keeps_order_and_stores_each_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let unit = noise(
+            crate::encoder::GROUP_BYTES * (crate::encoder::MAX_PENDING + 2),
+            11,
+        );
+        let stored = put(&store, "first", &unit[..1 << 20]);
+        let data = [&unit[..], &unit[..], &unit[..1 << 20]].concat();
+        let report = put(&store, "big", &data);
+        assert_eq!(get(&store, "big").unwrap(), data);
+        let hashes = |key: &str| -> HashSet<ChunkHash> {
+            let m = store.manifest(key).unwrap().unwrap();
+            m.chunks.iter().map(|c| c.hash).collect()
+        };
+        let (big, first) = (hashes("big"), hashes("first"));
+        assert_eq!(stored.new_chunks, first.len());
+        assert_eq!(
+            report.new_chunks,
+            big.difference(&first).count(),
+            "each distinct chunk stored exactly once, none that was stored before"
+        );
+        assert_eq!(put(&store, "again", &data).new_chunks, 0);
     }
 
     #[test]

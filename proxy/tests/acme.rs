@@ -54,9 +54,7 @@ async fn served(http: &reqwest::Client, host: &str, tls: u16) -> Option<Vec<u8>>
 }
 
 async fn metric(proxy: &Proxy, name: &str) -> f64 {
-    proxy
-        .metric(&format!("haddock_proxy_{name}{{service=\"svc\"}} "))
-        .await
+    proxy.metric(&format!("haddock_proxy_{name} ")).await
 }
 
 fn mode(path: &Path) -> u32 {
