@@ -55,6 +55,15 @@ impl WriteToken {
         })
     }
 
+    /// The token as `serve` and `handover` read it: from `file`, or from the environment's
+    /// [`TOKEN_ENV`] when set and not empty (see [`WriteToken::load`]).
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<Option<WriteToken>> {
+        WriteToken::load(
+            file,
+            std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+        )
+    }
+
     /// The token from `file` or from the value of [`TOKEN_ENV`] (exactly one of them), or
     /// `None` when neither is set. A file's trailing newline is not part of the token.
     pub fn load(file: Option<&Path>, env: Option<String>) -> Result<Option<WriteToken>> {

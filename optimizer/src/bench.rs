@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::chunker::{chunks_of, ChunkParams, Chunker};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkHash, ChunkRef, Manifest};
-use crate::server::READ_GROUP;
+use crate::server::{read_ahead, READ_GROUP};
 use crate::store::{Store, StoreOptions};
 
 #[derive(Clone, Debug)]
@@ -297,18 +297,26 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         .ok_or_else(|| Error::Internal("v1 vanished".into()))?;
     // As a GET reads: groups of about READ_GROUP bytes, one batched lookup each, decoded on
     // every core (a GET keeps one group per core on its way, in order).
+    // As many at once as a GET keeps on their way (`read_ahead`), not every thread there is.
     use rayon::prelude::*;
     let groups = Manifest::read_groups(&manifest.chunks, 0, manifest.size, READ_GROUP);
-    let restored = groups
-        .par_iter()
-        .map(|group| {
-            Ok(store
-                .pieces(&manifest.chunks, group)?
-                .iter()
-                .map(Bytes::len)
-                .sum::<usize>())
-        })
-        .collect::<Result<Vec<usize>>>()?
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(read_ahead())
+        .build()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let restored = pool
+        .install(|| {
+            groups
+                .par_iter()
+                .map(|group| {
+                    Ok(store
+                        .pieces(&manifest.chunks, group)?
+                        .iter()
+                        .map(Bytes::len)
+                        .sum::<usize>())
+                })
+                .collect::<Result<Vec<usize>>>()
+        })?
         .into_iter()
         .sum();
     let restore_mbps = mbps(restored, t);

@@ -248,12 +248,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `optimizer handover`: POST /v1/volume/handover to the local instance; its answer on stdout.
 fn handover(args: HandoverArgs) -> Result<ExitCode> {
-    let token = WriteToken::load(
-        args.write_token_file.as_deref(),
-        std::env::var(auth::TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty()),
-    )?;
+    let token = WriteToken::from_file_or_env(args.write_token_file.as_deref())?;
     let url = format!("http://127.0.0.1:{}/v1/volume/handover", args.listen.port());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -303,13 +298,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     chunk_params.validate()?;
     // Configuration problems stop the start, before anything listens.
-    let write_token = WriteToken::load(
-        args.write_token_file.as_deref(),
-        std::env::var(auth::TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty()),
-    )?
-    .map(Arc::new);
+    let write_token = WriteToken::from_file_or_env(args.write_token_file.as_deref())?.map(Arc::new);
     match (&write_token, args.allow_anonymous_writes) {
         (None, false) => {
             return Err(Error::Config(format!(

@@ -483,8 +483,10 @@ impl App {
                 Ok(json(StatusCode::OK, &report))
             }
             Route::Missing if method == Method::POST => {
-                let store = self.volume.store()?;
+                // The body first: the store is not held while a client sends (a writer
+                // handing its role over waits for every holder of its database).
                 let body = read_body(req.into_body(), MISSING_BODY_LIMIT).await?;
+                let store = self.volume.store()?;
                 let parsed: MissingRequest = serde_json::from_slice(&body).map_err(|e| {
                     Error::BadRequest(format!("expected {{\"hashes\": [...]}}: {e}"))
                 })?;
@@ -911,8 +913,9 @@ impl App {
 
 /// Read groups of one response decoded at once: the cores (at most 4, so that one download
 /// cannot take a bigger machine whole).
-fn read_ahead() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+pub fn read_ahead() -> usize {
+    static READ_AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *READ_AHEAD.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 /// A peer that could not be reached, by us (`PeerUnreachable`) or by the writer a reader asked

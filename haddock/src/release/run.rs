@@ -781,10 +781,8 @@ impl<'a> Run<'a> {
             if ready_old {
                 heartbeat_once(self.client(), &self.d.hosts, &self.rec.service).await;
                 self.apply_weights(&weights_for(None, &from, 100)).await?;
-            }
-            // The new instances may hold a role the old ones handed them at the promotion (if
-            // it came; before it, they answer that they hold none).
-            if ready_old {
+                // The new instances may hold a role the old ones handed them at the promotion
+                // (if it came; before it, they answer that they hold none).
                 handover::run(self.d, &self.rec.service, &self.rec.id, Direction::ToOld).await;
             }
         }
