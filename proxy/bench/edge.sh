@@ -46,8 +46,12 @@ HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve
   --tls-default-host bench.test --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
   --service bench --state-dir "$WORK/state" --threads 2 2>"$WORK/proxy.log" & PID[proxy]=$!; kill_pids+=($!)
 
+# Bare pingora in the proxy's model (a shard per thread, each with its own socket), and as one
+# service of 2 threads on one socket (`pingora1`: the model before stop 23).
 "$BIN/examples/bare_pingora" 127.0.0.1:18083 127.0.0.1:18081 2 127.0.0.1:18483 "$CRT" "$KEY" 2>"$WORK/pingora.log" \
   & PID[pingora]=$!; kill_pids+=($!)
+BARE_SHARDS=0 "$BIN/examples/bare_pingora" 127.0.0.1:18086 127.0.0.1:18081 2 127.0.0.1:18486 "$CRT" "$KEY" \
+  2>"$WORK/pingora1.log" & PID[pingora1]=$!; kill_pids+=($!)
 
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
@@ -110,9 +114,10 @@ CADDY
 HOME=$WORK caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 \
   & PID[caddy]=$!; kill_pids+=($!)
 
-declare -A PLAIN=([proxy]=18080 [pingora]=18083 [nginx]=18082 [haproxy]=18084 [caddy]=18085)
-declare -A TLS=([proxy]=18480 [pingora]=18483 [nginx]=18482 [haproxy]=18484 [caddy]=18485)
-for name in proxy pingora nginx haproxy caddy; do
+declare -A PLAIN=([proxy]=18080 [pingora]=18083 [pingora1]=18086 [nginx]=18082 [haproxy]=18084 [caddy]=18085)
+declare -A TLS=([proxy]=18480 [pingora]=18483 [pingora1]=18486 [nginx]=18482 [haproxy]=18484 [caddy]=18485)
+NAMES="proxy pingora pingora1 nginx haproxy caddy"
+for name in $NAMES; do
   for _ in $(seq 100); do
     curl -sf -o /dev/null "http://127.0.0.1:${PLAIN[$name]}/" \
       && curl -sfk -o /dev/null "https://127.0.0.1:${TLS[$name]}/" && break
@@ -167,14 +172,14 @@ declare -A CPU
 echo "wrk -t2 -c$CONNS -d$DUR --latency; upstream: bench_upstream (hyper, 1 thread); $(nproc) cores; 2 worker threads/processes each"
 for scheme in https http; do
   for mode in ka close; do
-    for name in proxy pingora nginx haproxy caddy; do
+    for name in $NAMES; do
       run "$name" "$scheme" "$mode"
     done
   done
 done
 HALF=$(( RPS[proxy/https/ka] / 2 ))
 echo "HTTPS keep-alive at half of our proxy's saturating rate (~$HALF req/s):"
-for name in proxy pingora nginx haproxy caddy; do
+for name in $NAMES; do
   run "$name" https ka "$HALF"
 done
 
@@ -185,7 +190,8 @@ for scheme in https http; do
     k=$scheme/$mode
     echo "  $k: CPU/req proxy/pingora $(ratio "${CPU[proxy/$k]}" "${CPU[pingora/$k]}") [<= 1.05]" \
       " req/s proxy/caddy $(ratio "${RPS[proxy/$k]}" "${RPS[caddy/$k]}") [>= 2]" \
-      " req/s proxy/nginx $(ratio "${RPS[proxy/$k]}" "${RPS[nginx/$k]}") [>= 0.75]"
+      " req/s proxy/nginx $(ratio "${RPS[proxy/$k]}" "${RPS[nginx/$k]}") [>= 0.75]" \
+      " (bare pingora sharded/one service: CPU/req $(ratio "${CPU[pingora/$k]}" "${CPU[pingora1/$k]}"), req/s $(ratio "${RPS[pingora/$k]}" "${RPS[pingora1/$k]}"))"
   done
 done
 echo "  added p99 at half load: proxy ${P99[proxy/https/ka/$HALF]} vs nginx ${P99[nginx/https/ka/$HALF]} [<=]"

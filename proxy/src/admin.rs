@@ -44,12 +44,13 @@ impl Admin {
                         "live_sessions": r.tracker.len(),
                     })
                 };
-                let first = self.services.first();
-                let body = serde_json::json!({
-                    "table": first.table.load().summary(),
-                    "live_sessions": first.tracker.len(),
-                    "services": self.services.routers().iter().map(|r| one(r)).collect::<Vec<_>>(),
-                });
+                let routers = self.services.routers();
+                // The first service's figures at the top level too, as a proxy of one
+                // service has always answered.
+                let mut body = routers
+                    .first()
+                    .map_or_else(|| serde_json::json!({}), |r| one(r));
+                body["services"] = routers.iter().map(|r| one(r)).collect();
                 (200, "application/json", body.to_string().into_bytes())
             }
             _ => (
@@ -79,13 +80,16 @@ impl ServeHttp for Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::{Options, Router};
+    use crate::router::Options;
+    use crate::services::Scope;
     use crate::session::CookieKeys;
 
     #[test]
     fn serves_metrics_health_and_routing() {
-        let router = Router::new("svc", CookieKeys::random(), Options::default());
-        let admin = Admin::new(Services::new(vec![router], None).unwrap());
+        let scope = Scope::Named(vec!["svc".into()]);
+        let services =
+            Services::new(scope, None, CookieKeys::random(), Options::default()).unwrap();
+        let admin = Admin::new(services);
         let (s, _, body) = admin.answer("/metrics");
         assert_eq!(s, 200);
         assert!(String::from_utf8(body)

@@ -11,6 +11,7 @@ use crate::acme::{AcmeOptions, Challenges};
 use crate::edge::EdgeOptions;
 use crate::error::ProxyError;
 use crate::router::Options;
+use crate::services::Scope;
 use crate::session::CookieKeys;
 
 #[derive(Debug, Parser)]
@@ -46,13 +47,14 @@ pub struct ServeArgs {
     #[arg(long, env = "HADDOCK_LOCATOR_URL")]
     pub locator: String,
     /// The services whose traffic this proxy carries (repeat the flag, or separate by commas;
-    /// each a name the locator accepts: 1 to 63 letters, digits and -_.:+). With several, a
+    /// each a name the locator accepts: 1 to 63 letters, digits and -_.:+). Without it the
+    /// proxy carries every service the locator knows, each from the moment it appears. A
     /// request goes to the service whose routes (spec `hosts`, `path_prefix`) take its host and
     /// path.
-    #[arg(long = "service", value_parser = service_name, value_delimiter = ',', required = true)]
+    #[arg(long = "service", value_parser = service_name, value_delimiter = ',')]
     pub services: Vec<String>,
     /// The service requests that no route takes go to (default: the only service, when one is
-    /// carried; with several and no default, such requests get 404 `unknown_host`).
+    /// named; otherwise such requests get 404 `unknown_host`).
     #[arg(long)]
     pub default_service: Option<String>,
     /// Locator token with the `proxy` role (reads the watch stream, posts session reports).
@@ -75,7 +77,9 @@ pub struct ServeArgs {
     /// Name this proxy reports under (default: host name and process id).
     #[arg(long)]
     pub proxy_id: Option<String>,
-    /// Worker threads of the proxy service.
+    /// Worker threads: each serves its own listening socket on the address (SO_REUSEPORT) with
+    /// its own upstream connections. Keep it across an `--upgrade`: the sockets of threads the
+    /// new process does not have are closed, with the connections waiting on them.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Largest request body kept so that an idempotent request can be replayed (≤ 64 KiB).
@@ -185,8 +189,15 @@ impl ServeArgs {
         }
     }
 
-    /// The carried services, each once.
-    pub fn service_names(&self) -> Result<Vec<String>, ProxyError> {
+    /// The carried services: the named ones, each once, or every one the locator knows.
+    pub fn scope(&self) -> Result<Scope, ProxyError> {
+        if self.services.is_empty() {
+            if let Some(default) = &self.default_service {
+                service_name(default)
+                    .map_err(|e| ProxyError::Config(format!("--default-service {default}: {e}")))?;
+            }
+            return Ok(Scope::Discovered);
+        }
         let mut names: Vec<String> = Vec::new();
         for name in &self.services {
             if names.contains(name) {
@@ -204,12 +215,12 @@ impl ServeArgs {
                 )));
             }
         }
-        Ok(names)
+        Ok(Scope::Named(names))
     }
 
     pub fn options(&self) -> Result<Options, ProxyError> {
-        if self.threads == 0 {
-            return Err(ProxyError::Config("--threads must be at least 1".into()));
+        if !(1..=256).contains(&self.threads) {
+            return Err(ProxyError::Config("--threads must be 1 to 256".into()));
         }
         if self.header_timeout_ms == 0 {
             return Err(ProxyError::Config(
@@ -529,12 +540,22 @@ mod tests {
             let Command::Serve(a) = Cli::try_parse_from([&base[..], extra].concat())
                 .unwrap()
                 .command;
-            a.service_names()
+            a.scope()
         };
         assert_eq!(
             parse(&["--service", "shop,blog", "--service", "api"]).unwrap(),
-            ["shop", "blog", "api"]
+            Scope::Named(vec!["shop".into(), "blog".into(), "api".into()])
         );
+        // No --service: every service the locator knows, with any valid default.
+        assert_eq!(parse(&[]).unwrap(), Scope::Discovered);
+        assert_eq!(
+            parse(&["--default-service", "blog"]).unwrap(),
+            Scope::Discovered
+        );
+        let bad = parse(&["--default-service", "a/b"])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("--default-service a/b"), "{bad}");
         let twice = parse(&["--service", "shop,shop"]).unwrap_err().to_string();
         assert!(twice.contains("given twice"), "{twice}");
         let stray = parse(&["--service", "shop,blog", "--default-service", "api"])

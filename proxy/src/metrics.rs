@@ -73,8 +73,6 @@ pub struct Metrics {
     pub table_revision: Gauge,
     /// Routing tables built and installed (a routing change: weights, instance state/address).
     pub table_installs: Counter,
-    /// `routing.json` writes (each one fsynced).
-    pub state_saves: Counter,
     /// Events about this service that changed only session sums: no rebuild, no write (each
     /// was a table and an fsync before).
     pub load_only_events: Counter,
@@ -107,7 +105,6 @@ impl Metrics {
         let untracked_sessions = Counter::default();
         let table_revision = Gauge::default();
         let table_installs = Counter::default();
-        let state_saves = Counter::default();
         let load_only_events = Counter::default();
         registry.register(
             "routing_load_only_events",
@@ -118,11 +115,6 @@ impl Metrics {
             "routing_table_installs",
             "Routing tables built and installed after a routing change",
             table_installs.clone(),
-        );
-        registry.register(
-            "routing_state_saves",
-            "Writes of the persisted routing snapshot (each fsynced)",
-            state_saves.clone(),
         );
         registry.register(
             "http_requests",
@@ -189,7 +181,6 @@ impl Metrics {
             untracked_sessions,
             table_revision,
             table_installs,
-            state_saves,
             load_only_events,
             windows: RwLock::new(HashMap::new()),
         }
@@ -285,6 +276,8 @@ pub struct EdgeMetrics {
     registry: Registry,
     /// Requests whose host and path no carried service takes, with no default service (404).
     pub unknown_host: Counter,
+    /// `routing.json` writes (each one fsynced; one file for every carried service).
+    pub state_saves: Counter,
     pub request_heads: HeadCounters,
     pub tls: TlsCounters,
 }
@@ -303,6 +296,12 @@ impl Default for EdgeMetrics {
             "unknown_host_requests",
             "Requests answered 404 because no carried service's routes take their host and path",
             unknown_host.clone(),
+        );
+        let state_saves = Counter::default();
+        registry.register(
+            "routing_state_saves",
+            "Writes of the persisted routing snapshot (each fsynced)",
+            state_saves.clone(),
         );
         let request_heads = HeadCounters::default();
         registry.register(
@@ -356,6 +355,7 @@ impl Default for EdgeMetrics {
         EdgeMetrics {
             registry,
             unknown_host,
+            state_saves,
             request_heads,
             tls,
         }

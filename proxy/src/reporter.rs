@@ -14,6 +14,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use crate::router::Router;
+use crate::services::Services;
 use crate::session::now_ms;
 
 const PERIOD: Duration = Duration::from_secs(1);
@@ -79,6 +80,9 @@ impl Reporter {
         let mut last_whole_at: Option<Instant> = None;
         let mut failing = false;
         loop {
+            if self.router.is_retired() {
+                return;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(PERIOD) => {}
                 _ = self.router.tracker.changed.notified() => {
@@ -129,27 +133,46 @@ impl Reporter {
 
 /// The reporters of every carried service, as tasks of one background service: pingora gives
 /// each background service a runtime and a thread of its own, which for 300 services was
-/// 1.5 MiB of memory a service.
+/// 1.5 MiB of memory a service. A service a discovering proxy starts carrying gets its reporter
+/// when it is added; a retired service's reporter ends by itself.
 #[derive(Debug)]
 pub struct Reporters {
-    reporters: Vec<Arc<Reporter>>,
+    services: Arc<Services>,
+    client: Client,
+    proxy_id: String,
 }
 
 impl Reporters {
-    pub fn new(reporters: Vec<Reporter>) -> Self {
+    pub fn new(services: Arc<Services>, client: Client, proxy_id: String) -> Self {
         Reporters {
-            reporters: reporters.into_iter().map(Arc::new).collect(),
+            services,
+            client,
+            proxy_id,
         }
     }
 }
 
 #[async_trait]
 impl BackgroundService for Reporters {
-    async fn start(&self, shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tasks = tokio::task::JoinSet::new();
-        for r in &self.reporters {
-            let (r, shutdown) = (r.clone(), shutdown.clone());
-            tasks.spawn(async move { r.run(shutdown).await });
+        // Routers, not names: a service retired and then carried again has a new router.
+        let mut started: Vec<Arc<Router>> = Vec::new();
+        loop {
+            started.retain(|r| !r.is_retired());
+            for router in self.services.routers() {
+                if started.iter().any(|r| Arc::ptr_eq(r, &router)) {
+                    continue;
+                }
+                started.push(router.clone());
+                let reporter = Reporter::new(router, self.client.clone(), self.proxy_id.clone());
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move { reporter.run(shutdown).await });
+            }
+            tokio::select! {
+                _ = self.services.added() => {}
+                _ = shutdown.changed() => break,
+            }
         }
         while tasks.join_next().await.is_some() {}
     }

@@ -55,10 +55,9 @@ pub struct Router {
     pub tracker: Tracker,
     pub metrics: Metrics,
     pub options: Options,
-    /// Set once this process hands its sockets to a successor or is told to stop: from then
-    /// on every answer says `Connection: close`, so that clients leave their keep-alive
-    /// connections before the old process drops the idle ones.
-    closing: AtomicBool,
+    /// Set when a discovering proxy stops carrying the service (gone from the locator): its
+    /// reporter then stops.
+    retired: AtomicBool,
 }
 
 impl Router {
@@ -70,18 +69,16 @@ impl Router {
             tracker: Tracker::new(options.max_tracked_sessions),
             metrics: Metrics::new(service),
             options,
-            closing: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         })
     }
 
-    pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
-    pub fn start_closing(&self) {
-        if !self.closing.swap(true, Ordering::Relaxed) {
-            tracing::info!("closing: answering with `Connection: close` from now on");
-        }
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// Rebuilds the routing table from `snapshot` and swaps it in; requests in progress keep

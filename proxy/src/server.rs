@@ -1,5 +1,5 @@
 //! Assembles the pingora server: the proxy service, the admin port and the two background
-//! tasks (watcher, reporter), all sharing one [`Router`].
+//! tasks (watcher, reporters), all sharing one [`Services`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,12 +18,11 @@ use crate::admin::Admin;
 use crate::certificates::{CertificateWatcher, Certificates};
 use crate::config::ServeArgs;
 use crate::error::ProxyError;
-use crate::reporter::{Reporter, Reporters};
+use crate::reporter::Reporters;
 use crate::request_head::{HeadDeadline, KEEPALIVE_IDLE};
-use crate::router::Router;
 use crate::run_dir::{current_uid, default_run_dir, ensure_private_dir};
 use crate::service::HaddockProxy;
-use crate::services::Services;
+use crate::services::{Scope, Services};
 use crate::watcher::{load_state, Watcher, STATE_FILE};
 
 /// Pingora drops idle keep-alive connections as soon as its shutdown starts, which resets a
@@ -53,12 +52,50 @@ fn close_keepalives_on_shutdown(server: &Server, services: Arc<Services>) {
     });
 }
 
-/// The HTTPS listener's settings: certificates from `--tls-certs` chosen by SNI (read once here,
-/// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
-fn tls_settings(
+/// The addresses of the `shards` listening sockets on `addr`, one per shard: the same address,
+/// spelled with more leading zeros in the port each time (`0.0.0.0:8080`, `0.0.0.0:08080`, …).
+/// Pingora keeps the listening sockets it hands to an upgraded process in a table keyed by the
+/// address as written, so distinct spellings are what lets each shard own a socket of its own
+/// (SO_REUSEPORT) and hand it over on `--upgrade`; every spelling parses to the same address.
+pub fn shard_addresses(addr: &str, shards: usize) -> Vec<String> {
+    let (host, port) = addr.rsplit_once(':').unwrap_or(("", addr));
+    (0..shards)
+        .map(|k| format!("{host}:{}{port}", "0".repeat(k)))
+        .collect()
+}
+
+/// Waits until nothing listens on `addr` (at most 30 s, as pingora waits for an address in
+/// use). The shards bind with SO_REUSEPORT, which would let a proxy started by mistake on the
+/// address of a running one quietly share its connections (the kernel allows it for the same
+/// user); a plain bind first makes that an error, as it was before the shards.
+fn wait_until_free(flag: &str, addr: &str) -> Result<(), ProxyError> {
+    let mut tries = 0;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 30 => {
+                if tries == 0 {
+                    tracing::warn!(%addr, "address in use: waiting for it (30 s at most)");
+                }
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(ProxyError::Config(format!(
+                    "{flag} {addr}: {e} (another process listens there; to take a running \
+                     proxy's sockets over, start with --upgrade)"
+                )))
+            }
+        }
+    }
+}
+
+/// Certificates from `--tls-certs`, chosen by SNI (read once here, then again on every change),
+/// shared by every shard's HTTPS listener.
+fn load_certificates(
     args: &ServeArgs,
     counters: &crate::certificates::TlsCounters,
-) -> Result<(TlsSettings, Arc<Certificates>), ProxyError> {
+) -> Result<Arc<Certificates>, ProxyError> {
     let Some(dir) = args.tls_certs.clone() else {
         return Err(ProxyError::Config("--tls-listen needs --tls-certs".into()));
     };
@@ -80,28 +117,36 @@ fn tls_settings(
     } else {
         tracing::info!(?hosts, "serving HTTPS");
     }
+    Ok(certificates)
+}
+
+/// One HTTPS listener's settings: `certificates` by SNI, HTTP/2 offered by ALPN unless
+/// `--no-h2`.
+fn tls_settings(
+    args: &ServeArgs,
+    certificates: &Arc<Certificates>,
+) -> Result<TlsSettings, ProxyError> {
     let mut settings = TlsSettings::intermediate("", "")
         .map_err(|e| ProxyError::Server(format!("TLS settings: {e}")))?;
     settings.set_cert_resolver(certificates.clone());
     if !args.no_h2 {
         settings.enable_h2();
     }
-    Ok((settings, certificates))
+    Ok(settings)
 }
 
 /// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
 /// sockets to a proxy started with `--upgrade`, then exit gracefully).
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
-    let names = args.service_names()?;
+    let scope = args.scope()?;
     let (keys, options) = (args.keys()?, args.options()?);
-    let routers = names
-        .iter()
-        .map(|name| Router::new(name, keys.clone(), options.clone()))
-        .collect();
-    let services =
-        Services::new(routers, args.default_service.as_deref()).map_err(ProxyError::Config)?;
-    // Process-wide settings and counters are the first service's.
-    let router = services.first().clone();
+    let services = Services::new(
+        scope.clone(),
+        args.default_service.as_deref(),
+        keys,
+        options,
+    )
+    .map_err(ProxyError::Config)?;
     let acme = args.acme()?;
 
     // The upgrade socket and the pid file live in the run directory: the state dir, else a
@@ -117,7 +162,11 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
                 .map(Path::new),
             &std::env::temp_dir(),
             uid,
-            &names.join(","),
+            &match &scope {
+                Scope::Named(names) => names.join(","),
+                // Not a service name (no `@` in one), so never another proxy's directory.
+                Scope::Discovered => "@all".to_string(),
+            },
         ),
     };
     ensure_private_dir(&run_dir, uid)?;
@@ -145,7 +194,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         upgrade_sock: run_dir.join("upgrade.sock").display().to_string(),
         pid_file: run_dir.join("proxy.pid").display().to_string(),
         // One more than our own attempt budget: the budget is enforced in the service.
-        max_retries: router.options.max_attempts + 1,
+        max_retries: services.options.max_attempts + 1,
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -158,31 +207,54 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let client = Client::new(&args.locator, args.token.clone());
 
-    // Pingora's HTTP application behind our total deadline on request heads. An HTTP/2
-    // connection with no request open is closed after the keep-alive idle time, as an idle
-    // HTTP/1 one is.
-    let mut app =
-        pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(services.clone()));
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
-    app.server_options = Some(options);
-    let mut proxy = Service::new(
-        "haddock proxy".to_string(),
-        HeadDeadline::new(
-            app,
-            router.options.header_timeout,
-            services.edge.request_heads.clone(),
-        ),
-    );
-    proxy.add_tcp(&args.listen);
+    // `--threads` shards, as nginx's workers: each a pingora service of one thread with its
+    // own runtime, upstream connection pool and listening socket (SO_REUSEPORT; the kernel
+    // spreads new connections over them). A pooled upstream connection then never crosses
+    // threads: with one service of N threads, pingora returned each to a random thread's
+    // runtime, and the next request woke that thread to release it (an eventfd write and a
+    // context switch per request; docs/proxy.md, "one proxy shard per thread").
     let certificates = match &args.tls_listen {
-        Some(addr) => {
-            let (settings, certificates) = tls_settings(args, &services.edge.tls)?;
-            proxy.add_tls_with_settings(addr, None, settings);
-            Some(certificates)
-        }
+        Some(_) => Some(load_certificates(args, &services.edge.tls)?),
         None => None,
     };
+    if !args.upgrade {
+        wait_until_free("--listen", &args.listen)?;
+        if let Some(addr) = &args.tls_listen {
+            wait_until_free("--tls-listen", addr)?;
+        }
+    }
+    let mut reuse_port = pingora_core::listeners::TcpSocketOptions::default();
+    reuse_port.so_reuseport = Some(true);
+    let plain = shard_addresses(&args.listen, args.threads);
+    let tls = args
+        .tls_listen
+        .as_deref()
+        .map(|addr| shard_addresses(addr, args.threads));
+    for shard in 0..args.threads {
+        // Pingora's HTTP application behind our total deadline on request heads. An HTTP/2
+        // connection with no request open is closed after the keep-alive idle time, as an
+        // idle HTTP/1 one is.
+        let mut app =
+            pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(services.clone()));
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+        app.server_options = Some(options);
+        let mut proxy = Service::new(
+            format!("haddock proxy {shard}"),
+            HeadDeadline::new(
+                app,
+                services.options.header_timeout,
+                services.edge.request_heads.clone(),
+            ),
+        );
+        proxy.threads = Some(1);
+        proxy.add_tcp_with_settings(&plain[shard], reuse_port.clone());
+        if let (Some(addrs), Some(certificates)) = (&tls, &certificates) {
+            let settings = tls_settings(args, certificates)?;
+            proxy.add_tls_with_settings(&addrs[shard], Some(reuse_port.clone()), settings);
+        }
+        server.add_service(proxy);
+    }
 
     let mut admin = Service::new(
         "haddock proxy admin".to_string(),
@@ -195,17 +267,14 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
         "watcher",
         Watcher::new(services.clone(), client.clone(), state_file, initial),
     );
-    server.add_service(proxy);
     server.add_service(admin);
     server.add_service(watcher);
     // Each service reports its own sessions, as a proxy carrying it alone would.
     let proxy_id = args.proxy_id();
-    let reporters = services
-        .routers()
-        .iter()
-        .map(|r| Reporter::new(Arc::clone(r), client.clone(), proxy_id.clone()))
-        .collect();
-    server.add_service(background_service("reporters", Reporters::new(reporters)));
+    server.add_service(background_service(
+        "reporters",
+        Reporters::new(services.clone(), client.clone(), proxy_id),
+    ));
     if let Some(certificates) = certificates {
         if let Some(acme) = acme {
             let tls = &services.edge.tls;
@@ -226,6 +295,30 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
             CertificateWatcher::new(certificates),
         ));
     }
-    tracing::info!(listen = %args.listen, tls_listen = ?args.tls_listen, admin = %args.admin, services = ?names, run_dir = %run_dir.display(), "proxy serving");
+    tracing::info!(listen = %args.listen, tls_listen = ?args.tls_listen, admin = %args.admin, services = ?scope, run_dir = %run_dir.display(), "proxy serving");
     server.run_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn each_shard_spells_the_same_address_its_own_way() {
+        let addrs = shard_addresses("0.0.0.0:8080", 3);
+        assert_eq!(addrs, ["0.0.0.0:8080", "0.0.0.0:08080", "0.0.0.0:008080"]);
+        for a in &addrs {
+            assert_eq!(
+                a.parse::<SocketAddr>().unwrap(),
+                "0.0.0.0:8080".parse().unwrap()
+            );
+        }
+        let v6 = shard_addresses("[::1]:443", 2);
+        assert_eq!(
+            v6[1].parse::<SocketAddr>().unwrap(),
+            "[::1]:443".parse().unwrap()
+        );
+        assert_eq!(shard_addresses("127.0.0.1:1", 1), ["127.0.0.1:1"]);
+    }
 }

@@ -82,12 +82,6 @@ impl HaddockProxy {
         HaddockProxy { services }
     }
 
-    /// The router of the service the request is for (the first service's before it is known:
-    /// options and keys are the same for every service).
-    fn router_of<'a>(&'a self, ctx: &'a RequestCtx) -> &'a Router {
-        ctx.router.as_deref().unwrap_or(self.services.first())
-    }
-
     /// The raw token from the header or the cookie, and whether it came from the header.
     fn raw_token<'a>(session: &'a Session, cookie_name: &str) -> Option<(&'a str, bool)> {
         let headers = &session.req_header().headers;
@@ -114,11 +108,10 @@ impl HaddockProxy {
             return false;
         };
         ctx.tried.push(ctx.idx);
-        let router = ctx
-            .router
-            .clone()
-            .unwrap_or_else(|| self.services.first().clone());
-        if ctx.tried.len() >= router.options.max_attempts {
+        let Some(router) = ctx.router.clone() else {
+            return false;
+        };
+        if ctx.tried.len() >= self.services.options.max_attempts {
             return false;
         }
         let version = table.route(ctx.idx).version.clone();
@@ -213,8 +206,7 @@ impl ProxyHttp for HaddockProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let first = self.services.first();
-        let edge_options = &first.options.edge;
+        let edge_options = &self.services.options.edge;
         ctx.tls = edge::is_tls(session)
             || (edge_options.trust_forwarded && edge::forwarded_https(session));
         if !ctx.tls {
@@ -250,7 +242,7 @@ impl ProxyHttp for HaddockProxy {
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
         });
-        let Some(router) = self.services.pick(host, req.uri.path()).cloned() else {
+        let Some(router) = self.services.pick(host, req.uri.path()) else {
             self.services.edge.unknown_host.inc();
             Self::respond_json(
                 session,
@@ -349,7 +341,7 @@ impl ProxyHttp for HaddockProxy {
         ctx.in_flight = Some(InFlight::enter(&route.in_flight));
         ctx.routed = true;
         let mut peer = HttpPeer::new(route.addr, false, String::new());
-        peer.options.connection_timeout = Some(self.router_of(ctx).options.connect_timeout);
+        peer.options.connection_timeout = Some(self.services.options.connect_timeout);
         Ok(Box::new(peer))
     }
 
@@ -401,7 +393,7 @@ impl ProxyHttp for HaddockProxy {
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        let trust = self.services.first().options.edge.trust_forwarded;
+        let trust = self.services.options.edge.trust_forwarded;
         match edge::forwarded_for(sent, edge::client_ip(session), trust) {
             Some(value) => upstream_request.insert_header("x-forwarded-for", value)?,
             None => {
@@ -432,8 +424,7 @@ impl ProxyHttp for HaddockProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let router = self.router_of(ctx);
-        if router.is_closing() {
+        if self.services.is_closing() {
             // Pingora then writes `Connection: close` and ends the connection after this answer.
             session.set_keepalive(None);
         }
@@ -443,7 +434,7 @@ impl ProxyHttp for HaddockProxy {
                 .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
         {
             // The service's own policy, when it sends one, wins.
-            if let Some(max_age) = router.options.edge.hsts_max_age {
+            if let Some(max_age) = self.services.options.edge.hsts_max_age {
                 resp.insert_header(
                     http::header::STRICT_TRANSPORT_SECURITY,
                     format!("max-age={max_age}"),
@@ -453,7 +444,7 @@ impl ProxyHttp for HaddockProxy {
         if !ctx.write_token {
             return Ok(());
         }
-        let Some(table) = ctx.table.as_ref() else {
+        let (Some(table), Some(router)) = (ctx.table.as_ref(), ctx.router.as_ref()) else {
             return Ok(());
         };
         let route = table.route(ctx.idx);
@@ -485,7 +476,7 @@ impl ProxyHttp for HaddockProxy {
         if !ctx.routed {
             return;
         }
-        let Some(table) = ctx.table.as_ref() else {
+        let (Some(table), Some(router)) = (ctx.table.as_ref(), ctx.router.as_ref()) else {
             return;
         };
         let sent = session.response_written().map_or(0, |r| r.status.as_u16());
@@ -495,7 +486,6 @@ impl ProxyHttp for HaddockProxy {
             service_outcome(ctx.upstream_status, e),
             ctx.started.elapsed(),
         );
-        let router = self.router_of(ctx);
         let touched =
             router
                 .tracker

@@ -102,7 +102,7 @@ impl Watcher {
 
     fn persist(&self, snapshot: &Snapshot) {
         if let Some(path) = &self.state_file {
-            self.services.first().metrics.state_saves.inc();
+            self.services.edge.state_saves.inc();
             if let Err(e) = save_state(path, snapshot) {
                 tracing::warn!(error = %e, "could not persist the routing snapshot");
             }
@@ -116,10 +116,11 @@ impl Watcher {
         let mut reported_down = false;
         loop {
             let since = (snapshot.revision > 0).then_some(snapshot.revision);
-            // Only this proxy's services, and only what routes: the others' events, session
-            // sums and heartbeat times are none of its business (at a thousand proxies and ten
-            // thousand instances they were most of the locator's work).
-            let only = self.services.names();
+            // Only this proxy's services (every one, for a discovering proxy), and only what
+            // routes: the others' events, session sums and heartbeat times are none of its
+            // business (at a thousand proxies and ten thousand instances they were most of the
+            // locator's work).
+            let only = self.services.watch_filter();
             match self.client.watch_only(since, &only, true).await {
                 Ok(stream) => {
                     let mut stream = Box::pin(stream);
@@ -135,25 +136,27 @@ impl Watcher {
                                     reported_down = false;
                                 }
                                 backoff = MIN_BACKOFF;
-                                // The services whose routing the event changes.
-                                let concerned: Vec<String> = self
-                                    .services
-                                    .routers()
+                                // The services whose routing the event changes (a service
+                                // a discovering proxy does not carry yet is added by install).
+                                let routers = self.services.routers();
+                                let concerned: Vec<&str> = routers
                                     .iter()
                                     .filter(|r| concerns(&event, &snapshot, &r.service))
-                                    .map(|r| r.service.clone())
+                                    .map(|r| r.service.as_str())
                                     .collect();
+                                // For a discovering proxy: a snapshot, or an event of a
+                                // service it does not carry yet.
+                                let new_service = self.services.discovers()
+                                    && event.change.service().is_none_or(|name| {
+                                        !routers.iter().any(|r| r.service == name)
+                                    });
                                 snapshot.apply(&event);
-                                if !concerned.is_empty() {
+                                if !concerned.is_empty() || new_service {
                                     self.services
-                                        .install(&snapshot, |r| concerned.contains(&r.service));
+                                        .install(&snapshot, |name| concerned.contains(&name));
                                     self.persist(&snapshot);
                                 } else if let Change::Instance(i) = &event.change {
-                                    if let Some(r) = self
-                                        .services
-                                        .routers()
-                                        .iter()
-                                        .find(|r| r.service == i.service)
+                                    if let Some(r) = routers.iter().find(|r| r.service == i.service)
                                     {
                                         r.metrics.load_only_events.inc();
                                     }

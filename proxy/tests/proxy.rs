@@ -669,8 +669,25 @@ async fn reports_carry_changes_and_a_restarted_locator_gets_the_whole_report() {
     .await;
 }
 
+/// The inodes of the listening TCP sockets on `port` (`/proc/net/tcp`: local address, state
+/// `0A` is LISTEN, the inode is the tenth field).
+fn listening_sockets(port: u16) -> std::collections::BTreeSet<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local == port && f.get(3) == Some(&"0A")).then(|| f.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
 // The old process answers `Connection: close` from the moment it hands its sockets over, so
-// clients leave its keep-alive connections before it drops the idle ones (server.rs).
+// clients leave its keep-alive connections before it drops the idle ones (server.rs). Each of
+// its two threads has a listening socket of its own (SO_REUSEPORT), and the new process takes
+// both over: the same sockets serve on, none is closed under a connecting client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
     let a = Upstream::start("a");
@@ -681,8 +698,10 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
     ))
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut old = Proxy::spawn(&stub.url, dir.path(), &[]);
+    let mut old = Proxy::spawn(&stub.url, dir.path(), &["--threads", "2"]);
     old.wait_revision(1).await;
+    let sockets = listening_sockets(old.port);
+    assert_eq!(sockets.len(), 2, "one listening socket per thread");
 
     let url = old.url("/");
     let mut workers = Vec::new();
@@ -711,7 +730,13 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let new = Proxy::spawn_on(old.port, old.admin, &stub.url, dir.path(), &["--upgrade"]);
+    let new = Proxy::spawn_on(
+        old.port,
+        old.admin,
+        &stub.url,
+        dir.path(),
+        &["--upgrade", "--threads", "2"],
+    );
     let sock = dir.path().join("upgrade.sock");
     eventually(
         "the new proxy's upgrade socket",
@@ -733,6 +758,11 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
         );
     }
     old.wait();
+    assert_eq!(
+        listening_sockets(old.port),
+        sockets,
+        "the new process serves on the very sockets the old one handed over"
+    );
     // The new process serves alone now.
     assert_eq!(
         User::new()
@@ -825,4 +855,53 @@ async fn a_websocket_stays_open_through_drain_and_holds_the_instance() {
         },
     )
     .await;
+}
+
+// The shards bind with SO_REUSEPORT, which the kernel lets a second process of the same user
+// join: a proxy started by mistake on a running one's address must fail, not quietly take a
+// share of its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_a_running_ones_address_is_refused() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = Proxy::spawn(&stub.url, dir.path(), &[]);
+    first.wait_revision(1).await;
+    let sockets = listening_sockets(first.port);
+    let other = tempfile::tempdir().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (port, url, dir) = (first.port, stub.url.clone(), other.path().to_path_buf());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+                .args(["--locator", &url, "--service", SERVICE])
+                .arg("--state-dir")
+                .arg(dir)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another process listens there"), "{stderr}");
+    assert_eq!(
+        listening_sockets(first.port),
+        sockets,
+        "the first proxy's sockets alone"
+    );
+    assert_eq!(
+        User::new()
+            .get(&http(), &first.url("/"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
 }

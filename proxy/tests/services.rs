@@ -269,6 +269,94 @@ async fn two_services_are_released_independently_through_one_proxy_under_load() 
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_service_carries_every_service_the_locator_knows_as_it_appears() {
+    let (s1, b1) = (Upstream::start("s1"), Upstream::start("b1"));
+    let stub = LocatorStub::start(Snapshot {
+        revision: 1,
+        services: vec![svc("shop", &["shop.test"], None, &[("1", 100)])],
+        instances: vec![inst(&s1, "shop", "1", Ready)],
+        ..Snapshot::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = Proxy::spawn_discovering(&stub.url, dir.path(), &[]);
+    wait_service(&proxy, "shop", 1).await;
+    let http = |proxy: &Proxy| {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port));
+        reqwest::Client::builder()
+            .resolve("shop.test", addr)
+            .resolve("blog.test", addr)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let url = |proxy: &Proxy, host: &str| format!("http://{host}:{}/", proxy.port);
+    let client = http(&proxy);
+    let mut v = Visitor::default();
+    assert_eq!(
+        v.get(&client, &url(&proxy, "shop.test")).await.unwrap(),
+        (200, "s1".to_string())
+    );
+    // Not known yet, and no default: 404 `unknown_host`.
+    let (status, body) = v.get(&client, &url(&proxy, "blog.test")).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_host"), "{body}");
+
+    // A service released after the proxy started is carried from its first event: routed by
+    // its host, with its own cookie, table and reports.
+    stub.set_service(svc("blog", &["blog.test"], None, &[("1", 100)]));
+    stub.set_instance(inst(&b1, "blog", "1", Ready));
+    wait_service(&proxy, "blog", stub.revision()).await;
+    let mut reader = Visitor::default();
+    assert_eq!(
+        reader
+            .get(&client, &url(&proxy, "blog.test"))
+            .await
+            .unwrap(),
+        (200, "b1".to_string())
+    );
+    assert_eq!(reader.cookies.keys().collect::<Vec<_>>(), ["blog_sid"]);
+    eventually(
+        "a report of blog's session",
+        Duration::from_secs(10),
+        || async {
+            let reports = stub.reports.lock().unwrap();
+            reports.iter().any(|r| {
+                r.service == "blog" && r.instances.get("b1").is_some_and(|l| l.live_sessions == 1)
+            })
+        },
+    )
+    .await;
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("haddock_proxy_sessions_created_total{service=\"blog\"} 1"),
+        "{metrics}"
+    );
+
+    // Restarted with the locator down, it carries both again from its persisted snapshot.
+    proxy.kill();
+    proxy.wait();
+    stub.stop();
+    let proxy = Proxy::spawn_discovering(&stub.url, dir.path(), &[]);
+    let client = http(&proxy);
+    for (host, body) in [("shop.test", "s1"), ("blog.test", "b1")] {
+        let answer = eventually(
+            &format!("{host} served after the restart"),
+            Duration::from_secs(20),
+            || async {
+                let mut v = Visitor::default();
+                v.get(&client, &url(&proxy, host))
+                    .await
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+            },
+        )
+        .await;
+        assert_eq!(answer.1, body);
+    }
+}
+
 #[test]
 fn a_default_service_that_is_not_carried_stops_the_proxy() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
@@ -281,4 +369,16 @@ fn a_default_service_that_is_not_carried_stops_the_proxy() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not one of --service"), "{stderr}");
+
+    // Without --service the default may be any service, but it must be a name.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["serve", "--locator", "http://127.0.0.1:1"])
+        .args(["--default-service", "../etc"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--default-service ../etc"), "{stderr}");
 }

@@ -23,6 +23,9 @@ pub struct LoadConfig {
     /// The proxies, e.g. `http://127.0.0.1:8480`: a user's requests go to each in turn, so
     /// that its session must hold whichever proxy a request enters.
     pub targets: Vec<String>,
+    /// The `Host` every request names (a proxy carrying several services routes by it);
+    /// `None`: the target's own.
+    pub host: Option<String>,
     /// Concurrent users.
     pub users: usize,
     /// The sticky-session cookie's name (the service's `sessions.cookie`).
@@ -150,10 +153,15 @@ impl LoadControl {
 /// Runs the load until [`LoadControl::stop`] is called; returns what it measured.
 pub async fn run(cfg: LoadConfig, control: Arc<LoadControl>) -> LoadReport {
     let report = Arc::new(Mutex::new(LoadReport::default()));
+    let mut headers = bearer(&cfg.write_token);
+    if let Some(host) = &cfg.host {
+        let host = reqwest::header::HeaderValue::from_str(host).expect("a host name");
+        headers.insert(reqwest::header::HOST, host);
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.users)
         .timeout(Duration::from_secs(20))
-        .default_headers(bearer(&cfg.write_token))
+        .default_headers(headers)
         .build()
         .expect("http client");
     let mut tasks = Vec::new();
@@ -382,11 +390,24 @@ async fn request(
 /// Reads every object back through `target` (a fresh client, no session) and returns how many
 /// came back byte for byte.
 pub async fn verify_objects(target: &str, objects: &[StoredObject]) -> usize {
+    verify_objects_at(target, None, objects).await
+}
+
+/// [`verify_objects`] with requests naming `host` (a proxy carrying several services).
+pub async fn verify_objects_at(
+    target: &str,
+    host: Option<&str>,
+    objects: &[StoredObject],
+) -> usize {
     let client = reqwest::Client::new();
     let mut ok = 0;
     for o in objects {
         let url = format!("{target}/v1/objects/{}", o.key);
-        let Ok(resp) = client.get(&url).send().await else {
+        let mut req = client.get(&url);
+        if let Some(host) = host {
+            req = req.header(reqwest::header::HOST, host);
+        }
+        let Ok(resp) = req.send().await else {
             continue;
         };
         if !resp.status().is_success() {

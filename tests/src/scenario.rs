@@ -212,6 +212,7 @@ pub async fn run_on(stack: &Stack, opts: &ScenarioOptions) -> Outcome {
     let control = Arc::new(LoadControl::default());
     let cfg = LoadConfig {
         targets: stack.proxy_urls.clone(),
+        host: stack.host.clone(),
         users: opts.users,
         cookie: stack.cookie.clone(),
         requests_per_session: 12,

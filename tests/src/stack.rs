@@ -51,6 +51,11 @@ pub struct StackOptions {
     /// Locator replicas on `database_url` (1 or 2). With 2, haddock, the proxies and the
     /// agent are given both URLs.
     pub locator_replicas: usize,
+    /// A second service ([`Stack::second`]) on the same network and proxies, with its own
+    /// spec, cache volume, cookie and host agent. Each service then declares a host
+    /// (`<service>.test`, see [`Stack::host`]) and the proxies are started without
+    /// `--service`: they carry whatever the locator knows.
+    pub second_service: bool,
 }
 
 impl Default for StackOptions {
@@ -68,6 +73,7 @@ impl Default for StackOptions {
             instances: 1,
             dns_accessory: false,
             locator_replicas: 1,
+            second_service: false,
         }
     }
 }
@@ -96,15 +102,32 @@ pub struct Stack {
     pub cookie: String,
     /// The DNS accessory's address (with [`StackOptions::dns_accessory`]).
     pub dns_ip: Option<String>,
+    /// The host name users reach the service by, when the proxies route by host
+    /// ([`StackOptions::second_service`]); `None`: every request is the service's.
+    pub host: Option<String>,
+    /// The second service ([`StackOptions::second_service`]).
+    pub second: Option<StackService>,
     locator: Option<Child>,
     /// The second locator replica, when `locator_replicas` is 2.
     replica: Option<Child>,
     proxies: Vec<Child>,
-    heartbeat: Option<Child>,
+    /// The host agents (`haddock heartbeat`), one per service.
+    heartbeats: Vec<Child>,
     locator_port: u16,
     database_url: Option<String>,
     /// Dropped after the stack's own cleanup (`down` removes everything on those hosts).
     pub test_hosts: Option<crate::testhosts::TestHosts>,
+}
+
+/// Another service of a stack ([`StackOptions::second_service`]), reached through the same
+/// proxies by its host name.
+#[derive(Debug, Clone)]
+pub struct StackService {
+    pub service: String,
+    pub spec_path: PathBuf,
+    pub volume: String,
+    pub cookie: String,
+    pub host: String,
 }
 
 /// The directory holding the release binaries (next to the running test or demo binary).
@@ -215,6 +238,50 @@ impl Stack {
         let spec_path = dir.path().join(format!("{service}.toml"));
         let write_token = format!("write-{:032x}", rand::random::<u128>());
         let mut text = spec_text(&service, &network, &volume, &write_token, &opts);
+        let host = opts.second_service.then(|| format!("{service}.test"));
+        if let Some(host) = &host {
+            text = with_host(&text, &service, host);
+        }
+        let second = opts.second_service.then(|| {
+            let name = format!("{service}-b");
+            let second = StackService {
+                spec_path: dir.path().join(format!("{name}.toml")),
+                volume: format!("cache-{name}"),
+                cookie: "b_session".to_string(),
+                host: format!("{name}.test"),
+                service: name,
+            };
+            let out = docker(&[
+                "volume",
+                "create",
+                "--label",
+                crate::TEST_LABEL,
+                &second.volume,
+            ]);
+            assert!(
+                out.status.success(),
+                "docker volume create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = spec_text(
+                &second.service,
+                &network,
+                &second.volume,
+                &write_token,
+                &opts,
+            )
+            .replacen(
+                "cookie = \"haddock_session\"",
+                &format!("cookie = \"{}\"", second.cookie),
+                1,
+            );
+            std::fs::write(
+                &second.spec_path,
+                with_host(&text, &second.service, &second.host),
+            )
+            .unwrap();
+            second
+        });
         if let Some(hosts) = &test_hosts {
             text = across_hosts(&text, hosts, locator_port, &read_token);
         }
@@ -239,10 +306,12 @@ impl Stack {
             volume,
             cookie,
             dns_ip,
+            host,
+            second,
             locator: None,
             replica: None,
             proxies: Vec::new(),
-            heartbeat: None,
+            heartbeats: Vec::new(),
             locator_port,
             database_url: opts.database_url.clone(),
             test_hosts,
@@ -276,15 +345,16 @@ impl Stack {
                 format!("proxy{k}")
             };
             let log = std::fs::File::create(stack.dir.path().join(format!("{name}.log"))).unwrap();
+            // With two services the proxy discovers them in the locator.
+            let named = stack
+                .second
+                .is_none()
+                .then(|| ["--service", stack.service.as_str()]);
             let child = Command::new(bin("proxy"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--admin", &format!("127.0.0.1:{admin}")])
-                .args([
-                    "--locator",
-                    &stack.locator_urls,
-                    "--service",
-                    &stack.service,
-                ])
+                .args(["--locator", &stack.locator_urls])
+                .args(named.iter().flatten())
                 .args(["--token", &proxy_token])
                 .arg("--state-dir")
                 .arg(stack.dir.path().join(&name))
@@ -296,18 +366,31 @@ impl Stack {
                 .expect("proxy starts");
             stack.proxies.push(child);
         }
-        // The host agent: keeps the running instances' heartbeats going between releases
+        // The host agents: keep the running instances' heartbeats going between releases
         // (the locator marks a silent instance unhealthy after its TTL).
-        let log = std::fs::File::create(stack.dir.path().join("heartbeat.log")).unwrap();
-        let child = stack
-            .haddock()
-            .args(["heartbeat", &stack.service, "--spec"])
-            .arg(&stack.spec_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("haddock heartbeat starts");
-        stack.heartbeat = Some(child);
+        let agents = std::iter::once((stack.service.clone(), stack.spec_path.clone())).chain(
+            stack
+                .second
+                .iter()
+                .map(|s| (s.service.clone(), s.spec_path.clone())),
+        );
+        for (k, (service, spec)) in agents.enumerate() {
+            let name = if k == 0 {
+                "heartbeat.log".to_string()
+            } else {
+                format!("heartbeat-{service}.log")
+            };
+            let log = std::fs::File::create(stack.dir.path().join(name)).unwrap();
+            let child = stack
+                .haddock()
+                .args(["heartbeat", &service, "--spec"])
+                .arg(spec)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("haddock heartbeat starts");
+            stack.heartbeats.push(child);
+        }
         for url in &stack.proxy_urls[1..] {
             eventually("another proxy's port", Duration::from_secs(20), || async {
                 reqwest::get(url).await.ok()
@@ -396,7 +479,7 @@ impl Stack {
     /// Stops the host agent (`haddock heartbeat`): nothing then judges the instances from their
     /// containers' events; whoever keeps them registered must heartbeat them itself.
     pub fn stop_heartbeat_agent(&mut self) {
-        if let Some(mut child) = self.heartbeat.take() {
+        for mut child in self.heartbeats.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -418,11 +501,34 @@ impl Stack {
         std::sync::Arc<crate::load::LoadControl>,
         tokio::task::JoinHandle<crate::load::LoadReport>,
     ) {
+        self.light_load_on(self.host.clone(), &self.cookie)
+    }
+
+    /// Eight users of the second service ([`StackOptions::second_service`]) on the proxy.
+    pub fn light_load_of_second(
+        &self,
+    ) -> (
+        std::sync::Arc<crate::load::LoadControl>,
+        tokio::task::JoinHandle<crate::load::LoadReport>,
+    ) {
+        let second = self.second.as_ref().expect("a stack with a second service");
+        self.light_load_on(Some(second.host.clone()), &second.cookie)
+    }
+
+    fn light_load_on(
+        &self,
+        host: Option<String>,
+        cookie: &str,
+    ) -> (
+        std::sync::Arc<crate::load::LoadControl>,
+        tokio::task::JoinHandle<crate::load::LoadReport>,
+    ) {
         let control = std::sync::Arc::new(crate::load::LoadControl::default());
         let cfg = crate::load::LoadConfig {
             targets: vec![self.proxy_url.clone()],
+            host,
             users: 8,
-            cookie: self.cookie.clone(),
+            cookie: cookie.to_string(),
             requests_per_session: 10,
             object_size: 8 * 1024,
             think: Duration::from_millis(20),
@@ -450,9 +556,14 @@ impl Stack {
 
     /// The `haddock release <service> <tag> --json --spec <spec>` command, not yet started.
     pub fn release_command(&self, tag: &str) -> Command {
+        self.release_command_of(&self.service, &self.spec_path, tag)
+    }
+
+    /// `haddock release <service> <tag> --json --spec <spec>` of any service, not yet started.
+    pub fn release_command_of(&self, service: &str, spec: &Path, tag: &str) -> Command {
         let mut cmd = self.haddock();
-        cmd.args(["release", &self.service, tag, "--json", "--spec"])
-            .arg(&self.spec_path);
+        cmd.args(["release", service, tag, "--json", "--spec"])
+            .arg(spec);
         cmd
     }
 
@@ -592,20 +703,30 @@ pub fn release_result(out: &std::process::Output) -> (Option<i32>, serde_json::V
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let children = [
-            self.heartbeat.take(),
-            self.locator.take(),
-            self.replica.take(),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(self.proxies.drain(..));
+        let children = [self.locator.take(), self.replica.take()]
+            .into_iter()
+            .flatten()
+            .chain(self.proxies.drain(..))
+            .chain(self.heartbeats.drain(..));
         for child in children {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
         }
         let mut ids = self.containers(None);
+        if let Some(second) = &self.second {
+            let out = docker(&[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=org.haddock.service={}", second.service),
+            ]);
+            ids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(String::from),
+            );
+        }
         let accessories = docker(&[
             "ps",
             "-aq",
@@ -624,7 +745,18 @@ impl Drop for Stack {
         }
         docker(&["network", "rm", &self.network]);
         docker(&["volume", "rm", "-f", &self.volume]);
+        if let Some(second) = &self.second {
+            docker(&["volume", "rm", "-f", &second.volume]);
+        }
     }
+}
+
+/// A spec whose `[service]` declares `host`, so that proxies carrying several services route
+/// its requests by their Host.
+fn with_host(text: &str, service: &str, host: &str) -> String {
+    let name = format!("name = \"{service}\"\n");
+    assert!(text.contains(&name), "the spec names {service}");
+    text.replacen(&name, &format!("{name}hosts = [\"{host}\"]\n"), 1)
 }
 
 /// The stack's spec with the DNS accessory of [`StackOptions::dns_accessory`], and its

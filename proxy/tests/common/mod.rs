@@ -394,11 +394,36 @@ impl Proxy {
         Self::spawn_on(free_port(), free_port(), locator_url, state_dir, extra)
     }
 
+    /// A proxy started without `--service`: it carries every service the locator knows.
+    pub fn spawn_discovering(locator_url: &str, state_dir: &Path, extra: &[&str]) -> Proxy {
+        Self::spawn_with(
+            free_port(),
+            free_port(),
+            locator_url,
+            state_dir,
+            None,
+            extra,
+        )
+    }
+
     pub fn spawn_on(
         port: u16,
         admin: u16,
         locator_url: &str,
         state_dir: &Path,
+        extra: &[&str],
+    ) -> Proxy {
+        // The one test service, unless the test names the services itself.
+        let service = (!extra.contains(&"--service")).then_some(SERVICE);
+        Self::spawn_with(port, admin, locator_url, state_dir, service, extra)
+    }
+
+    fn spawn_with(
+        port: u16,
+        admin: u16,
+        locator_url: &str,
+        state_dir: &Path,
+        service: Option<&str>,
         extra: &[&str],
     ) -> Proxy {
         let child = Command::new(env!("CARGO_BIN_EXE_proxy"))
@@ -415,12 +440,7 @@ impl Proxy {
                 "--grace-period-s",
                 "1",
             ])
-            // The one test service, unless the test names the services itself.
-            .args(if extra.contains(&"--service") {
-                &[][..]
-            } else {
-                &["--service", SERVICE][..]
-            })
+            .args(service.map(|s| ["--service", s]).iter().flatten())
             .args(extra)
             .env("HADDOCK_COOKIE_KEY", KEY)
             .env("RUST_LOG", "warn")
