@@ -46,8 +46,9 @@ HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve
   --tls-default-host bench.test --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
   --service bench --state-dir "$WORK/state" --threads 2 2>"$WORK/proxy.log" & PID[proxy]=$!; kill_pids+=($!)
 
-# Bare pingora in the proxy's model (a shard per thread, each with its own socket), and as one
-# service of 2 threads on one socket (`pingora1`: the model before stop 23).
+# Bare pingora in the proxy's model (plain HTTP: a shard per thread, each with its own socket;
+# HTTPS: one service of 2 threads), and `pingora1`, plain HTTP too as one service of 2 threads
+# on one socket (the model before stop 23; its HTTPS rows are the same model as pingora's).
 "$BIN/examples/bare_pingora" 127.0.0.1:18083 127.0.0.1:18081 2 127.0.0.1:18483 "$CRT" "$KEY" 2>"$WORK/pingora.log" \
   & PID[pingora]=$!; kill_pids+=($!)
 BARE_SHARDS=0 "$BIN/examples/bare_pingora" 127.0.0.1:18086 127.0.0.1:18081 2 127.0.0.1:18486 "$CRT" "$KEY" \
@@ -191,7 +192,7 @@ for scheme in https http; do
     echo "  $k: CPU/req proxy/pingora $(ratio "${CPU[proxy/$k]}" "${CPU[pingora/$k]}") [<= 1.05]" \
       " req/s proxy/caddy $(ratio "${RPS[proxy/$k]}" "${RPS[caddy/$k]}") [>= 2]" \
       " req/s proxy/nginx $(ratio "${RPS[proxy/$k]}" "${RPS[nginx/$k]}") [>= 0.75]" \
-      " (bare pingora sharded/one service: CPU/req $(ratio "${CPU[pingora/$k]}" "${CPU[pingora1/$k]}"), req/s $(ratio "${RPS[pingora/$k]}" "${RPS[pingora1/$k]}"))"
+      " (bare pingora/pingora1: CPU/req $(ratio "${CPU[pingora/$k]}" "${CPU[pingora1/$k]}"), req/s $(ratio "${RPS[pingora/$k]}" "${RPS[pingora1/$k]}"))"
   done
 done
 echo "  added p99 at half load: proxy ${P99[proxy/https/ka/$HALF]} vs nginx ${P99[nginx/https/ka/$HALF]} [<=]"

@@ -6,9 +6,10 @@
 //! With a TLS address, certificate and key it also serves HTTPS from the same rustls stack as
 //! `proxy serve --tls-listen` (pingora's listener; one certificate, no SNI choice), the
 //! baseline of `proxy/bench/edge.sh`.
-//! Like `proxy serve`, it runs THREADS shards — services of one thread, each with its own
-//! listening socket (SO_REUSEPORT) and upstream pool; `BARE_SHARDS=0` runs one service of
-//! THREADS threads on one socket instead (the model before stop 23), to measure the difference.
+//! Like `proxy serve`, it serves plain HTTP with THREADS shards — services of one thread, each
+//! with its own listening socket (SO_REUSEPORT) and upstream pool — and HTTPS with one service
+//! of THREADS threads; `BARE_SHARDS=0` serves plain HTTP that way too (the model before stop
+//! 23), to measure the difference.
 //! Usage: `bare_pingora LISTEN UPSTREAM [THREADS [TLS_LISTEN CERT KEY]]`.
 use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -65,24 +66,31 @@ fn main() {
     let (services, threads_each) = if sharded { (threads, 1) } else { (1, threads) };
     let mut reuse_port = pingora_core::listeners::TcpSocketOptions::default();
     reuse_port.so_reuseport = Some(true);
-    let plain = proxy::server::shard_addresses(&listen, services);
-    let secure = tls
-        .as_ref()
-        .map(|(addr, _, _)| proxy::server::shard_addresses(addr, services));
-    for shard in 0..services {
+    for (shard, addr) in proxy::server::shard_addresses(&listen, services)
+        .iter()
+        .enumerate()
+    {
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             Bare { upstream },
             &format!("bare {shard}"),
         );
         proxy.threads = Some(threads_each);
-        proxy.add_tcp_with_settings(&plain[shard], reuse_port.clone());
-        if let (Some((_, cert, key)), Some(addrs)) = (&tls, &secure) {
-            let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate(cert, key)
-                .expect("TLS settings");
-            settings.enable_h2();
-            proxy.add_tls_with_settings(&addrs[shard], Some(reuse_port.clone()), settings);
-        }
+        proxy.add_tcp_with_settings(addr, reuse_port.clone());
+        server.add_service(proxy);
+    }
+    // HTTPS as `proxy serve` has it: one service of THREADS threads (one TLS session cache).
+    if let Some((addr, cert, key)) = tls {
+        let mut proxy = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Bare { upstream },
+            "bare tls",
+        );
+        proxy.threads = Some(threads);
+        let mut settings = pingora_core::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            .expect("TLS settings");
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&addr, None, settings);
         server.add_service(proxy);
     }
     server.run_forever()

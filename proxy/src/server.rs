@@ -135,6 +135,29 @@ fn tls_settings(
     Ok(settings)
 }
 
+/// Pingora's HTTP application with our hooks, behind our total deadline on request heads. An
+/// HTTP/2 connection with no request open is closed after the keep-alive idle time, as an idle
+/// HTTP/1 one is.
+fn proxy_service(
+    server: &Server,
+    services: &Arc<Services>,
+    name: String,
+) -> Service<HeadDeadline<pingora_proxy::HttpProxy<HaddockProxy>>> {
+    let mut app =
+        pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(services.clone()));
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+    app.server_options = Some(options);
+    Service::new(
+        name,
+        HeadDeadline::new(
+            app,
+            services.options.header_timeout,
+            services.edge.request_heads.clone(),
+        ),
+    )
+}
+
 /// Runs `proxy serve` until a signal stops it (SIGTERM: graceful; SIGQUIT: hand the listening
 /// sockets to a proxy started with `--upgrade`, then exit gracefully).
 pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
@@ -207,54 +230,44 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let client = Client::new(&args.locator, args.token.clone());
 
-    // `--threads` shards, as nginx's workers: each a pingora service of one thread with its
-    // own runtime, upstream connection pool and listening socket (SO_REUSEPORT; the kernel
-    // spreads new connections over them). A pooled upstream connection then never crosses
-    // threads: with one service of N threads, pingora returned each to a random thread's
-    // runtime, and the next request woke that thread to release it (an eventfd write and a
-    // context switch per request; docs/proxy.md, "one proxy shard per thread").
-    let certificates = match &args.tls_listen {
-        Some(_) => Some(load_certificates(args, &services.edge.tls)?),
-        None => None,
-    };
     if !args.upgrade {
         wait_until_free("--listen", &args.listen)?;
         if let Some(addr) = &args.tls_listen {
             wait_until_free("--tls-listen", addr)?;
         }
     }
+    // Plain HTTP: `--threads` shards, as nginx's workers, each a pingora service of one thread
+    // with its own runtime, upstream connection pool and listening socket (SO_REUSEPORT; the
+    // kernel spreads new connections over them). A pooled upstream connection then never
+    // crosses threads: with one service of N threads, pingora returned each to a random
+    // thread's runtime, and the next request woke that thread to release it (an eventfd write
+    // and a context switch per request; docs/proxy.md, "one shard per thread").
     let mut reuse_port = pingora_core::listeners::TcpSocketOptions::default();
     reuse_port.so_reuseport = Some(true);
-    let plain = shard_addresses(&args.listen, args.threads);
-    let tls = args
-        .tls_listen
-        .as_deref()
-        .map(|addr| shard_addresses(addr, args.threads));
-    for shard in 0..args.threads {
-        // Pingora's HTTP application behind our total deadline on request heads. An HTTP/2
-        // connection with no request open is closed after the keep-alive idle time, as an
-        // idle HTTP/1 one is.
-        let mut app =
-            pingora_proxy::http_proxy(&server.configuration, HaddockProxy::new(services.clone()));
-        let mut options = HttpServerOptions::default();
-        options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
-        app.server_options = Some(options);
-        let mut proxy = Service::new(
-            format!("haddock proxy {shard}"),
-            HeadDeadline::new(
-                app,
-                services.options.header_timeout,
-                services.edge.request_heads.clone(),
-            ),
-        );
+    for (shard, addr) in shard_addresses(&args.listen, args.threads)
+        .iter()
+        .enumerate()
+    {
+        let mut proxy = proxy_service(&server, &services, format!("haddock proxy {shard}"));
         proxy.threads = Some(1);
-        proxy.add_tcp_with_settings(&plain[shard], reuse_port.clone());
-        if let (Some(addrs), Some(certificates)) = (&tls, &certificates) {
-            let settings = tls_settings(args, certificates)?;
-            proxy.add_tls_with_settings(&addrs[shard], Some(reuse_port.clone()), settings);
-        }
+        proxy.add_tcp_with_settings(addr, reuse_port.clone());
         server.add_service(proxy);
     }
+    // HTTPS: one service of `--threads` threads on one socket. Pingora builds a TLS config per
+    // service, each with its own session cache, so shards would resume a client's session
+    // only on the shard that started it: with a handshake per connection the shards measured
+    // 7–20 % more CPU a request and 19–28 % fewer requests a second (docs/proxy.md).
+    let certificates = match &args.tls_listen {
+        Some(addr) => {
+            let certificates = load_certificates(args, &services.edge.tls)?;
+            let mut proxy = proxy_service(&server, &services, "haddock proxy tls".into());
+            proxy.threads = Some(args.threads);
+            proxy.add_tls_with_settings(addr, None, tls_settings(args, &certificates)?);
+            server.add_service(proxy);
+            Some(certificates)
+        }
+        None => None,
+    };
 
     let mut admin = Service::new(
         "haddock proxy admin".to_string(),
