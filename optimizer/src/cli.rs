@@ -185,9 +185,9 @@ pub struct HandoverArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Size of the synthetic dataset.
-    #[arg(long, default_value_t = 128)]
-    pub size_mib: usize,
+    /// Size of the synthetic dataset (1 MiB to 64 GiB).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub size_mib: u64,
     /// Average chunk size to measure (min and max are a quarter and four times it).
     #[arg(long, default_value_t = ChunkParams::default().avg)]
     pub chunk_avg: u32,
@@ -237,7 +237,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             params.validate()?;
             let report = bench::run(&BenchConfig {
                 params,
-                size_mib: args.size_mib,
+                size_mib: args.size_mib as usize,
                 block_cache_bytes: args.block_cache_bytes,
             })?;
             println!("{report}");

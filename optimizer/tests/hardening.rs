@@ -394,3 +394,24 @@ async fn a_forwarded_put_streams_through_the_reader_in_bounded_memory() {
     .await;
     assert!(got == data, "object differs");
 }
+
+/// The benchmark's knobs are checked before it writes anything: FastCDC's bounds, even sizes,
+/// a dataset of at least 1 MiB.
+#[test]
+fn bench_refuses_bad_parameters_before_it_starts() {
+    for (args, expect) in [
+        (["--chunk-avg", "64"], "FastCDC's bounds"),
+        (["--chunk-avg", "16390"], "must be even"),
+        (["--size-mib", "0"], "--size-mib"),
+        (["--chunk-avg", "lots"], "--chunk-avg"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_optimizer"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+}

@@ -136,3 +136,33 @@ fn the_recipe_parser_finds_the_steps_and_nothing_else() {
         ["haddock release optimizer \"$X\" --json | tee release.json"]
     );
 }
+
+/// `ci/build-images.sh` checks its arguments before it builds or tags anything.
+#[test]
+fn build_images_refuses_bad_arguments_before_building() {
+    for (args, expect) in [
+        (
+            &["--format", "3", "1.0.0"][..],
+            "unknown optimizer format: 3",
+        ),
+        (
+            &["--component", "proxy", "--format", "1", "1.0.0"][..],
+            "only exist for the optimizer",
+        ),
+        (
+            &["--component", "router", "1"][..],
+            "unknown component: router",
+        ),
+        (&["1.0/../x"][..], "invalid version tag"),
+        (&["--failpoints"][..], "usage:"),
+    ] {
+        let out = Command::new("bash")
+            .arg(repo_root().join("ci/build-images.sh"))
+            .args(args)
+            .output()
+            .expect("bash runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+}
