@@ -219,8 +219,9 @@ impl ServeArgs {
     }
 
     pub fn options(&self) -> Result<Options, ProxyError> {
-        if !(1..=256).contains(&self.threads) {
-            return Err(ProxyError::Config("--threads must be 1 to 256".into()));
+        // Each thread's socket is handed over on an upgrade, 32 at most (server.rs).
+        if !(1..=24).contains(&self.threads) {
+            return Err(ProxyError::Config("--threads must be 1 to 24".into()));
         }
         if self.header_timeout_ms == 0 {
             return Err(ProxyError::Config(

@@ -160,6 +160,7 @@ impl BackgroundService for Reporters {
         let mut started: Vec<Arc<Router>> = Vec::new();
         loop {
             started.retain(|r| !r.is_retired());
+            while tasks.try_join_next().is_some() {}
             for router in self.services.routers() {
                 if started.iter().any(|r| Arc::ptr_eq(r, &router)) {
                     continue;

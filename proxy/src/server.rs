@@ -69,9 +69,19 @@ pub fn shard_addresses(addr: &str, shards: usize) -> Vec<String> {
 /// address of a running one quietly share its connections (the kernel allows it for the same
 /// user); a plain bind first makes that an error, as it was before the shards.
 fn wait_until_free(flag: &str, addr: &str) -> Result<(), ProxyError> {
+    // The address pingora binds: the first the name resolves to.
+    let first = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut all| all.next())
+        .ok_or_else(|| ProxyError::Config(format!("{flag} {addr}: not an address to listen on")))?;
+    if first.port() == 0 {
+        return Err(ProxyError::Config(format!(
+            "{flag} {addr}: a fixed port is needed (every thread listens on the same one)"
+        )));
+    }
     let mut tries = 0;
     loop {
-        match std::net::TcpListener::bind(addr) {
+        match std::net::TcpListener::bind(first) {
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 30 => {
                 if tries == 0 {
@@ -88,6 +98,46 @@ fn wait_until_free(flag: &str, addr: &str) -> Result<(), ProxyError> {
             }
         }
     }
+}
+
+/// Pingora hands an upgraded process its listening sockets in one message of at most 32
+/// descriptors, with their addresses in a 2 048-byte buffer; beyond either the new process
+/// fails to start after the old one has let go of its sockets. Checked before anything binds.
+fn check_upgrade_hand_over(addresses: &[String]) -> Result<(), ProxyError> {
+    let bytes: usize = addresses.iter().map(|a| a.len() + 1).sum();
+    if addresses.len() > 32 || bytes > 2048 {
+        return Err(ProxyError::Config(format!(
+            "{} listening sockets ({bytes} bytes of addresses): pingora's upgrade hands over at \
+             most 32 sockets and 2 048 bytes of addresses; lower --threads",
+            addresses.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a socket with SO_REUSEPORT may bind `addr` now: on an upgrade, whether the
+/// listening socket the running proxy hands over lets the shards bind beside it. A proxy of a
+/// release before the shards listened without SO_REUSEPORT, and Linux lets no socket with it
+/// bind beside such a listener (each shard's bind would fail, after pingora's 30 s of retries,
+/// inside its thread). The probe only binds, never listens, so it takes no connection.
+pub fn shards_can_join(addr: &str) -> bool {
+    let Some(want) = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut all| all.next())
+    else {
+        return false;
+    };
+    let probe = || -> std::io::Result<()> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(want),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&want.into())
+    };
+    probe().is_ok()
 }
 
 /// Certificates from `--tls-certs`, chosen by SNI (read once here, then again on every change),
@@ -230,6 +280,20 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
 
     let client = Client::new(&args.locator, args.token.clone());
 
+    let shards = shard_addresses(&args.listen, args.threads);
+    let listening: Vec<String> = shards
+        .iter()
+        .chain(&args.tls_listen)
+        .chain(std::iter::once(&args.admin))
+        .cloned()
+        .collect();
+    check_upgrade_hand_over(&listening)?;
+    // On an upgrade from a proxy before the shards, plain HTTP is served as it was then: one
+    // service of `--threads` threads on the one socket handed over (a restart brings shards).
+    let sharded = !args.upgrade || shards_can_join(&args.listen);
+    if !sharded {
+        tracing::warn!(listen = %args.listen, "the running proxy's socket does not let shards share it (a proxy before shards): serving plain HTTP on it with one service of --threads threads; restart the proxy, not --upgrade, to get a socket per thread");
+    }
     if !args.upgrade {
         wait_until_free("--listen", &args.listen)?;
         if let Some(addr) = &args.tls_listen {
@@ -244,13 +308,17 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     // and a context switch per request; docs/proxy.md, "one shard per thread").
     let mut reuse_port = pingora_core::listeners::TcpSocketOptions::default();
     reuse_port.so_reuseport = Some(true);
-    for (shard, addr) in shard_addresses(&args.listen, args.threads)
-        .iter()
-        .enumerate()
-    {
-        let mut proxy = proxy_service(&server, &services, format!("haddock proxy {shard}"));
-        proxy.threads = Some(1);
-        proxy.add_tcp_with_settings(addr, reuse_port.clone());
+    if sharded {
+        for (shard, addr) in shards.iter().enumerate() {
+            let mut proxy = proxy_service(&server, &services, format!("haddock proxy {shard}"));
+            proxy.threads = Some(1);
+            proxy.add_tcp_with_settings(addr, reuse_port.clone());
+            server.add_service(proxy);
+        }
+    } else {
+        let mut proxy = proxy_service(&server, &services, "haddock proxy".into());
+        proxy.threads = Some(args.threads);
+        proxy.add_tcp(&args.listen);
         server.add_service(proxy);
     }
     // HTTPS: one service of `--threads` threads on one socket. Pingora builds a TLS config per
@@ -333,5 +401,47 @@ mod tests {
             "[::1]:443".parse().unwrap()
         );
         assert_eq!(shard_addresses("127.0.0.1:1", 1), ["127.0.0.1:1"]);
+    }
+
+    #[test]
+    fn more_sockets_than_an_upgrade_can_hand_over_are_refused() {
+        let fits = shard_addresses("0.0.0.0:8080", 24);
+        assert!(check_upgrade_hand_over(&fits).is_ok());
+        let too_many = shard_addresses("0.0.0.0:8080", 33);
+        let err = check_upgrade_hand_over(&too_many).unwrap_err().to_string();
+        assert!(err.contains("at most 32 sockets"), "{err}");
+        let long = shard_addresses(&format!("{}.example:8080", "h".repeat(90)), 20);
+        assert!(check_upgrade_hand_over(&long).is_err(), "over 2 048 bytes");
+    }
+
+    #[test]
+    fn shards_join_a_listener_with_reuse_port_and_not_one_without() {
+        // As a proxy before the shards left it: bound and listening, no SO_REUSEPORT.
+        let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!shards_can_join(&old.local_addr().unwrap().to_string()));
+        // As a shard of this release leaves it.
+        let shard =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        shard.set_reuse_address(true).unwrap();
+        shard.set_reuse_port(true).unwrap();
+        shard
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        shard.listen(16).unwrap();
+        let addr = shard.local_addr().unwrap().as_socket().unwrap();
+        assert!(shards_can_join(&addr.to_string()));
+    }
+
+    #[test]
+    fn a_port_of_zero_is_refused() {
+        let err = wait_until_free("--listen", "127.0.0.1:0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a fixed port"), "{err}");
     }
 }

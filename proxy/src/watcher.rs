@@ -114,8 +114,13 @@ impl Watcher {
         let mut snapshot = self.initial.clone();
         let mut backoff = MIN_BACKOFF;
         let mut reported_down = false;
+        // The first watch of the process asks for the whole snapshot, not for what followed
+        // the persisted one: that one was kept for the services this proxy carried then (a
+        // proxy started without `--service`, or with another list, needs the others' too).
+        // Later reconnects resume after the last revision seen.
+        let mut whole_seen = false;
         loop {
-            let since = (snapshot.revision > 0).then_some(snapshot.revision);
+            let since = (whole_seen && snapshot.revision > 0).then_some(snapshot.revision);
             // Only this proxy's services (every one, for a discovering proxy), and only what
             // routes: the others' events, session sums and heartbeat times are none of its
             // business (at a thousand proxies and ten thousand instances they were most of the
@@ -136,6 +141,7 @@ impl Watcher {
                                     reported_down = false;
                                 }
                                 backoff = MIN_BACKOFF;
+                                whole_seen = true;
                                 // The services whose routing the event changes (a service
                                 // a discovering proxy does not carry yet is added by install).
                                 let routers = self.services.routers();
@@ -144,13 +150,15 @@ impl Watcher {
                                     .filter(|r| concerns(&event, &snapshot, &r.service))
                                     .map(|r| r.service.as_str())
                                     .collect();
+                                snapshot.apply(&event);
                                 // For a discovering proxy: a snapshot, or an event of a
-                                // service it does not carry yet.
+                                // service it does not carry yet but the snapshot now has
+                                // (an instance may be heard of before its service).
                                 let new_service = self.services.discovers()
                                     && event.change.service().is_none_or(|name| {
                                         !routers.iter().any(|r| r.service == name)
+                                            && snapshot.service(name).is_some()
                                     });
-                                snapshot.apply(&event);
                                 if !concerned.is_empty() || new_service {
                                     self.services
                                         .install(&snapshot, |name| concerned.contains(&name));

@@ -54,7 +54,9 @@ async fn two_services_release_at_once_through_one_proxy_and_neither_sees_the_oth
         "two",
         StackOptions {
             second_service: true,
-            step_pause: Duration::from_secs(6),
+            // Each canary's window (two steps) is 20 s: room for the other release's
+            // containers to start on a busy machine before both must be mid-canary.
+            step_pause: Duration::from_secs(10),
             session_ttl: Duration::from_secs(3),
             start_deadline: Duration::from_secs(20),
             ..StackOptions::default()
