@@ -349,7 +349,7 @@ impl Stack {
             let named = stack
                 .second
                 .is_none()
-                .then(|| ["--service", stack.service.as_str()]);
+                .then_some(["--service", stack.service.as_str()]);
             let child = Command::new(bin("proxy"))
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--admin", &format!("127.0.0.1:{admin}")])
