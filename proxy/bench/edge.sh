@@ -34,13 +34,8 @@ CRT=$WORK/certs/bench.crt KEY=$WORK/certs/bench.key
 
 # Our proxy serves from a persisted snapshot; the locator URL points nowhere on purpose. wrk
 # sends no usable SNI for an IP address, so the certificate is the default host's.
-cat > "$WORK/state/routing.json" <<JSON
-{"revision":1,"services":[{"name":"bench","sessions":{"cookie_name":"hsid","idle_ttl_ms":600000,"max_drain_ms":600000},
- "weights":{"1":100},"primary_version":"1","revision":1}],
- "instances":[{"id":"u1","service":"bench","version":"1","address":"127.0.0.1:18081","docker_host":"","container_id":"",
- "labels":{},"state":"ready","registered_at":0,"last_heartbeat":0,"load":{"live_sessions":0,"in_flight":0}}],
- "releases":[],"traffic":{}}
-JSON
+# One service "bench", one instance: the upstream (proxy/bench/routing.json).
+cp proxy/bench/routing.json "$WORK/state/routing.json"
 HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve \
   --listen 127.0.0.1:18080 --tls-listen 127.0.0.1:18480 --tls-certs "$WORK/certs" \
   --tls-default-host bench.test --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \

@@ -29,13 +29,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -keyout "$WORK/certs/bench.key" -out "$WORK/certs/bench.crt" 2>/dev/null
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
-cat > "$WORK/state/routing.json" <<JSON
-{"revision":1,"services":[{"name":"bench","sessions":{"cookie_name":"hsid","idle_ttl_ms":600000,"max_drain_ms":600000},
- "weights":{"1":100},"primary_version":"1","revision":1}],
- "instances":[{"id":"u1","service":"bench","version":"1","address":"127.0.0.1:18081","docker_host":"","container_id":"",
- "labels":{},"state":"ready","registered_at":0,"last_heartbeat":0,"load":{"live_sessions":0,"in_flight":0}}],
- "releases":[],"traffic":{}}
-JSON
+# One service "bench", one instance: the upstream (proxy/bench/routing.json).
+cp proxy/bench/routing.json "$WORK/state/routing.json"
 HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve \
   --listen 127.0.0.1:18080 --tls-listen 127.0.0.1:18480 --tls-certs "$WORK/certs" \
   --tls-default-host bench.test --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \

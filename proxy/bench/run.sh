@@ -28,13 +28,8 @@ trap cleanup EXIT
 
 # The proxy serves from a persisted snapshot; the locator URL points nowhere on purpose.
 mkdir -p "$WORK/state"
-cat > "$WORK/state/routing.json" <<JSON
-{"revision":1,"services":[{"name":"bench","sessions":{"cookie_name":"hsid","idle_ttl_ms":600000,"max_drain_ms":600000},
- "weights":{"1":100},"primary_version":"1","revision":1}],
- "instances":[{"id":"u1","service":"bench","version":"1","address":"127.0.0.1:18081","docker_host":"","container_id":"",
- "labels":{},"state":"ready","registered_at":0,"last_heartbeat":0,"load":{"live_sessions":0,"in_flight":0}}],
- "releases":[],"traffic":{}}
-JSON
+# One service "bench", one instance: the upstream (proxy/bench/routing.json).
+cp proxy/bench/routing.json "$WORK/state/routing.json"
 HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve \
   --listen 127.0.0.1:18080 --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
   --service bench --state-dir "$WORK/state" --threads "${PROXY_THREADS:-2}" & pids+=($!)

@@ -359,26 +359,21 @@ async fn a_proxy_without_service_carries_every_service_the_locator_knows_as_it_a
 
 #[test]
 fn a_default_service_that_is_not_carried_stops_the_proxy() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["serve", "--locator", "http://127.0.0.1:1"])
-        .args(["--service", "shop,blog", "--default-service", "api"])
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not one of --service"), "{stderr}");
-
-    // Without --service the default may be any service, but it must be a name.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["serve", "--locator", "http://127.0.0.1:1"])
-        .args(["--default-service", "../etc"])
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--default-service ../etc"), "{stderr}");
+    for (services, default, expect) in [
+        (Some("shop,blog"), "api", "not one of --service"),
+        // Without --service the default may be any service, but it must be a name.
+        (None, "../etc", "--default-service ../etc"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .args(["serve", "--locator", "http://127.0.0.1:1"])
+            .args(services.map(|s| ["--service", s]).iter().flatten())
+            .args(["--default-service", default])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{stderr}");
+    }
 }
