@@ -636,6 +636,26 @@ impl Stack {
         out
     }
 
+    /// The lines of the service's containers' whole logs, on every engine, that mention one
+    /// of `needles` (an object's key, say): what a failure message needs when the tail of the
+    /// logs no longer reaches it.
+    pub fn container_lines_with(&self, needles: &[String]) -> String {
+        let mut out = String::new();
+        for host in self.engines() {
+            for id in self.ids_on(host, None) {
+                let logs = self.docker_on(host, &["logs".into(), id.clone()]);
+                let text = String::from_utf8_lossy(&logs.stdout).into_owned()
+                    + &String::from_utf8_lossy(&logs.stderr);
+                for line in text.lines() {
+                    if needles.iter().any(|n| line.contains(n.as_str())) {
+                        out.push_str(&format!("[{id}] {line}\n"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Current weights of the service, as the locator holds them.
     /// A counter of the proxy's `/metrics` (`haddock_proxy_<name>_total`), summed over labels.
     pub async fn proxy_counter(&self, name: &str) -> Option<f64> {

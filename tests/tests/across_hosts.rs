@@ -86,11 +86,22 @@ async fn a_canary_release_across_three_hosts_and_two_proxies_loses_nothing() {
         "too little load to judge: {}",
         load.requests
     );
+    // The objects the failed requests were about, to find them in the whole logs (the tails
+    // of 60 lines rarely reach back to them, and the old containers are gone by now).
+    let keys: Vec<String> = load
+        .failed_requests
+        .iter()
+        .filter_map(|f| {
+            let rest = f.message.split("/v1/objects/").nth(1)?;
+            Some(rest.split([':', '?', ' ']).next()?.to_string())
+        })
+        .collect();
     assert_eq!(
         load.failed,
         0,
-        "failed requests: {:#?}\n{}",
-        load.failures,
+        "failed requests: {:#?}\n--- log lines naming {keys:?}\n{}\n{}",
+        load.failed_requests,
+        stack.container_lines_with(&keys),
         stack.container_logs(60)
     );
     assert_eq!(load.sessions_switched(), 0, "sessions changed version");
