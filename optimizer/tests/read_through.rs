@@ -93,3 +93,49 @@ async fn a_miss_reads_through_the_peers_and_keeps_the_object() {
         assert!(!inst.logs().contains("panicked"), "{}", inst.logs());
     }
 }
+
+/// A reader that misses asks its writer to pull, then reads again: under eight concurrent
+/// users, every object stored on the other host is read back whole at the first GET (the
+/// path of the across-hosts 404 seen at stop 23, docs/optimizer.md; it did not show here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_sees_every_object_its_writer_pulled_for_it_under_concurrency() {
+    let (_d1, cache1) = cache_dir();
+    let (_d2, cache2) = cache_dir();
+    let a = Instance::start(&cache1, "a", &[]);
+    a.wait_ready(Some("writer")).await;
+    let peers: [&str; 2] = ["--peer", &a.url];
+    let b = Instance::start(&cache2, "b", &peers);
+    b.wait_ready(Some("writer")).await;
+    let b2 = Instance::start(&cache2, "b2", &peers);
+    b2.wait_ready(Some("reader")).await;
+    let a = std::sync::Arc::new(a);
+    let b2 = std::sync::Arc::new(b2);
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (a, b2) = (a.clone(), b2.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut misses = Vec::new();
+            for i in 0..150u64 {
+                let key = format!("k{t}-{i}");
+                let data = text(24 * 1024, t * 1000 + i);
+                a.put(&key, &data).await;
+                if b2.get(&key).await.as_deref() != Some(&data[..]) {
+                    misses.push(key);
+                }
+            }
+            misses
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert!(
+        all.is_empty(),
+        "{} misses: {:?}\n{}",
+        all.len(),
+        &all[..all.len().min(10)],
+        b2.logs()
+    );
+    drop(b);
+}
