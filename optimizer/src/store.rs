@@ -697,8 +697,8 @@ impl Ingest {
         if !self.pin(chunk) {
             return Ok(false);
         }
-        // Pinned first, then looked up: once pinned, the chunk cannot be reclaimed under us.
-        let _pins = self.store.lock_pins();
+        // Pinned first, then looked up: once pinned, the chunk cannot be reclaimed under us
+        // (every reclaim checks the pins and deletes under the pins lock, which `pin` took).
         let exists = self.store.has_chunk(&hash)?;
         Ok(!exists)
     }

@@ -69,10 +69,7 @@ pub fn shard_addresses(addr: &str, shards: usize) -> Vec<String> {
 /// address of a running one quietly share its connections (the kernel allows it for the same
 /// user); a plain bind first makes that an error, as it was before the shards.
 fn wait_until_free(flag: &str, addr: &str) -> Result<(), ProxyError> {
-    // The address pingora binds: the first the name resolves to.
-    let first = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .ok()
-        .and_then(|mut all| all.next())
+    let first = first_address(addr)
         .ok_or_else(|| ProxyError::Config(format!("{flag} {addr}: not an address to listen on")))?;
     if first.port() == 0 {
         return Err(ProxyError::Config(format!(
@@ -121,31 +118,36 @@ fn check_upgrade_hand_over(addresses: &[String]) -> Result<(), ProxyError> {
 /// bind beside such a listener (each shard's bind would fail, after pingora's 30 s of retries,
 /// inside its thread). The probe only binds, never listens, so it takes no connection.
 pub fn shards_can_join(addr: &str) -> bool {
-    let Some(want) = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .ok()
-        .and_then(|mut all| all.next())
-    else {
-        return false;
-    };
-    let probe = || -> std::io::Result<()> {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(want),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(true)?;
-        s.bind(&want.into())
-    };
-    probe().is_ok()
+    first_address(addr).is_some_and(|want| reuse_port_socket(want).is_ok())
 }
 
-/// Certificates from `--tls-certs`, chosen by SNI (read once here, then again on every change),
-/// shared by every shard's HTTPS listener.
-fn load_certificates(
+/// The address pingora binds for `addr`: the first the name resolves to.
+fn first_address(addr: &str) -> Option<std::net::SocketAddr> {
+    std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut all| all.next())
+}
+
+/// A TCP socket bound to `addr` as a shard's is (SO_REUSEADDR and SO_REUSEPORT), not
+/// listening.
+fn reuse_port_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// The HTTPS listener's settings: certificates from `--tls-certs` chosen by SNI (read once here,
+/// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
+fn tls_settings(
     args: &ServeArgs,
     counters: &crate::certificates::TlsCounters,
-) -> Result<Arc<Certificates>, ProxyError> {
+) -> Result<(TlsSettings, Arc<Certificates>), ProxyError> {
     let Some(dir) = args.tls_certs.clone() else {
         return Err(ProxyError::Config("--tls-listen needs --tls-certs".into()));
     };
@@ -167,22 +169,13 @@ fn load_certificates(
     } else {
         tracing::info!(?hosts, "serving HTTPS");
     }
-    Ok(certificates)
-}
-
-/// One HTTPS listener's settings: `certificates` by SNI, HTTP/2 offered by ALPN unless
-/// `--no-h2`.
-fn tls_settings(
-    args: &ServeArgs,
-    certificates: &Arc<Certificates>,
-) -> Result<TlsSettings, ProxyError> {
     let mut settings = TlsSettings::intermediate("", "")
         .map_err(|e| ProxyError::Server(format!("TLS settings: {e}")))?;
     settings.set_cert_resolver(certificates.clone());
     if !args.no_h2 {
         settings.enable_h2();
     }
-    Ok(settings)
+    Ok((settings, certificates))
 }
 
 /// Pingora's HTTP application with our hooks, behind our total deadline on request heads. An
@@ -327,10 +320,10 @@ pub fn serve(args: &ServeArgs) -> Result<(), ProxyError> {
     // 7–20 % more CPU a request and 19–28 % fewer requests a second (docs/proxy.md).
     let certificates = match &args.tls_listen {
         Some(addr) => {
-            let certificates = load_certificates(args, &services.edge.tls)?;
+            let (settings, certificates) = tls_settings(args, &services.edge.tls)?;
             let mut proxy = proxy_service(&server, &services, "haddock proxy tls".into());
             proxy.threads = Some(args.threads);
-            proxy.add_tls_with_settings(addr, None, tls_settings(args, &certificates)?);
+            proxy.add_tls_with_settings(addr, None, settings);
             server.add_service(proxy);
             Some(certificates)
         }
@@ -420,18 +413,7 @@ mod tests {
         let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(!shards_can_join(&old.local_addr().unwrap().to_string()));
         // As a shard of this release leaves it.
-        let shard =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        shard.set_reuse_address(true).unwrap();
-        shard.set_reuse_port(true).unwrap();
-        shard
-            .bind(
-                &"127.0.0.1:0"
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap()
-                    .into(),
-            )
-            .unwrap();
+        let shard = reuse_port_socket("127.0.0.1:0".parse().unwrap()).unwrap();
         shard.listen(16).unwrap();
         let addr = shard.local_addr().unwrap().as_socket().unwrap();
         assert!(shards_can_join(&addr.to_string()));

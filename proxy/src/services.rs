@@ -170,16 +170,6 @@ impl Services {
         self.carried.load().routers.clone()
     }
 
-    /// The router of `service`, when it is carried.
-    pub fn router(&self, service: &str) -> Option<Arc<Router>> {
-        let carried = self.carried.load();
-        carried
-            .routers
-            .iter()
-            .find(|r| r.service == service)
-            .cloned()
-    }
-
     pub fn names(&self) -> Vec<String> {
         self.carried
             .load()

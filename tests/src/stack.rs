@@ -223,12 +223,7 @@ impl Stack {
             "docker network create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = docker(&["volume", "create", "--label", crate::TEST_LABEL, &volume]);
-        assert!(
-            out.status.success(),
-            "docker volume create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_volume(&volume);
 
         // Empty engines: haddock copies each release's image to them (`image_source = "copy"`).
         let test_hosts =
@@ -251,18 +246,7 @@ impl Stack {
                 host: format!("{name}.test"),
                 service: name,
             };
-            let out = docker(&[
-                "volume",
-                "create",
-                "--label",
-                crate::TEST_LABEL,
-                &second.volume,
-            ]);
-            assert!(
-                out.status.success(),
-                "docker volume create: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            create_volume(&second.volume);
             let text = spec_text(
                 &second.service,
                 &network,
@@ -588,11 +572,16 @@ impl Stack {
 
     /// Container ids of this stack's service (optionally of one version) on `host`.
     fn ids_on(&self, host: Option<u32>, version: Option<&str>) -> Vec<String> {
+        self.ids_of(host, &self.service, version)
+    }
+
+    /// Container ids of `service` (optionally of one version) on `host`.
+    fn ids_of(&self, host: Option<u32>, service: &str, version: Option<&str>) -> Vec<String> {
         let mut args = vec![
             "ps".to_string(),
             "-aq".into(),
             "--filter".into(),
-            format!("label=org.haddock.service={}", self.service),
+            format!("label=org.haddock.service={service}"),
         ];
         if let Some(v) = version {
             args.push("--filter".into());
@@ -735,17 +724,7 @@ impl Drop for Stack {
         }
         let mut ids = self.containers(None);
         if let Some(second) = &self.second {
-            let out = docker(&[
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=org.haddock.service={}", second.service),
-            ]);
-            ids.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .map(String::from),
-            );
+            ids.extend(self.ids_of(None, &second.service, None));
         }
         let accessories = docker(&[
             "ps",
@@ -769,6 +748,16 @@ impl Drop for Stack {
             docker(&["volume", "rm", "-f", &second.volume]);
         }
     }
+}
+
+/// Creates a Docker volume labelled as the tests' own.
+fn create_volume(name: &str) {
+    let out = docker(&["volume", "create", "--label", crate::TEST_LABEL, name]);
+    assert!(
+        out.status.success(),
+        "docker volume create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A spec whose `[service]` declares `host`, so that proxies carrying several services route
