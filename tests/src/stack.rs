@@ -56,6 +56,8 @@ pub struct StackOptions {
     /// (`<service>.test`, see [`Stack::host`]) and the proxies are started without
     /// `--service`: they carry whatever the locator knows.
     pub second_service: bool,
+    /// The canary's p99 limit (`rollout.analysis.max_p99`) instead of the shipped spec's.
+    pub max_p99: Option<Duration>,
 }
 
 impl Default for StackOptions {
@@ -74,6 +76,7 @@ impl Default for StackOptions {
             dns_accessory: false,
             locator_replicas: 1,
             second_service: false,
+            max_p99: None,
         }
     }
 }
@@ -905,6 +908,8 @@ fn spec_text(
             format!("instances = {}", o.instances)
         } else if t.starts_with("max_drain =") {
             format!("max_drain = {}", fmt(o.session_ttl * 4))
+        } else if let (true, Some(p99)) = (t.starts_with("max_p99 ="), o.max_p99) {
+            format!("max_p99 = {}", fmt(p99))
         } else if t.starts_with("steps = [") {
             in_steps = true;
             "steps = [".to_string()

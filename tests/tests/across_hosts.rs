@@ -44,6 +44,11 @@ async fn a_canary_release_across_three_hosts_and_two_proxies_loses_nothing() {
             step_pause: Duration::from_secs(4),
             session_ttl: Duration::from_secs(3),
             start_deadline: Duration::from_secs(60),
+            // Three engines, two proxies and twelve users on two cores: the canary's first
+            // reads (each a read-through to another host) have gone past the shipped 500 ms
+            // p99 and rolled the release back (2 runs of 8). This test is about what is lost
+            // across hosts; judgement has its own tests (release.rs).
+            max_p99: Some(Duration::from_secs(2)),
             ..StackOptions::default()
         },
         users: 12,

@@ -5,8 +5,10 @@
 //! on `code` (`release_active`, `revision_mismatch`, …) instead of parsing messages.
 //!
 //! A client may know several replicas (`http://a:7070,http://b:7070`): a request that cannot
-//! reach one (refused, reset, timed out before an answer) goes to the next at once, and every
-//! clone of the client then stays on the one that answered. A watch that breaks is resumed by
+//! reach one (refused) goes to the next at once, and every clone of the client then stays on
+//! the one that answered. A request whose connection broke after it was sent goes to the next
+//! only when it is safe to send twice: GET, PUT, DELETE, and a release driver's update (the
+//! locator recognises an update it already applied). A watch that breaks is resumed by
 //! its caller from the last revision, on whichever replica answers.
 
 use crate::api::*;
@@ -173,16 +175,28 @@ impl Client {
         }
     }
 
+    /// Sends `req`, resending it after a broken connection when its method is idempotent.
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
-        // A refused connection means the request never reached the locator, so even a POST
-        // is safe to send again: this rides out a locator restart without a special case in
-        // every caller. An idempotent request is also sent again after any other transport
-        // error — typically a pooled keep-alive connection to the locator that was killed,
-        // which fails with "error sending request" rather than a refused connect.
         let idempotent = req
             .try_clone()
             .and_then(|r| r.build().ok())
             .is_some_and(|r| matches!(*r.method(), Method::GET | Method::PUT | Method::DELETE));
+        self.send_as(req, idempotent).await
+    }
+
+    /// Sends `req`; `resend_safe` says whether the locator may be sent it twice.
+    async fn send_as<T: DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        resend_safe: bool,
+    ) -> Result<T> {
+        // A refused connection means the request never reached the locator, so even a POST
+        // is safe to send again: this rides out a locator restart without a special case in
+        // every caller. A request that is safe to resend is also sent again after any other
+        // transport error — typically a pooled keep-alive connection to a replica that was
+        // killed, which fails with "error sending request" rather than a refused connect, and
+        // may or may not have reached the replica before it died.
+        let idempotent = resend_safe;
         let deadline = std::time::Instant::now() + self.connect_retry;
         let mut pause = std::time::Duration::from_millis(100);
         let template = req.build().map_err(|source| ClientError::Transport {
@@ -398,9 +412,15 @@ impl Client {
         self.call(Method::POST, "/v1/releases", Some(release)).await
     }
 
+    /// A driver's update (one that names its lease holder) is resent after a broken
+    /// connection: the locator answers the second copy of an update it already applied as a
+    /// success (the same move from the same holder), so a replica killed between receiving
+    /// the update and answering it does not fail the release.
     pub async fn update_release(&self, id: &str, update: &ReleaseUpdate) -> Result<Release> {
-        self.call(Method::PATCH, &format!("/v1/releases/{id}"), Some(update))
-            .await
+        let req = self
+            .request(Method::PATCH, &format!("/v1/releases/{id}"))
+            .json(update);
+        self.send_as(req, update.lease.is_some()).await
     }
 
     pub async fn release(&self, id: &str) -> Result<Release> {
@@ -610,6 +630,85 @@ mod tests {
             }
         });
         (url, accepted)
+    }
+
+    /// A replica that reads each request whole, then (`answer: false`) dies on it: closes the
+    /// connection without a word, as a killed process does; or (`answer: true`) answers
+    /// `404 not_found`. Counts the requests it read.
+    async fn replica(answer: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let read = Arc::new(AtomicUsize::new(0));
+        let count = read.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then the JSON body (its length from content-length).
+                let whole = |r: &[u8]| {
+                    let text = String::from_utf8_lossy(r).to_ascii_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        return false;
+                    };
+                    let length = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    r.len() >= end + 4 + length
+                };
+                while !whole(&request) {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                if answer {
+                    let body = r#"{"error":{"code":"not_found","message":"no such release"}}"#;
+                    let reply = format!(
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                }
+                drop(s);
+            }
+        });
+        (url, read)
+    }
+
+    #[tokio::test]
+    async fn a_drivers_update_goes_to_the_next_replica_when_one_dies_on_it() {
+        let (dying, died_on) = replica(false).await;
+        let (live, answered) = replica(true).await;
+        let client = Client::new(&format!("{dying},{live}"), None);
+        let update = ReleaseUpdate {
+            step: Some(2),
+            lease: Some("7@deployer".into()),
+            ..Default::default()
+        };
+        let err = client.update_release("rel-1", &update).await.unwrap_err();
+        assert_eq!(err.code(), Some("not_found"), "{err}");
+        assert_eq!(died_on.load(Ordering::SeqCst), 1);
+        assert_eq!(answered.load(Ordering::SeqCst), 1);
+        assert_eq!(client.base_url(), live);
+    }
+
+    #[tokio::test]
+    async fn an_update_without_a_lease_is_not_sent_twice() {
+        let (dying, died_on) = replica(false).await;
+        let (live, answered) = replica(true).await;
+        let client = Client::new(&format!("{dying},{live}"), None);
+        let update = ReleaseUpdate {
+            step: Some(2),
+            ..Default::default()
+        };
+        let err = client.update_release("rel-1", &update).await.unwrap_err();
+        assert!(matches!(err, ClientError::Transport { .. }), "{err}");
+        assert_eq!(died_on.load(Ordering::SeqCst), 1);
+        assert_eq!(answered.load(Ordering::SeqCst), 0, "sent twice");
     }
 
     #[tokio::test]
