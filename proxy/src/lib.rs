@@ -8,7 +8,8 @@
 //! request by host and path). Start reading at [`service`] (the request path, a pingora
 //! `ProxyHttp`), which uses
 //! [`routing_table`] (built from the locator's snapshot and swapped atomically in [`router`]),
-//! [`session`] (the signed token) and [`balancer`] (the weighted choice). [`watcher`] feeds the
+//! [`session`] (the sealed token, with [`opened_tokens`] remembering those a thread opened)
+//! and [`balancer`] (the weighted choice). [`watcher`] feeds the
 //! router from the locator's watch stream and persists it; [`tracker`] and [`reporter`] count
 //! and report sessions; [`metrics`] and [`admin`] expose figures; [`server`] wires it together,
 //! with [`request_head`] (the total deadline on a request's head) in front of pingora and
@@ -27,6 +28,7 @@ pub mod error;
 pub mod files;
 pub mod first_bytes;
 pub mod metrics;
+pub mod opened_tokens;
 pub mod reporter;
 pub mod request_head;
 pub mod router;

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# What our hooks cost in instructions, which do not move with the machine's load: our proxy
+# and bare pingora (examples/bare_pingora) each run under valgrind's callgrind behind the same
+# upstream; after a warm-up the counters are zeroed, wrk sends the same keep-alive load with a
+# session cookie to each, and the instructions each process executed are divided by the
+# requests wrk counted. Prints both and the ratio ours/bare (the goal of hooks.sh is ≤ 1.05),
+# then our functions' share per request (inclusive), to say where the difference goes.
+# Plain HTTP only (callgrind makes TLS handshakes too slow to matter here). Needs: valgrind
+# (callgrind_control, callgrind_annotate), wrk, curl.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
+BIN=$CARGO_TARGET_DIR/release
+DUR=${DUR:-15s}
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
+mkdir -p "$WORK/state"
+cp proxy/bench/routing.json "$WORK/state/routing.json"
+HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error valgrind --tool=callgrind \
+  --callgrind-out-file="$WORK/ours.%p" "$BIN/proxy" serve --listen 127.0.0.1:18080 \
+  --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 --service bench \
+  --state-dir "$WORK/state" --threads 2 2>"$WORK/ours.log" & ours=$!; pids+=($!)
+valgrind --tool=callgrind --callgrind-out-file="$WORK/bare.%p" "$BIN/examples/bare_pingora" \
+  127.0.0.1:18083 127.0.0.1:18081 2 2>"$WORK/bare.log" & bare=$!; pids+=($!)
+for port in 18080 18083; do
+  for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.2; done
+done
+COOKIE=$(curl -s -D - -o /dev/null http://127.0.0.1:18080/ | sed -n 's/^[Ss]et-[Cc]ookie: \(hsid=[^;]*\).*/\1/p')
+
+# name pid url → "instructions-per-request requests"
+measure() {
+  wrk -t1 -c4 -d2s -H "Cookie: $COOKIE" "$3" >/dev/null  # warm-up: pools, caches, lazy statics
+  callgrind_control -z "$2" >/dev/null 2>&1
+  local out reqs
+  out=$(wrk -t1 -c4 -d"$DUR" -H "Cookie: $COOKIE" "$3")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  callgrind_control -d "$2" >/dev/null 2>&1
+  local dump
+  dump=$(ls -t "$WORK/$1.$2"* | head -1)
+  awk -v n="$reqs" '/^summary:|^totals:/ { t = $2 } END { printf "%.0f %d", t / n, n }' "$dump"
+  cp "$dump" "$WORK/$1.last"
+}
+
+o=$(measure ours "$ours" http://127.0.0.1:18080/)
+b=$(measure bare "$bare" http://127.0.0.1:18083/)
+echo "callgrind, wrk -t1 -c4 -d$DUR, keep-alive, a session cookie; instructions per request"
+printf 'ours %s (%s requests)   bare pingora %s (%s requests)   ratio %s [<= 1.05]\n' \
+  "${o% *}" "${o#* }" "${b% *}" "${b#* }" "$(awk -v o="${o% *}" -v b="${b% *}" 'BEGIN { printf "%.3f", o / b }')"
+echo "ours, inclusive per request:"
+callgrind_annotate --inclusive=yes --threshold=100 "$WORK/ours.last" 2>/dev/null \
+  | grep -E "HaddockProxy as pingora_proxy::proxy_trait::ProxyHttp>::[a-z_]+::\{\{closure\}\} |proxy::(request_head::head_len|session::CookieKeys::decode|edge::forwarded_for) " \
+  | awk -v n="${o#* }" '{ gsub(",", "", $1); name = $0; sub(/.*\?\?\?:/, "", name); sub(/ \[.*/, "", name); printf "  %8.0f  %s\n", $1 / n, name }'
