@@ -7,30 +7,17 @@
 # the ratios the issue sets goals on. One certificate (ECDSA P-256) for every server.
 # Needs: wrk nginx haproxy caddy openssl curl (apt-get install -y wrk nginx haproxy caddy).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
-BIN=$CARGO_TARGET_DIR/release
+source "$(dirname "$0")/lib.sh"
 DUR=${DUR:-8s}
 CONNS=${CONNS:-64}
-WORK=$(mktemp -d)
 declare -A PID   # target name -> process whose CPU (with its direct children) is counted
-kill_pids=()
-cleanup() {
-  for p in "${kill_pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  [ -z "${PID[nginx]:-}" ] || kill -TERM "${PID[nginx]}" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
-mkdir -p "$WORK/certs" "$WORK/state"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
-  -keyout "$WORK/certs/bench.key" -out "$WORK/certs/bench.crt" 2>/dev/null
+mkdir -p "$WORK/state"
+bench_cert
 cat "$WORK/certs/bench.crt" "$WORK/certs/bench.key" > "$WORK/combined.pem"
 CRT=$WORK/certs/bench.crt KEY=$WORK/certs/bench.key
 
-"$BIN/examples/bench_upstream" 127.0.0.1:18081 & kill_pids+=($!)
+"$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
 
 # Our proxy serves from a persisted snapshot; the locator URL points nowhere on purpose. wrk
 # sends no usable SNI for an IP address, so the certificate is the default host's.
@@ -39,15 +26,15 @@ cp proxy/bench/routing.json "$WORK/state/routing.json"
 HADDOCK_COOKIE_KEY=bench-cookie-key-0123456789 RUST_LOG=error "$BIN/proxy" serve \
   --listen 127.0.0.1:18080 --tls-listen 127.0.0.1:18480 --tls-certs "$WORK/certs" \
   --tls-default-host bench.test --admin 127.0.0.1:18090 --locator http://127.0.0.1:1 \
-  --service bench --state-dir "$WORK/state" --threads 2 2>"$WORK/proxy.log" & PID[proxy]=$!; kill_pids+=($!)
+  --service bench --state-dir "$WORK/state" --threads 2 2>"$WORK/proxy.log" & PID[proxy]=$!; pids+=($!)
 
 # Bare pingora in the proxy's model (plain HTTP: a shard per thread, each with its own socket;
 # HTTPS: one service of 2 threads), and `pingora1`, plain HTTP too as one service of 2 threads
 # on one socket (the model before stop 23; its HTTPS rows are the same model as pingora's).
 "$BIN/examples/bare_pingora" 127.0.0.1:18083 127.0.0.1:18081 2 127.0.0.1:18483 "$CRT" "$KEY" 2>"$WORK/pingora.log" \
-  & PID[pingora]=$!; kill_pids+=($!)
+  & PID[pingora]=$!; pids+=($!)
 BARE_SHARDS=0 "$BIN/examples/bare_pingora" 127.0.0.1:18086 127.0.0.1:18081 2 127.0.0.1:18486 "$CRT" "$KEY" \
-  2>"$WORK/pingora1.log" & PID[pingora1]=$!; kill_pids+=($!)
+  2>"$WORK/pingora1.log" & PID[pingora1]=$!; pids+=($!)
 
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
@@ -66,7 +53,7 @@ http {
   }
 }
 NGINX
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PID[nginx]=$!
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PID[nginx]=$!; term_pids+=($!)
 
 cat > "$WORK/haproxy.cfg" <<HAPROXY
 global
@@ -87,7 +74,7 @@ backend up
   http-reuse always
   server u1 127.0.0.1:18081
 HAPROXY
-haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & PID[haproxy]=$!; kill_pids+=($!)
+haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" & PID[haproxy]=$!; pids+=($!)
 
 cat > "$WORK/Caddyfile" <<CADDY
 {
@@ -108,7 +95,7 @@ https://:18485 {
 }
 CADDY
 HOME=$WORK caddy run --config "$WORK/Caddyfile" --adapter caddyfile >"$WORK/caddy.log" 2>&1 \
-  & PID[caddy]=$!; kill_pids+=($!)
+  & PID[caddy]=$!; pids+=($!)
 
 declare -A PLAIN=([proxy]=18080 [pingora]=18083 [pingora1]=18086 [nginx]=18082 [haproxy]=18084 [caddy]=18085)
 declare -A TLS=([proxy]=18480 [pingora]=18483 [pingora1]=18486 [nginx]=18482 [haproxy]=18484 [caddy]=18485)

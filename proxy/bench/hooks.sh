@@ -8,25 +8,13 @@
 # two identical servers here; a median over alternated rounds is what the ≤ 1.05 goal can be
 # judged by. Needs: wrk openssl curl.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
-BIN=$CARGO_TARGET_DIR/release
+source "$(dirname "$0")/lib.sh"
 DUR=${DUR:-4s}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-7}
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
-mkdir -p "$WORK/certs" "$WORK/state"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
-  -keyout "$WORK/certs/bench.key" -out "$WORK/certs/bench.crt" 2>/dev/null
+mkdir -p "$WORK/state"
+bench_cert
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
 # One service "bench", one instance: the upstream (proxy/bench/routing.json).

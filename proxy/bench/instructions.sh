@@ -8,18 +8,8 @@
 # Plain HTTP only (callgrind makes TLS handshakes too slow to matter here). Needs: valgrind
 # (callgrind_control, callgrind_annotate), wrk, curl.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
-BIN=$CARGO_TARGET_DIR/release
+source "$(dirname "$0")/lib.sh"
 DUR=${DUR:-15s}
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
 mkdir -p "$WORK/state"

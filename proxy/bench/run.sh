@@ -5,24 +5,9 @@
 # saturation and at half of the proxy's saturating rate, then the proxy's RSS with 100 000
 # tracked sessions. Needs: wrk, nginx (apt-get install -y wrk nginx), curl.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
-BIN=$CARGO_TARGET_DIR/release
+source "$(dirname "$0")/lib.sh"
 DUR=${DUR:-10s}
 CONNS=${CONNS:-64}
-WORK=$(mktemp -d)
-pids=()
-# SIGKILL for ours (on SIGTERM pingora keeps its listener open through its grace period, and
-# the next run would find the ports taken); SIGTERM for nginx, whose master then stops its
-# workers (killed outright, it would leave them running).
-nginx_pid=""
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  [ -z "$nginx_pid" ] || kill -TERM "$nginx_pid" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18081 & pids+=($!)
 
@@ -51,7 +36,7 @@ http {
   }
 }
 NGINX
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' & nginx_pid=$!
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & term_pids+=($!)
 
 for _ in $(seq 100); do
   curl -sf -o /dev/null http://127.0.0.1:18080/ && curl -sf -o /dev/null http://127.0.0.1:18082/ \

@@ -4,17 +4,7 @@
 # every service has answered one request, and the cost of each service over the first.
 # Needs: curl.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --workspace --all-targets >&2  # one package selection: see ci/build-images.sh
-BIN=$CARGO_TARGET_DIR/release
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/lib.sh"
 
 "$BIN/examples/bench_upstream" 127.0.0.1:18181 & pids+=($!)
 
