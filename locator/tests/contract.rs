@@ -385,6 +385,39 @@ async fn suite<S: Store>(loc: &TestLocator<S>) {
             None
         );
     }
+    // A driver's update sent twice (its client resends it after a broken connection, not
+    // knowing whether the first copy arrived): the second copy leaves what the first made,
+    // only the lease renewed. (A state move sent twice: `state.rs`'s unit tests.)
+    let twice = ReleaseUpdate {
+        lease: Some("7@twice".into()),
+        step: Some(3),
+        reason: Some("sent twice".into()),
+        containers: Some(vec!["svc-1.1.0-a".into()]),
+        step_ms: [("validating".to_string(), 12)].into(),
+        ..Default::default()
+    };
+    let once = c.update_release(&r2.id, &twice).await.unwrap();
+    let again = c.update_release(&r2.id, &twice).await.unwrap();
+    let made = |r: &Release| {
+        (
+            r.state,
+            r.step,
+            r.reason.clone(),
+            r.containers.clone(),
+            r.step_ms.clone(),
+            r.status.driver.as_ref().map(|l| l.who.clone()),
+        )
+    };
+    assert_eq!(made(&again), made(&once));
+    assert_eq!(once.step, 3);
+    let drop = ReleaseUpdate {
+        lease: Some("7@twice".into()),
+        drop_lease: true,
+        ..Default::default()
+    };
+    c.update_release(&r2.id, &drop).await.unwrap();
+    let dropped_again = c.update_release(&r2.id, &drop).await.unwrap();
+    assert_eq!(dropped_again.status.driver, None);
     // Compare and set: two moves out of the same state, one wins, the other is told both states.
     let cas = |to| ReleaseUpdate {
         expect_state: Some(ReleaseState::Validating),

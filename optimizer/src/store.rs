@@ -361,14 +361,15 @@ impl Store {
             }
             Ok(out)
         };
-        let mut missing = scan(self)?;
-        let mut catch_ups = 0;
-        while !missing.is_empty() && !self.writer && catch_ups < MISS_CATCH_UPS {
-            self.catch_up()?;
-            catch_ups += 1;
-            missing = scan(self)?;
+        // One catch-up, not MISS_CATCH_UPS: a chunk reported missing that a second catch-up
+        // would have found costs its sender only a chunk sent again, and most asks here have
+        // chunks really missing, for which every catch-up is a rescan of the lot.
+        let missing = scan(self)?;
+        if missing.is_empty() || self.writer {
+            return Ok(missing);
         }
-        Ok(missing)
+        self.catch_up()?;
+        scan(self)
     }
 
     fn refcount(&self, hash: &ChunkHash) -> Result<u64> {

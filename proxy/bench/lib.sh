@@ -5,6 +5,8 @@
 # would find the ports taken), sends TERM to every one in `term_pids` (nginx, whose master then
 # stops its workers; killed outright, it would leave them running), and removes WORK. `bench_cert` makes the self-signed certificate
 # for bench.test in $WORK/certs.
+# A failure inside $(…) fails the script too, not only the substitution.
+shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/haddock/target}
 # One package selection: see ci/build-images.sh.

@@ -7,8 +7,8 @@
 //! A client may know several replicas (`http://a:7070,http://b:7070`): a request that cannot
 //! reach one (refused) goes to the next at once, and every clone of the client then stays on
 //! the one that answered. A request whose connection broke after it was sent goes to the next
-//! only when it is safe to send twice: GET, PUT, DELETE, and a release driver's update (the
-//! locator recognises an update it already applied). A watch that breaks is resumed by
+//! only when it is safe to send twice: GET, PUT, DELETE, and a release driver's update (see
+//! [`Client::update_release`]). A watch that breaks is resumed by
 //! its caller from the last revision, on whichever replica answers.
 
 use crate::api::*;
@@ -413,14 +413,17 @@ impl Client {
     }
 
     /// A driver's update (one that names its lease holder) is resent after a broken
-    /// connection: the locator answers the second copy of an update it already applied as a
-    /// success (the same move from the same holder), so a replica killed between receiving
-    /// the update and answering it does not fail the release.
+    /// connection, so that a replica killed between receiving the update and answering it
+    /// does not fail the release. Applying it twice is applying it once: its fields set values
+    /// (none adds to one), and a second copy of a state move already made is answered as a
+    /// success (`locator::state`, the lease names the same holder). Not resent: an update that
+    /// clears an operator's control, as a second copy could clear a newer control.
     pub async fn update_release(&self, id: &str, update: &ReleaseUpdate) -> Result<Release> {
         let req = self
             .request(Method::PATCH, &format!("/v1/releases/{id}"))
             .json(update);
-        self.send_as(req, update.lease.is_some()).await
+        self.send_as(req, update.lease.is_some() && !update.clear_control)
+            .await
     }
 
     pub async fn release(&self, id: &str) -> Result<Release> {
