@@ -682,36 +682,51 @@ mod tests {
         (url, read)
     }
 
+    /// A replica dies on an update (reads it, closes without answering): a driver's update
+    /// goes to the next replica; one without a lease, or one clearing a control, is not sent
+    /// twice.
     #[tokio::test]
-    async fn a_drivers_update_goes_to_the_next_replica_when_one_dies_on_it() {
-        let (dying, died_on) = replica(false).await;
-        let (live, answered) = replica(true).await;
-        let client = Client::new(&format!("{dying},{live}"), None);
-        let update = ReleaseUpdate {
+    async fn only_a_drivers_update_goes_to_the_next_replica_when_one_dies_on_it() {
+        let driver = ReleaseUpdate {
             step: Some(2),
             lease: Some("7@deployer".into()),
             ..Default::default()
         };
-        let err = client.update_release("rel-1", &update).await.unwrap_err();
-        assert_eq!(err.code(), Some("not_found"), "{err}");
-        assert_eq!(died_on.load(Ordering::SeqCst), 1);
-        assert_eq!(answered.load(Ordering::SeqCst), 1);
-        assert_eq!(client.base_url(), live);
-    }
-
-    #[tokio::test]
-    async fn an_update_without_a_lease_is_not_sent_twice() {
-        let (dying, died_on) = replica(false).await;
-        let (live, answered) = replica(true).await;
-        let client = Client::new(&format!("{dying},{live}"), None);
-        let update = ReleaseUpdate {
-            step: Some(2),
-            ..Default::default()
-        };
-        let err = client.update_release("rel-1", &update).await.unwrap_err();
-        assert!(matches!(err, ClientError::Transport { .. }), "{err}");
-        assert_eq!(died_on.load(Ordering::SeqCst), 1);
-        assert_eq!(answered.load(Ordering::SeqCst), 0, "sent twice");
+        let cases = [
+            (driver.clone(), true),
+            (
+                ReleaseUpdate {
+                    lease: None,
+                    ..driver.clone()
+                },
+                false,
+            ),
+            (
+                ReleaseUpdate {
+                    clear_control: true,
+                    ..driver.clone()
+                },
+                false,
+            ),
+        ];
+        for (update, resent) in cases {
+            let (dying, died_on) = replica(false).await;
+            let (live, answered) = replica(true).await;
+            let client = Client::new(&format!("{dying},{live}"), None);
+            let err = client.update_release("rel-1", &update).await.unwrap_err();
+            assert_eq!(died_on.load(Ordering::SeqCst), 1, "{update:?}");
+            if resent {
+                assert_eq!(err.code(), Some("not_found"), "{update:?}: {err}");
+                assert_eq!(answered.load(Ordering::SeqCst), 1, "{update:?}");
+                assert_eq!(client.base_url(), live);
+            } else {
+                assert!(
+                    matches!(err, ClientError::Transport { .. }),
+                    "{update:?}: {err}"
+                );
+                assert_eq!(answered.load(Ordering::SeqCst), 0, "{update:?} sent twice");
+            }
+        }
     }
 
     #[tokio::test]
