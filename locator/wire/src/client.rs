@@ -196,7 +196,6 @@ impl Client {
         // transport error — typically a pooled keep-alive connection to a replica that was
         // killed, which fails with "error sending request" rather than a refused connect, and
         // may or may not have reached the replica before it died.
-        let idempotent = resend_safe;
         let deadline = std::time::Instant::now() + self.connect_retry;
         let mut pause = std::time::Duration::from_millis(100);
         let template = req.build().map_err(|source| ClientError::Transport {
@@ -213,7 +212,7 @@ impl Client {
             rebase(attempt.url_mut(), &self.bases[at]);
             match self.http.execute(attempt).await {
                 Ok(resp) => break resp,
-                Err(e) if e.is_connect() || (idempotent && e.is_request()) => {
+                Err(e) if e.is_connect() || (resend_safe && e.is_request()) => {
                     tried += 1;
                     if tried < self.bases.len() {
                         self.fail_over(at);
@@ -605,6 +604,32 @@ mod tests {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Reads one request from `s`: its head, then its body (by content-length), or what came
+    /// before the client closed.
+    async fn read_request(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let whole = |r: &[u8]| {
+            let text = String::from_utf8_lossy(r).to_ascii_lowercase();
+            let Some(end) = text.find("\r\n\r\n") else {
+                return false;
+            };
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            r.len() >= end + 4 + length
+        };
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !whole(&request) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        request
+    }
+
     /// A locator that froze: it answers a watch's headers (or, with `answer: false`, not even
     /// those), then keeps the connection open and sends nothing. Counts the connections.
     async fn frozen_locator(answer: bool) -> (String, Arc<AtomicUsize>) {
@@ -616,14 +641,7 @@ mod tests {
             let mut open = Vec::new();
             while let Ok((mut s, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                read_request(&mut s).await;
                 if answer {
                     let headers = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
                                    transfer-encoding: chunked\r\n\r\n";
@@ -645,27 +663,7 @@ mod tests {
         let count = read.clone();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                // Headers, then the JSON body (its length from content-length).
-                let whole = |r: &[u8]| {
-                    let text = String::from_utf8_lossy(r).to_ascii_lowercase();
-                    let Some(end) = text.find("\r\n\r\n") else {
-                        return false;
-                    };
-                    let length = text[..end]
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    r.len() >= end + 4 + length
-                };
-                while !whole(&request) {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
+                read_request(&mut s).await;
                 count.fetch_add(1, Ordering::SeqCst);
                 if answer {
                     let body = r#"{"error":{"code":"not_found","message":"no such release"}}"#;
