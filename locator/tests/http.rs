@@ -94,12 +94,17 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let loc = testing::embedded(Duration::from_secs(10)).await;
     let url = &loc.url;
     let t = Some(DEPLOY_TOKEN);
-    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000},"routes":{"hosts":["Shop.example.com"],"path_prefix":"/api"}}"#;
+    let spec = br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1000,"max_drain_ms":1000},"routes":{"hosts":["Shop.example.com"],"path_prefix":"/api","redirect_https":true,"hsts_max_age_s":600}}"#;
     assert_eq!(
         call(url, "PUT", "/v1/services/svc", t, Some(spec)).await.0,
         200
     );
-    let before = loc.deploy().snapshot().await.unwrap().revision;
+    let snapshot = loc.deploy().snapshot().await.unwrap();
+    let routes = &snapshot.service("svc").unwrap().routes;
+    assert_eq!(routes.hosts, ["shop.example.com"]);
+    assert!(routes.redirect_https);
+    assert_eq!(routes.hsts_max_age_s, Some(600));
+    let before = snapshot.revision;
 
     let cases: &[(&str, &str, &[u8], u16, &str)] = &[
         ("PUT", "/v1/services/svc2", b"{not json", 400, "invalid_json"),
@@ -110,6 +115,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["bad host"]}}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"path_prefix":"api/"}}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"prefix":"/x"}}"#, 400, "invalid_json"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"hsts_max_age_s":63072001}}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"redirect_https":"yes"}}"#, 400, "invalid_json"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"nowhere"}"#, 400, "invalid_address"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"10.0.0.1:0"}"#, 400, "invalid_address"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"nope","version":"1","address":"10.0.0.1:80"}"#, 404, "unknown_service"),

@@ -105,11 +105,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5)]
     pub grace_period_s: u64,
     /// Address of the HTTPS listener (TLS 1.2 and 1.3 by rustls; HTTP/2 or HTTP/1.1 chosen by
-    /// ALPN). Needs --tls-certs.
-    #[arg(long, requires = "tls_certs")]
+    /// ALPN). Needs --tls-certs or --state-dir.
+    #[arg(long)]
     pub tls_listen: Option<String>,
     /// Directory of certificate pairs NAME.crt (PEM chain) + NAME.key (PEM key), chosen per
-    /// connection by SNI and read again when they change (created if missing).
+    /// connection by SNI and read again when they change (created if missing); ACME
+    /// certificates are written there. Default: <--state-dir>/certs. Several proxies given the
+    /// same directory share their certificates.
     #[arg(long, requires = "tls_listen")]
     pub tls_certs: Option<PathBuf>,
     /// Host whose certificate answers client hellos that name no host (clients connecting by
@@ -122,9 +124,9 @@ pub struct ServeArgs {
     /// Answer plain HTTP requests with a 308 to the same URL over HTTPS.
     #[arg(long, requires = "tls_listen")]
     pub redirect_https: bool,
-    /// The port users reach HTTPS on, for redirects (default: --tls-listen's port; differs
-    /// behind a port mapping).
-    #[arg(long, requires = "redirect_https")]
+    /// The port users reach HTTPS on, for redirects (this flag's and the services' own
+    /// `redirect_https`; default: --tls-listen's port; differs behind a port mapping).
+    #[arg(long, requires = "tls_listen")]
     pub https_port: Option<u16>,
     /// Send `Strict-Transport-Security: max-age=N` over HTTPS (off by default: a browser then
     /// refuses plain HTTP to the host for N seconds).
@@ -238,33 +240,52 @@ impl ServeArgs {
         })
     }
 
+    /// Where the HTTPS listener's certificates are: `--tls-certs`, else `certs` in the state
+    /// dir; `None` without `--tls-listen`, or with neither directory.
+    pub fn certs_dir(&self) -> Option<PathBuf> {
+        self.tls_listen.as_ref()?;
+        self.tls_certs
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("certs")))
+    }
+
     fn edge(&self) -> Result<EdgeOptions, ProxyError> {
-        let redirect_to_port = match (self.redirect_https, self.https_port, &self.tls_listen) {
+        if self.tls_listen.is_some() && self.certs_dir().is_none() {
+            return Err(ProxyError::Config(
+                "--tls-listen needs --tls-certs DIR or --state-dir (certificates then go to <state-dir>/certs)"
+                    .into(),
+            ));
+        }
+        let https_port = self
+            .https_port
+            .or_else(|| self.tls_listen.as_deref().and_then(port_of));
+        if https_port == Some(0) {
+            return Err(ProxyError::Config(
+                "the HTTPS port to redirect to cannot be 0".into(),
+            ));
+        }
+        let redirect_to_port = match (self.redirect_https, https_port, &self.tls_listen) {
             (false, _, _) => None,
             (true, Some(port), _) => Some(port),
-            (true, None, Some(listen)) => Some(port_of(listen).ok_or_else(|| {
-                ProxyError::Config(format!(
+            (true, None, Some(listen)) => {
+                return Err(ProxyError::Config(format!(
                     "--tls-listen {listen:?} names no port to redirect to (give --https-port)"
-                ))
-            })?),
+                )))
+            }
             (true, None, None) => {
                 return Err(ProxyError::Config(
                     "--redirect-https needs --tls-listen".into(),
                 ))
             }
         };
-        if redirect_to_port == Some(0) {
-            return Err(ProxyError::Config(
-                "the HTTPS port to redirect to cannot be 0".into(),
-            ));
-        }
         Ok(EdgeOptions {
             redirect_to_port,
+            https_port,
             hsts_max_age: self.hsts_max_age,
             trust_forwarded: self.trust_forwarded,
             // Every proxy on a certificate directory answers its pending challenges, whichever
             // proxy ordered the certificate.
-            challenges: self.tls_certs.as_deref().map(Challenges::new),
+            challenges: self.certs_dir().as_deref().map(Challenges::new),
         })
     }
 
@@ -424,10 +445,10 @@ mod tests {
         ];
         let parse = |extra: &[&str]| Cli::try_parse_from([&base[..], extra].concat());
         for lonely in [
-            &["--tls-listen", "127.0.0.1:8443"][..],
-            &["--tls-certs", "/tmp/c"],
+            &["--tls-certs", "/tmp/c"][..],
             &["--redirect-https"],
             &["--hsts-max-age", "60"],
+            &["--https-port", "443"],
         ] {
             let Err(err) = parse(lonely) else {
                 panic!("{lonely:?} was accepted alone")
@@ -444,6 +465,12 @@ mod tests {
             a.options().map(|o| o.edge)
         };
         assert_eq!(edge(&[]).unwrap().redirect_to_port, None);
+        // Where a service's own redirect_https sends plain requests, with or without the flag.
+        assert_eq!(edge(&[]).unwrap().https_port, Some(8443));
+        assert_eq!(
+            edge(&["--https-port", "443"]).unwrap().https_port,
+            Some(443)
+        );
         assert_eq!(
             edge(&["--redirect-https"]).unwrap().redirect_to_port,
             Some(8443)
@@ -455,6 +482,28 @@ mod tests {
             Some(443)
         );
         let err = edge(&["--redirect-https", "--https-port", "0"]).unwrap_err();
+        // Certificates: the flag's directory, else the state dir's, else nowhere (refused).
+        let serve = |extra: &[&str]| {
+            let Command::Serve(a) = parse(extra).unwrap().command;
+            a
+        };
+        let alone = serve(&["--tls-listen", "127.0.0.1:8443"]);
+        let refused = alone.options().unwrap_err().to_string();
+        assert!(
+            refused.contains("--tls-certs DIR or --state-dir"),
+            "{refused}"
+        );
+        let with_state = serve(&["--tls-listen", ":8443", "--state-dir", "/var/lib/p"]);
+        assert_eq!(
+            with_state.certs_dir(),
+            Some(PathBuf::from("/var/lib/p/certs"))
+        );
+        assert!(with_state.options().is_ok());
+        assert_eq!(
+            serve(&[&tls[..], &["--state-dir", "/var/lib/p"]].concat()).certs_dir(),
+            Some(PathBuf::from("/tmp/c"))
+        );
+        assert_eq!(serve(&["--state-dir", "/var/lib/p"]).certs_dir(), None);
         assert!(err.to_string().contains("cannot be 0"), "{err}");
         let Command::Serve(mut a) = parse(&tls).unwrap().command;
         a.tls_listen = Some("no-port".into());

@@ -24,6 +24,9 @@ pub struct EdgeOptions {
     /// Plain HTTP requests are redirected (308) to HTTPS on this port; `None`: served as they
     /// come.
     pub redirect_to_port: Option<u16>,
+    /// The port users reach HTTPS on (`--https-port`, else `--tls-listen`'s): where a
+    /// service's own `redirect_https` sends plain requests; `None`: no HTTPS to send them to.
+    pub https_port: Option<u16>,
     /// `Strict-Transport-Security: max-age=N` on answers over HTTPS (`None`: not sent, the
     /// default, since a browser then refuses plain HTTP to the host for N seconds).
     pub hsts_max_age: Option<u64>,

@@ -57,11 +57,22 @@ impl Placement {
 }
 
 /// The routing state of one service.
+/// What a service asks of the proxies about HTTPS, on top of each proxy's own flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpsPolicy {
+    /// Plain-HTTP requests get a 308 to HTTPS (when the proxy serves HTTPS).
+    pub redirect: bool,
+    /// HSTS max-age in place of the proxy's `--hsts-max-age`.
+    pub hsts_max_age_s: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct RoutingTable {
     pub revision: u64,
     pub service: String,
     pub settings: SessionSettings,
+    /// The service's own HTTPS policy (its spec's `redirect_https` and `hsts_max_age`).
+    pub https: HttpsPolicy,
     pub primary: Option<Arc<str>>,
     routes: Vec<Route>,
     by_id: HashMap<Arc<str>, usize>,
@@ -79,6 +90,7 @@ impl RoutingTable {
             revision: 0,
             service: service.to_string(),
             settings: default_settings(),
+            https: HttpsPolicy::default(),
             primary: None,
             routes: Vec::new(),
             by_id: HashMap::new(),
@@ -95,6 +107,10 @@ impl RoutingTable {
         let svc = snapshot.service(service);
         if let Some(s) = svc {
             table.settings = s.sessions.clone();
+            table.https = HttpsPolicy {
+                redirect: s.routes.redirect_https,
+                hsts_max_age_s: s.routes.hsts_max_age_s,
+            };
             table.primary = s.primary_version.as_deref().map(Arc::from);
         }
         let mut versions: HashMap<String, Arc<str>> = HashMap::new();

@@ -142,14 +142,16 @@ fn reuse_port_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Soc
     Ok(s)
 }
 
-/// The HTTPS listener's settings: certificates from `--tls-certs` chosen by SNI (read once here,
+/// The HTTPS listener's settings: certificates from `--tls-certs` (or the state dir's `certs`) chosen by SNI (read once here,
 /// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
 fn tls_settings(
     args: &ServeArgs,
     counters: &crate::certificates::TlsCounters,
 ) -> Result<(TlsSettings, Arc<Certificates>), ProxyError> {
-    let Some(dir) = args.tls_certs.clone() else {
-        return Err(ProxyError::Config("--tls-listen needs --tls-certs".into()));
+    let Some(dir) = args.certs_dir() else {
+        return Err(ProxyError::Config(
+            "--tls-listen needs --tls-certs DIR or --state-dir".into(),
+        ));
     };
     std::fs::create_dir_all(&dir).map_err(|e| {
         ProxyError::Config(format!(

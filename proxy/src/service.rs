@@ -255,6 +255,13 @@ impl ProxyHttp for HaddockProxy {
         ctx.router = Some(router.clone());
         let router = &router;
         let table = router.table.load_full();
+        if !ctx.tls && table.https.redirect {
+            // The service's own policy; a proxy with no HTTPS serves it as it comes.
+            if let Some(port) = edge_options.https_port {
+                Self::redirect_to_https(session, port).await?;
+                return Ok(true);
+            }
+        }
         let now = now_ms();
         let ttl = table.settings.idle_ttl_ms;
 
@@ -433,8 +440,14 @@ impl ProxyHttp for HaddockProxy {
                 .headers
                 .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
         {
-            // The service's own policy, when it sends one, wins.
-            if let Some(max_age) = self.services.options.edge.hsts_max_age {
+            // The instance's header, when it sends one, wins; then the service's spec; then
+            // the proxy's flag.
+            let max_age = ctx
+                .table
+                .as_ref()
+                .and_then(|t| t.https.hsts_max_age_s)
+                .or(self.services.options.edge.hsts_max_age);
+            if let Some(max_age) = max_age {
                 resp.insert_header(
                     http::header::STRICT_TRANSPORT_SECURITY,
                     format!("max-age={max_age}"),

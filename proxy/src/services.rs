@@ -310,6 +310,7 @@ mod tests {
             svc.routes = Routes {
                 hosts: hosts.iter().map(|h| h.to_string()).collect(),
                 path_prefix: prefix.map(str::to_string),
+                ..Routes::default()
             };
             snap.services.push(svc);
         }

@@ -218,6 +218,7 @@ async fn the_hosts_of_the_carried_services_routes_get_certificates() {
     routed.routes = locator_wire::api::Routes {
         hosts: vec!["app.test".into(), "*.wild.test".into()],
         path_prefix: None,
+        ..Default::default()
     };
     let stub = LocatorStub::start(snapshot(routed, vec![a.instance("1", Ready)])).await;
     let plain = free_port();

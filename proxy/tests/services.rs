@@ -27,6 +27,7 @@ fn svc(name: &str, hosts: &[&str], prefix: Option<&str>, weights: &[(&str, u8)])
     s.routes = Routes {
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         path_prefix: prefix.map(str::to_string),
+        ..Routes::default()
     };
     s
 }
@@ -287,6 +288,7 @@ async fn a_proxy_without_service_carries_every_service_the_locator_knows_as_it_a
         reqwest::Client::builder()
             .resolve("shop.test", addr)
             .resolve("blog.test", addr)
+            .resolve("other.test", addr)
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap()
@@ -334,13 +336,18 @@ async fn a_proxy_without_service_carries_every_service_the_locator_knows_as_it_a
         "{metrics}"
     );
 
-    // Restarted with the locator down, it carries both again from its persisted snapshot.
+    // Restarted with the locator down, it carries both again from its persisted snapshot;
+    // now with blog as the default, which takes a host no route names.
     proxy.kill();
     proxy.wait();
     stub.stop();
-    let proxy = Proxy::spawn_discovering(&stub.url, dir.path(), &[]);
+    let proxy = Proxy::spawn_discovering(&stub.url, dir.path(), &["--default-service", "blog"]);
     let client = http(&proxy);
-    for (host, body) in [("shop.test", "s1"), ("blog.test", "b1")] {
+    for (host, body) in [
+        ("shop.test", "s1"),
+        ("blog.test", "b1"),
+        ("other.test", "b1"),
+    ] {
         let answer = eventually(
             &format!("{host} served after the restart"),
             Duration::from_secs(20),

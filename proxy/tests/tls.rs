@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::pki::Pki;
@@ -28,26 +28,37 @@ struct Edge {
     proxy: Proxy,
     tls_port: u16,
     pki: Pki,
-    certs: tempfile::TempDir,
+    certs: PathBuf,
+    _own_certs: Option<tempfile::TempDir>,
     _state: tempfile::TempDir,
 }
 
 impl Edge {
-    /// A proxy serving `app.test` and `*.apps.test` over HTTPS.
+    /// A proxy serving `app.test` and `*.apps.test` over HTTPS, certificates in a directory
+    /// given by `--tls-certs`.
     async fn start(locator: &str, extra: &[&str]) -> Edge {
+        Self::start_with(locator, true, extra).await
+    }
+
+    /// The same; without `certs_flag` the certificates are in the state dir's `certs`, where
+    /// the proxy looks with no `--tls-certs`.
+    async fn start_with(locator: &str, certs_flag: bool, extra: &[&str]) -> Edge {
         let pki = Pki::new();
-        let certs = tempfile::tempdir().unwrap();
-        pki.issue(certs.path(), "app", &["app.test"], -60, 3600);
-        pki.issue(certs.path(), "apps", &["*.apps.test"], -60, 3600);
         let state = tempfile::tempdir().unwrap();
+        let own_certs = certs_flag.then(|| tempfile::tempdir().unwrap());
+        let certs = own_certs
+            .as_ref()
+            .map_or_else(|| state.path().join("certs"), |d| d.path().to_path_buf());
+        std::fs::create_dir_all(&certs).unwrap();
+        pki.issue(&certs, "app", &["app.test"], -60, 3600);
+        pki.issue(&certs, "apps", &["*.apps.test"], -60, 3600);
         let tls_port = free_port();
         let listen = format!("127.0.0.1:{tls_port}");
-        let mut args = vec![
-            "--tls-listen",
-            &listen,
-            "--tls-certs",
-            certs.path().to_str().unwrap(),
-        ];
+        let certs_arg = certs.to_str().unwrap().to_string();
+        let mut args = vec!["--tls-listen", &listen];
+        if certs_flag {
+            args.extend(["--tls-certs", &certs_arg]);
+        }
         args.extend_from_slice(extra);
         let proxy = Proxy::spawn(locator, state.path(), &args);
         proxy.wait_revision(1).await;
@@ -66,6 +77,7 @@ impl Edge {
             tls_port,
             pki,
             certs,
+            _own_certs: own_certs,
             _state: state,
         }
     }
@@ -153,9 +165,7 @@ async fn certificates_are_chosen_by_sni_reloaded_and_bad_ones_refused() {
     // A renewed certificate is served from the next handshake on, without a restart.
     let url = edge.https_url("app.test", "/");
     let first = served_certificate(&edge.https(true), &url).await;
-    let renewed = edge
-        .pki
-        .issue(edge.certs.path(), "app", &["app.test"], -60, 7200);
+    let renewed = edge.pki.issue(&edge.certs, "app", &["app.test"], -60, 7200);
     assert_ne!(first, renewed);
     eventually(
         "the renewed certificate in service",
@@ -169,7 +179,7 @@ async fn certificates_are_chosen_by_sni_reloaded_and_bad_ones_refused() {
     let refusals = "haddock_proxy_tls_certificates_refused_total ";
     assert_eq!(edge.metric(refusals).await, 0.0);
     edge.pki
-        .issue(edge.certs.path(), "app", &["app.test"], -7200, -60);
+        .issue(&edge.certs, "app", &["app.test"], -7200, -60);
     eventually(
         "the expired certificate refused",
         Duration::from_secs(10),
@@ -279,6 +289,88 @@ async fn plain_http_is_redirected_and_https_carries_hsts_secure_cookies_and_forw
         body.starts_with("a xff=127.0.0.1 proto=https host=app.test"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_certs_the_certificates_are_the_state_dirs() {
+    let (_a, stub) = one_instance().await;
+    let edge = Edge::start_with(&stub.url, false, &[]).await;
+    let resp = edge
+        .https(false)
+        .get(edge.https_url("app.test", "/headers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .starts_with("a xff=127.0.0.1 proto=https"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_brings_its_own_redirect_and_hsts() {
+    // `svc` at app.test asks for both; `blog` at x.apps.test for neither; the proxy itself has
+    // neither flag.
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let mut strict = service(&[("1", 100)], "1", 60_000);
+    strict.routes = locator_wire::api::Routes {
+        hosts: vec!["app.test".into()],
+        redirect_https: true,
+        hsts_max_age_s: Some(120),
+        ..Default::default()
+    };
+    let mut relaxed = service(&[("1", 100)], "1", 60_000);
+    relaxed.name = "blog".into();
+    relaxed.routes.hosts = vec!["x.apps.test".into()];
+    let mut blog_instance = b.instance("1", Ready);
+    blog_instance.service = "blog".into();
+    let stub = LocatorStub::start(locator_wire::api::Snapshot {
+        revision: 1,
+        services: vec![strict, relaxed],
+        instances: vec![a.instance("1", Ready), blog_instance],
+        ..Default::default()
+    })
+    .await;
+    let edge = Edge::start(&stub.url, &["--service", &format!("{SERVICE},blog")]).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let over_http = |host: &'static str| {
+        plain
+            .get(edge.proxy.url("/headers?x=1"))
+            .header("host", host)
+            .send()
+    };
+
+    let resp = over_http("app.test").await.unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://app.test:{}/headers?x=1", edge.tls_port).as_str()
+    );
+    let resp = over_http("x.apps.test").await.unwrap();
+    assert_eq!(resp.status(), 200, "blog asked for no redirect");
+    assert!(resp.text().await.unwrap().starts_with("b "));
+
+    let https = edge.https(false);
+    let resp = https
+        .get(edge.https_url("app.test", "/headers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["strict-transport-security"], "max-age=120");
+    assert!(resp.text().await.unwrap().starts_with("a "));
+    let resp = https
+        .get(edge.https_url("x.apps.test", "/headers"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("strict-transport-security").is_none());
+    assert!(resp.text().await.unwrap().starts_with("b "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

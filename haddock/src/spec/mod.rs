@@ -100,6 +100,14 @@ pub struct ServiceSection {
     /// Path prefix of the service at those hosts (`/api`; whole segments).
     #[serde(default)]
     pub path_prefix: Option<String>,
+    /// Plain-HTTP requests for the service get a 308 to HTTPS from every proxy that serves
+    /// HTTPS, whatever that proxy's `--redirect-https`.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// `Strict-Transport-Security` max-age on the service's answers over HTTPS (`"365d"`; at
+    /// most two years), in place of the proxy's `--hsts-max-age`. Unset: the proxy's.
+    #[serde(default, with = "humantime_serde")]
+    pub hsts_max_age: Option<Duration>,
 }
 
 impl ServiceSection {
@@ -108,6 +116,8 @@ impl ServiceSection {
         locator_wire::api::Routes {
             hosts: self.hosts.clone(),
             path_prefix: self.path_prefix.clone(),
+            redirect_https: self.redirect_https,
+            hsts_max_age_s: self.hsts_max_age.map(|d| d.as_secs()),
         }
     }
 }

@@ -35,6 +35,8 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
     if let Err(msg) = s.routes().checked() {
         let field = if msg.starts_with("hosts") {
             "service.hosts"
+        } else if msg.starts_with("hsts_max_age") {
+            "service.hsts_max_age"
         } else {
             "service.path_prefix"
         };
@@ -1285,6 +1287,28 @@ mod tests {
             "service.path_prefix",
             "not a path",
         );
+        rejects(
+            "port = 8080",
+            "port = 8080\nhsts_max_age = \"3y\"",
+            "service.hsts_max_age",
+            "at most 63072000 seconds",
+        );
+    }
+
+    #[test]
+    fn a_services_https_policy_reaches_its_routes() {
+        let spec = GOOD.replacen(
+            "port = 8080",
+            "port = 8080\nredirect_https = true\nhsts_max_age = \"365d\"",
+            1,
+        );
+        let routes = Spec::parse("optimizer.toml", &spec)
+            .unwrap()
+            .service
+            .routes();
+        assert!(routes.redirect_https);
+        assert_eq!(routes.hsts_max_age_s, Some(365 * 24 * 3600));
+        assert!(crate::spec::example().service.routes().is_empty());
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub struct Routes {
     /// A path prefix (`/api`), matched on whole segments; `None`: every path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// Plain-HTTP requests for the service are answered with a 308 to the same URL over
+    /// HTTPS, by every proxy that serves HTTPS (a proxy's `--redirect-https` does it for all
+    /// of its services).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redirect_https: bool,
+    /// `Strict-Transport-Security: max-age=N` on the service's answers over HTTPS, in place
+    /// of the proxy's `--hsts-max-age`; `None`: the proxy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts_max_age_s: Option<u64>,
 }
 
 /// Whether `name` is a DNS host name: labels of 1 to 63 letters, digits and hyphens, none
@@ -69,16 +78,29 @@ pub fn is_dns_name(name: &str) -> bool {
 /// Host names a service may declare at most (each is matched per request at the proxies).
 pub const MAX_ROUTE_HOSTS: usize = 32;
 
+/// The longest HSTS max-age a service may ask for: two years (a larger figure is more likely
+/// milliseconds given for seconds than a policy, and a browser keeps it that long).
+pub const MAX_HSTS_MAX_AGE_S: u64 = 2 * 365 * 24 * 3600;
+
 impl Routes {
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.path_prefix.is_none()
+        self.hosts.is_empty()
+            && self.path_prefix.is_none()
+            && !self.redirect_https
+            && self.hsts_max_age_s.is_none()
     }
 
     /// The routes checked and normalised, or what is wrong with them (the locator's rule, which
     /// haddock also applies to a spec): hosts are DNS names, or `*.` and one, lower case, each
     /// once; the path prefix starts with `/`, has no empty, `.` or `..` segment and no trailing
-    /// `/` (`/` alone means every path: no prefix).
+    /// `/` (`/` alone means every path: no prefix); the HSTS max-age is at most
+    /// [`MAX_HSTS_MAX_AGE_S`].
     pub fn checked(&self) -> Result<Routes, String> {
+        if let Some(age) = self.hsts_max_age_s.filter(|a| *a > MAX_HSTS_MAX_AGE_S) {
+            return Err(format!(
+                "hsts_max_age: at most {MAX_HSTS_MAX_AGE_S} seconds (two years), not {age}"
+            ));
+        }
         if self.hosts.len() > MAX_ROUTE_HOSTS {
             return Err(format!(
                 "hosts: at most {MAX_ROUTE_HOSTS}, not {}",
@@ -118,7 +140,12 @@ impl Routes {
                 Some(p.to_string())
             }
         };
-        Ok(Routes { hosts, path_prefix })
+        Ok(Routes {
+            hosts,
+            path_prefix,
+            redirect_https: self.redirect_https,
+            hsts_max_age_s: self.hsts_max_age_s,
+        })
     }
 
     /// Whether a request for `host` (lower case, no port) and `path` is the service's: the host
@@ -896,6 +923,7 @@ mod tests {
         let routes = |hosts: &[&str], prefix: Option<&str>| Routes {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             path_prefix: prefix.map(str::to_string),
+            ..Routes::default()
         };
         let ok = routes(
             &["Shop.Example.com", "*.shop.example.com", "shop.example.com"],
@@ -925,10 +953,36 @@ mod tests {
             (routes(&["a.b"], Some("/a/../b")), "not a path"),
             (routes(&["a.b"], Some("/a?x")), "not a path"),
             (routes(&vec!["a.b"; 33], None), "at most 32"),
+            (
+                Routes {
+                    hsts_max_age_s: Some(MAX_HSTS_MAX_AGE_S + 1),
+                    ..routes(&["a.b"], None)
+                },
+                "hsts_max_age: at most 63072000 seconds",
+            ),
         ] {
             let err = bad.checked().unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_services_https_policy_is_kept_and_sent_only_when_set() {
+        let policy = Routes {
+            redirect_https: true,
+            hsts_max_age_s: Some(MAX_HSTS_MAX_AGE_S),
+            ..Routes::default()
+        };
+        // Without hosts it still counts: a proxy carrying the service alone applies it.
+        assert!(!policy.is_empty());
+        assert_eq!(policy.checked().unwrap(), policy);
+        let json = serde_json::to_string(&policy).unwrap();
+        assert_eq!(json, r#"{"redirect_https":true,"hsts_max_age_s":63072000}"#);
+        assert_eq!(serde_json::from_str::<Routes>(&json).unwrap(), policy);
+        // What a locator of the release before wrote still reads, as no policy.
+        let before: Routes = serde_json::from_str(r#"{"hosts":["a.b"]}"#).unwrap();
+        assert!(!before.redirect_https && before.hsts_max_age_s.is_none());
+        assert_eq!(serde_json::to_string(&Routes::default()).unwrap(), "{}");
     }
 
     #[test]
