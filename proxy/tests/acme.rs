@@ -21,7 +21,13 @@ fn upstream_process() {
     }
 }
 
-const HOSTS: [&str; 4] = ["app.test", "renew.test", "kept.test", "b.test"];
+const HOSTS: [&str; 5] = [
+    "app.test",
+    "renew.test",
+    "kept.test",
+    "b.test",
+    "later.test",
+];
 
 /// A client trusting only `root`, with the test hosts resolving to the HTTPS port `tls`.
 fn client(root: reqwest::Certificate, tls: u16) -> reqwest::Client {
@@ -209,6 +215,57 @@ async fn certificates_are_obtained_renewed_and_shared_over_acme() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(pending, 0, "{}", pebble.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_falls_due_while_the_proxy_runs_is_renewed() {
+    let a = Upstream::start("a");
+    let stub = LocatorStub::start(snapshot(
+        service(&[("1", 100)], "1", 60_000),
+        vec![a.instance("1", Ready)],
+    ))
+    .await;
+    let plain = free_port();
+    let pebble = Pebble::start(plain).await;
+    let certs = tempfile::tempdir().unwrap();
+    // 200 s of life, 80 s left: due (under a third left) some 13 s from now, not at start.
+    let other = Pki::new();
+    let old = other.issue(certs.path(), "later.test", &["later.test"], -120, 80);
+    let (state, tls) = (tempfile::tempdir().unwrap(), free_port());
+    let proxy = acme_proxy(
+        plain,
+        tls,
+        &stub.url,
+        state.path(),
+        certs.path(),
+        &pebble,
+        "later.test",
+        &["--acme-check-interval-s", "1"],
+    );
+    proxy.wait_revision(1).await;
+    let http_other = client(other.root(), tls);
+    eventually(
+        "the file's certificate served at start",
+        Duration::from_secs(20),
+        || async { served(&http_other, "later.test", tls).await.as_ref() == Some(&old) },
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy, "tls_acme_certificates_issued_total").await,
+        0.0,
+        "ordered at start, before it was due"
+    );
+    let http_acme = client(pebble.issuing_root().await, tls);
+    eventually(
+        "later.test renewed by the ACME CA once due",
+        Duration::from_secs(60),
+        || async { served(&http_acme, "later.test", tls).await.is_some() },
+    )
+    .await;
+    assert_eq!(
+        metric(&proxy, "tls_acme_certificates_issued_total").await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
