@@ -631,20 +631,13 @@ impl RateReport {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// Latency percentile in milliseconds (`q` in 0..=1) of the requests that completed
-    /// inside `from..to` (`inside`) or outside it, and how many those were.
-    pub fn percentile_ms_within(
-        &self,
-        q: f64,
-        from: Duration,
-        to: Duration,
-        inside: bool,
-    ) -> (f64, usize) {
-        let (a, b) = (from.as_micros() as u64, to.as_micros() as u64);
+    /// Latency percentile in milliseconds (`q` in 0..=1) of the requests whose completion
+    /// time (since the start of the load) `keep` accepts, and how many those were.
+    pub fn percentile_ms_where(&self, q: f64, keep: impl Fn(Duration) -> bool) -> (f64, usize) {
         let mut v: Vec<u64> = self
             .timed_us
             .iter()
-            .filter(|(t, _)| (a..b).contains(t) == inside)
+            .filter(|(t, _)| keep(Duration::from_micros(*t)))
             .map(|(_, l)| *l)
             .collect();
         if v.is_empty() {
