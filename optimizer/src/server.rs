@@ -308,6 +308,10 @@ impl App {
                 if let Error::CorruptChunk { .. } = e {
                     self.metrics.corrupt_chunks.inc();
                     tracing::error!(%path, error = %e, "corrupt chunk; not served");
+                } else if let Error::NotWriter = e {
+                    // Only a forwarded write gets it, and its sender retries at the writer
+                    // it finds next: expected, dozens at a time, while the role moves.
+                    tracing::debug!(%method, %path, "forwarded write refused: not the writer");
                 } else if e.status().is_server_error() {
                     tracing::warn!(%method, %path, error = %e, "request failed");
                 }
