@@ -99,18 +99,24 @@ fn acme_proxy(
     Proxy::spawn_on(plain, free_port(), locator, state, &args)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_are_obtained_renewed_and_shared_over_acme() {
+/// One instance of the test service behind the locator stub, and pebble validating
+/// challenges on the plain port it returns (the first proxy's), with an empty certificate
+/// directory.
+async fn one_service_and_a_ca() -> (Upstream, LocatorStub, u16, Pebble, tempfile::TempDir) {
     let a = Upstream::start("a");
     let stub = LocatorStub::start(snapshot(
         service(&[("1", 100)], "1", 60_000),
         vec![a.instance("1", Ready)],
     ))
     .await;
-    // Pebble validates challenges on the first proxy's plain port.
     let plain = free_port();
     let pebble = Pebble::start(plain).await;
-    let certs = tempfile::tempdir().unwrap();
+    (a, stub, plain, pebble, tempfile::tempdir().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_obtained_renewed_and_shared_over_acme() {
+    let (_a, stub, plain, pebble, certs) = one_service_and_a_ca().await;
     // Certificates from another CA: renew.test's has a twelfth of its life left (due),
     // kept.test's almost all of it (not due).
     let other = Pki::new();
@@ -219,15 +225,7 @@ async fn certificates_are_obtained_renewed_and_shared_over_acme() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_falls_due_while_the_proxy_runs_is_renewed() {
-    let a = Upstream::start("a");
-    let stub = LocatorStub::start(snapshot(
-        service(&[("1", 100)], "1", 60_000),
-        vec![a.instance("1", Ready)],
-    ))
-    .await;
-    let plain = free_port();
-    let pebble = Pebble::start(plain).await;
-    let certs = tempfile::tempdir().unwrap();
+    let (_a, stub, plain, pebble, certs) = one_service_and_a_ca().await;
     // 200 s of life, 80 s left: due (under a third left) some 13 s from now, not at start.
     let other = Pki::new();
     let old = other.issue(certs.path(), "later.test", &["later.test"], -120, 80);
