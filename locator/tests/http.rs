@@ -115,7 +115,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["bad host"]}}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"path_prefix":"api/"}}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"prefix":"/x"}}"#, 400, "invalid_json"),
-        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"hsts_max_age_s":63072001}}"#, 400, "invalid_input"),
+        ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"hosts":["a.b"],"hsts_max_age_s":63115201}}"#, 400, "invalid_input"),
         ("PUT", "/v1/services/svc2", br#"{"sessions":{"cookie_name":"c","idle_ttl_ms":1,"max_drain_ms":1},"routes":{"redirect_https":"yes"}}"#, 400, "invalid_json"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"nowhere"}"#, 400, "invalid_address"),
         ("POST", "/v1/instances", br#"{"id":"a","service":"svc","version":"1","address":"10.0.0.1:0"}"#, 400, "invalid_address"),

@@ -256,14 +256,18 @@ impl ServeArgs {
                     .into(),
             ));
         }
-        let https_port = self
-            .https_port
-            .or_else(|| self.tls_listen.as_deref().and_then(port_of));
-        if https_port == Some(0) {
+        if self.https_port == Some(0) {
             return Err(ProxyError::Config(
                 "the HTTPS port to redirect to cannot be 0".into(),
             ));
         }
+        // A listener on port 0 (any free port) names no port users could be sent to.
+        let https_port = self.https_port.or_else(|| {
+            self.tls_listen
+                .as_deref()
+                .and_then(port_of)
+                .filter(|p| *p != 0)
+        });
         let redirect_to_port = match (self.redirect_https, https_port, &self.tls_listen) {
             (false, _, _) => None,
             (true, Some(port), _) => Some(port),
@@ -507,6 +511,13 @@ mod tests {
         assert!(err.to_string().contains("cannot be 0"), "{err}");
         let Command::Serve(mut a) = parse(&tls).unwrap().command;
         a.tls_listen = Some("no-port".into());
+        a.redirect_https = true;
+        let err = a.options().unwrap_err();
+        assert!(err.to_string().contains("--https-port"), "{err}");
+        // Any free port: fine to listen on, nothing to redirect to.
+        let Command::Serve(mut a) = parse(&tls).unwrap().command;
+        a.tls_listen = Some("127.0.0.1:0".into());
+        assert_eq!(a.options().unwrap().edge.https_port, None);
         a.redirect_https = true;
         let err = a.options().unwrap_err();
         assert!(err.to_string().contains("--https-port"), "{err}");

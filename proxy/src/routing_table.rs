@@ -56,7 +56,6 @@ impl Placement {
     }
 }
 
-/// The routing state of one service.
 /// What a service asks of the proxies about HTTPS, on top of each proxy's own flags.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HttpsPolicy {
@@ -66,6 +65,7 @@ pub struct HttpsPolicy {
     pub hsts_max_age_s: Option<u64>,
 }
 
+/// The routing state of one service.
 #[derive(Debug)]
 pub struct RoutingTable {
     pub revision: u64,

@@ -226,9 +226,9 @@ async fn certificates_are_obtained_renewed_and_shared_over_acme() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_falls_due_while_the_proxy_runs_is_renewed() {
     let (_a, stub, plain, pebble, certs) = one_service_and_a_ca().await;
-    // 200 s of life, 80 s left: due (under a third left) some 13 s from now, not at start.
+    // 180 s of life, 90 s left: due (under a third left) some 30 s from now, not at start.
     let other = Pki::new();
-    let old = other.issue(certs.path(), "later.test", &["later.test"], -120, 80);
+    let old = other.issue(certs.path(), "later.test", &["later.test"], -90, 90);
     let (state, tls) = (tempfile::tempdir().unwrap(), free_port());
     let proxy = acme_proxy(
         plain,
@@ -273,6 +273,8 @@ async fn the_hosts_of_the_carried_services_routes_get_certificates() {
     routed.routes = locator_wire::api::Routes {
         hosts: vec!["app.test".into(), "*.wild.test".into()],
         path_prefix: None,
+        // Its plain requests are redirected; the CA's challenges must still be answered.
+        redirect_https: true,
         ..Default::default()
     };
     let stub = LocatorStub::start(snapshot(routed, vec![a.instance("1", Ready)])).await;

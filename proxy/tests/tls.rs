@@ -311,8 +311,8 @@ async fn without_tls_certs_the_certificates_are_the_state_dirs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_brings_its_own_redirect_and_hsts() {
-    // `svc` at app.test asks for both; `blog` at x.apps.test for neither; the proxy itself has
-    // neither flag.
+    // `svc` at app.test asks for both; `blog` at x.apps.test for HSTS only; the proxy itself
+    // has neither flag.
     let a = Upstream::start("a");
     let b = Upstream::start("b");
     let mut strict = service(&[("1", 100)], "1", 60_000);
@@ -325,6 +325,7 @@ async fn each_service_brings_its_own_redirect_and_hsts() {
     let mut relaxed = service(&[("1", 100)], "1", 60_000);
     relaxed.name = "blog".into();
     relaxed.routes.hosts = vec!["x.apps.test".into()];
+    relaxed.routes.hsts_max_age_s = Some(60);
     let mut blog_instance = b.instance("1", Ready);
     blog_instance.service = "blog".into();
     let stub = LocatorStub::start(locator_wire::api::Snapshot {
@@ -354,6 +355,10 @@ async fn each_service_brings_its_own_redirect_and_hsts() {
     );
     let resp = over_http("x.apps.test").await.unwrap();
     assert_eq!(resp.status(), 200, "blog asked for no redirect");
+    assert!(
+        resp.headers().get("strict-transport-security").is_none(),
+        "HSTS over plain HTTP"
+    );
     assert!(resp.text().await.unwrap().starts_with("b "));
 
     let https = edge.https(false);
@@ -369,7 +374,7 @@ async fn each_service_brings_its_own_redirect_and_hsts() {
         .send()
         .await
         .unwrap();
-    assert!(resp.headers().get("strict-transport-security").is_none());
+    assert_eq!(resp.headers()["strict-transport-security"], "max-age=60");
     assert!(resp.text().await.unwrap().starts_with("b "));
 }
 

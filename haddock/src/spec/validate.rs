@@ -42,6 +42,14 @@ pub(super) fn check(spec: &Spec) -> Vec<(String, String)> {
         };
         bad(field, msg);
     }
+    // A browser's max-age is whole seconds: "500ms" would be sent as 0, which tells it to
+    // forget the policy.
+    if let Some(age) = s.hsts_max_age.filter(|a| a.subsec_nanos() != 0) {
+        bad(
+            "service.hsts_max_age",
+            format!("{age:?} is not whole seconds (HSTS max-age has no fractions)"),
+        );
+    }
     for key in s.env.keys() {
         if key.is_empty() || key.contains('=') {
             bad(
@@ -1291,7 +1299,13 @@ mod tests {
             "port = 8080",
             "port = 8080\nhsts_max_age = \"3y\"",
             "service.hsts_max_age",
-            "at most 63072000 seconds",
+            "at most 63115200 seconds",
+        );
+        rejects(
+            "port = 8080",
+            "port = 8080\nhsts_max_age = \"1500ms\"",
+            "service.hsts_max_age",
+            "not whole seconds",
         );
     }
 
@@ -1299,7 +1313,7 @@ mod tests {
     fn a_services_https_policy_reaches_its_routes() {
         let spec = GOOD.replacen(
             "port = 8080",
-            "port = 8080\nredirect_https = true\nhsts_max_age = \"365d\"",
+            "port = 8080\nredirect_https = true\nhsts_max_age = \"2y\"",
             1,
         );
         let routes = Spec::parse("optimizer.toml", &spec)
@@ -1307,7 +1321,7 @@ mod tests {
             .service
             .routes();
         assert!(routes.redirect_https);
-        assert_eq!(routes.hsts_max_age_s, Some(365 * 24 * 3600));
+        assert_eq!(routes.hsts_max_age_s, Some(2 * 31_557_600));
         assert!(crate::spec::example().service.routes().is_empty());
     }
 

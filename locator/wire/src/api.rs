@@ -78,9 +78,10 @@ pub fn is_dns_name(name: &str) -> bool {
 /// Host names a service may declare at most (each is matched per request at the proxies).
 pub const MAX_ROUTE_HOSTS: usize = 32;
 
-/// The longest HSTS max-age a service may ask for: two years (a larger figure is more likely
-/// milliseconds given for seconds than a policy, and a browser keeps it that long).
-pub const MAX_HSTS_MAX_AGE_S: u64 = 2 * 365 * 24 * 3600;
+/// The longest HSTS max-age a service may ask for: two years of 365.25 days, as a spec's `"2y"`
+/// reads (a larger figure is more likely milliseconds given for seconds than a policy, and a
+/// browser keeps it that long).
+pub const MAX_HSTS_MAX_AGE_S: u64 = 2 * 31_557_600;
 
 impl Routes {
     pub fn is_empty(&self) -> bool {
@@ -958,7 +959,7 @@ mod tests {
                     hsts_max_age_s: Some(MAX_HSTS_MAX_AGE_S + 1),
                     ..routes(&["a.b"], None)
                 },
-                "hsts_max_age: at most 63072000 seconds",
+                "hsts_max_age: at most 63115200 seconds",
             ),
         ] {
             let err = bad.checked().unwrap_err();
@@ -977,7 +978,7 @@ mod tests {
         assert!(!policy.is_empty());
         assert_eq!(policy.checked().unwrap(), policy);
         let json = serde_json::to_string(&policy).unwrap();
-        assert_eq!(json, r#"{"redirect_https":true,"hsts_max_age_s":63072000}"#);
+        assert_eq!(json, r#"{"redirect_https":true,"hsts_max_age_s":63115200}"#);
         assert_eq!(serde_json::from_str::<Routes>(&json).unwrap(), policy);
         // What a locator of the release before wrote still reads, as no policy.
         let before: Routes = serde_json::from_str(r#"{"hosts":["a.b"]}"#).unwrap();
