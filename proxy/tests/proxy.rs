@@ -684,6 +684,17 @@ fn listening_sockets(port: u16) -> std::collections::BTreeSet<u64> {
         .collect()
 }
 
+/// The listening sockets of a proxy of two threads on `port`, once both shards listen (the
+/// second may bind a moment after the proxy first answers).
+async fn both_shards_listening(port: u16) -> std::collections::BTreeSet<u64> {
+    eventually(
+        "a listening socket per thread",
+        Duration::from_secs(10),
+        || async move { Some(listening_sockets(port)).filter(|s| s.len() == 2) },
+    )
+    .await
+}
+
 // The old process answers `Connection: close` from the moment it hands its sockets over, so
 // clients leave its keep-alive connections before it drops the idle ones (server.rs). Each of
 // its two threads has a listening socket of its own (SO_REUSEPORT), and the new process takes
@@ -700,8 +711,7 @@ async fn the_proxy_is_upgraded_under_load_without_failed_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut old = Proxy::spawn(&stub.url, dir.path(), &["--threads", "2"]);
     old.wait_revision(1).await;
-    let sockets = listening_sockets(old.port);
-    assert_eq!(sockets.len(), 2, "one listening socket per thread");
+    let sockets = both_shards_listening(old.port).await;
 
     let url = old.url("/");
     let mut workers = Vec::new();
@@ -871,7 +881,7 @@ async fn a_second_proxy_on_a_running_ones_address_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let first = Proxy::spawn(&stub.url, dir.path(), &[]);
     first.wait_revision(1).await;
-    let sockets = listening_sockets(first.port);
+    let sockets = both_shards_listening(first.port).await;
     let other = tempfile::tempdir().unwrap();
     let out = tokio::task::spawn_blocking({
         let (port, url, dir) = (first.port, stub.url.clone(), other.path().to_path_buf());
