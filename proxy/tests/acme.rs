@@ -109,9 +109,14 @@ async fn one_service_and_a_ca() -> (Upstream, LocatorStub, u16, Pebble, tempfile
         vec![a.instance("1", Ready)],
     ))
     .await;
-    let plain = free_port();
-    let pebble = Pebble::start(plain).await;
-    (a, stub, plain, pebble, tempfile::tempdir().unwrap())
+    let pebble = Pebble::start().await;
+    (
+        a,
+        stub,
+        pebble.http_port,
+        pebble,
+        tempfile::tempdir().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,8 +283,8 @@ async fn the_hosts_of_the_carried_services_routes_get_certificates() {
         ..Default::default()
     };
     let stub = LocatorStub::start(snapshot(routed, vec![a.instance("1", Ready)])).await;
-    let plain = free_port();
-    let pebble = Pebble::start(plain).await;
+    let pebble = Pebble::start().await;
+    let plain = pebble.http_port;
     let (certs, state, tls) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),

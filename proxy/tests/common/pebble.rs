@@ -4,11 +4,19 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{eventually, free_port};
 
+/// One pebble at a time in a test binary: each binds five ports picked free a moment before,
+/// and two starting together took a port the other had just given a proxy under test.
+static TURN: OnceLock<Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
+
 pub struct Pebble {
+    /// The port of 127.0.0.1 pebble validates HTTP-01 challenges on: the plain listener of
+    /// the proxy under test goes there.
+    pub http_port: u16,
     /// The ACME directory URL.
     pub directory: String,
     /// The root that signed pebble's own HTTPS certificate (`--acme-ca-root`).
@@ -17,13 +25,22 @@ pub struct Pebble {
     ca_pem: String,
     children: Vec<Child>,
     _dir: tempfile::TempDir,
+    /// Released after the children are killed (fields drop after `Drop::drop`).
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Pebble {
-    /// Starts pebble validating HTTP-01 challenges on `http_port` of 127.0.0.1 (where the
-    /// proxy's plain listener is) and waits until its directory answers. Panics with
-    /// instructions when pebble is not installed: the test must fail, never skip.
-    pub async fn start(http_port: u16) -> Pebble {
+    /// Waits for its turn, then starts pebble validating HTTP-01 challenges on a free port of
+    /// 127.0.0.1 (`http_port`: where the proxy's plain listener must be) and waits until its
+    /// directory answers. Panics with instructions when pebble is not installed: the test must
+    /// fail, never skip.
+    pub async fn start() -> Pebble {
+        let turn = TURN
+            .get_or_init(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
+            .lock_owned()
+            .await;
+        let http_port = free_port();
         for bin in ["/usr/bin/pebble", "/usr/bin/pebble-challtestsrv"] {
             assert!(
                 std::path::Path::new(bin).exists(),
@@ -75,12 +92,14 @@ impl Pebble {
             .spawn()
             .expect("pebble starts");
         let pebble = Pebble {
+            http_port,
             directory: format!("https://127.0.0.1:{acme}/dir"),
             ca_root: path("ca.pem"),
             management,
             ca_pem: ca.ca.pem(),
             children: vec![dns_server, pebble],
             _dir: dir,
+            _turn: turn,
         };
         let http = pebble.client();
         let url = pebble.directory.clone();
