@@ -56,23 +56,17 @@ impl Placement {
     }
 }
 
-/// What a service asks of the proxies about HTTPS, on top of each proxy's own flags.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HttpsPolicy {
-    /// Plain-HTTP requests get a 308 to HTTPS (when the proxy serves HTTPS).
-    pub redirect: bool,
-    /// HSTS max-age in place of the proxy's `--hsts-max-age`.
-    pub hsts_max_age_s: Option<u64>,
-}
-
 /// The routing state of one service.
 #[derive(Debug)]
 pub struct RoutingTable {
     pub revision: u64,
     pub service: String,
     pub settings: SessionSettings,
-    /// The service's own HTTPS policy (its spec's `redirect_https` and `hsts_max_age`).
-    pub https: HttpsPolicy,
+    /// Plain-HTTP requests get a 308 to HTTPS when the proxy serves HTTPS (the service's
+    /// `Routes::redirect_https`).
+    pub redirect_https: bool,
+    /// HSTS max-age in place of the proxy's `--hsts-max-age` (`Routes::hsts_max_age_s`).
+    pub hsts_max_age_s: Option<u64>,
     pub primary: Option<Arc<str>>,
     routes: Vec<Route>,
     by_id: HashMap<Arc<str>, usize>,
@@ -90,7 +84,8 @@ impl RoutingTable {
             revision: 0,
             service: service.to_string(),
             settings: default_settings(),
-            https: HttpsPolicy::default(),
+            redirect_https: false,
+            hsts_max_age_s: None,
             primary: None,
             routes: Vec::new(),
             by_id: HashMap::new(),
@@ -107,10 +102,8 @@ impl RoutingTable {
         let svc = snapshot.service(service);
         if let Some(s) = svc {
             table.settings = s.sessions.clone();
-            table.https = HttpsPolicy {
-                redirect: s.routes.redirect_https,
-                hsts_max_age_s: s.routes.hsts_max_age_s,
-            };
+            table.redirect_https = s.routes.redirect_https;
+            table.hsts_max_age_s = s.routes.hsts_max_age_s;
             table.primary = s.primary_version.as_deref().map(Arc::from);
         }
         let mut versions: HashMap<String, Arc<str>> = HashMap::new();

@@ -142,8 +142,9 @@ fn reuse_port_socket(addr: std::net::SocketAddr) -> std::io::Result<socket2::Soc
     Ok(s)
 }
 
-/// The HTTPS listener's settings: certificates from `--tls-certs` (or the state dir's `certs`) chosen by SNI (read once here,
-/// then again on every change), HTTP/2 offered by ALPN unless `--no-h2`.
+/// The HTTPS listener's settings: certificates from `--tls-certs` (or the state dir's `certs`)
+/// chosen by SNI (read once here, then again on every change), HTTP/2 offered by ALPN unless
+/// `--no-h2`.
 fn tls_settings(
     args: &ServeArgs,
     counters: &crate::certificates::TlsCounters,

@@ -255,7 +255,7 @@ impl ProxyHttp for HaddockProxy {
         ctx.router = Some(router.clone());
         let router = &router;
         let table = router.table.load_full();
-        if !ctx.tls && table.https.redirect {
+        if !ctx.tls && table.redirect_https {
             // The service's own policy; a proxy with no HTTPS serves it as it comes.
             if let Some(port) = edge_options.https_port {
                 Self::redirect_to_https(session, port).await?;
@@ -442,11 +442,11 @@ impl ProxyHttp for HaddockProxy {
         {
             // The instance's header, when it sends one, wins; then the service's spec; then
             // the proxy's flag.
-            let max_age = ctx
-                .table
-                .as_ref()
-                .and_then(|t| t.https.hsts_max_age_s)
-                .or(self.services.options.edge.hsts_max_age);
+            let max_age = ctx.table.as_ref().and_then(|t| t.hsts_max_age_s).or(self
+                .services
+                .options
+                .edge
+                .hsts_max_age);
             if let Some(max_age) = max_age {
                 resp.insert_header(
                     http::header::STRICT_TRANSPORT_SECURITY,

@@ -362,18 +362,11 @@ async fn each_service_brings_its_own_redirect_and_hsts() {
     assert!(resp.text().await.unwrap().starts_with("b "));
 
     let https = edge.https(false);
-    let resp = https
-        .get(edge.https_url("app.test", "/headers"))
-        .send()
-        .await
-        .unwrap();
+    let over_https = |host: &'static str| https.get(edge.https_url(host, "/headers")).send();
+    let resp = over_https("app.test").await.unwrap();
     assert_eq!(resp.headers()["strict-transport-security"], "max-age=120");
     assert!(resp.text().await.unwrap().starts_with("a "));
-    let resp = https
-        .get(edge.https_url("x.apps.test", "/headers"))
-        .send()
-        .await
-        .unwrap();
+    let resp = over_https("x.apps.test").await.unwrap();
     assert_eq!(resp.headers()["strict-transport-security"], "max-age=60");
     assert!(resp.text().await.unwrap().starts_with("b "));
 }
