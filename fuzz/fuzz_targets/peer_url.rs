@@ -4,13 +4,20 @@
 //! Property: a `from=` resolves only to a configured peer's base URL, and what it resolves to
 //! is a plain http(s) base URL (no credentials, query or fragment) that resolves to itself;
 //! neither the configuration nor the lookup panics.
+//!
+//! Input: UTF-8 text, the configured `--peer` on the first line and the `from=` after it (the
+//! whole text is both when there is no line break), so that the seeds in
+//! `fuzz/seeds/peer_url/` read as what they are.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use optimizer::peers::Peers;
 
-fuzz_target!(|input: (&str, &str)| {
-    let (configured, from) = input;
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (configured, from) = text.split_once('\n').unwrap_or((text, text));
     let Ok(peers) = Peers::new(&[configured.to_owned()]) else {
         return;
     };

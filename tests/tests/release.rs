@@ -1226,3 +1226,92 @@ async fn formats_cross_under_load_the_writer_moves_at_promotion_and_a_rollback_l
         "objects lost across the formats"
     );
 }
+
+/// `docker cp` of `marker` over the cache volume's `format.json`, through a running container
+/// of the stack (the images have no shell; the archive API needs none).
+fn set_volume_format(stack: &Stack, marker: &serde_json::Value) {
+    let id = stack
+        .containers(None)
+        .into_iter()
+        .next()
+        .expect("a running container");
+    let from = stack.dir.path().join("format-to-set.json");
+    std::fs::write(&from, marker.to_string()).unwrap();
+    let out = std::process::Command::new("docker")
+        .arg("cp")
+        .arg(&from)
+        .arg(format!("{id}:/cache/format.json"))
+        .output()
+        .expect("docker CLI runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A version too old for the volume is refused before it touches it, and haddock's health
+/// gate fails its release: 1.1.0 serves a volume whose marker says format-1 optimizers may no
+/// longer open it (`readable_by: 2`, as a format-2 build whose change format 1 could not read
+/// would have left it), and a release of 1.0.0 (a format-1 build) under load ends in exit 1
+/// with the optimizer's own refusal in haddock's report. Users stay on 1.1.0 with no failed
+/// request, nothing of 1.0.0 is left running, the marker is as it was, and every object users
+/// stored reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_too_old_for_the_volume_is_refused_and_its_release_fails_at_the_health_gate() {
+    let _one = SERIAL.lock().await;
+    let stack = Stack::start("too-old", quick()).await;
+    let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.1.0"));
+    assert_eq!(code, Some(0), "1.1.0 failed: {out}\n{}", stack.logs());
+    let serving = stack.containers(Some("1.1.0"));
+    assert_eq!(serving.len(), 1, "one 1.1.0 instance: {serving:?}");
+    let incompatible = serde_json::json!({"format": 2, "readable_by": 2});
+    set_volume_format(&stack, &incompatible);
+    assert_eq!(volume_format(&stack), incompatible);
+
+    let (control, load) = stack.light_load();
+    let (code, json, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
+    control.stop();
+    let report = load.await.unwrap();
+
+    assert_eq!(
+        code,
+        Some(1),
+        "1.0.0 was not refused: {out}\n{}",
+        stack.logs()
+    );
+    assert_eq!(json["outcome"], "failed", "{json}");
+    assert!(
+        out.contains("incompatible cache volume") && out.contains("optimizers of format 2"),
+        "haddock's report does not carry the optimizer's refusal: {out}"
+    );
+    assert!(
+        stack.containers(Some("1.0.0")).is_empty(),
+        "1.0.0 containers left behind"
+    );
+    assert_eq!(
+        stack.containers(Some("1.1.0")),
+        serving,
+        "1.1.0 must be untouched"
+    );
+    assert_eq!(
+        stack.weights().await.unwrap().get("1.1.0"),
+        Some(&100),
+        "users are not all on 1.1.0"
+    );
+    assert_eq!(
+        volume_format(&stack),
+        incompatible,
+        "the refused version changed the volume's marker"
+    );
+    assert_eq!(report.failed, 0, "users saw errors: {:?}", report.failures);
+    assert!(!report.objects.is_empty(), "the load stored nothing");
+    let readable = e2e::load::verify_objects(&stack.proxy_url, &report.objects).await;
+    assert_eq!(readable, report.objects.len(), "objects lost");
+    eprintln!(
+        "refused under {} requests ({} objects readable): {}",
+        report.requests,
+        readable,
+        json["reason"].as_str().unwrap_or_default()
+    );
+}
