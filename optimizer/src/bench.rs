@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -37,6 +37,8 @@ pub struct BenchReport {
     /// ingesting data already stored.
     pub cdc_hash_mbps: f64,
     pub ingest_unique_mbps: f64,
+    /// The process's CPU time over the wall time of that ingest: the cores it kept busy.
+    pub ingest_unique_cores: f64,
     /// The same ingest with every step on one thread, as before the encoder.
     pub ingest_inline_mbps: f64,
     pub stored_bytes_unique: u64,
@@ -176,6 +178,17 @@ fn ingest(store: &Arc<Store>, key: &str, data: &[u8]) -> Result<u64> {
     Ok(ingest.commit(key, None)?.stored_bytes)
 }
 
+/// CPU time the process has used so far, all threads (the pool's and RocksDB's own).
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let of = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map_or(Duration::ZERO, |u| of(u.user_time()) + of(u.system_time()))
+}
+
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -287,9 +300,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     drop(inline_store);
     let _ = std::fs::remove_dir_all(&inline_dir);
 
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_time());
     let stored_bytes_unique = ingest(&store, "v1", &data)?;
     let ingest_unique_mbps = mbps(size, t);
+    let ingest_unique_cores = (cpu_time() - cpu).as_secs_f64() / t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let again = ingest(&store, "v1-copy", &data)?;
@@ -350,6 +364,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         decode_verify_mbps,
         cdc_hash_mbps,
         ingest_unique_mbps,
+        ingest_unique_cores,
         ingest_inline_mbps,
         stored_bytes_unique,
         ingest_stored_mbps,
@@ -386,10 +401,12 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "ingest, unique data             {:>9.0} MB/s  ({:.2}x of lz4 on one core; {:.0} MB/s per core; stored {:.1} MiB)",
+            "ingest, unique data             {:>9.0} MB/s  ({:.2}x of lz4 on one core; {:.0} MB/s per core; {:.2} of {} cores busy; stored {:.1} MiB)",
             self.ingest_unique_mbps,
             self.ingest_unique_mbps / self.lz4_mbps,
             self.ingest_unique_mbps / per_core,
+            self.ingest_unique_cores,
+            self.cores,
             mib(self.stored_bytes_unique as f64)
         )?;
         writeln!(

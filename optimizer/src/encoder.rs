@@ -1,15 +1,24 @@
-//! The encoder: the CPU-heavy part of an ingest (BLAKE3 of each chunk, the store's existence
-//! lookup, lz4 of the chunks the store lacks) on every core, while the caller goes on chunking.
+//! The encoder: the CPU-heavy part of an ingest on every core, while the caller goes on
+//! chunking. Each chunk is hashed (BLAKE3), pinned and looked up in the store, and when the
+//! store lacks it, lz4-compressed and written (unsynced: the ingest's synced commit makes it
+//! durable).
 //!
 //! An ingest hands its chunks over in order; they are cut into groups of about
-//! [`GROUP_BYTES`], each group is encoded by one task of the CPU pool (rayon), and the encoded
-//! chunks come back in the order they were pushed, so the ingest references, pins and writes
-//! them exactly as it did inline. At most [`MAX_PENDING`] groups are on their way at a time:
-//! a PUT's memory stays bounded (a few MiB) whatever its size.
+//! [`GROUP_BYTES`], each group is encoded by one task of the CPU pool (rayon), and the groups
+//! come back in the order they were pushed, so the ingest lists its chunks in order. At most
+//! [`MAX_PENDING`] groups are on their way at a time: a PUT's memory stays bounded (a few MiB)
+//! whatever its size.
+//!
+//! A task pins each chunk before it looks it up or writes it, the order the store's reclaim
+//! rules rely on (see `store`): a chunk found present is not reclaimed before the commit
+//! references it, and one written is never taken for an orphan. The pins are the ingest's: it
+//! keeps one per distinct chunk and releases them when it ends. So that no pin outlives it, an
+//! ingest dropped with groups on their way waits for them ([`Encoder::abandon`]) before it
+//! releases its pins (on a blocking thread when it is dropped on a tokio worker).
 //!
 //! Measured against the inline ingest in docs/optimizer.md ("Benchmarks").
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 
@@ -17,8 +26,8 @@ use bytes::Bytes;
 
 use crate::chunker;
 use crate::error::{Error, Result};
-use crate::manifest::ChunkHash;
-use crate::store::Store;
+use crate::manifest::{ChunkHash, ChunkRef};
+use crate::store::{ChunkBatch, Store};
 
 /// Bytes of chunks per task of the pool: large enough that a task's overhead (a few µs) is
 /// noise, small enough that both cores get work from a 2 MiB object.
@@ -27,23 +36,25 @@ pub const GROUP_BYTES: usize = 1 << 20;
 /// Groups on their way at once, per ingest.
 pub const MAX_PENDING: usize = 4;
 
-/// One chunk, encoded.
-pub struct Encoded {
-    pub hash: ChunkHash,
-    /// The chunk's bytes (kept for the rare chunk that vanished between the lookup and the pin).
-    pub data: Bytes,
-    /// Its stored form, when the store lacked it at the lookup; `None` when it had it.
-    pub stored: Option<Vec<u8>>,
+/// One group of chunks, encoded and stored.
+pub struct Group {
+    /// The group's chunks, in order.
+    pub chunks: Vec<ChunkRef>,
+    /// The distinct hashes of the group, each pinned once for the ingest.
+    pub pinned: Vec<ChunkHash>,
+    /// The chunks the task wrote, with their stored size in bytes.
+    pub written: Vec<(ChunkHash, usize)>,
+    /// Why the task stopped short, if it did (what it pinned and wrote is listed anyway, for
+    /// the ingest to release and reclaim).
+    pub error: Option<Error>,
 }
-
-type Group = Receiver<Result<Vec<Encoded>>>;
 
 /// The encoder of one ingest.
 pub struct Encoder {
     store: Arc<Store>,
     group: Vec<Bytes>,
     group_bytes: usize,
-    pending: VecDeque<Group>,
+    pending: VecDeque<Receiver<Group>>,
 }
 
 impl Encoder {
@@ -56,9 +67,9 @@ impl Encoder {
         }
     }
 
-    /// Hands the next chunk over; returns the chunks encoded so far, in order (perhaps none).
+    /// Hands the next chunk over; returns the groups done so far, in order (perhaps none).
     /// Waits only while [`MAX_PENDING`] groups are already on their way.
-    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Encoded>> {
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Group>> {
         self.group.push(Bytes::copy_from_slice(data));
         self.group_bytes += data.len();
         if self.group_bytes >= GROUP_BYTES {
@@ -66,13 +77,13 @@ impl Encoder {
         }
         let mut out = Vec::new();
         while self.pending.len() > MAX_PENDING {
-            out.extend(self.wait_front()?);
+            out.push(self.wait_front()?);
         }
         while let Some(front) = self.pending.front() {
             match front.try_recv() {
                 Ok(done) => {
                     self.pending.pop_front();
-                    out.extend(done?);
+                    out.push(done);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return Err(lost()),
@@ -81,19 +92,26 @@ impl Encoder {
         Ok(out)
     }
 
-    /// Every chunk not returned yet, in order, once encoded.
-    pub fn finish(&mut self) -> Result<Vec<Encoded>> {
+    /// Every group not returned yet, in order, once done.
+    pub fn finish(&mut self) -> Result<Vec<Group>> {
         self.dispatch();
         let mut out = Vec::new();
         while !self.pending.is_empty() {
-            out.extend(self.wait_front()?);
+            out.push(self.wait_front()?);
         }
         Ok(out)
     }
 
-    fn wait_front(&mut self) -> Result<Vec<Encoded>> {
+    /// The groups on their way, for an ingest that ends without a commit: the chunks not
+    /// dispatched yet are dropped (nothing pinned them).
+    pub fn abandon(&mut self) -> Pending {
+        self.group.clear();
+        Pending(self.pending.drain(..).collect())
+    }
+
+    fn wait_front(&mut self) -> Result<Group> {
         let front = self.pending.pop_front().ok_or_else(lost)?;
-        front.recv().map_err(|_| lost())?
+        front.recv().map_err(|_| lost())
     }
 
     fn dispatch(&mut self) {
@@ -105,25 +123,77 @@ impl Encoder {
         let store = self.store.clone();
         let (tx, rx) = mpsc::sync_channel(1);
         rayon::spawn(move || {
-            let encoded = group
-                .into_iter()
-                .map(|data| {
-                    let hash = ChunkHash::of(&data);
-                    let stored = if store.has_chunk(&hash)? {
-                        None
-                    } else {
-                        Some(chunker::encode(&data))
-                    };
-                    Ok(Encoded { hash, data, stored })
-                })
-                .collect();
-            // The ingest may be gone (its client hung up): nobody to tell.
-            let _ = tx.send(encoded);
+            // The ingest waits for every group it sent, even when it is dropped.
+            let _ = tx.send(encode(&store, group));
         });
         self.pending.push_back(rx);
     }
 }
 
+/// The task of one group: hash, pin, look up, compress and write what the store lacks.
+fn encode(store: &Store, data: Vec<Bytes>) -> Group {
+    let chunks: Vec<ChunkRef> = data
+        .iter()
+        .map(|d| ChunkRef {
+            hash: ChunkHash::of(d),
+            len: d.len() as u32,
+        })
+        .collect();
+    let mut distinct = HashSet::with_capacity(chunks.len());
+    let firsts: Vec<(ChunkHash, &Bytes)> = chunks
+        .iter()
+        .zip(&data)
+        .filter(|(c, _)| distinct.insert(c.hash))
+        .map(|(c, d)| (c.hash, d))
+        .collect();
+    let pinned: Vec<ChunkHash> = firsts.iter().map(|(h, _)| *h).collect();
+    // Pinned first, then looked up and written: see the module's documentation.
+    store.pin(&pinned);
+    let mut group = Group {
+        chunks,
+        pinned,
+        written: Vec::new(),
+        error: None,
+    };
+    group.error = store_missing(store, &firsts, &mut group.written).err();
+    group
+}
+
+/// Compresses and writes the chunks of `firsts` the store lacks (already pinned), listing each
+/// in `written` before its write.
+fn store_missing(
+    store: &Store,
+    firsts: &[(ChunkHash, &Bytes)],
+    written: &mut Vec<(ChunkHash, usize)>,
+) -> Result<()> {
+    let mut batch = ChunkBatch::default();
+    for (hash, data) in firsts {
+        if store.has_chunk(hash)? {
+            continue;
+        }
+        let stored = chunker::encode(data);
+        written.push((*hash, stored.len()));
+        batch.put(store, *hash, stored)?;
+    }
+    batch.flush(store)
+}
+
+/// Groups on their way of an abandoned ingest.
+pub struct Pending(Vec<Receiver<Group>>);
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The groups, once done.
+    pub fn wait(self) -> Vec<Group> {
+        self.0.into_iter().filter_map(|rx| rx.recv().ok()).collect()
+    }
+}
+
+/// A task that ended without sending its group: unreachable while rayon aborts the process on
+/// a panic in a spawned task (its default, which this crate keeps).
 fn lost() -> Error {
     Error::Internal("an encoding task ended without an answer".into())
 }

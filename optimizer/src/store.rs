@@ -23,8 +23,9 @@
 //!
 //! Only the writer mutates. Every reference-count read-modify-write and every chunk deletion
 //! happens under one mutex that also guards the *pins*: hashes an in-flight ingest relies on.
-//! An ingest pins a hash before checking whether the chunk exists, and deletion skips pinned
-//! chunks, so a chunk an ingest decided not to upload is never reclaimed under it.
+//! An ingest pins a hash before checking whether the chunk exists or writing it (on the CPU
+//! pool, `encoder`, or inline), and deletion skips pinned chunks, so a chunk an ingest decided
+//! not to upload is never reclaimed under it, nor one it wrote taken for an orphan.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -39,7 +40,7 @@ use rocksdb::{
 use serde::Serialize;
 
 use crate::chunker::{self, ChunkParams};
-use crate::encoder::{Encoded, Encoder};
+use crate::encoder::{Encoder, Group, Pending};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkHash, ChunkRef, Manifest};
 
@@ -204,6 +205,14 @@ impl Store {
         // A panic while holding the lock cannot leave the map half-updated in a way that
         // matters more than losing the process, so poisoning is ignored.
         self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pins `hashes` (each once) for an ingest, which releases them when it ends.
+    pub(crate) fn pin(&self, hashes: &[ChunkHash]) {
+        let mut pins = self.lock_pins();
+        for h in hashes {
+            *pins.entry(*h).or_insert(0) += 1;
+        }
     }
 
     /// Replays what the writer has written since the last catch-up (no-op on the writer).
@@ -397,10 +406,8 @@ impl Store {
         Ok(Ingest {
             encoder: Encoder::new(self.clone()),
             store: self.clone(),
-            seen: HashSet::new(),
-            written: Vec::new(),
-            batch: WriteBatch::default(),
-            batch_bytes: 0,
+            held: Held::default(),
+            batch: ChunkBatch::default(),
             chunks: Vec::new(),
             size: 0,
             new_chunks: 0,
@@ -594,6 +601,45 @@ impl Store {
     }
 }
 
+/// Releases one pin of `hash`.
+fn unpin(pins: &mut HashMap<ChunkHash, u32>, hash: &ChunkHash) {
+    if let Some(n) = pins.get_mut(hash) {
+        *n -= 1;
+        if *n == 0 {
+            pins.remove(hash);
+        }
+    }
+}
+
+/// Chunks on their way to the `chunks` column family, written (unsynced) every
+/// [`CHUNK_BATCH_BYTES`]: an ingest's commit, whose synced write makes them durable, comes
+/// after every one of them.
+#[derive(Default)]
+pub(crate) struct ChunkBatch {
+    batch: WriteBatch,
+    bytes: usize,
+}
+
+impl ChunkBatch {
+    pub(crate) fn put(&mut self, store: &Store, hash: ChunkHash, stored: Vec<u8>) -> Result<()> {
+        self.bytes += stored.len();
+        self.batch.put_cf(store.cf(CF_CHUNKS), hash.0, stored);
+        if self.bytes >= CHUNK_BATCH_BYTES {
+            self.flush(store)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is batched.
+    pub(crate) fn flush(&mut self, store: &Store) -> Result<()> {
+        if !self.batch.is_empty() {
+            store.db.write(std::mem::take(&mut self.batch))?;
+            self.bytes = 0;
+        }
+        Ok(())
+    }
+}
+
 fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
@@ -642,15 +688,13 @@ pub fn check_upload(hash: &ChunkHash, stored: &[u8]) -> Result<Bytes> {
 /// One object being ingested. Dropping it without `commit` releases its pins and reclaims the
 /// chunks it wrote that nothing else uses.
 pub struct Ingest {
-    /// Hashes and compresses the chunks given to `add` on the CPU pool.
+    /// Hashes, pins, compresses and writes the chunks given to `add` on the CPU pool.
     encoder: Encoder,
     store: Arc<Store>,
-    /// Hashes pinned by this ingest (each once).
-    seen: HashSet<ChunkHash>,
-    /// Hashes this ingest wrote (to reclaim if it is abandoned).
-    written: Vec<ChunkHash>,
-    batch: WriteBatch,
-    batch_bytes: usize,
+    /// Its pins and the chunks it wrote.
+    held: Held,
+    /// Chunks `supply` gave, not written yet.
+    batch: ChunkBatch,
     chunks: Vec<ChunkRef>,
     size: u64,
     new_chunks: usize,
@@ -659,38 +703,32 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Adds the next chunk of the object from its uncompressed data. Its hashing and
-    /// compression happen on the CPU pool (`Encoder`); it is referenced, in order, once they
-    /// are done (at the latest by `commit`).
+    /// Adds the next chunk of the object from its uncompressed data. It is hashed, pinned,
+    /// looked up and, when new, compressed and written on the CPU pool (`Encoder`); it is
+    /// listed, in order, once its group is done (at the latest by `commit`).
     pub fn add(&mut self, data: &[u8]) -> Result<()> {
-        for e in self.encoder.push(data)? {
-            self.take(e)?;
-        }
-        Ok(())
+        let groups = self.encoder.push(data)?;
+        self.take(groups)
     }
 
-    /// References an encoded chunk and writes it if the store lacks it.
-    fn take(&mut self, e: Encoded) -> Result<()> {
-        let chunk = ChunkRef {
-            hash: e.hash,
-            len: e.data.len() as u32,
-        };
-        match e.stored {
-            // Absent at the encoder's lookup: pinned and written (once more, the same bytes,
-            // if another ingest wrote it since), with no second lookup.
-            Some(stored) => {
-                if self.pin(chunk) {
-                    self.supply(e.hash, stored)?;
-                }
-            }
-            // Present then: it must still be after our pin (it may have been reclaimed).
-            None => {
-                if self.reference(chunk)? {
-                    self.supply(e.hash, chunker::encode(&e.data))?;
-                }
-            }
+    /// Takes groups back from the encoder: their chunks, in order, their pins and their
+    /// writes; then the first error a group met. Every group is adopted first, so that an
+    /// error leaves no pin of a later group unowned.
+    fn take(&mut self, groups: Vec<Group>) -> Result<()> {
+        let mut first_error = None;
+        for g in groups {
+            let new = self.held.adopt(&self.store, &g.pinned, &g.written);
+            self.count(new);
+            self.size += g.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
+            self.chunks.extend(g.chunks);
+            first_error = first_error.or(g.error);
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn count(&mut self, (chunks, bytes): (usize, u64)) {
+        self.new_chunks += chunks;
+        self.stored_bytes += bytes;
     }
 
     /// Appends a chunk reference and pins the hash the first time this ingest sees it;
@@ -699,10 +737,10 @@ impl Ingest {
         self.size += u64::from(chunk.len);
         let hash = chunk.hash;
         self.chunks.push(chunk);
-        if !self.seen.insert(hash) {
+        if !self.held.pinned.insert(hash) {
             return false;
         }
-        *self.store.lock_pins().entry(hash).or_insert(0) += 1;
+        self.store.pin(&[hash]);
         true
     }
 
@@ -721,18 +759,9 @@ impl Ingest {
 
     /// Supplies the stored form of a chunk that `reference` reported missing.
     pub fn supply(&mut self, hash: ChunkHash, stored: Vec<u8>) -> Result<()> {
-        self.batch_bytes += stored.len();
-        self.stored_bytes += stored.len() as u64;
-        self.new_chunks += 1;
-        self.batch.put_cf(self.store.cf(CF_CHUNKS), hash.0, stored);
-        self.written.push(hash);
-        if self.batch_bytes >= CHUNK_BATCH_BYTES {
-            // Unsynced: the commit's synced write makes these durable too.
-            let batch = std::mem::take(&mut self.batch);
-            self.store.db.write(batch)?;
-            self.batch_bytes = 0;
-        }
-        Ok(())
+        let new = self.held.adopt(&self.store, &[], &[(hash, stored.len())]);
+        self.count(new);
+        self.batch.put(&self.store, hash, stored)
     }
 
     /// Number of bytes referenced so far.
@@ -745,14 +774,13 @@ impl Ingest {
     /// remaining chunks in one synced batch. Once this returns, the object survives a crash;
     /// before, none of it is visible.
     pub fn commit(mut self, key: &str, content_type: Option<String>) -> Result<IngestReport> {
-        for e in self.encoder.finish()? {
-            self.take(e)?;
-        }
+        let groups = self.encoder.finish()?;
+        self.take(groups)?;
         let chunks = std::mem::take(&mut self.chunks);
         let manifest = Manifest::new(chunks, content_type);
         let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
         let store = self.store.clone();
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch).batch;
         {
             let pins = store.lock_pins();
             let mut deltas: HashMap<ChunkHash, i64> =
@@ -783,26 +811,82 @@ impl Ingest {
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        let mut pins = self.store.lock_pins();
-        for h in &self.seen {
-            if let Some(n) = pins.get_mut(h) {
-                *n -= 1;
-                if *n == 0 {
-                    pins.remove(h);
+        let pending = self.encoder.abandon();
+        let waits = !pending.is_empty();
+        let held = std::mem::take(&mut self.held);
+        let (store, committed) = (self.store.clone(), self.committed);
+        let release = move || held.release(&store, pending, committed);
+        // Groups still on their way pin (and may write) for this ingest, so the release waits
+        // for them; a tokio worker must not (an ingest is dropped there when its client hangs
+        // up mid-PUT).
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if waits => {
+                rt.spawn_blocking(release);
+            }
+            _ => release(),
+        }
+    }
+}
+
+/// What an ingest holds in the store: one pin per distinct chunk it relies on, and the chunks
+/// it wrote (to reclaim if it ends without a commit).
+#[derive(Default)]
+struct Held {
+    pinned: HashSet<ChunkHash>,
+    written: HashSet<ChunkHash>,
+}
+
+impl Held {
+    /// Makes a group's pins and writes the ingest's: one pin per distinct hash is kept (one an
+    /// earlier group pinned already is released at once). Returns the chunks and bytes written
+    /// that were not counted yet (two groups may both have found a chunk absent, and written
+    /// the same bytes).
+    fn adopt(
+        &mut self,
+        store: &Store,
+        pinned: &[ChunkHash],
+        written: &[(ChunkHash, usize)],
+    ) -> (usize, u64) {
+        if !pinned.is_empty() {
+            let mut pins = store.lock_pins();
+            for h in pinned {
+                if !self.pinned.insert(*h) {
+                    unpin(&mut pins, h);
                 }
             }
         }
-        if self.committed || self.written.is_empty() {
+        let mut new = (0, 0);
+        for &(hash, len) in written {
+            if self.written.insert(hash) {
+                new.0 += 1;
+                new.1 += len as u64;
+            }
+        }
+        new
+    }
+
+    /// Once the groups still on their way (`pending`) are done, releases every pin and,
+    /// unless the ingest `committed`, reclaims the chunks it wrote that nothing else now
+    /// references or pins.
+    fn release(mut self, store: &Store, pending: Pending, committed: bool) {
+        for g in pending.wait() {
+            self.adopt(store, &g.pinned, &g.written);
+        }
+        let mut pins = store.lock_pins();
+        for h in &self.pinned {
+            unpin(&mut pins, h);
+        }
+        if committed || self.written.is_empty() {
             return;
         }
         // Abandoned: reclaim what we wrote unless someone else now references or pins it.
         let mut batch = WriteBatch::default();
         for h in &self.written {
-            if !pins.contains_key(h) && matches!(self.store.refcount(h), Ok(0)) {
-                batch.delete_cf(self.store.cf(CF_CHUNKS), h.0);
+            if !pins.contains_key(h) && matches!(store.refcount(h), Ok(0)) {
+                batch.delete_cf(store.cf(CF_CHUNKS), h.0);
             }
         }
-        if let Err(e) = self.store.db.write(batch) {
+        if let Err(e) = store.db.write(batch) {
             tracing::warn!(error = %e, "could not reclaim the chunks of an abandoned ingest");
         }
     }
@@ -916,6 +1000,52 @@ mod tests {
             "each distinct chunk stored exactly once, none that was stored before"
         );
         assert_eq!(put(&store, "again", &data).new_chunks, 0);
+    }
+
+    /// An ingest dropped while its groups still wait for the pool (its client hung up): the
+    /// drop waits for them, and once it returns no pin is left and nothing they wrote stays
+    /// stored. The pool is kept busy until after the drop began, so that the groups are
+    /// certainly still on their way.
+    #[test]
+    fn an_ingest_dropped_with_groups_on_their_way_leaves_no_pin_and_no_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let data = noise(
+            crate::encoder::GROUP_BYTES * crate::encoder::MAX_PENDING,
+            21,
+        );
+        let chunks = chunker::chunks_of(&data, store.chunk_params());
+        // One task per thread of the pool, each waiting until its sender is dropped.
+        let busy: Vec<std::sync::mpsc::Sender<()>> = (0..rayon::current_num_threads())
+            .map(|_| {
+                let (free, wait) = std::sync::mpsc::channel::<()>();
+                rayon::spawn(move || {
+                    let _ = wait.recv();
+                });
+                free
+            })
+            .collect();
+        let mut ingest = store.begin_ingest().unwrap();
+        for c in &chunks {
+            ingest.add(c).unwrap();
+        }
+        assert!(
+            store.lock_pins().is_empty(),
+            "a group ran while the pool was busy"
+        );
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(busy);
+        });
+        drop(ingest);
+        opener.join().unwrap();
+        assert!(store.lock_pins().is_empty(), "pins outlived their ingest");
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
+        assert_eq!(
+            store.missing(&hashes).unwrap().len(),
+            hashes.len(),
+            "chunks of the abandoned ingest stayed stored"
+        );
     }
 
     #[test]
