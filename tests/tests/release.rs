@@ -125,12 +125,27 @@ async fn release_fails_back_to_v1(
     let stack = Stack::start(name, stack_opts).await;
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
     assert_eq!(code, Some(0), "1.0.0 failed: {out}\n{}", stack.logs());
+    let (json, _, report) = release_fails_back(&stack, "1.0.0", "9.9.9-faulty").await;
+    if !expect_user_errors {
+        assert_eq!(report.failed, 0, "users saw errors: {:?}", report.failures);
+    }
+    json
+}
 
+/// Under the light load, a release of `bad` on a stack where `stable` alone serves: it must
+/// end in exit 1 with users all on `stable`, no container of `bad` left and `stable`'s
+/// untouched. Returns haddock's JSON result, all its output and the load's report.
+async fn release_fails_back(
+    stack: &Stack,
+    stable: &str,
+    bad: &str,
+) -> (serde_json::Value, String, e2e::load::LoadReport) {
+    let serving = stack.containers(Some(stable));
+    assert_eq!(serving.len(), 1, "one {stable} instance: {serving:?}");
     let (control, load) = stack.light_load();
-    let (code, json, out) = tokio::task::block_in_place(|| stack.release("9.9.9-faulty"));
+    let (code, json, out) = tokio::task::block_in_place(|| stack.release(bad));
     control.stop();
     let report = load.await.unwrap();
-
     assert_eq!(
         code,
         Some(1),
@@ -139,24 +154,21 @@ async fn release_fails_back_to_v1(
     );
     let weights = stack.weights().await.unwrap();
     assert_eq!(
-        weights.get("1.0.0"),
+        weights.get(stable),
         Some(&100),
-        "users not back on 1.0.0: {weights:?}"
+        "users not back on {stable}: {weights:?}"
     );
     assert!(
-        stack.containers(Some("9.9.9-faulty")).is_empty(),
-        "faulty containers left behind"
+        stack.containers(Some(bad)).is_empty(),
+        "{bad} containers left behind"
     );
     assert_eq!(
-        stack.containers(Some("1.0.0")).len(),
-        1,
-        "1.0.0 must be untouched"
+        stack.containers(Some(stable)),
+        serving,
+        "{stable} must be untouched"
     );
-    if !expect_user_errors {
-        assert_eq!(report.failed, 0, "users saw errors: {:?}", report.failures);
-    }
     assert!(report.requests > 0);
-    json
+    (json, out, report)
 }
 
 /// Judged against the stable version (`max_p99_vs_stable`): a version whose every request
@@ -1263,41 +1275,15 @@ async fn a_version_too_old_for_the_volume_is_refused_and_its_release_fails_at_th
     let stack = Stack::start("too-old", quick()).await;
     let (code, _, out) = tokio::task::block_in_place(|| stack.release("1.1.0"));
     assert_eq!(code, Some(0), "1.1.0 failed: {out}\n{}", stack.logs());
-    let serving = stack.containers(Some("1.1.0"));
-    assert_eq!(serving.len(), 1, "one 1.1.0 instance: {serving:?}");
     let incompatible = serde_json::json!({"format": 2, "readable_by": 2});
     set_volume_format(&stack, &incompatible);
     assert_eq!(volume_format(&stack), incompatible);
 
-    let (control, load) = stack.light_load();
-    let (code, json, out) = tokio::task::block_in_place(|| stack.release("1.0.0"));
-    control.stop();
-    let report = load.await.unwrap();
-
-    assert_eq!(
-        code,
-        Some(1),
-        "1.0.0 was not refused: {out}\n{}",
-        stack.logs()
-    );
+    let (json, out, report) = release_fails_back(&stack, "1.1.0", "1.0.0").await;
     assert_eq!(json["outcome"], "failed", "{json}");
     assert!(
         out.contains("incompatible cache volume") && out.contains("optimizers of format 2"),
         "haddock's report does not carry the optimizer's refusal: {out}"
-    );
-    assert!(
-        stack.containers(Some("1.0.0")).is_empty(),
-        "1.0.0 containers left behind"
-    );
-    assert_eq!(
-        stack.containers(Some("1.1.0")),
-        serving,
-        "1.1.0 must be untouched"
-    );
-    assert_eq!(
-        stack.weights().await.unwrap().get("1.1.0"),
-        Some(&100),
-        "users are not all on 1.1.0"
     );
     assert_eq!(
         volume_format(&stack),
