@@ -1086,17 +1086,22 @@ async fn a_redeploy_of_the_running_tag_goes_through_the_canary_under_load() {
     );
 }
 
-/// `docker cp` of the cache volume's `format.json` out of a running container of the stack.
-fn volume_format(stack: &Stack) -> serde_json::Value {
+/// The cache volume's `format.json` as `docker cp` names it: in a running container of the
+/// stack (the images have no shell; Docker's archive API needs none).
+fn format_json_in(stack: &Stack) -> String {
     let id = stack
         .containers(None)
         .into_iter()
         .next()
         .expect("a running container");
-    let to = stack.dir.path().join("format.json");
+    format!("{id}:/cache/format.json")
+}
+
+fn docker_cp(from: impl AsRef<std::ffi::OsStr>, to: impl AsRef<std::ffi::OsStr>) {
     let out = std::process::Command::new("docker")
-        .args(["cp", &format!("{id}:/cache/format.json")])
-        .arg(&to)
+        .arg("cp")
+        .arg(from)
+        .arg(to)
         .output()
         .expect("docker CLI runs");
     assert!(
@@ -1104,7 +1109,13 @@ fn volume_format(stack: &Stack) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&std::fs::read(&to).unwrap()).unwrap()
+}
+
+/// The cache volume's `format.json`.
+fn volume_format(stack: &Stack) -> serde_json::Value {
+    let file = stack.dir.path().join("format.json");
+    docker_cp(format_json_in(stack), &file);
+    serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap()
 }
 
 /// Two versions that really differ on disk, under load through the proxy: 1.0.0 is a format-1
@@ -1239,27 +1250,11 @@ async fn formats_cross_under_load_the_writer_moves_at_promotion_and_a_rollback_l
     );
 }
 
-/// `docker cp` of `marker` over the cache volume's `format.json`, through a running container
-/// of the stack (the images have no shell; the archive API needs none).
+/// Writes `marker` over the cache volume's `format.json`.
 fn set_volume_format(stack: &Stack, marker: &serde_json::Value) {
-    let id = stack
-        .containers(None)
-        .into_iter()
-        .next()
-        .expect("a running container");
-    let from = stack.dir.path().join("format-to-set.json");
-    std::fs::write(&from, marker.to_string()).unwrap();
-    let out = std::process::Command::new("docker")
-        .arg("cp")
-        .arg(&from)
-        .arg(format!("{id}:/cache/format.json"))
-        .output()
-        .expect("docker CLI runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let file = stack.dir.path().join("format-to-set.json");
+    std::fs::write(&file, marker.to_string()).unwrap();
+    docker_cp(&file, format_json_in(stack));
 }
 
 /// A version too old for the volume is refused before it touches it, and haddock's health
