@@ -409,7 +409,6 @@ impl Store {
             held: Held::default(),
             batch: ChunkBatch::default(),
             chunks: Vec::new(),
-            size: 0,
             new_chunks: 0,
             stored_bytes: 0,
             committed: false,
@@ -696,7 +695,6 @@ pub struct Ingest {
     /// Chunks `supply` gave, not written yet.
     batch: ChunkBatch,
     chunks: Vec<ChunkRef>,
-    size: u64,
     new_chunks: usize,
     stored_bytes: u64,
     committed: bool,
@@ -719,7 +717,6 @@ impl Ingest {
         for g in groups {
             let new = self.held.adopt(&self.store, &g.pinned, &g.written);
             self.count(new);
-            self.size += g.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>();
             self.chunks.extend(g.chunks);
             first_error = first_error.or(g.error);
         }
@@ -734,7 +731,6 @@ impl Ingest {
     /// Appends a chunk reference and pins the hash the first time this ingest sees it;
     /// whether it was the first time.
     fn pin(&mut self, chunk: ChunkRef) -> bool {
-        self.size += u64::from(chunk.len);
         let hash = chunk.hash;
         self.chunks.push(chunk);
         if !self.held.pinned.insert(hash) {
@@ -762,11 +758,6 @@ impl Ingest {
         let new = self.held.adopt(&self.store, &[], &[(hash, stored.len())]);
         self.count(new);
         self.batch.put(&self.store, hash, stored)
-    }
-
-    /// Number of bytes referenced so far.
-    pub fn size(&self) -> u64 {
-        self.size
     }
 
     /// Writes the manifest (with the object's digest, derived from its chunk list) and
@@ -818,7 +809,8 @@ impl Drop for Ingest {
         let release = move || held.release(&store, pending, committed);
         // Groups still on their way pin (and may write) for this ingest, so the release waits
         // for them; a tokio worker must not (an ingest is dropped there when its client hangs
-        // up mid-PUT).
+        // up mid-PUT). A runtime shutting down may drop the task unrun: the process is ending,
+        // its pins with it, and the next writer's orphan sweep reclaims the chunks.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) if waits => {
                 rt.spawn_blocking(release);
@@ -1002,20 +994,15 @@ mod tests {
         assert_eq!(put(&store, "again", &data).new_chunks, 0);
     }
 
-    /// An ingest dropped while its groups still wait for the pool (its client hung up): the
-    /// drop waits for them, and once it returns no pin is left and nothing they wrote stays
-    /// stored. The pool is kept busy until after the drop began, so that the groups are
-    /// certainly still on their way.
-    #[test]
-    fn an_ingest_dropped_with_groups_on_their_way_leaves_no_pin_and_no_chunk() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = writer(dir.path());
-        let data = noise(
-            crate::encoder::GROUP_BYTES * crate::encoder::MAX_PENDING,
-            21,
-        );
-        let chunks = chunker::chunks_of(&data, store.chunk_params());
-        // One task per thread of the pool, each waiting until its sender is dropped.
+    /// The CPU pool kept busy (a task per thread) until `free` is sent or `after` has passed;
+    /// `freed` turns true just before it is freed.
+    struct BusyPool {
+        free: std::sync::mpsc::Sender<()>,
+        freed: Arc<std::sync::atomic::AtomicBool>,
+        opener: std::thread::JoinHandle<()>,
+    }
+
+    fn busy_pool(after: Duration) -> BusyPool {
         let busy: Vec<std::sync::mpsc::Sender<()>> = (0..rayon::current_num_threads())
             .map(|_| {
                 let (free, wait) = std::sync::mpsc::channel::<()>();
@@ -1025,6 +1012,37 @@ mod tests {
                 free
             })
             .collect();
+        let (free, wait) = std::sync::mpsc::channel::<()>();
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = {
+            let freed = freed.clone();
+            std::thread::spawn(move || {
+                let _ = wait.recv_timeout(after);
+                freed.store(true, std::sync::atomic::Ordering::SeqCst);
+                drop(busy);
+            })
+        };
+        BusyPool {
+            free,
+            freed,
+            opener,
+        }
+    }
+
+    impl BusyPool {
+        fn freed(&self) -> bool {
+            self.freed.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// An ingest of fresh chunks whose groups (as many as the encoder sends before it waits)
+    /// are all still waiting for a busy pool; and the chunks' hashes.
+    fn ingest_waiting_for_the_pool(store: &Arc<Store>) -> (Ingest, Vec<ChunkHash>) {
+        let data = noise(
+            crate::encoder::GROUP_BYTES * crate::encoder::MAX_PENDING,
+            21,
+        );
+        let chunks = chunker::chunks_of(&data, store.chunk_params());
         let mut ingest = store.begin_ingest().unwrap();
         for c in &chunks {
             ingest.add(c).unwrap();
@@ -1033,19 +1051,59 @@ mod tests {
             store.lock_pins().is_empty(),
             "a group ran while the pool was busy"
         );
-        let opener = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            drop(busy);
-        });
-        drop(ingest);
-        opener.join().unwrap();
+        (ingest, chunks.iter().map(|c| ChunkHash::of(c)).collect())
+    }
+
+    fn assert_nothing_left_of(store: &Store, hashes: &[ChunkHash]) {
         assert!(store.lock_pins().is_empty(), "pins outlived their ingest");
-        let hashes: Vec<ChunkHash> = chunks.iter().map(|c| ChunkHash::of(c)).collect();
         assert_eq!(
-            store.missing(&hashes).unwrap().len(),
+            store.missing(hashes).unwrap().len(),
             hashes.len(),
             "chunks of the abandoned ingest stayed stored"
         );
+    }
+
+    /// An ingest dropped while its groups still wait for the pool (its client hung up): the
+    /// drop waits for them, and once it returns no pin is left and nothing they wrote stays
+    /// stored.
+    #[test]
+    fn an_ingest_dropped_with_groups_on_their_way_leaves_no_pin_and_no_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let pool = busy_pool(Duration::from_millis(100));
+        let (ingest, hashes) = ingest_waiting_for_the_pool(&store);
+        drop(ingest);
+        assert!(
+            pool.freed(),
+            "the drop returned before its groups could even start"
+        );
+        assert_nothing_left_of(&store, &hashes);
+        pool.opener.join().unwrap();
+    }
+
+    /// The same drop on a tokio worker (a PUT's task, dropped when its client hangs up): it
+    /// returns at once, and its groups' pins and chunks are released on a blocking thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ingest_dropped_on_a_tokio_worker_does_not_wait_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let pool = busy_pool(Duration::from_secs(10));
+        let (ingest, hashes) = ingest_waiting_for_the_pool(&store);
+        drop(ingest);
+        assert!(
+            !pool.freed(),
+            "the drop waited for the pool on a tokio worker"
+        );
+        pool.free.send(()).unwrap();
+        // Its groups' tasks and the release each hold the store: done when none does.
+        locator_wire::testing::eventually(
+            "the groups and the release of the abandoned ingest done",
+            Duration::from_secs(10),
+            || async { Arc::strong_count(&store) == 1 },
+        )
+        .await;
+        assert_nothing_left_of(&store, &hashes);
+        pool.opener.join().unwrap();
     }
 
     #[test]
