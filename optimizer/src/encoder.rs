@@ -69,9 +69,9 @@ impl Encoder {
 
     /// Hands the next chunk over; returns the groups done so far, in order (perhaps none).
     /// Waits only while [`MAX_PENDING`] groups are already on their way.
-    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Group>> {
-        self.group.push(Bytes::copy_from_slice(data));
+    pub fn push(&mut self, data: Bytes) -> Result<Vec<Group>> {
         self.group_bytes += data.len();
+        self.group.push(data);
         if self.group_bytes >= GROUP_BYTES {
             self.dispatch();
         }
@@ -167,11 +167,13 @@ fn store_missing(
     written: &mut Vec<(ChunkHash, usize)>,
 ) -> Result<()> {
     let mut batch = ChunkBatch::default();
+    // One output buffer for the group's chunks: the batch copies each stored form anyway.
+    let mut buf = Vec::new();
     for (hash, data) in firsts {
         if store.has_chunk(hash)? {
             continue;
         }
-        let stored = chunker::encode(data);
+        let stored = chunker::encode_into(data, &mut buf);
         written.push((*hash, stored.len()));
         batch.put(store, *hash, stored)?;
     }

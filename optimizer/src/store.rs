@@ -620,7 +620,7 @@ pub(crate) struct ChunkBatch {
 }
 
 impl ChunkBatch {
-    pub(crate) fn put(&mut self, store: &Store, hash: ChunkHash, stored: Vec<u8>) -> Result<()> {
+    pub(crate) fn put(&mut self, store: &Store, hash: ChunkHash, stored: &[u8]) -> Result<()> {
         self.bytes += stored.len();
         self.batch.put_cf(store.cf(CF_CHUNKS), hash.0, stored);
         if self.bytes >= CHUNK_BATCH_BYTES {
@@ -704,7 +704,7 @@ impl Ingest {
     /// Adds the next chunk of the object from its uncompressed data. It is hashed, pinned,
     /// looked up and, when new, compressed and written on the CPU pool (`Encoder`); it is
     /// listed, in order, once its group is done (at the latest by `commit`).
-    pub fn add(&mut self, data: &[u8]) -> Result<()> {
+    pub fn add(&mut self, data: Bytes) -> Result<()> {
         let groups = self.encoder.push(data)?;
         self.take(groups)
     }
@@ -757,7 +757,7 @@ impl Ingest {
     pub fn supply(&mut self, hash: ChunkHash, stored: Vec<u8>) -> Result<()> {
         let new = self.held.adopt(&self.store, &[], &[(hash, stored.len())]);
         self.count(new);
-        self.batch.put(&self.store, hash, stored)
+        self.batch.put(&self.store, hash, &stored)
     }
 
     /// Writes the manifest (with the object's digest, derived from its chunk list) and
@@ -900,7 +900,7 @@ mod tests {
     fn put(store: &Arc<Store>, key: &str, data: &[u8]) -> IngestReport {
         let mut ingest = store.begin_ingest().unwrap();
         for c in chunker::chunks_of(data, store.chunk_params()) {
-            ingest.add(&c).unwrap();
+            ingest.add(c).unwrap();
         }
         ingest.commit(key, None).unwrap()
     }
@@ -1045,7 +1045,7 @@ mod tests {
         let chunks = chunker::chunks_of(&data, store.chunk_params());
         let mut ingest = store.begin_ingest().unwrap();
         for c in &chunks {
-            ingest.add(c).unwrap();
+            ingest.add(c.clone()).unwrap();
         }
         assert!(
             store.lock_pins().is_empty(),
@@ -1188,7 +1188,7 @@ mod tests {
 
         let mut abandoned = store.begin_ingest().unwrap();
         let fresh = noise(50_000, 5);
-        abandoned.add(&fresh).unwrap();
+        abandoned.add(Bytes::copy_from_slice(&fresh)).unwrap();
         drop(abandoned);
         assert_eq!(store.missing(&[ChunkHash::of(&fresh)]).unwrap().len(), 1);
     }
