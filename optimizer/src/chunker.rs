@@ -81,16 +81,20 @@ impl Chunker {
     }
 
     /// Adds bytes; calls `each` with every chunk whose boundary is final, in order.
-    pub fn push(&mut self, data: &[u8], each: impl FnMut(Bytes) -> Result<()>) -> Result<()> {
+    pub fn push(&mut self, data: &[u8], mut each: impl FnMut(Bytes) -> Result<()>) -> Result<()> {
         if self.buf.capacity() - self.buf.len() < data.len() {
-            // Growing a buffer whose front is shared with chunks still in use would copy it
-            // into a new allocation anyway, sized to fit only this frame. A fresh one of the
-            // full size copies just the uncut tail (less than `max` bytes) once per
-            // `2 * scan_at` bytes; the old one is freed with its last chunk.
-            let mut fresh =
-                BytesMut::with_capacity((self.scan_at * 2).max(self.buf.len() + data.len()));
-            fresh.extend_from_slice(&self.buf);
-            self.buf = fresh;
+            // Out of room. Growing a buffer whose front is shared with chunks still in use
+            // would copy it into a new allocation sized to fit only this frame. So what is
+            // final is cut first, and a fresh buffer of the full size takes just the uncut
+            // tail (less than `max` bytes): one such copy per `2 * scan_at` bytes. The old
+            // buffer is freed with its last chunk.
+            self.cut(false, &mut each)?;
+            if self.buf.capacity() - self.buf.len() < data.len() {
+                let mut fresh =
+                    BytesMut::with_capacity((self.scan_at * 2).max(self.buf.len() + data.len()));
+                fresh.extend_from_slice(&self.buf);
+                self.buf = fresh;
+            }
         }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= self.scan_at {
@@ -120,7 +124,8 @@ impl Chunker {
     }
 }
 
-/// Every chunk of `data` as owned buffers (tests and the benchmark's dedup comparison).
+/// Every chunk of `data` (tests and the benchmark's dedup comparison). The chunks share the
+/// chunker's buffers: keeping one keeps its buffer, up to `2 * scan_at` bytes, alive.
 pub fn chunks_of(data: &[u8], params: ChunkParams) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut c = Chunker::new(params);
@@ -280,6 +285,33 @@ pub(crate) mod tests {
             assert_eq!(lens, whole, "frame size {frame}");
             assert_eq!(chunks.concat(), data);
         }
+    }
+
+    /// A full buffer is replaced only after what is final was cut from it, so the fresh one
+    /// starts from the uncut tail and is used to its end: 17 buffers for these 32 MiB. Copying
+    /// the whole uncut content (up to `scan_at` bytes) into a fresh buffer before cutting, as
+    /// this chunker first did, took 22.
+    #[test]
+    fn a_fresh_buffer_takes_only_the_uncut_tail() {
+        let p = ChunkParams::default();
+        let data = noise(32 << 20, 11);
+        // Frames that do not divide the buffer, as a client's do not.
+        let chunks = chunk_in_frames(&data, 60_000, p);
+        assert_eq!(chunks.concat(), data);
+        // Chunks cut from one buffer lie back to back in memory; a gap starts the next one.
+        let buffers = 1 + chunks
+            .windows(2)
+            .filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) != w[1].as_ptr())
+            .count();
+        // Each buffer but the last leaves unused less than a frame and hands on a tail under
+        // `max`.
+        let scan_at = Chunker::new(p).scan_at;
+        let per_buffer = 2 * scan_at - 60_000 - p.max as usize;
+        assert!(
+            buffers <= data.len().div_ceil(per_buffer),
+            "{buffers} buffers for {} MiB",
+            data.len() >> 20
+        );
     }
 
     #[test]

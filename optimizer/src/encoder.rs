@@ -123,8 +123,13 @@ impl Encoder {
         let store = self.store.clone();
         let (tx, rx) = mpsc::sync_channel(1);
         rayon::spawn(move || {
+            let done = encode(&store, group);
+            // Let go before the answer, so that once every group is back no task holds the
+            // store: a caller dropping its last handle then closes the database at once (the
+            // benchmark closes one store per round and removes its files).
+            drop(store);
             // The ingest waits for every group it sent, even when it is dropped.
-            let _ = tx.send(encode(&store, group));
+            let _ = tx.send(done);
         });
         self.pending.push_back(rx);
     }
