@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{self, WriteToken};
@@ -350,7 +349,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let format = crate::format::Marker::new(&args.cache).check()?;
     tracing::info!(volume = ?format, writes = crate::format::FORMAT, "cache volume format");
     std::fs::create_dir_all(&args.cache)?;
-    let listener = TcpListener::bind(args.listen).await?;
+    let listener = crate::server::listen(args.listen)?;
     let local = listener.local_addr()?;
     let instance_id = args
         .instance_id
