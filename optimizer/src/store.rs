@@ -247,10 +247,12 @@ impl Store {
 
     /// The manifest of `key`, if stored.
     pub fn manifest(&self, key: &str) -> Result<Option<Manifest>> {
-        self.read_fresh(|s| s.manifest_local(key))
+        self.read_fresh(|s| s.manifest_here(key))
     }
 
-    fn manifest_local(&self, key: &str) -> Result<Option<Manifest>> {
+    /// The manifest of `key` as this store holds it now, without catching up with the writer
+    /// on a miss (see [`Store::manifest`]): one point read, no wait.
+    pub fn manifest_here(&self, key: &str) -> Result<Option<Manifest>> {
         match self.db.get_pinned_cf(self.cf(CF_MANIFESTS), key)? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
@@ -280,25 +282,26 @@ impl Store {
         group: &[(usize, usize, usize)],
     ) -> Result<Vec<Bytes>> {
         let hashes: Vec<ChunkHash> = group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
-        group
-            .iter()
-            .zip(self.chunks(&hashes)?)
-            .map(|(&(i, off, len), chunk)| {
-                // A manifest that disagrees with its chunk is an error, never a panic (a
-                // slice past the end) nor a silently truncated object.
-                let listed = chunks[i].len as usize;
-                if chunk.len() != listed || off.saturating_add(len) > listed {
-                    return Err(Error::CorruptChunk {
-                        hash: chunks[i].hash.to_string(),
-                        reason: format!(
-                            "the chunk has {} bytes where the manifest says {listed}",
-                            chunk.len()
-                        ),
-                    });
-                }
-                Ok(chunk.slice(off..off + len))
-            })
-            .collect()
+        cut(chunks, group, self.chunks(&hashes)?)
+    }
+
+    /// [`Store::pieces`] from what this store holds now, without catching up with the writer:
+    /// `None` when a chunk is not here (yet). Never waits for a catch-up (which reads the
+    /// writer's WAL), so a small read can run on the async threads.
+    pub fn pieces_here(
+        &self,
+        chunks: &[ChunkRef],
+        group: &[(usize, usize, usize)],
+    ) -> Result<Option<Vec<Bytes>>> {
+        let hashes: Vec<ChunkHash> = group.iter().map(|&(i, _, _)| chunks[i].hash).collect();
+        match self
+            .chunks_local(&hashes)?
+            .into_iter()
+            .collect::<Option<Vec<Bytes>>>()
+        {
+            Some(found) => cut(chunks, group, found).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The uncompressed length of a stored chunk (from its header), `None` if it is absent.
@@ -441,7 +444,7 @@ impl Store {
     pub fn delete(&self, key: &str) -> Result<bool> {
         self.require_writer()?;
         let pins = self.lock_pins();
-        let Some(old) = self.manifest_local(key)? else {
+        let Some(old) = self.manifest_here(key)? else {
             return Ok(false);
         };
         let mut batch = WriteBatch::default();
@@ -604,6 +607,33 @@ impl Store {
         self.db.put_cf(self.cf(CF_CHUNKS), hash.0, stored)?;
         Ok(())
     }
+}
+
+/// The pieces `(chunk index, offset, length)` of a read group cut from their verified chunks.
+fn cut(
+    chunks: &[ChunkRef],
+    group: &[(usize, usize, usize)],
+    found: Vec<Bytes>,
+) -> Result<Vec<Bytes>> {
+    group
+        .iter()
+        .zip(found)
+        .map(|(&(i, off, len), chunk)| {
+            // A manifest that disagrees with its chunk is an error, never a panic (a slice
+            // past the end) nor a silently truncated object.
+            let listed = chunks[i].len as usize;
+            if chunk.len() != listed || off.saturating_add(len) > listed {
+                return Err(Error::CorruptChunk {
+                    hash: chunks[i].hash.to_string(),
+                    reason: format!(
+                        "the chunk has {} bytes where the manifest says {listed}",
+                        chunk.len()
+                    ),
+                });
+            }
+            Ok(chunk.slice(off..off + len))
+        })
+        .collect()
 }
 
 /// Releases one pin of `hash`.
@@ -782,7 +812,7 @@ impl Ingest {
             let pins = store.lock_pins();
             let mut deltas: HashMap<ChunkHash, i64> =
                 unique(&manifest.chunks).map(|h| (h, 1)).collect();
-            if let Some(old) = store.manifest_local(key)? {
+            if let Some(old) = store.manifest_here(key)? {
                 for h in unique(&old.chunks) {
                     *deltas.entry(h).or_insert(0) -= 1;
                 }
@@ -1255,6 +1285,43 @@ mod tests {
         assert_eq!(get(&reader, "after").unwrap(), data);
         assert_eq!(reader.delete("after").unwrap_err().code(), "not_writer");
         assert_eq!(reader.reap(after_grace()).unwrap_err().code(), "not_writer");
+    }
+
+    /// The reads a GET does on the async threads never catch up: a reader behind its writer
+    /// answers `None` (and the GET asks `manifest`/`pieces` on the pool, which catch up), the
+    /// same bytes as `pieces` once the data is here, and a manifest that lies about a chunk's
+    /// length is an error here too.
+    #[test]
+    fn reads_here_never_catch_up_and_agree_with_the_catching_up_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = writer(dir.path());
+        let reader = reader(dir.path());
+        let data = noise(60_000, 18);
+        put(&store, "k", &data);
+        let m = store.manifest_here("k").unwrap().unwrap();
+        let group: Vec<(usize, usize, usize)> = (0..m.chunks.len())
+            .map(|i| (i, 0, m.chunks[i].len as usize))
+            .collect();
+        assert!(reader.manifest_here("k").unwrap().is_none());
+        assert!(reader.pieces_here(&m.chunks, &group).unwrap().is_none());
+        assert_eq!(
+            store
+                .pieces_here(&m.chunks, &group)
+                .unwrap()
+                .unwrap()
+                .concat(),
+            data
+        );
+        reader.catch_up().unwrap();
+        assert_eq!(reader.manifest_here("k").unwrap().unwrap(), m);
+        assert_eq!(
+            reader.pieces_here(&m.chunks, &group).unwrap().unwrap(),
+            reader.pieces(&m.chunks, &group).unwrap()
+        );
+        let mut lying = m.chunks.clone();
+        lying[0].len += 1;
+        let err = store.pieces_here(&lying, &group[..1]).unwrap_err();
+        assert_eq!(err.code(), "corrupt_chunk");
     }
 
     #[test]
