@@ -676,11 +676,20 @@ async fn with_haddock(
     let report = load.await.expect("load task");
     // When the new version took the cache volume's writer role over (the old writer's exit).
     for id in stack.containers(Some(&a.to)) {
-        if let Some(at) = logged_at(&id, "became the writer") {
+        if let Some((at, line)) = logged_at(&id, "became the writer") {
             if let Ok(after) = at.duration_since(wall_start) {
+                // Its own timings: the RocksDB open, and since the old writer closed.
+                let timings: Vec<&str> = line
+                    .split_whitespace()
+                    .filter(|w| w.contains("_ms="))
+                    .collect();
                 events.push((
                     "writer".into(),
-                    format!("{} became the cache volume's writer (its log)", a.to),
+                    format!(
+                        "{} became the cache volume's writer (its log: {})",
+                        a.to,
+                        timings.join(" ")
+                    ),
                     start + after,
                 ));
             }
@@ -737,8 +746,8 @@ fn proxy_errors(stack: &Stack) -> std::collections::BTreeMap<String, u64> {
     kinds
 }
 
-/// When a container first logged a line containing `needle` (Docker's timestamp).
-fn logged_at(id: &str, needle: &str) -> Option<SystemTime> {
+/// When a container first logged a line containing `needle` (Docker's timestamp), and the line.
+fn logged_at(id: &str, needle: &str) -> Option<(SystemTime, String)> {
     let out = std::process::Command::new("docker")
         .args(["logs", "--timestamps", id])
         .output()
@@ -751,8 +760,11 @@ fn logged_at(id: &str, needle: &str) -> Option<SystemTime> {
         .lines()
         .chain(stderr.lines())
         .filter(|l| l.contains(needle))
-        .filter_map(|l| humantime::parse_rfc3339(l.split_whitespace().next()?).ok())
-        .min()
+        .filter_map(|l| {
+            let at = humantime::parse_rfc3339(l.split_whitespace().next()?).ok()?;
+            Some((at, l.to_owned()))
+        })
+        .min_by_key(|(at, _)| *at)
 }
 
 /// Docker's events about the service's containers since `since` (create, start, kill, die,
