@@ -128,12 +128,11 @@ fn options(opts: &StoreOptions, writer: bool) -> (Options, Vec<ColumnFamilyDescr
     db.set_max_open_files(-1);
     db.set_keep_log_file_num(4);
     db.set_db_write_buffer_size(64 << 20);
-    // A flush switches every column family's memtable at once, with one WAL and one MANIFEST
-    // write: the hand-over's last flush, which writes wait for, took 3 flushes in a row before.
-    db.set_atomic_flush(true);
-    // The open of a successor in a hand-over is waited for by writes: the table files' stats
-    // are for compaction's estimates, which can wait.
-    db.set_skip_stats_update_on_db_open(true);
+    // Not `atomic_flush`, though one flush of all column families would shorten a hand-over's
+    // last flush (8-13 ms to 3.7-3.9 ms, measured in stop 28): a secondary of an atomic-flush
+    // database can stop installing new versions for good, serving stale data, when a MANIFEST
+    // rotation races a compaction (facebook/rocksdb#14439), and every writer's open rotates the
+    // MANIFEST while our readers are secondaries.
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);
     table.set_bloom_filter(10.0, false);
@@ -251,7 +250,7 @@ impl Store {
     }
 
     /// The manifest of `key` as this store holds it now, without catching up with the writer
-    /// on a miss (see [`Store::manifest`]): one point read, no wait.
+    /// on a miss (see [`Store::manifest`]): one point read.
     pub fn manifest_here(&self, key: &str) -> Result<Option<Manifest>> {
         match self.db.get_pinned_cf(self.cf(CF_MANIFESTS), key)? {
             None => Ok(None),
@@ -286,8 +285,8 @@ impl Store {
     }
 
     /// [`Store::pieces`] from what this store holds now, without catching up with the writer:
-    /// `None` when a chunk is not here (yet). Never waits for a catch-up (which reads the
-    /// writer's WAL), so a small read can run on the async threads.
+    /// `None` when a chunk is not here (yet). On a reader a read may still wait for a catch-up
+    /// in progress (RocksDB's DB mutex), so only the writer's reads run on the async threads.
     pub fn pieces_here(
         &self,
         chunks: &[ChunkRef],
@@ -594,9 +593,9 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         if self.writer {
             self.db.flush_wal(true)?;
-            let cfs: Vec<&ColumnFamily> = CFS.iter().map(|cf| self.cf(cf)).collect();
-            self.db
-                .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())?;
+            for cf in CFS {
+                self.db.flush_cf(self.cf(cf))?;
+            }
         }
         Ok(())
     }
@@ -1287,8 +1286,8 @@ mod tests {
         assert_eq!(reader.reap(after_grace()).unwrap_err().code(), "not_writer");
     }
 
-    /// The reads a GET does on the async threads never catch up: a reader behind its writer
-    /// answers `None` (and the GET asks `manifest`/`pieces` on the pool, which catch up), the
+    /// The reads without a catch-up (a GET on the writer does them on the async threads): a
+    /// reader behind its writer answers `None` where `manifest`/`pieces` would catch up, the
     /// same bytes as `pieces` once the data is here, and a manifest that lies about a chunk's
     /// length is an error here too.
     #[test]

@@ -548,6 +548,11 @@ impl Volume {
         let deadline = Instant::now() + self.cfg.forward_timeout;
         let mut last_problem = String::from("no writer has published its URL");
         loop {
+            // Registered before the checks below, so that a move seen between them and the
+            // wait still wakes this one.
+            let moved = self.writer_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
             if let Some(store) = self.writer() {
                 return Ok(Routed::Local(store));
             }
@@ -582,7 +587,7 @@ impl Volume {
             // second, on the cores the successor needs to open the database.)
             tokio::select! {
                 _ = tokio::time::sleep(FORWARD_RETRY) => {}
-                _ = self.writer_moved.notified() => {}
+                _ = moved => {}
             }
         }
     }
