@@ -751,20 +751,17 @@ impl Volume {
         while Instant::now() < until {
             if let Some(w) = self.writer_info().filter(|w| to.contains(&w.instance_id)) {
                 report.taken_by = Some(w.instance_id);
-                report.held_ms = held.elapsed().as_millis() as u64;
                 self.writer_moved.notify_waiters();
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        report.held_ms = held.elapsed().as_millis() as u64;
         if report.taken_by.is_none() && self.handover().is_some_and(|h| h.from == handover.from) {
             // None of them came (gone meanwhile?): the volume must not stay without a writer
             // for the rest of the window. Anyone may take it now, as after an exit.
             let _ = std::fs::remove_file(self.handover_json());
             tracing::warn!(to = ?to, "no successor took the cache volume; it is open to any instance");
-        }
-        if report.taken_by.is_none() {
-            report.held_ms = held.elapsed().as_millis() as u64;
         }
         report.total_ms = t0.elapsed().as_millis() as u64;
         Ok(report)
